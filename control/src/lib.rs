@@ -1,0 +1,11 @@
+//! kpx-control: a Kubernetes-compatible API server and its client.
+//!
+//! - [`store`]: a revisioned key-value store with etcd semantics (embedded: redb).
+//! - [`api`]: the served resources, validation and defaulting, selectors, patches, OpenAPI.
+//! - [`apiserver`]: the HTTP API (axum): CRUD, watch, discovery, errors as `Status`.
+//! - [`client`]: a typed client, a kubeconfig reader and a reflector.
+
+pub mod api;
+pub mod apiserver;
+pub mod client;
+pub mod store;

@@ -1,0 +1,435 @@
+//! The embedded store: redb on disk for durability, an in-memory index for reads and watch.
+//!
+//! A single writer thread group-commits: it takes every transaction waiting in its queue,
+//! checks their preconditions in order (each sees the ones before it), writes them in one redb
+//! transaction, commits with fsync, and only then publishes the changes to readers and watchers
+//! and acknowledges the callers. So a caller never sees success for a write a crash can lose,
+//! and concurrent writers share one fsync.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use super::history::{History, WatchStream};
+use super::{
+    Event, EventKind, KeyValue, ListResult, Op, OpResult, Precondition, Store, StoreError,
+    StoreResult,
+};
+
+const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
+const META: TableDefinition<&str, i64> = TableDefinition::new("meta");
+const REVISION_KEY: &str = "revision";
+/// Transactions folded into one commit at most.
+const MAX_BATCH: usize = 512;
+
+#[derive(Debug, Clone)]
+pub struct EmbeddedStoreOptions {
+    /// Events kept for watchers that start from an older revision.
+    pub history_limit: usize,
+    /// Events a live watcher may fall behind before it must re-list.
+    pub watch_buffer: usize,
+}
+
+impl Default for EmbeddedStoreOptions {
+    fn default() -> Self {
+        Self {
+            history_limit: 20_000,
+            watch_buffer: 65_536,
+        }
+    }
+}
+
+struct State {
+    revision: i64,
+    kvs: BTreeMap<String, Arc<KeyValue>>,
+    history: History,
+}
+
+struct Shared {
+    state: RwLock<State>,
+    events: broadcast::Sender<Arc<Event>>,
+}
+
+struct Request {
+    ops: Vec<Op>,
+    reply: oneshot::Sender<StoreResult<Vec<OpResult>>>,
+}
+
+pub struct EmbeddedStore {
+    shared: Arc<Shared>,
+    writer: mpsc::UnboundedSender<Request>,
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the database file and loads it. Must be called inside a tokio runtime.
+    pub fn open(path: &Path, options: EmbeddedStoreOptions) -> StoreResult<Self> {
+        let db = Database::create(path).map_err(|e| StoreError::io("open", e))?;
+        let (revision, kvs) = load(&db)?;
+        let (events, _) = broadcast::channel(options.watch_buffer.max(16));
+        let shared = Arc::new(Shared {
+            state: RwLock::new(State {
+                revision,
+                kvs,
+                history: History::new(options.history_limit, revision),
+            }),
+            events,
+        });
+        let (writer, queue) = mpsc::unbounded_channel();
+        let writer_shared = shared.clone();
+        std::thread::Builder::new()
+            .name("kpx-store-writer".into())
+            .spawn(move || writer_loop(db, writer_shared, queue))
+            .map_err(|e| StoreError::io("spawn writer", e))?;
+        Ok(Self { shared, writer })
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        // A writer panicking while holding the lock leaves consistent data (it only swaps in
+        // committed changes), so a poisoned lock is still safe to read.
+        self.shared.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn load(db: &Database) -> StoreResult<(i64, BTreeMap<String, Arc<KeyValue>>)> {
+    let txn = db.begin_write().map_err(|e| StoreError::io("load", e))?;
+    // Creating the tables on first open keeps later read transactions simple.
+    txn.open_table(KV).map_err(|e| StoreError::io("load", e))?;
+    txn.open_table(META)
+        .map_err(|e| StoreError::io("load", e))?;
+    txn.commit().map_err(|e| StoreError::io("load", e))?;
+
+    let read = db.begin_read().map_err(|e| StoreError::io("load", e))?;
+    let meta = read
+        .open_table(META)
+        .map_err(|e| StoreError::io("load", e))?;
+    let revision = meta
+        .get(REVISION_KEY)
+        .map_err(|e| StoreError::io("load", e))?
+        .map(|v| v.value())
+        .unwrap_or(0);
+    let table = read.open_table(KV).map_err(|e| StoreError::io("load", e))?;
+    let mut kvs = BTreeMap::new();
+    for entry in table.iter().map_err(|e| StoreError::io("load", e))? {
+        let (key, value) = entry.map_err(|e| StoreError::io("load", e))?;
+        let kv = decode(key.value(), value.value())?;
+        kvs.insert(kv.key.clone(), Arc::new(kv));
+    }
+    Ok((revision, kvs))
+}
+
+fn encode(kv: &KeyValue) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + kv.value.len());
+    out.extend_from_slice(&kv.create_revision.to_le_bytes());
+    out.extend_from_slice(&kv.mod_revision.to_le_bytes());
+    out.extend_from_slice(&kv.value);
+    out
+}
+
+fn decode(key: &str, raw: &[u8]) -> StoreResult<KeyValue> {
+    if raw.len() < 16 {
+        return Err(StoreError::io(
+            "load",
+            format!(
+                "record for {key} is {} bytes, shorter than its header",
+                raw.len()
+            ),
+        ));
+    }
+    let (create, rest) = raw.split_at(8);
+    let (modified, value) = rest.split_at(8);
+    let word = |b: &[u8]| i64::from_le_bytes(b.try_into().unwrap_or([0; 8]));
+    Ok(KeyValue {
+        key: key.to_string(),
+        value: Bytes::copy_from_slice(value),
+        create_revision: word(create),
+        mod_revision: word(modified),
+    })
+}
+
+fn writer_loop(db: Database, shared: Arc<Shared>, mut queue: mpsc::UnboundedReceiver<Request>) {
+    while let Some(first) = queue.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(request) => batch.push(request),
+                Err(_) => break,
+            }
+        }
+        commit_batch(&db, &shared, batch);
+    }
+}
+
+/// The outcome of one transaction inside a batch, before the batch commits.
+struct Staged {
+    reply: oneshot::Sender<StoreResult<Vec<OpResult>>>,
+    outcome: StoreResult<Vec<OpResult>>,
+}
+
+fn commit_batch(db: &Database, shared: &Shared, batch: Vec<Request>) {
+    // Keys changed by this batch: the newest value, or None when deleted.
+    let mut overlay: HashMap<String, Option<Arc<KeyValue>>> = HashMap::new();
+    let mut events: Vec<Arc<Event>> = Vec::new();
+    let mut staged = Vec::with_capacity(batch.len());
+    let revision = {
+        let state = shared.state.read().unwrap_or_else(|e| e.into_inner());
+        let mut revision = state.revision;
+        for request in batch {
+            let outcome = stage(
+                &state.kvs,
+                &mut overlay,
+                &mut events,
+                &request.ops,
+                revision + 1,
+            );
+            if outcome.is_ok() {
+                revision += 1;
+            }
+            staged.push(Staged {
+                reply: request.reply,
+                outcome,
+            });
+        }
+        revision
+    };
+
+    if !overlay.is_empty() {
+        if let Err(err) = persist(db, &overlay, revision) {
+            tracing::error!(error = %err, "store commit failed; the batch is refused");
+            for s in staged {
+                let _ = s.reply.send(Err(StoreError::io("commit", &err)));
+            }
+            return;
+        }
+        let mut state = shared.state.write().unwrap_or_else(|e| e.into_inner());
+        for (key, value) in overlay {
+            match value {
+                Some(kv) => state.kvs.insert(key, kv),
+                None => state.kvs.remove(&key),
+            };
+        }
+        state.revision = revision;
+        for event in events {
+            state.history.push(event.clone());
+            // No receiver is not an error: nobody is watching.
+            let _ = shared.events.send(event);
+        }
+    }
+    for s in staged {
+        let _ = s.reply.send(s.outcome);
+    }
+}
+
+fn current<'a>(
+    kvs: &'a BTreeMap<String, Arc<KeyValue>>,
+    overlay: &'a HashMap<String, Option<Arc<KeyValue>>>,
+    key: &str,
+) -> Option<&'a Arc<KeyValue>> {
+    match overlay.get(key) {
+        Some(value) => value.as_ref(),
+        None => kvs.get(key),
+    }
+}
+
+fn check(
+    existing: Option<&Arc<KeyValue>>,
+    key: &str,
+    precondition: Precondition,
+) -> StoreResult<()> {
+    match (precondition, existing) {
+        (Precondition::Absent, None) => Ok(()),
+        (Precondition::Absent, Some(_)) => Err(StoreError::AlreadyExists { key: key.into() }),
+        (_, None) => Err(StoreError::NotFound { key: key.into() }),
+        (Precondition::Exists, Some(_)) => Ok(()),
+        (Precondition::ModRevision(expected), Some(kv)) if kv.mod_revision == expected => Ok(()),
+        (Precondition::ModRevision(expected), Some(kv)) => Err(StoreError::Conflict {
+            key: key.into(),
+            expected,
+            actual: kv.mod_revision,
+        }),
+    }
+}
+
+/// Checks every precondition of one transaction, then records its effects in `overlay`.
+fn stage(
+    kvs: &BTreeMap<String, Arc<KeyValue>>,
+    overlay: &mut HashMap<String, Option<Arc<KeyValue>>>,
+    events: &mut Vec<Arc<Event>>,
+    ops: &[Op],
+    revision: i64,
+) -> StoreResult<Vec<OpResult>> {
+    for op in ops {
+        let (key, precondition) = match op {
+            Op::Put {
+                key, precondition, ..
+            }
+            | Op::Delete { key, precondition } => (key, *precondition),
+        };
+        check(current(kvs, overlay, key), key, precondition)?;
+    }
+    let mut results = Vec::with_capacity(ops.len());
+    for op in ops {
+        let prev = current(kvs, overlay, op.key()).cloned();
+        match op {
+            Op::Put { key, value, .. } => {
+                let kv = Arc::new(KeyValue {
+                    key: key.clone(),
+                    value: value.clone(),
+                    create_revision: prev.as_ref().map_or(revision, |p| p.create_revision),
+                    mod_revision: revision,
+                });
+                overlay.insert(key.clone(), Some(kv.clone()));
+                events.push(Arc::new(Event {
+                    kind: EventKind::Put,
+                    kv: kv.clone(),
+                    prev,
+                }));
+                results.push(OpResult::Put(kv));
+            }
+            Op::Delete { key, .. } => {
+                let Some(prev) = prev else {
+                    return Err(StoreError::NotFound { key: key.clone() });
+                };
+                let tombstone = Arc::new(KeyValue {
+                    mod_revision: revision,
+                    ..(*prev).clone()
+                });
+                overlay.insert(key.clone(), None);
+                events.push(Arc::new(Event {
+                    kind: EventKind::Delete,
+                    kv: tombstone.clone(),
+                    prev: Some(prev),
+                }));
+                results.push(OpResult::Deleted(tombstone));
+            }
+        }
+    }
+    Ok(results)
+}
+
+fn persist(
+    db: &Database,
+    overlay: &HashMap<String, Option<Arc<KeyValue>>>,
+    revision: i64,
+) -> Result<(), redb::Error> {
+    let txn = db.begin_write()?;
+    {
+        let mut table = txn.open_table(KV)?;
+        for (key, value) in overlay {
+            match value {
+                Some(kv) => {
+                    table.insert(key.as_str(), encode(kv).as_slice())?;
+                }
+                None => {
+                    table.remove(key.as_str())?;
+                }
+            }
+        }
+        let mut meta = txn.open_table(META)?;
+        meta.insert(REVISION_KEY, revision)?;
+    }
+    txn.commit()?;
+    Ok(())
+}
+
+#[async_trait]
+impl Store for EmbeddedStore {
+    async fn get(&self, key: &str) -> StoreResult<Option<Arc<KeyValue>>> {
+        Ok(self.read().kvs.get(key).cloned())
+    }
+
+    async fn list(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+        revision: Option<i64>,
+    ) -> StoreResult<ListResult> {
+        let state = self.read();
+        let in_range = |key: &String| key.starts_with(prefix);
+        let from = match start_after {
+            Some(after) if after >= prefix => std::ops::Bound::Excluded(after.to_string()),
+            _ => std::ops::Bound::Included(prefix.to_string()),
+        };
+        let range = state
+            .kvs
+            .range((from.clone(), std::ops::Bound::Unbounded))
+            .take_while(|(k, _)| in_range(k));
+        let read_at = match revision {
+            Some(rev) if rev < state.revision => {
+                state.history.check(rev, state.revision)?;
+                // Old snapshot: take everything under the prefix and undo newer changes.
+                let mut snapshot: BTreeMap<String, Arc<KeyValue>> = state
+                    .kvs
+                    .range(prefix.to_string()..)
+                    .take_while(|(k, _)| in_range(k))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                state.history.rewind(&mut snapshot, prefix, rev);
+                let items: Vec<_> = snapshot
+                    .range((from, std::ops::Bound::Unbounded))
+                    .map(|(_, v)| v.clone())
+                    .collect();
+                return Ok(page(items.into_iter(), limit, rev));
+            }
+            Some(rev) if rev > state.revision => {
+                return Err(StoreError::FutureRevision {
+                    requested: rev,
+                    current: state.revision,
+                })
+            }
+            _ => state.revision,
+        };
+        Ok(page(range.map(|(_, v)| v.clone()), limit, read_at))
+    }
+
+    async fn txn(&self, ops: Vec<Op>) -> StoreResult<Vec<OpResult>> {
+        let (reply, response) = oneshot::channel();
+        self.writer
+            .send(Request { ops, reply })
+            .map_err(|_| StoreError::Closed)?;
+        response.await.map_err(|_| StoreError::Closed)?
+    }
+
+    fn watch(&self, prefix: &str, after_revision: i64) -> StoreResult<WatchStream> {
+        let state = self.read();
+        state.history.check(after_revision, state.revision)?;
+        let backlog = state.history.since(prefix, after_revision);
+        let live = self.shared.events.subscribe();
+        Ok(WatchStream::new(prefix, backlog, live, after_revision))
+    }
+
+    fn current_revision(&self) -> i64 {
+        self.read().revision
+    }
+
+    async fn count(&self, prefix: &str) -> StoreResult<usize> {
+        let state = self.read();
+        Ok(state
+            .kvs
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .count())
+    }
+}
+
+fn page(items: impl Iterator<Item = Arc<KeyValue>>, limit: usize, revision: i64) -> ListResult {
+    let mut kvs = Vec::new();
+    let mut remaining = 0;
+    for kv in items {
+        if limit == 0 || kvs.len() < limit {
+            kvs.push(kv);
+        } else {
+            remaining += 1;
+        }
+    }
+    ListResult {
+        kvs,
+        revision,
+        remaining,
+    }
+}
