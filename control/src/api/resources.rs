@@ -105,7 +105,7 @@ pub static RESOURCES: &[ResourceInfo] = &[
         subresources: &["status"],
         categories: ALL,
         has_status: true,
-        has_spec: true,
+        has_spec: false,
         field_selectors: &["spec.clusterIP", "spec.type"],
     },
     ResourceInfo {

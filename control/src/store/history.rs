@@ -128,6 +128,8 @@ impl WatchStream {
                     // Subscribed under the same lock the backlog was copied under, so live
                     // events never repeat the backlog.
                     if !event.kv.key.starts_with(&self.prefix) {
+                        // Still progress: a bookmark may report this revision as seen.
+                        self.last_revision = event.revision();
                         continue;
                     }
                     self.last_revision = event.revision();

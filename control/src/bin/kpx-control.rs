@@ -1,0 +1,114 @@
+//! kpx-control: the API server on the embedded store.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use kpx_control::api::allocator::ServiceNetwork;
+use kpx_control::apiserver::{self, ApiServer, Options};
+use kpx_control::store::{EmbeddedStore, EmbeddedStoreOptions, Store};
+
+/// A Kubernetes-compatible API server (Services, EndpointSlices, Pods, Nodes, workloads) on a
+/// durable embedded store.
+#[derive(Debug, Parser)]
+#[command(name = "kpx-control", version)]
+struct Args {
+    /// Address to serve the API on. Only loopback unless --insecure-bind-any is given: the API
+    /// is plain HTTP without authentication.
+    #[arg(long, env = "KPX_BIND_ADDRESS", default_value = "127.0.0.1")]
+    bind_address: IpAddr,
+    /// Port to serve the API on (0 picks a free one; the address is printed on start).
+    #[arg(long, env = "KPX_PORT", default_value_t = 8080)]
+    port: u16,
+    /// Allow binding a non-loopback address, exposing an unauthenticated API.
+    #[arg(long)]
+    insecure_bind_any: bool,
+    /// Directory of the embedded store.
+    #[arg(long, env = "KPX_DATA_DIR", default_value = "/var/lib/kpx-control")]
+    data_dir: PathBuf,
+    /// CIDR(s) ClusterIPs are allocated from: one, or one per IP family for dual-stack.
+    #[arg(long, default_value = "10.96.0.0/12")]
+    service_cluster_ip_range: String,
+    /// Port range NodePorts are allocated from.
+    #[arg(long, default_value = "30000-32767")]
+    service_node_port_range: String,
+    /// Watch events kept in memory for watchers resuming from an older resourceVersion.
+    #[arg(long, default_value_t = 20_000)]
+    watch_history: usize,
+    /// Seconds between BOOKMARK events on idle watches that asked for them.
+    #[arg(long, default_value_t = 10)]
+    bookmark_interval_seconds: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    if !args.bind_address.is_loopback() && !args.insecure_bind_any {
+        bail!(
+            "--bind-address {}: refusing a non-loopback address for an unauthenticated API; \
+             pass --insecure-bind-any to allow it",
+            args.bind_address
+        );
+    }
+    let network = ServiceNetwork::parse(
+        &args.service_cluster_ip_range,
+        &args.service_node_port_range,
+    )
+    .map_err(anyhow::Error::msg)?;
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("--data-dir {}: cannot create it", args.data_dir.display()))?;
+    let db = args.data_dir.join("kpx.redb");
+    let store: Arc<dyn Store> = Arc::new(
+        EmbeddedStore::open(
+            &db,
+            EmbeddedStoreOptions {
+                history_limit: args.watch_history,
+                ..Default::default()
+            },
+        )
+        .with_context(|| format!("opening the store at {}", db.display()))?,
+    );
+    let listener = tokio::net::TcpListener::bind(SocketAddr::new(args.bind_address, args.port))
+        .await
+        .with_context(|| format!("binding {}:{}", args.bind_address, args.port))?;
+    let address = listener.local_addr()?;
+    let options = Options {
+        service_network: network,
+        bookmark_interval: Duration::from_secs(args.bookmark_interval_seconds.max(1)),
+        advertise_address: Some(address),
+        ..Default::default()
+    };
+    let server = ApiServer::new(store, options)
+        .await
+        .map_err(|e| anyhow::anyhow!("starting the API server: {e}"))?;
+    // The first line on stdout is the address, for scripts and tests that pass --port 0.
+    println!("kpx-control listening on http://{address}");
+    tracing::info!(%address, store = %db.display(), revision = server.store().current_revision(), "serving");
+    apiserver::serve(listener, server, shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the server");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
