@@ -1,2 +1,7 @@
-//! kpx-lab: a kpx cluster inside network namespaces. Filled by the proxy and lab issues (the
-//! namespace harness, the scenario tests and `kpx-lab bench`); empty until then.
+//! kpx-lab: a kpx cluster on one machine.
+//!
+//! Today it runs the control plane demo ([`demo`]); the proxy and lab issues add the network
+//! namespace topology, the scenario tests and `kpx-lab bench`.
+
+pub mod control_plane;
+pub mod demo;

@@ -1,0 +1,116 @@
+//! Installing what the tests and the demo need, only when it is missing, saying what it does.
+//!
+//! - kubectl: Debian's `kubernetes-client`, unpacked under `target/tools` rather than installed,
+//!   because some images ship another `/usr/bin/kubectl` the package would conflict with.
+//! - the official Python client: PyPI's `kubernetes`.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context};
+
+use crate::{run, say, workspace_root};
+
+pub struct Tools {
+    pub kubectl: PathBuf,
+}
+
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+fn apt_update_once(updated: &mut bool) -> anyhow::Result<()> {
+    if !*updated {
+        say("apt-get update");
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        *updated = true;
+    }
+    Ok(())
+}
+
+pub fn install() -> anyhow::Result<Tools> {
+    let tools_dir = workspace_root().join("target/tools");
+    std::fs::create_dir_all(&tools_dir)
+        .with_context(|| format!("creating {}", tools_dir.display()))?;
+    let mut apt_updated = false;
+
+    let kubectl = tools_dir.join("kubectl");
+    if succeeds(Command::new(&kubectl).args(["version", "--client"])) {
+        say(&format!("kubectl: {} (present)", kubectl.display()));
+    } else {
+        if !is_root() {
+            bail!("kubectl is missing and installing it needs root (apt-get download kubernetes-client)");
+        }
+        apt_update_once(&mut apt_updated)?;
+        say("kubectl: downloading Debian's kubernetes-client and unpacking it under target/tools");
+        let scratch = tools_dir.join("kubernetes-client");
+        let _ = std::fs::remove_dir_all(&scratch);
+        std::fs::create_dir_all(&scratch)?;
+        run(Command::new("apt-get")
+            .args(["download", "-qq", "kubernetes-client"])
+            .current_dir(&scratch))?;
+        let deb = std::fs::read_dir(&scratch)?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "deb"))
+            .context("apt-get download left no .deb")?;
+        run(Command::new("dpkg-deb")
+            .arg("-x")
+            .arg(&deb)
+            .arg(scratch.join("root")))?;
+        std::fs::copy(scratch.join("root/usr/bin/kubectl"), &kubectl).context("copying kubectl")?;
+        let _ = std::fs::remove_dir_all(&scratch);
+        if !succeeds(Command::new(&kubectl).args(["version", "--client"])) {
+            bail!("{} does not run", kubectl.display());
+        }
+    }
+
+    let has_client = || succeeds(Command::new("python3").args(["-c", "import kubernetes"]));
+    if has_client() {
+        say("python kubernetes client: present");
+    } else {
+        if !succeeds(Command::new("python3").args(["-m", "pip", "--version"])) {
+            if !is_root() {
+                bail!("python3 has no pip; install python3-pip (needs root)");
+            }
+            apt_update_once(&mut apt_updated)?;
+            say("installing python3-pip");
+            run(Command::new("apt-get")
+                .args(["install", "-y", "-qq", "python3-pip"])
+                .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        }
+        say("pip install kubernetes (the official Python client)");
+        let plain = succeeds(Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "kubernetes",
+        ]));
+        // Debian's own python3 refuses pip installs outside a venv unless told otherwise.
+        if !plain {
+            run(Command::new("python3").args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--break-system-packages",
+                "kubernetes",
+            ]))?;
+        }
+        if !has_client() {
+            bail!("the kubernetes Python package is still not importable after pip install");
+        }
+    }
+    Ok(Tools { kubectl })
+}
