@@ -64,7 +64,7 @@ async fn watch_from_a_compacted_revision_gets_a_410_error_event() {
         .next()
         .await
         .expect("event")
-        .unwrap_err();
+        .expect_err("must be refused");
     assert!(err.is_gone(), "{err}");
 }
 
@@ -325,7 +325,11 @@ async fn scheduled_pods_delete_gracefully_and_finalizers_hold_objects() {
         Some("n1")
     );
     pods.delete_with_grace("p", 0).await.expect("confirm");
-    assert!(pods.get("p").await.unwrap_err().is_not_found());
+    assert!(pods
+        .get("p")
+        .await
+        .expect_err("must be refused")
+        .is_not_found());
 
     let services: Api<Service> = Api::namespaced(server.client(), "default");
     let mut held = svc("held", json!({}));

@@ -156,7 +156,7 @@ async fn show(services: &Api<Service>, slices: &Api<EndpointSlice>) -> anyhow::R
             ports.join(",")
         );
     }
-    println!("    {:<8} {:<10} {}", "SLICE", "SERVICE", "ENDPOINTS");
+    println!("    {:<8} {:<10} ENDPOINTS", "SLICE", "SERVICE");
     for slice in slices.list(&ListParams::default()).await?.items {
         let service = slice
             .metadata

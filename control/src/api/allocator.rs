@@ -308,7 +308,7 @@ mod tests {
         assert!(a.reserve_ip("198.18.0.5".parse().expect("ip")).is_err());
         assert!(a
             .reserve_ip("10.0.0.1".parse().expect("ip"))
-            .unwrap_err()
+            .expect_err("must be refused")
             .contains("not in the valid range"));
         for _ in 0..3 {
             a.allocate_port().expect("port");

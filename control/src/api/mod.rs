@@ -13,4 +13,4 @@ pub mod table;
 pub mod validation;
 
 pub use resources::{Kind, ResourceInfo, RESOURCES};
-pub use status::{ApiError, FieldError};
+pub use status::{ApiError, Details, FieldError};

@@ -434,7 +434,7 @@ mod tests {
             &original,
             br#"[{"op":"test","path":"/metadata/labels/a","value":"x"}]"#,
         )
-        .unwrap_err();
+        .expect_err("must be refused");
         assert_eq!(err.code, 422);
     }
 }

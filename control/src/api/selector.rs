@@ -231,7 +231,7 @@ mod tests {
         let s = FieldSelector::parse("spec.nodeName=n1,metadata.name!=x", pods).expect("parse");
         assert!(s.matches(&json!({"metadata": {"name": "a"}, "spec": {"nodeName": "n1"}})));
         assert!(!s.matches(&json!({"metadata": {"name": "a"}, "spec": {}})));
-        let err = FieldSelector::parse("spec.bogus=1", pods).unwrap_err();
+        let err = FieldSelector::parse("spec.bogus=1", pods).expect_err("must be refused");
         assert_eq!(err.code, 400);
         assert!(
             err.message

@@ -130,6 +130,13 @@ pub struct ApiError {
     pub code: u16,
     pub reason: &'static str,
     pub message: String,
+    /// Boxed: most errors have none, and results stay small.
+    pub details: Box<Details>,
+}
+
+/// `Status.details`.
+#[derive(Debug, Clone, Default)]
+pub struct Details {
     pub name: Option<String>,
     pub group: Option<String>,
     pub kind: Option<String>,
@@ -143,18 +150,14 @@ impl ApiError {
             code,
             reason,
             message: message.into(),
-            name: None,
-            group: None,
-            kind: None,
-            causes: Vec::new(),
-            retry_after_seconds: None,
+            details: Box::default(),
         }
     }
 
     fn about(mut self, group: &str, kind: &str, name: &str) -> Self {
-        self.group = Some(group.to_string()).filter(|g| !g.is_empty());
-        self.kind = Some(kind.to_string());
-        self.name = Some(name.to_string()).filter(|n| !n.is_empty());
+        self.details.group = Some(group.to_string()).filter(|g| !g.is_empty());
+        self.details.kind = Some(kind.to_string());
+        self.details.name = Some(name.to_string()).filter(|n| !n.is_empty());
         self
     }
 
@@ -216,7 +219,7 @@ impl ApiError {
             format!("{kind} {name:?} is invalid: {summary}"),
         )
         .about(group, kind, name);
-        err.causes = causes;
+        err.details.causes = causes;
         err
     }
 
@@ -270,7 +273,7 @@ impl ApiError {
 
     pub fn unavailable(message: impl Into<String>) -> Self {
         let mut err = Self::new(503, "ServiceUnavailable", message);
-        err.retry_after_seconds = Some(1);
+        err.details.retry_after_seconds = Some(1);
         err
     }
 
@@ -286,24 +289,25 @@ impl ApiError {
             "code": self.code,
         });
         let mut details = serde_json::Map::new();
-        if let Some(name) = &self.name {
+        let d = &self.details;
+        if let Some(name) = &d.name {
             details.insert("name".into(), json!(name));
         }
-        if let Some(group) = &self.group {
+        if let Some(group) = &d.group {
             details.insert("group".into(), json!(group));
         }
-        if let Some(kind) = &self.kind {
+        if let Some(kind) = &d.kind {
             details.insert("kind".into(), json!(kind));
         }
-        if !self.causes.is_empty() {
-            let causes: Vec<Value> = self
+        if !d.causes.is_empty() {
+            let causes: Vec<Value> = d
                 .causes
                 .iter()
                 .map(|c| json!({"reason": c.reason.as_str(), "message": c.message(), "field": c.field}))
                 .collect();
             details.insert("causes".into(), Value::Array(causes));
         }
-        if let Some(seconds) = self.retry_after_seconds {
+        if let Some(seconds) = d.retry_after_seconds {
             details.insert("retryAfterSeconds".into(), json!(seconds));
         }
         if !details.is_empty() {

@@ -485,7 +485,7 @@ impl Ctx<'_> {
         let mut obj = validation::decode(resource, body)?;
         self.place(&mut obj, true)?;
         if let Some(ns) = meta::namespace(&obj).filter(|_| resource.namespaced) {
-            self.require_namespace(&ns.to_string()).await?;
+            self.require_namespace(ns).await?;
         }
         let m = meta::metadata_mut(&mut obj);
         meta::strip_server_fields(m);

@@ -190,7 +190,7 @@ pub(crate) fn store_error(err: StoreError) -> ApiError {
                 "Timeout",
                 format!("Too large resource version: {requested}, current: {current}"),
             );
-            e.retry_after_seconds = Some(1);
+            e.details.retry_after_seconds = Some(1);
             e
         }
         StoreError::Closed => ApiError::unavailable("the store is shutting down"),

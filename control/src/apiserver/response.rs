@@ -27,7 +27,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let code = StatusCode::from_u16(self.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let mut response = json(code, &self.to_status());
-        if let Some(seconds) = self.retry_after_seconds {
+        if let Some(seconds) = self.details.retry_after_seconds {
             if let Ok(value) = HeaderValue::from_str(&seconds.to_string()) {
                 response.headers_mut().insert(header::RETRY_AFTER, value);
             }

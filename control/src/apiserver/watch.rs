@@ -93,24 +93,13 @@ fn error_line(err: &ApiError) -> Bytes {
 }
 
 fn stream_response(rx: mpsc::Receiver<Bytes>) -> Response {
-    let body = Body::from_stream(ReceiverStream::new(rx).map_ok());
+    let lines = futures::StreamExt::map(
+        ReceiverStream::new(rx),
+        Ok::<Bytes, std::convert::Infallible>,
+    );
     let mut response = json_bytes(StatusCode::OK, Bytes::new());
-    *response.body_mut() = body;
+    *response.body_mut() = Body::from_stream(lines);
     response
-}
-
-trait MapOk: Sized {
-    fn map_ok(
-        self,
-    ) -> futures::stream::Map<Self, fn(Bytes) -> Result<Bytes, std::convert::Infallible>>;
-}
-
-impl<S: futures::Stream<Item = Bytes>> MapOk for S {
-    fn map_ok(
-        self,
-    ) -> futures::stream::Map<Self, fn(Bytes) -> Result<Bytes, std::convert::Infallible>> {
-        futures::StreamExt::map(self, Ok)
-    }
 }
 
 pub async fn serve(

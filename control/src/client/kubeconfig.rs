@@ -249,7 +249,8 @@ users:
         assert_eq!(c.server, "https://10.0.0.1:6443");
         assert_eq!(c.token.as_deref(), Some("abc"));
         assert_eq!(c.ca_pem.as_deref(), Some(&b"CA"[..]));
-        let err = ClientConfig::parse_kubeconfig(text, Path::new("/"), Some("a")).unwrap_err();
+        let err = ClientConfig::parse_kubeconfig(text, Path::new("/"), Some("a"))
+            .expect_err("must be refused");
         assert!(err.contains("cluster \"missing\""), "{err}");
     }
 }

@@ -12,7 +12,7 @@ use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::history::{History, WatchStream};
@@ -316,7 +316,11 @@ fn persist(
     overlay: &HashMap<String, Option<Arc<KeyValue>>>,
     revision: i64,
 ) -> Result<(), redb::Error> {
-    let txn = db.begin_write()?;
+    let mut txn = db.begin_write()?;
+    // The default already, stated because acknowledging a write depends on it.
+    txn.set_durability(Durability::Immediate).map_err(|e| {
+        redb::Error::from(redb::StorageError::Io(std::io::Error::other(e.to_string())))
+    })?;
     {
         let mut table = txn.open_table(KV)?;
         for (key, value) in overlay {

@@ -32,7 +32,7 @@ async fn revisions_count_transactions_and_cas_guards_updates() {
     let err = store
         .create("/registry/a".into(), "x".into())
         .await
-        .unwrap_err();
+        .expect_err("must be refused");
     assert!(matches!(err, StoreError::AlreadyExists { .. }), "{err}");
 
     let a2 = store
@@ -51,7 +51,7 @@ async fn revisions_count_transactions_and_cas_guards_updates() {
             Precondition::ModRevision(1),
         )
         .await
-        .unwrap_err();
+        .expect_err("must be refused");
     assert!(
         matches!(
             err,
@@ -76,7 +76,7 @@ async fn revisions_count_transactions_and_cas_guards_updates() {
             put("/registry/missing", "1", Precondition::Exists),
         ])
         .await
-        .unwrap_err();
+        .expect_err("must be refused");
     assert!(matches!(err, StoreError::NotFound { .. }), "{err}");
     assert!(store.get("/registry/b").await.expect("get").is_none());
 }

@@ -107,7 +107,7 @@ pub fn validate_metadata(resource: &ResourceInfo, obj: &Value) -> Vec<FieldError
                 Some(v) => {
                     if let Err(why) = names::label_value(v) {
                         errs.push(FieldError::invalid(
-                            format!("metadata.labels"),
+                            "metadata.labels",
                             format!("{v:?}"),
                             why,
                         ));

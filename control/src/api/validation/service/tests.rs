@@ -93,7 +93,7 @@ fn defaults_and_allocation() {
     let ip = spec.cluster_ip.clone().expect("ip");
     let mut twin = svc(json!({"clusterIP": ip, "ports": [{"port": 80}]}));
     default_service(&mut twin, &network);
-    let errs = allocate(&mut twin, None, &mut allocator).unwrap_err();
+    let errs = allocate(&mut twin, None, &mut allocator).expect_err("must be refused");
     assert!(
         errs[0]
             .to_string()
