@@ -94,7 +94,7 @@ fn main() -> anyhow::Result<()> {
             }
             say("running every test (real clients required)");
             run(cargo()
-                .args(["test", "--workspace", "--all-targets"])
+                .args(["test", "--workspace", "--lib", "--bins", "--tests"])
                 .env("KPX_REQUIRE_CLIENTS", "1")
                 .env("KPX_KUBECTL", &tools.kubectl))
         }
