@@ -382,3 +382,71 @@ async fn strategic_merge_patch_merges_service_ports_by_port() {
         .collect();
     assert_eq!(ports, [80, 53]);
 }
+
+#[tokio::test]
+async fn deployments_scale_through_the_scale_subresource() {
+    let server = TestServer::start().await;
+    let http = reqwest::Client::new();
+    let url = format!(
+        "{}/apis/apps/v1/namespaces/default/deployments",
+        server.url()
+    );
+    let deployment = json!({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
+        "spec": {"selector": {"matchLabels": {"app": "web"}},
+                 "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{"name": "c", "image": "nginx"}]}}},
+    });
+    let created: Value = http
+        .post(&url)
+        .json(&deployment)
+        .send()
+        .await
+        .expect("create")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(created["spec"]["replicas"], 1, "defaulted");
+    assert_eq!(created["metadata"]["generation"], 1);
+    let scale_url = format!("{url}/web/scale");
+    let scale: Value = http
+        .get(&scale_url)
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        (scale["kind"].as_str(), scale["spec"]["replicas"].as_i64()),
+        (Some("Scale"), Some(1))
+    );
+    assert_eq!(scale["status"]["selector"], "app=web");
+    let response = http
+        .patch(&scale_url)
+        .header("Content-Type", "application/merge-patch+json")
+        .body(json!({"spec": {"replicas": 3}}).to_string())
+        .send()
+        .await
+        .expect("patch");
+    assert_eq!(response.status().as_u16(), 200);
+    let now: Value = http
+        .get(format!("{url}/web"))
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(now["spec"]["replicas"], 3);
+    assert_eq!(
+        now["metadata"]["generation"], 2,
+        "a spec change bumps the generation"
+    );
+    let refused = http
+        .put(&scale_url)
+        .json(&json!({"apiVersion": "autoscaling/v1", "kind": "Scale", "metadata": {"name": "web"}, "spec": {"replicas": -1}}))
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(refused.status().as_u16(), 422);
+}

@@ -125,15 +125,21 @@ pub fn resource_list(group: &str, version: &str) -> Result<Response, ApiError> {
         for sub in r.subresources {
             let (kind, verbs): (&str, &[&str]) = match *sub {
                 "binding" => ("Binding", &["create"]),
+                "scale" => ("Scale", &["get", "patch", "update"]),
                 _ => (r.kind_name, &["get", "patch", "update"]),
             };
-            resources.push(json!({
+            let mut entry = json!({
                 "name": format!("{}/{sub}", r.plural),
                 "singularName": "",
                 "namespaced": r.namespaced,
                 "kind": kind,
                 "verbs": verbs,
-            }));
+            });
+            if *sub == "scale" {
+                entry["group"] = json!("autoscaling");
+                entry["version"] = json!("v1");
+            }
+            resources.push(entry);
         }
     }
     let group_version = if group.is_empty() {

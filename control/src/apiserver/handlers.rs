@@ -47,7 +47,7 @@ pub async fn handle(
     match (&method, named, sub) {
         (&Method::GET, _, None) if watching => watch::serve(server, &target, &query, table).await,
         (&Method::GET, false, None) => ctx.list().await,
-        (&Method::GET, true, None | Some("status")) => ctx.get().await,
+        (&Method::GET, true, None | Some("status") | Some("scale")) => ctx.get().await,
         (&Method::POST, false, None) => {
             let body = read_json(request, &content_type).await?;
             ctx.create(body).await
@@ -56,11 +56,11 @@ pub async fn handle(
             let body = read_json(request, &content_type).await?;
             ctx.bind(body).await
         }
-        (&Method::PUT, true, None | Some("status") | Some("finalize")) => {
+        (&Method::PUT, true, None | Some("status") | Some("finalize") | Some("scale")) => {
             let body = read_json(request, &content_type).await?;
             ctx.update(Change::Replace(body)).await
         }
-        (&Method::PATCH, true, None | Some("status")) => {
+        (&Method::PATCH, true, None | Some("status") | Some("scale")) => {
             let patch_type = PatchType::from_content_type(&content_type).ok_or_else(|| {
                 ApiError::unsupported_media_type(&content_type, PatchType::CONTENT_TYPES)
             })?;
@@ -166,7 +166,14 @@ impl Ctx<'_> {
         IncludeObject::parse(self.query.include_object.as_deref())
     }
 
+    fn scale(&self) -> bool {
+        self.target.subresource.as_deref() == Some("scale")
+    }
+
     fn object_response(&self, code: StatusCode, obj: &Value) -> Result<Response, ApiError> {
+        if self.scale() {
+            return Ok(json(code, &scale_of(self.resource(), obj)));
+        }
         if self.table {
             let rv = meta::resource_version(obj).unwrap_or("").to_string();
             let t = table::table(
@@ -529,19 +536,22 @@ impl Ctx<'_> {
         let resource = self.resource();
         let status_only = matches!(self.target.subresource.as_deref(), Some("status"));
         let replace_body = match &change {
-            Change::Replace(body) => Some(validation::decode(resource, body.clone())?),
-            Change::Patch(..) => None,
+            Change::Replace(body) if !self.scale() => {
+                Some(validation::decode(resource, body.clone())?)
+            }
+            _ => None,
         };
         for _ in 0..CONFLICT_RETRIES {
             let current_kv = self.current().await?;
             let current = codec::decode(&current_kv)?;
             let mut requested = match (&change, &replace_body) {
+                _ if self.scale() => scaled(resource, &current, &change)?,
                 (_, Some(body)) => body.clone(),
                 (Change::Patch(patch_type, patch), _) => {
                     let patched = patch::apply(resource.kind, *patch_type, &current, patch)?;
                     validation::decode(resource, patched)?
                 }
-                (Change::Replace(_), None) => unreachable!("decoded above"),
+                (Change::Replace(body), None) => validation::decode(resource, body.clone())?,
             };
             self.place(&mut requested, false)?;
             let pinned = meta::resource_version(&requested).map(String::from);
@@ -919,6 +929,82 @@ impl Ctx<'_> {
             "too many concurrent writers; try again",
         ))
     }
+}
+
+/// The `autoscaling/v1` Scale of a workload, as `kubectl scale` reads it.
+fn scale_of(resource: &ResourceInfo, obj: &Value) -> Value {
+    let selector = match resource.kind {
+        Kind::ReplicationController => obj.pointer("/spec/selector").cloned(),
+        _ => obj.pointer("/spec/selector/matchLabels").cloned(),
+    };
+    let selector = selector
+        .and_then(|s| s.as_object().cloned())
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default();
+    let m = obj.get("metadata").cloned().unwrap_or(json!({}));
+    json!({
+        "kind": "Scale",
+        "apiVersion": "autoscaling/v1",
+        "metadata": {
+            "name": m.get("name"), "namespace": m.get("namespace"), "uid": m.get("uid"),
+            "resourceVersion": m.get("resourceVersion"), "creationTimestamp": m.get("creationTimestamp"),
+        },
+        "spec": {"replicas": obj.pointer("/spec/replicas").cloned().unwrap_or(json!(0))},
+        "status": {"replicas": obj.pointer("/status/replicas").cloned().unwrap_or(json!(0)), "selector": selector},
+    })
+}
+
+/// The workload with the replicas a Scale PUT or PATCH asks for; its resourceVersion, when
+/// given, pins the update like on the object itself.
+fn scaled(resource: &ResourceInfo, current: &Value, change: &Change) -> Result<Value, ApiError> {
+    let scale = match change {
+        Change::Replace(body) => body.clone(),
+        Change::Patch(patch_type, patch) => {
+            // A Scale has no lists, so a strategic merge patch is a merge patch here.
+            let as_merge = if *patch_type == PatchType::Json {
+                PatchType::Json
+            } else {
+                PatchType::Merge
+            };
+            patch::apply(resource.kind, as_merge, &scale_of(resource, current), patch)?
+        }
+    };
+    let replicas = scale
+        .pointer("/spec/replicas")
+        .and_then(Value::as_i64)
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "autoscaling",
+                "Scale",
+                meta::name(current),
+                vec![FieldError::required("spec.replicas", "")],
+            )
+        })?;
+    if replicas < 0 {
+        return Err(ApiError::invalid(
+            "autoscaling",
+            "Scale",
+            meta::name(current),
+            vec![FieldError::invalid(
+                "spec.replicas",
+                replicas,
+                "must be greater than or equal to 0",
+            )],
+        ));
+    }
+    let mut next = current.clone();
+    next["spec"]["replicas"] = json!(replicas);
+    let m = meta::metadata_mut(&mut next);
+    match meta::resource_version(&scale) {
+        Some(rv) => m.insert("resourceVersion".into(), json!(rv)),
+        None => m.remove("resourceVersion"),
+    };
+    Ok(next)
 }
 
 /// What an update may change: PUT on the object keeps the stored status; PUT on `/status`
