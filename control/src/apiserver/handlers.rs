@@ -335,8 +335,7 @@ impl Ctx<'_> {
         if !continue_token.is_empty() {
             list_meta["continue"] = json!(continue_token);
             if !filtering {
-                list_meta["remainingItemCount"] =
-                    json!(remaining + usize::from(more && remaining == 0));
+                list_meta["remainingItemCount"] = json!(remaining);
             }
         }
         let mut out = Vec::with_capacity(
