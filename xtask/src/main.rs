@@ -59,6 +59,50 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[derive(Default)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+    success: bool,
+}
+
+/// Runs `cargo test`, passing its output through and adding up its `test result:` lines.
+fn run_counting_tests(cmd: &mut Command) -> anyhow::Result<Totals> {
+    use std::io::{BufRead, BufReader};
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting cargo test")?;
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    let mut totals = Totals::default();
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |label: &str| {
+                rest.split(';')
+                    .find_map(|part| {
+                        part.trim().strip_suffix(label).map(|n| {
+                            n.trim()
+                                .trim_start_matches("ok.")
+                                .trim_start_matches("FAILED.")
+                                .trim()
+                                .parse::<u64>()
+                                .unwrap_or(0)
+                        })
+                    })
+                    .unwrap_or(0)
+            };
+            totals.passed += count("passed");
+            totals.failed += count("failed");
+            totals.ignored += count("ignored");
+        }
+    }
+    totals.success = child.wait()?.success();
+    Ok(totals)
+}
+
 fn main() -> anyhow::Result<()> {
     match Args::parse().command {
         Cmd::Deps => deps::install().map(|_| ()),
@@ -93,10 +137,23 @@ fn main() -> anyhow::Result<()> {
                 ]))?;
             }
             say("running every test (real clients required)");
-            run(cargo()
-                .args(["test", "--workspace", "--lib", "--bins", "--tests"])
+            let mut cmd = cargo();
+            cmd.args(["test", "--workspace", "--lib", "--bins", "--tests"])
                 .env("KPX_REQUIRE_CLIENTS", "1")
-                .env("KPX_KUBECTL", &tools.kubectl))
+                .env("KPX_KUBECTL", &tools.kubectl);
+            let totals = run_counting_tests(&mut cmd)?;
+            // One closing line for the whole run, after cargo's per-binary ones.
+            println!(
+                "{} passed, {} failed, {} skipped",
+                totals.passed, totals.failed, totals.ignored
+            );
+            if totals.failed > 0 || !totals.success {
+                bail!("tests failed");
+            }
+            if totals.passed == 0 {
+                bail!("no test ran");
+            }
+            Ok(())
         }
         Cmd::Bench => {
             say("running the API server benchmark (release build)");
