@@ -574,45 +574,25 @@ impl Ctx<'_> {
                 return self.object_response(StatusCode::OK, &next);
             }
             // An object waiting on finalizers goes once the last one is removed.
-            if meta::is_deleting(&next) && meta::finalizers(&next) == 0 {
-                match self
-                    .server
+            let finishing = meta::is_deleting(&next) && meta::finalizers(&next) == 0;
+            let precondition = Precondition::ModRevision(current_kv.mod_revision);
+            let written = if finishing {
+                self.server.store.delete(self.key(), precondition).await
+            } else {
+                let encoded = codec::encode(&next)?;
+                self.server
                     .store
-                    .delete(
-                        self.key(),
-                        Precondition::ModRevision(current_kv.mod_revision),
-                    )
+                    .update(self.key(), encoded, precondition)
                     .await
-                {
-                    Ok(kv) => {
+            };
+            match written {
+                Ok(kv) => {
+                    if finishing {
                         self.release(&held);
                         self.released_on_delete(&current);
-                        meta::set_resource_version(&mut next, kv.mod_revision);
-                        return self.object_response(StatusCode::OK, &next);
+                    } else {
+                        self.release_replaced(&current, &next);
                     }
-                    Err(StoreError::Conflict { .. }) if pinned.is_none() => {
-                        self.release(&held);
-                        continue;
-                    }
-                    Err(e) => {
-                        self.release(&held);
-                        return Err(self.write_error(e));
-                    }
-                }
-            }
-            let encoded = codec::encode(&next)?;
-            match self
-                .server
-                .store
-                .update(
-                    self.key(),
-                    encoded,
-                    Precondition::ModRevision(current_kv.mod_revision),
-                )
-                .await
-            {
-                Ok(kv) => {
-                    self.release_replaced(&current, &next);
                     meta::set_resource_version(&mut next, kv.mod_revision);
                     return self.object_response(StatusCode::OK, &next);
                 }

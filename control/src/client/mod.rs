@@ -254,6 +254,33 @@ impl Patch {
     }
 }
 
+/// What the typed client and the reflector work with: any k8s-openapi object kind.
+pub trait Object:
+    Resource
+    + ListableResource
+    + Metadata<Ty = ObjectMeta>
+    + Serialize
+    + DeserializeOwned
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<K> Object for K where
+    K: Resource
+        + ListableResource
+        + Metadata<Ty = ObjectMeta>
+        + Serialize
+        + DeserializeOwned
+        + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// Typed access to one kind, in one namespace or across all.
 pub struct Api<K> {
     client: Client,
@@ -271,17 +298,7 @@ impl<K> Clone for Api<K> {
     }
 }
 
-impl<K> Api<K>
-where
-    K: Resource
-        + ListableResource
-        + Metadata<Ty = ObjectMeta>
-        + Serialize
-        + DeserializeOwned
-        + Clone
-        + Send
-        + 'static,
-{
+impl<K: Object> Api<K> {
     /// Cluster-scoped kinds, or namespaced kinds across all namespaces.
     pub fn all(client: Client) -> Self {
         Self {

@@ -7,12 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use k8s_openapi::{ListableResource, Metadata, Resource};
-use serde::de::DeserializeOwned;
-use serde::Serialize;
+use k8s_openapi::Metadata;
 use tokio::sync::mpsc;
 
-use super::{Api, ClientError, ListParams, WatchEvent};
+use super::{Api, ClientError, ListParams, Object, WatchEvent};
 
 /// What the consumer sees: a full state (`Init`, `InitApply`*, `InitDone`) after every (re)list,
 /// then changes.
@@ -62,15 +60,7 @@ pub struct Reflector<K> {
 /// Starts a reflector task; it ends when the receiver is dropped.
 pub fn reflector<K>(api: Api<K>, options: ReflectorOptions) -> Reflector<K>
 where
-    K: Resource
-        + ListableResource
-        + Metadata<Ty = ObjectMeta>
-        + Serialize
-        + DeserializeOwned
-        + Clone
-        + Send
-        + Sync
-        + 'static,
+    K: Object,
 {
     let (tx, rx) = mpsc::channel(1024);
     let stats = Arc::new(ReflectorStats::default());
@@ -93,15 +83,7 @@ async fn run<K>(
     tx: mpsc::Sender<ReflectorEvent<K>>,
     stats: Arc<ReflectorStats>,
 ) where
-    K: Resource
-        + ListableResource
-        + Metadata<Ty = ObjectMeta>
-        + Serialize
-        + DeserializeOwned
-        + Clone
-        + Send
-        + Sync
-        + 'static,
+    K: Object,
 {
     let mut backoff = options.backoff_min;
     loop {
@@ -144,14 +126,7 @@ async fn list_all<K>(
     options: &ReflectorOptions,
 ) -> Result<(Vec<K>, String), ClientError>
 where
-    K: Resource
-        + ListableResource
-        + Metadata<Ty = ObjectMeta>
-        + Serialize
-        + DeserializeOwned
-        + Clone
-        + Send
-        + 'static,
+    K: Object,
 {
     let mut params = options.params.clone();
     params.limit = Some(options.page_size);
@@ -174,14 +149,7 @@ async fn watch_from<K>(
     stats: &ReflectorStats,
 ) -> Restart
 where
-    K: Resource
-        + ListableResource
-        + Metadata<Ty = ObjectMeta>
-        + Serialize
-        + DeserializeOwned
-        + Clone
-        + Send
-        + 'static,
+    K: Object,
 {
     let fail = |e: &ClientError| {
         stats.errors.fetch_add(1, Ordering::Relaxed);
