@@ -1,6 +1,5 @@
-//! kpx-proxy: the kube-proxy.
+//! kpx-proxy: the kube-proxy, as `watch → model → plan → apply`.
 //!
-//! It will be built as `watch → model → plan → apply` (see `ARCHITECTURE.md`); the
-//! proxy/iptables issue fills this crate. Today it only links the API client it will watch with.
+//! - [`model`]: Services and EndpointSlices in, a `ProxyState` snapshot and its changes out (pure).
 
-pub use kpx_control::client;
+pub mod model;

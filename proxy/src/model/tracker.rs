@@ -1,0 +1,194 @@
+//! Change tracking (kube-proxy's service and endpoints change trackers): the latest Services
+//! and EndpointSlices, and which Services changed since the last snapshot. Building the next
+//! snapshot recomputes only those, and drops changes that change nothing.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use super::endpoints::{merge, select, slice_endpoints, slice_service, SliceEndpoints};
+use super::service::{service_key, service_ports, NamespacedName, Skipped};
+use super::state::{udp_cleanups, Changes, ProxyState, ServiceEntry};
+
+#[derive(Default)]
+pub struct ChangeTracker {
+    node_name: String,
+    services: HashMap<NamespacedName, Service>,
+    /// Slices by their own key: the Service they belong to and their endpoints.
+    slices: HashMap<NamespacedName, (NamespacedName, SliceEndpoints)>,
+    slices_of: HashMap<NamespacedName, BTreeSet<NamespacedName>>,
+    dirty: BTreeSet<NamespacedName>,
+    skipped: Vec<Skipped>,
+}
+
+fn slice_key(slice: &EndpointSlice) -> Option<NamespacedName> {
+    Some(NamespacedName::new(
+        slice.metadata.namespace.as_deref()?,
+        slice.metadata.name.as_deref()?,
+    ))
+}
+
+impl ChangeTracker {
+    /// `node_name` decides which endpoints are local.
+    pub fn new(node_name: &str) -> Self {
+        Self {
+            node_name: node_name.to_string(),
+            ..Default::default()
+        }
+    }
+
+    pub fn apply_service(&mut self, svc: Service) {
+        if let Some(key) = service_key(&svc) {
+            self.dirty.insert(key.clone());
+            self.services.insert(key, svc);
+        }
+    }
+
+    pub fn delete_service(&mut self, svc: &Service) {
+        if let Some(key) = service_key(svc) {
+            self.services.remove(&key);
+            self.dirty.insert(key);
+        }
+    }
+
+    /// Replaces every Service (after a re-list).
+    pub fn reset_services(&mut self, services: Vec<Service>) {
+        self.dirty.extend(self.services.keys().cloned());
+        self.services.clear();
+        for svc in services {
+            self.apply_service(svc);
+        }
+    }
+
+    pub fn apply_slice(&mut self, slice: EndpointSlice) {
+        let Some(key) = slice_key(&slice) else {
+            return;
+        };
+        self.forget_slice(&key);
+        let Some(service) = slice_service(&slice) else {
+            return;
+        };
+        let endpoints = slice_endpoints(&slice, &self.node_name, &mut self.skipped);
+        self.slices_of
+            .entry(service.clone())
+            .or_default()
+            .insert(key.clone());
+        self.dirty.insert(service.clone());
+        self.slices.insert(key, (service, endpoints));
+    }
+
+    pub fn delete_slice(&mut self, slice: &EndpointSlice) {
+        if let Some(key) = slice_key(slice) {
+            self.forget_slice(&key);
+        }
+    }
+
+    /// Replaces every EndpointSlice (after a re-list).
+    pub fn reset_slices(&mut self, slices: Vec<EndpointSlice>) {
+        let keys: Vec<NamespacedName> = self.slices.keys().cloned().collect();
+        for key in keys {
+            self.forget_slice(&key);
+        }
+        for slice in slices {
+            self.apply_slice(slice);
+        }
+    }
+
+    fn forget_slice(&mut self, key: &NamespacedName) {
+        if let Some((service, _)) = self.slices.remove(key) {
+            if let Some(set) = self.slices_of.get_mut(&service) {
+                set.remove(key);
+                if set.is_empty() {
+                    self.slices_of.remove(&service);
+                }
+            }
+            self.dirty.insert(service);
+        }
+    }
+
+    /// Whether anything changed since the last snapshot.
+    pub fn has_changes(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
+    fn entries_of(
+        &mut self,
+        service: &NamespacedName,
+    ) -> BTreeMap<super::ServicePortName, ServiceEntry> {
+        let mut out = BTreeMap::new();
+        let Some(svc) = self.services.get(service) else {
+            return out;
+        };
+        let ports = service_ports(svc, &mut self.skipped);
+        let slices: Vec<&SliceEndpoints> = self
+            .slices_of
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.slices.get(k).map(|(_, eps)| eps))
+            .collect();
+        for (name, port) in ports {
+            let key = (name.port.clone(), name.protocol);
+            let endpoints = merge(slices.iter().filter_map(|s| s.get(&key)));
+            let selected = select(&endpoints, port.internal_policy_local);
+            out.insert(
+                name,
+                ServiceEntry {
+                    port,
+                    endpoints,
+                    selected,
+                },
+            );
+        }
+        out
+    }
+
+    /// The next snapshot: `previous` with the changed Services recomputed.
+    pub fn snapshot(&mut self, previous: &ProxyState) -> (ProxyState, Changes) {
+        let mut state = previous.clone();
+        let mut changes = Changes::default();
+        let dirty = std::mem::take(&mut self.dirty);
+        for service in &dirty {
+            let fresh = self.entries_of(service);
+            let stale: Vec<_> = state
+                .entries
+                .range(
+                    super::ServicePortName {
+                        service: service.clone(),
+                        port: String::new(),
+                        protocol: super::Protocol::Tcp,
+                    }..,
+                )
+                .take_while(|(k, _)| &k.service == service)
+                .map(|(k, _)| k.clone())
+                .filter(|k| !fresh.contains_key(k))
+                .collect();
+            for name in stale {
+                if let Some(old) = state.entries.remove(&name) {
+                    udp_cleanups(Some(&old), None, &mut changes.conntrack);
+                    changes.removed.insert(name, old);
+                }
+            }
+            for (name, entry) in fresh {
+                let old = state.entries.get(&name);
+                if old.is_some_and(|o| **o == entry) {
+                    continue;
+                }
+                udp_cleanups(
+                    old.map(|o| o.as_ref()),
+                    Some(&entry),
+                    &mut changes.conntrack,
+                );
+                changes.changed.insert(name.clone());
+                state.entries.insert(name, Arc::new(entry));
+            }
+        }
+        changes.skipped = std::mem::take(&mut self.skipped);
+        (state, changes)
+    }
+}
+
+#[cfg(test)]
+mod tests;
