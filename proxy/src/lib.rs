@@ -1,5 +1,7 @@
 //! kpx-proxy: the kube-proxy, as `watch → model → plan → apply`.
 //!
 //! - [`model`]: Services and EndpointSlices in, a `ProxyState` snapshot and its changes out (pure).
+//! - [`iptables`]: the iptables backend: `render` (the plan, pure) and `apply`.
 
+pub mod iptables;
 pub mod model;

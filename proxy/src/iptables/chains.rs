@@ -1,0 +1,179 @@
+//! Chain names and the fixed part of the layout, as data: kpx's chains, and the jumps from the
+//! kernel's built-in chains into them.
+
+use sha2::{Digest, Sha256};
+
+use crate::model::ServicePortName;
+
+/// Every chain kpx creates starts with this, so a real kube-proxy (`KUBE-`) can coexist and
+/// `--cleanup` knows what is its own.
+pub const PREFIX: &str = "KPX-";
+pub const SERVICES: &str = "KPX-SERVICES";
+pub const EXTERNAL_SERVICES: &str = "KPX-EXTERNAL-SERVICES";
+pub const NODEPORTS: &str = "KPX-NODEPORTS";
+pub const POSTROUTING: &str = "KPX-POSTROUTING";
+pub const MARK_MASQ: &str = "KPX-MARK-MASQ";
+pub const FORWARD: &str = "KPX-FORWARD";
+pub const CANARY: &str = "KPX-PROXY-CANARY";
+
+/// The packet mark asking for masquerade (bit 14, as kube-proxy's default).
+pub const MASQ_MARK: &str = "0x4000";
+
+/// A jump from a built-in chain, kept in place with `-C`/`-I` (never through restore).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Jump {
+    pub table: &'static str,
+    pub from: &'static str,
+    pub to: &'static str,
+    /// Extra match arguments before `-j`.
+    pub matches: &'static [&'static str],
+    pub comment: &'static str,
+}
+
+pub const JUMPS: &[Jump] = &[
+    Jump {
+        table: "nat",
+        from: "PREROUTING",
+        to: SERVICES,
+        matches: &[],
+        comment: "kpx service portals",
+    },
+    Jump {
+        table: "nat",
+        from: "OUTPUT",
+        to: SERVICES,
+        matches: &[],
+        comment: "kpx service portals",
+    },
+    Jump {
+        table: "nat",
+        from: "POSTROUTING",
+        to: POSTROUTING,
+        matches: &[],
+        comment: "kpx postrouting rules",
+    },
+    Jump {
+        table: "filter",
+        from: "INPUT",
+        to: NODEPORTS,
+        matches: &[],
+        comment: "kpx health check service ports",
+    },
+    Jump {
+        table: "filter",
+        from: "INPUT",
+        to: EXTERNAL_SERVICES,
+        matches: &["-m", "conntrack", "--ctstate", "NEW"],
+        comment: "kpx externally-visible service portals",
+    },
+    Jump {
+        table: "filter",
+        from: "FORWARD",
+        to: EXTERNAL_SERVICES,
+        matches: &["-m", "conntrack", "--ctstate", "NEW"],
+        comment: "kpx externally-visible service portals",
+    },
+    Jump {
+        table: "filter",
+        from: "FORWARD",
+        to: SERVICES,
+        matches: &["-m", "conntrack", "--ctstate", "NEW"],
+        comment: "kpx service portals",
+    },
+    Jump {
+        table: "filter",
+        from: "OUTPUT",
+        to: SERVICES,
+        matches: &["-m", "conntrack", "--ctstate", "NEW"],
+        comment: "kpx service portals",
+    },
+    Jump {
+        table: "filter",
+        from: "FORWARD",
+        to: FORWARD,
+        matches: &[],
+        comment: "kpx forwarding rules",
+    },
+];
+
+/// Chains that exist in every sync, per table.
+pub const NAT_BASE: &[&str] = &[SERVICES, NODEPORTS, POSTROUTING, MARK_MASQ, CANARY];
+pub const FILTER_BASE: &[&str] = &[SERVICES, EXTERNAL_SERVICES, NODEPORTS, FORWARD, CANARY];
+
+fn hash16(parts: &[&str]) -> String {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update(part.as_bytes());
+        hasher.update([0]);
+    }
+    let digest = hasher.finalize();
+    // Base32 (RFC 4648 alphabet) of the first 10 bytes: 16 characters.
+    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let mut out = String::with_capacity(16);
+    let mut bits: u64 = 0;
+    let mut count = 0;
+    for byte in &digest[..10] {
+        bits = (bits << 8) | u64::from(*byte);
+        count += 8;
+        while count >= 5 {
+            count -= 5;
+            out.push(ALPHABET[((bits >> count) & 31) as usize] as char);
+        }
+    }
+    out
+}
+
+fn port_id(name: &ServicePortName) -> String {
+    format!(
+        "{}/{}:{}/{}",
+        name.service.namespace, name.service.name, name.port, name.protocol
+    )
+}
+
+/// The chain of cluster traffic to one Service port.
+pub fn service_chain(name: &ServicePortName) -> String {
+    format!("KPX-SVC-{}", hash16(&["svc", &port_id(name)]))
+}
+
+/// The chain of external traffic (NodePort, external and load-balancer IPs).
+pub fn external_chain(name: &ServicePortName) -> String {
+    format!("KPX-EXT-{}", hash16(&["ext", &port_id(name)]))
+}
+
+/// Local endpoints only, for `externalTrafficPolicy: Local`.
+pub fn local_chain(name: &ServicePortName) -> String {
+    format!("KPX-SVL-{}", hash16(&["svl", &port_id(name)]))
+}
+
+/// The `recent` list remembering clients of one endpoint (session affinity).
+pub fn affinity_list(name: &ServicePortName, endpoint: &str) -> String {
+    format!("KPX-SEP-{}", hash16(&["sep", &port_id(name), endpoint]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{NamespacedName, Protocol};
+
+    #[test]
+    fn names_are_stable_short_and_distinct() {
+        let name = ServicePortName {
+            service: NamespacedName::new("default", "web"),
+            port: "http".into(),
+            protocol: Protocol::Tcp,
+        };
+        let svc = service_chain(&name);
+        assert_eq!(svc.len(), 24);
+        assert!(
+            svc.len() <= 28,
+            "iptables chain names are at most 28 characters"
+        );
+        assert_eq!(svc, service_chain(&name.clone()));
+        assert_ne!(svc[8..], external_chain(&name)[8..]);
+        let udp = ServicePortName {
+            protocol: Protocol::Udp,
+            ..name
+        };
+        assert_ne!(service_chain(&udp), svc);
+    }
+}

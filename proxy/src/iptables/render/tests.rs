@@ -1,0 +1,182 @@
+use std::collections::BTreeSet;
+
+use expect_test::expect;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use serde_json::{json, Value};
+
+use super::*;
+use crate::model::ChangeTracker;
+
+fn service(name: &str, spec: Value) -> Service {
+    serde_json::from_value(json!({"metadata": {"name": name, "namespace": "ns"}, "spec": spec}))
+        .expect("service")
+}
+
+fn slice(service: &str, endpoints: &[(&str, &str)], port: Value) -> EndpointSlice {
+    let endpoints: Vec<Value> = endpoints
+        .iter()
+        .map(|(ip, node)| json!({"addresses": [ip], "conditions": {"ready": true}, "nodeName": node}))
+        .collect();
+    serde_json::from_value(json!({
+        "metadata": {"name": format!("{service}-1"), "namespace": "ns", "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4", "endpoints": endpoints, "ports": [port],
+    }))
+    .expect("slice")
+}
+
+fn cfg() -> RenderConfig {
+    RenderConfig {
+        cluster_cidr: Some("198.18.128.0/17".into()),
+        ..Default::default()
+    }
+}
+
+fn cluster() -> ChangeTracker {
+    let mut t = ChangeTracker::new("n1");
+    t.apply_service(service(
+        "web",
+        json!({"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80}]}),
+    ));
+    t.apply_slice(slice(
+        "web",
+        &[("198.18.128.2", "n1"), ("198.18.129.2", "n2")],
+        json!({"name": "http", "port": 8080}),
+    ));
+    t.apply_service(service(
+        "empty",
+        json!({"clusterIP": "10.96.0.11", "ports": [{"port": 53, "protocol": "UDP"}]}),
+    ));
+    t.apply_service(service(
+        "np",
+        json!({"type": "NodePort", "clusterIP": "10.96.0.12", "externalTrafficPolicy": "Local",
+        "sessionAffinity": "ClientIP", "ports": [{"port": 80, "nodePort": 30080}]}),
+    ));
+    t.apply_slice(slice(
+        "np",
+        &[("198.18.128.3", "n1")],
+        json!({"port": 8080}),
+    ));
+    t
+}
+
+#[test]
+fn full_plan() {
+    let mut t = cluster();
+    let (state, changes) = t.snapshot(&ProxyState::default());
+    let existing: BTreeSet<String> = ["KPX-SVC-GONE".to_string()].into();
+    let plan = plan(&cfg(), &state, &changes, &Fragments::new(), true, &existing);
+    expect![[r#"
+        *filter
+        :KPX-SERVICES - [0:0]
+        :KPX-EXTERNAL-SERVICES - [0:0]
+        :KPX-NODEPORTS - [0:0]
+        :KPX-FORWARD - [0:0]
+        :KPX-PROXY-CANARY - [0:0]
+        -A KPX-PROXY-CANARY -j RETURN
+        -A KPX-FORWARD -m comment --comment "kpx forwarding rules" -m mark --mark 0x4000/0x4000 -j ACCEPT
+        -A KPX-FORWARD -m comment --comment "kpx forwarding conntrack rule" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+        -A KPX-SERVICES -d 10.96.0.11/32 -p udp -m udp --dport 53 -m comment --comment "ns/empty/UDP has no endpoints" -j REJECT --reject-with icmp-port-unreachable
+        COMMIT
+        *nat
+        :KPX-SERVICES - [0:0]
+        :KPX-NODEPORTS - [0:0]
+        :KPX-POSTROUTING - [0:0]
+        :KPX-MARK-MASQ - [0:0]
+        :KPX-PROXY-CANARY - [0:0]
+        :KPX-SVC-EMZIA3F3AUVSPVV2 - [0:0]
+        :KPX-SVL-2VVLB7UUXYMD23GY - [0:0]
+        :KPX-EXT-SPPMRL3VLYWNTCXH - [0:0]
+        :KPX-SVC-HU7XKBSX5JJPFAMG - [0:0]
+        :KPX-SVC-GONE - [0:0]
+        -A KPX-MARK-MASQ -j MARK --or-mark 0x4000
+        -A KPX-POSTROUTING -s 198.18.128.2/32 -d 198.18.128.2/32 -m comment --comment "hairpin" -j MASQUERADE
+        -A KPX-POSTROUTING -s 198.18.128.3/32 -d 198.18.128.3/32 -m comment --comment "hairpin" -j MASQUERADE
+        -A KPX-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+        -A KPX-POSTROUTING -j MARK --xor-mark 0x4000
+        -A KPX-POSTROUTING -m comment --comment "kpx service traffic requiring SNAT" -j MASQUERADE --random-fully
+        -A KPX-SERVICES -d 10.96.0.12/32 -p tcp -m tcp --dport 80 -m comment --comment "ns/np/TCP cluster IP" -j KPX-SVC-EMZIA3F3AUVSPVV2
+        -A KPX-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment "ns/web:http/TCP cluster IP" -j KPX-SVC-HU7XKBSX5JJPFAMG
+        -A KPX-NODEPORTS -p tcp -m tcp --dport 30080 -m comment --comment "ns/np/TCP" -j KPX-EXT-SPPMRL3VLYWNTCXH
+        -A KPX-SERVICES -m comment --comment "kpx service nodeports" -m addrtype --dst-type LOCAL -j KPX-NODEPORTS
+        -A KPX-SVC-EMZIA3F3AUVSPVV2 ! -s 198.18.128.0/17 -m comment --comment "ns/np/TCP cluster IP" -j KPX-MARK-MASQ
+        -A KPX-SVC-EMZIA3F3AUVSPVV2 -p tcp -m comment --comment "ns/np/TCP affinity" -m recent --name KPX-SEP-RFPU36D6RB3XRZQ7 --rcheck --seconds 10800 --reap -j DNAT --to-destination 198.18.128.3:8080
+        -A KPX-SVC-EMZIA3F3AUVSPVV2 -p tcp -m comment --comment "ns/np/TCP" -m recent --name KPX-SEP-RFPU36D6RB3XRZQ7 --set -j DNAT --to-destination 198.18.128.3:8080
+        -A KPX-SVL-2VVLB7UUXYMD23GY -p tcp -m comment --comment "ns/np/TCP affinity" -m recent --name KPX-SEP-RFPU36D6RB3XRZQ7 --rcheck --seconds 10800 --reap -j DNAT --to-destination 198.18.128.3:8080
+        -A KPX-SVL-2VVLB7UUXYMD23GY -p tcp -m comment --comment "ns/np/TCP" -m recent --name KPX-SEP-RFPU36D6RB3XRZQ7 --set -j DNAT --to-destination 198.18.128.3:8080
+        -A KPX-EXT-SPPMRL3VLYWNTCXH -s 198.18.128.0/17 -m comment --comment "pod traffic for ns/np/TCP external destinations" -j KPX-SVC-EMZIA3F3AUVSPVV2
+        -A KPX-EXT-SPPMRL3VLYWNTCXH -m comment --comment "masquerade LOCAL traffic for ns/np/TCP external destinations" -m addrtype --src-type LOCAL -j KPX-MARK-MASQ
+        -A KPX-EXT-SPPMRL3VLYWNTCXH -m comment --comment "route LOCAL traffic for ns/np/TCP external destinations" -m addrtype --src-type LOCAL -j KPX-SVC-EMZIA3F3AUVSPVV2
+        -A KPX-EXT-SPPMRL3VLYWNTCXH -j KPX-SVL-2VVLB7UUXYMD23GY
+        -A KPX-SVC-HU7XKBSX5JJPFAMG ! -s 198.18.128.0/17 -m comment --comment "ns/web:http/TCP cluster IP" -j KPX-MARK-MASQ
+        -A KPX-SVC-HU7XKBSX5JJPFAMG -p tcp -m comment --comment "ns/web:http/TCP" -m statistic --mode random --probability 0.5000000000 -j DNAT --to-destination 198.18.128.2:8080
+        -A KPX-SVC-HU7XKBSX5JJPFAMG -p tcp -m comment --comment "ns/web:http/TCP" -j DNAT --to-destination 198.18.129.2:8080
+        -X KPX-SVC-GONE
+        COMMIT
+    "#]]
+    .assert_eq(&plan.restore);
+}
+
+#[test]
+fn one_endpoint_change_rewrites_only_that_chain() {
+    let mut t = cluster();
+    let (state, changes) = t.snapshot(&ProxyState::default());
+    let first = plan(
+        &cfg(),
+        &state,
+        &changes,
+        &Fragments::new(),
+        true,
+        &BTreeSet::new(),
+    );
+    t.apply_slice(slice(
+        "web",
+        &[("198.18.128.2", "n1"), ("198.18.129.9", "n2")],
+        json!({"name": "http", "port": 8080}),
+    ));
+    let (state, changes) = t.snapshot(&state);
+    let next = plan(
+        &cfg(),
+        &state,
+        &changes,
+        &first.fragments,
+        false,
+        &BTreeSet::new(),
+    );
+    expect![[r#"
+        *nat
+        :KPX-SVC-HU7XKBSX5JJPFAMG - [0:0]
+        -A KPX-SVC-HU7XKBSX5JJPFAMG ! -s 198.18.128.0/17 -m comment --comment "ns/web:http/TCP cluster IP" -j KPX-MARK-MASQ
+        -A KPX-SVC-HU7XKBSX5JJPFAMG -p tcp -m comment --comment "ns/web:http/TCP" -m statistic --mode random --probability 0.5000000000 -j DNAT --to-destination 198.18.128.2:8080
+        -A KPX-SVC-HU7XKBSX5JJPFAMG -p tcp -m comment --comment "ns/web:http/TCP" -j DNAT --to-destination 198.18.129.9:8080
+        COMMIT
+    "#]]
+    .assert_eq(&next.restore);
+    assert_eq!((next.chains_written, next.rules_written), (1, 3));
+
+    // Scaling to zero moves the Service from the nat dispatch to a filter reject.
+    t.apply_slice(slice("web", &[], json!({"name": "http", "port": 8080})));
+    let (state, changes) = t.snapshot(&state);
+    let empty = plan(
+        &cfg(),
+        &state,
+        &changes,
+        &next.fragments,
+        false,
+        &BTreeSet::new(),
+    );
+    assert!(empty.restore.contains("-A KPX-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment \"ns/web:http/TCP has no endpoints\" -j REJECT"));
+    let chain = first
+        .fragments
+        .values()
+        .flat_map(|f| f.chains.iter())
+        .map(|(c, _)| c.clone())
+        .find(|c| next.restore.contains(c.as_str()))
+        .expect("web's chain");
+    assert!(
+        empty.restore.contains(&format!("-X {chain}")),
+        "{}",
+        empty.restore
+    );
+    assert!(!empty.restore.contains(&format!("-j {chain}")));
+}
