@@ -1,0 +1,49 @@
+//! The seam every backend plugs into. A backend turns a snapshot into kernel state: its plan is
+//! pure (and snapshot-tested); only its apply touches the kernel.
+
+use serde_json::Value;
+
+use crate::model::{Changes, ProxyState};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("{command} failed ({status}): {stderr}")]
+    Command {
+        command: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("running {command}: {source}")]
+    Spawn {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What one sync did, for metrics and logs.
+#[derive(Debug, Clone, Default)]
+pub struct SyncReport {
+    pub full: bool,
+    pub rules_written: usize,
+    pub rules_total: usize,
+    pub chains_written: usize,
+    pub chains_deleted: usize,
+}
+
+pub trait Backend: Send + 'static {
+    fn name(&self) -> &'static str;
+
+    /// Programs `state`: all of it when `full`, else what `changes` touched. On error the
+    /// previous kernel state stays in place and the next sync must be full.
+    fn sync(&mut self, state: &ProxyState, changes: &Changes, full: bool) -> Result<SyncReport, BackendError>;
+
+    /// Whether someone removed what this backend programmed (so the next sync must be full).
+    fn lost_state(&mut self) -> bool;
+
+    /// Removes everything this backend ever programmed, and nothing else.
+    fn cleanup(&mut self) -> Result<(), BackendError>;
+
+    /// What is programmed in the kernel now, per Service port, read back from the kernel.
+    fn dump(&self) -> Result<Value, BackendError>;
+}

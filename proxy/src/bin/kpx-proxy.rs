@@ -1,0 +1,227 @@
+//! kpx-proxy: a kube-proxy. Flags are named as kube-proxy names them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use kpx_control::client::{Client, ClientConfig};
+use kpx_proxy::backend::Backend;
+use kpx_proxy::iptables::exec::{Flavour, Tool};
+use kpx_proxy::iptables::render::RenderConfig;
+use kpx_proxy::iptables::IptablesBackend;
+use kpx_proxy::metrics::{Health, Metrics};
+use kpx_proxy::runner::{Runner, RunnerConfig};
+use kpx_proxy::{serve, watch};
+
+#[derive(Debug, Parser)]
+#[command(name = "kpx-proxy", version, about = "A kube-proxy: Service load balancing through kernel backends")]
+struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Which proxy mode to use: iptables (ipvs, nftables and ebpf follow).
+    #[arg(long, default_value = "iptables", global = true)]
+    proxy_mode: String,
+    /// Which iptables to drive: auto (the one already in use), nft or legacy.
+    #[arg(long, default_value = "auto", global = true)]
+    iptables_mode: String,
+    /// Path to a kubeconfig file; without it and --master, the in-cluster config is used.
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// The API server's address (overrides the kubeconfig's server).
+    #[arg(long)]
+    master: Option<String>,
+    /// The name of this node (endpoints on it are local); defaults to the hostname.
+    #[arg(long)]
+    hostname_override: Option<String>,
+    /// The pod network: traffic to a ClusterIP from outside it is masqueraded.
+    #[arg(long)]
+    cluster_cidr: Option<String>,
+    /// Masquerade all traffic sent to Service cluster IPs.
+    #[arg(long)]
+    masquerade_all: bool,
+    /// CIDRs NodePorts answer on (comma-separated); default: every local address.
+    #[arg(long, value_delimiter = ',')]
+    nodeport_addresses: Vec<String>,
+    /// The shortest time between two syncs (e.g. 1s, 500ms, 0s).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    min_sync_period: Duration,
+    /// How often rules are checked and refreshed even without changes.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    sync_period: Duration,
+    /// Address of /healthz and /livez.
+    #[arg(long, default_value = "127.0.0.1:10256")]
+    healthz_bind_address: SocketAddr,
+    /// Address of /metrics.
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    metrics_bind_address: SocketAddr,
+    /// Remove every rule kpx-proxy programmed, then exit.
+    #[arg(long)]
+    cleanup: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print what is programmed, per Service port (read back from the kernel).
+    Dump {
+        /// As JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Go-style durations: `1s`, `500ms`, `2m`, `1h`, `0`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if text == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let split = text.find(|c: char| c.is_ascii_alphabetic()).ok_or_else(|| format!("{text:?}: a duration needs a unit (ms, s, m or h)"))?;
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number.parse().map_err(|_| format!("{text:?}: {number:?} is not a number"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        other => return Err(format!("{text:?}: unknown unit {other:?} (allowed: ms, s, m, h)")),
+    };
+    if !(0.0..=86400.0 * 365.0).contains(&seconds) {
+        return Err(format!("{text:?}: out of range"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+fn client_config(args: &Args) -> anyhow::Result<ClientConfig> {
+    let mut config = match &args.kubeconfig {
+        Some(path) => ClientConfig::from_kubeconfig(path, None)?,
+        None if args.master.is_some() => ClientConfig::default(),
+        None => ClientConfig::in_cluster().context("no --kubeconfig or --master given")?,
+    };
+    if let Some(master) = &args.master {
+        config.server = master.trim_end_matches('/').to_string();
+    }
+    Ok(config)
+}
+
+fn backend(args: &Args) -> anyhow::Result<IptablesBackend> {
+    if args.proxy_mode != "iptables" {
+        bail!("--proxy-mode {:?}: not supported yet; allowed values: iptables", args.proxy_mode);
+    }
+    let flavour = Flavour::parse(&args.iptables_mode)
+        .with_context(|| format!("--iptables-mode {:?}: allowed values: auto, nft, legacy", args.iptables_mode))?;
+    let tool = match flavour {
+        Some(flavour) => Tool { flavour, ipv6: false },
+        None => Tool::detect(false),
+    };
+    for cidr in args.cluster_cidr.iter().chain(&args.nodeport_addresses) {
+        let net: std::net::IpAddr = cidr
+            .split('/')
+            .next()
+            .unwrap_or("")
+            .parse()
+            .with_context(|| format!("{cidr:?} is not a CIDR (in --cluster-cidr or --nodeport-addresses)"))?;
+        let _ = net;
+    }
+    let config = RenderConfig {
+        ipv6: false,
+        cluster_cidr: args.cluster_cidr.clone(),
+        masquerade_all: args.masquerade_all,
+        nodeport_addresses: args.nodeport_addresses.clone(),
+    };
+    Ok(IptablesBackend::new(tool, config))
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let mut backend = backend(&args)?;
+    if args.cleanup {
+        backend.cleanup()?;
+        tracing::info!(backend = backend.name(), "removed every kpx rule");
+        return Ok(());
+    }
+    if let Some(Command::Dump { json }) = &args.command {
+        let dump = backend.dump()?;
+        if *json {
+            println!("{}", serde_json::to_string_pretty(&dump)?);
+        } else {
+            print_dump(&dump);
+        }
+        return Ok(());
+    }
+    let client = Client::new(&client_config(&args)?)?;
+    let node_name = args.hostname_override.clone().unwrap_or_else(hostname);
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::new(args.sync_period));
+    tokio::spawn({
+        let (address, health) = (args.healthz_bind_address, health.clone());
+        async move {
+            if let Err(e) = serve::serve_health(address, health).await {
+                tracing::error!(%address, error = %e, "healthz server failed");
+            }
+        }
+    });
+    tokio::spawn({
+        let (address, metrics) = (args.metrics_bind_address, metrics.clone());
+        async move {
+            if let Err(e) = serve::serve_metrics(address, metrics).await {
+                tracing::error!(%address, error = %e, "metrics server failed");
+            }
+        }
+    });
+    tracing::info!(node = %node_name, server = %client.server(), backend = backend.name(), "starting");
+    let watchers = watch::start(&client);
+    let runner = Runner::new(
+        backend,
+        RunnerConfig {
+            node_name,
+            min_sync_period: args.min_sync_period,
+            sync_period: args.sync_period,
+            full_sync_period: Duration::from_secs(3600),
+        },
+        metrics,
+        health,
+    );
+    runner.run(watchers.updates, shutdown_signal()).await;
+    tracing::info!("stopped; rules stay in place (use --cleanup to remove them)");
+    Ok(())
+}
+
+fn print_dump(dump: &serde_json::Value) {
+    println!("{:<36} {:<24} {:<9} ENDPOINTS", "SERVICE", "ADDRESS", "NODEPORT");
+    for svc in dump["services"].as_array().into_iter().flatten() {
+        let addresses: Vec<&str> = svc["addresses"].as_array().into_iter().flatten().filter_map(|a| a.as_str()).collect();
+        let endpoints: Vec<&str> = svc["endpoints"].as_array().into_iter().flatten().filter_map(|a| a.as_str()).collect();
+        let endpoints = match svc["noEndpoints"].as_str() {
+            Some(verdict) => format!("<none: {verdict}>"),
+            None => endpoints.join(","),
+        };
+        let node_port = svc["nodePort"].as_u64().map_or("-".to_string(), |p| p.to_string());
+        println!("{:<36} {:<24} {:<9} {}", svc["service"].as_str().unwrap_or(""), addresses.join(","), node_port, endpoints);
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,230 @@
+//! The sync loop (kube-proxy's BoundedFrequencyRunner): apply watch updates to the tracker,
+//! and sync at most once per `--min-sync-period`, at least once per `--sync-period`, with
+//! backoff after a failure. Nothing is programmed before both initial lists are in.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::mpsc;
+
+use crate::backend::Backend;
+use crate::conntrack;
+use crate::metrics::{Health, KindLabel, Metrics};
+use crate::model::{ChangeTracker, ProxyState};
+use crate::watch::Update;
+
+/// The annotation an EndpointSlice controller sets to when the change behind it happened.
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+#[derive(Debug, Clone)]
+pub struct RunnerConfig {
+    pub node_name: String,
+    pub min_sync_period: Duration,
+    pub sync_period: Duration,
+    /// How often a full resync happens even when nothing seems lost.
+    pub full_sync_period: Duration,
+}
+
+pub struct Runner<B: Backend> {
+    backend: B,
+    config: RunnerConfig,
+    tracker: ChangeTracker,
+    state: ProxyState,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    services_listed: bool,
+    slices_listed: bool,
+    need_full: bool,
+    last_sync: Option<Instant>,
+    last_full: Option<Instant>,
+    retry_at: Option<Instant>,
+    backoff: Duration,
+    /// When the changes waiting to be programmed happened (from EndpointSlice annotations).
+    pending_triggers: Vec<SystemTime>,
+    generation: u64,
+}
+
+impl<B: Backend> Runner<B> {
+    pub fn new(backend: B, config: RunnerConfig, metrics: Arc<Metrics>, health: Arc<Health>) -> Self {
+        Self {
+            backend,
+            tracker: ChangeTracker::new(&config.node_name),
+            config,
+            state: ProxyState::default(),
+            metrics,
+            health,
+            services_listed: false,
+            slices_listed: false,
+            need_full: true,
+            last_sync: None,
+            last_full: None,
+            retry_at: None,
+            backoff: Duration::from_secs(1),
+            pending_triggers: Vec::new(),
+            generation: 0,
+        }
+    }
+
+    fn note_trigger(&mut self, slice: &k8s_openapi::api::discovery::v1::EndpointSlice) {
+        let time = slice
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION))
+            .and_then(|t| chrono_parse(t));
+        if let Some(t) = time {
+            self.pending_triggers.push(t);
+        }
+    }
+
+    fn apply(&mut self, update: Update) {
+        match update {
+            Update::ServicesReset(all) => {
+                self.services_listed = true;
+                self.tracker.reset_services(all);
+            }
+            Update::ServiceApplied(svc) => self.tracker.apply_service(svc),
+            Update::ServiceDeleted(svc) => self.tracker.delete_service(&svc),
+            Update::SlicesReset(all) => {
+                self.slices_listed = true;
+                self.tracker.reset_slices(all);
+            }
+            Update::SliceApplied(slice) => {
+                self.note_trigger(&slice);
+                self.tracker.apply_slice(slice);
+            }
+            Update::SliceDeleted(slice) => self.tracker.delete_slice(&slice),
+        }
+    }
+
+    fn ready(&self) -> bool {
+        self.services_listed && self.slices_listed
+    }
+
+    /// When the next sync may run, if one is wanted.
+    fn next_sync(&self) -> Option<Instant> {
+        if !self.ready() || !(self.tracker.has_changes() || self.need_full) {
+            return None;
+        }
+        let earliest = self.last_sync.map_or_else(Instant::now, |t| t + self.config.min_sync_period);
+        Some(self.retry_at.map_or(earliest, |r| r.max(earliest)))
+    }
+
+    /// Runs until `updates` closes or `shutdown` resolves.
+    pub async fn run(mut self, mut updates: mpsc::Receiver<Update>, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut periodic = tokio::time::interval(self.config.sync_period);
+        periodic.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let deadline = self.next_sync();
+            tokio::select! {
+                _ = &mut shutdown => return,
+                update = updates.recv() => match update {
+                    Some(update) => {
+                        self.apply(update);
+                        // Take everything already queued before deciding to sync.
+                        while let Ok(update) = updates.try_recv() {
+                            self.apply(update);
+                        }
+                        continue;
+                    }
+                    None => return,
+                },
+                _ = periodic.tick() => {
+                    if !self.ready() {
+                        continue;
+                    }
+                    let hourly = self.last_full.is_none_or(|t| t.elapsed() >= self.config.full_sync_period);
+                    if hourly || tokio::task::block_in_place(|| self.backend.lost_state()) {
+                        if !self.need_full {
+                            tracing::warn!(backend = self.backend.name(), "programmed rules missing or due for refresh; full resync");
+                        }
+                        self.need_full = true;
+                    }
+                    if self.retry_at.is_some_and(|r| r > Instant::now()) {
+                        continue;
+                    }
+                }
+                _ = sleep_until(deadline), if deadline.is_some() => {}
+            }
+            self.sync();
+        }
+    }
+
+    fn sync(&mut self) {
+        if !self.ready() {
+            return;
+        }
+        self.generation += 1;
+        let span = tracing::info_span!("sync", backend = self.backend.name(), generation = self.generation);
+        let _enter = span.enter();
+        let started = Instant::now();
+        let (state, changes) = self.tracker.snapshot(&self.state);
+        // The snapshot is what we want programmed, whether or not this apply succeeds.
+        self.state = state;
+        for skipped in &changes.skipped {
+            tracing::warn!(kind = skipped.kind, object = %skipped.object, field = %skipped.field, reason = %skipped.reason, "skipping unusable input");
+            self.metrics.skipped.get_or_create(&KindLabel { kind: skipped.kind.to_string() }).inc();
+        }
+        let full = self.need_full;
+        let result = tokio::task::block_in_place(|| self.backend.sync(&self.state, &changes, full));
+        let elapsed = started.elapsed();
+        self.last_sync = Some(Instant::now());
+        match result {
+            Ok(report) => {
+                self.need_full = false;
+                self.retry_at = None;
+                self.backoff = Duration::from_secs(1);
+                if full {
+                    self.last_full = Some(Instant::now());
+                    self.metrics.full_sync_duration.observe(elapsed.as_secs_f64());
+                } else {
+                    self.metrics.partial_sync_duration.observe(elapsed.as_secs_f64());
+                }
+                self.metrics.sync_duration.observe(elapsed.as_secs_f64());
+                self.metrics.rules_total.set(report.rules_total as i64);
+                self.metrics.rules_written.set(report.rules_written as i64);
+                self.metrics.service_changes.inc_by((changes.changed.len() + changes.removed.len()) as u64);
+                self.metrics.services.set(self.state.entries.len() as i64);
+                self.metrics.endpoints.set(self.state.endpoint_count() as i64);
+                let now = SystemTime::now();
+                for t in self.pending_triggers.drain(..) {
+                    if let Ok(latency) = now.duration_since(t) {
+                        self.metrics.network_programming.observe(latency.as_secs_f64());
+                    }
+                }
+                let now_seconds = now.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+                self.metrics.last_sync_timestamp.set(now_seconds);
+                self.health.synced();
+                if !changes.conntrack.is_empty() {
+                    let cleanups = changes.conntrack.clone();
+                    if let Err(e) = tokio::task::block_in_place(|| conntrack::clear(cleanups)) {
+                        tracing::warn!(error = %e, "clearing stale conntrack entries failed");
+                    }
+                }
+                tracing::debug!(full, rules_written = report.rules_written, chains_written = report.chains_written, elapsed_ms = elapsed.as_secs_f64() * 1000.0, "synced");
+            }
+            Err(e) => {
+                self.metrics.sync_failures.inc();
+                self.health.failed(e.to_string());
+                self.need_full = true;
+                self.retry_at = Some(Instant::now() + self.backoff);
+                tracing::error!(error = %e, retry_in = ?self.backoff, "sync failed; the previous rules stay in place");
+                self.backoff = (self.backoff * 2).min(self.config.sync_period);
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    if let Some(deadline) = deadline {
+        tokio::time::sleep_until(deadline.into()).await;
+    }
+}
+
+/// RFC 3339 to a `SystemTime`.
+fn chrono_parse(text: &str) -> Option<SystemTime> {
+    let parsed = chrono::DateTime::parse_from_rfc3339(text).ok()?;
+    let nanos = parsed.timestamp_nanos_opt()?;
+    u64::try_from(nanos).ok().map(|n| SystemTime::UNIX_EPOCH + Duration::from_nanos(n))
+}
