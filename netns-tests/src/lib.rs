@@ -5,3 +5,6 @@
 
 pub mod control_plane;
 pub mod demo;
+pub mod lab;
+pub mod netns;
+pub mod traffic;

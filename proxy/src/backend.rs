@@ -36,7 +36,12 @@ pub trait Backend: Send + 'static {
 
     /// Programs `state`: all of it when `full`, else what `changes` touched. On error the
     /// previous kernel state stays in place and the next sync must be full.
-    fn sync(&mut self, state: &ProxyState, changes: &Changes, full: bool) -> Result<SyncReport, BackendError>;
+    fn sync(
+        &mut self,
+        state: &ProxyState,
+        changes: &Changes,
+        full: bool,
+    ) -> Result<SyncReport, BackendError>;
 
     /// Whether someone removed what this backend programmed (so the next sync must be full).
     fn lost_state(&mut self) -> bool;

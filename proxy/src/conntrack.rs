@@ -19,14 +19,38 @@ fn family(ip: &IpAddr) -> &'static str {
 /// The `conntrack -D` arguments for one cleanup.
 pub fn arguments(cleanup: &ConntrackCleanup) -> Vec<String> {
     match cleanup {
-        ConntrackCleanup::Endpoint { vip, port, protocol, endpoint } => vec![
-            "-D".into(), "-f".into(), family(vip).into(), "-p".into(), protocol.lower().into(),
-            "--orig-dst".into(), vip.to_string(), "--orig-port-dst".into(), port.to_string(),
-            "--dst-nat".into(), endpoint.to_string(),
+        ConntrackCleanup::Endpoint {
+            vip,
+            port,
+            protocol,
+            endpoint,
+        } => vec![
+            "-D".into(),
+            "-f".into(),
+            family(vip).into(),
+            "-p".into(),
+            protocol.lower().into(),
+            "--orig-dst".into(),
+            vip.to_string(),
+            "--orig-port-dst".into(),
+            port.to_string(),
+            "--dst-nat".into(),
+            endpoint.to_string(),
         ],
-        ConntrackCleanup::Service { vip, port, protocol } => vec![
-            "-D".into(), "-f".into(), family(vip).into(), "-p".into(), protocol.lower().into(),
-            "--orig-dst".into(), vip.to_string(), "--orig-port-dst".into(), port.to_string(),
+        ConntrackCleanup::Service {
+            vip,
+            port,
+            protocol,
+        } => vec![
+            "-D".into(),
+            "-f".into(),
+            family(vip).into(),
+            "-p".into(),
+            protocol.lower().into(),
+            "--orig-dst".into(),
+            vip.to_string(),
+            "--orig-port-dst".into(),
+            port.to_string(),
         ],
     }
 }

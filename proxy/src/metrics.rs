@@ -51,18 +51,66 @@ impl Metrics {
             registry: Registry::default(),
         };
         let mut registry = Registry::default();
-        registry.register("kubeproxy_sync_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds", m.sync_duration.clone());
-        registry.register("kubeproxy_sync_full_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds for full resyncs", m.full_sync_duration.clone());
-        registry.register("kubeproxy_sync_partial_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds for partial resyncs", m.partial_sync_duration.clone());
-        registry.register("kubeproxy_network_programming_duration_seconds", "In Cluster Network Programming Latency in seconds", m.network_programming.clone());
-        registry.register("kubeproxy_sync_proxy_rules_last_timestamp_seconds", "The last time proxy rules were successfully synced", m.last_sync_timestamp.clone());
-        registry.register("kubeproxy_sync_proxy_rules_iptables_restore_failures", "Cumulative proxy rules restore failures", m.sync_failures.clone());
-        registry.register("kubeproxy_sync_proxy_rules_iptables", "Number of proxy rules programmed", m.rules_total.clone());
-        registry.register("kubeproxy_sync_proxy_rules_iptables_last", "Number of proxy rules written in the last sync", m.rules_written.clone());
-        registry.register("kubeproxy_sync_proxy_rules_service_changes", "Cumulative proxy rules Service changes", m.service_changes.clone());
-        registry.register("kpx_proxy_service_ports", "Service ports programmed", m.services.clone());
-        registry.register("kpx_proxy_endpoints", "Endpoints known", m.endpoints.clone());
-        registry.register("kpx_proxy_skipped_objects", "Objects (or fields of them) skipped because they could not be used", m.skipped.clone());
+        registry.register(
+            "kubeproxy_sync_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds",
+            m.sync_duration.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_full_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds for full resyncs",
+            m.full_sync_duration.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_partial_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds for partial resyncs",
+            m.partial_sync_duration.clone(),
+        );
+        registry.register(
+            "kubeproxy_network_programming_duration_seconds",
+            "In Cluster Network Programming Latency in seconds",
+            m.network_programming.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "The last time proxy rules were successfully synced",
+            m.last_sync_timestamp.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_iptables_restore_failures",
+            "Cumulative proxy rules restore failures",
+            m.sync_failures.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_iptables",
+            "Number of proxy rules programmed",
+            m.rules_total.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_iptables_last",
+            "Number of proxy rules written in the last sync",
+            m.rules_written.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_service_changes",
+            "Cumulative proxy rules Service changes",
+            m.service_changes.clone(),
+        );
+        registry.register(
+            "kpx_proxy_service_ports",
+            "Service ports programmed",
+            m.services.clone(),
+        );
+        registry.register(
+            "kpx_proxy_endpoints",
+            "Endpoints known",
+            m.endpoints.clone(),
+        );
+        registry.register(
+            "kpx_proxy_skipped_objects",
+            "Objects (or fields of them) skipped because they could not be used",
+            m.skipped.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -109,9 +157,15 @@ impl Health {
     /// (healthy, last successful sync, last error)
     pub fn status(&self) -> (bool, Option<SystemTime>, Option<String>) {
         let last = *self.last_success.lock().unwrap_or_else(|e| e.into_inner());
-        let error = self.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let error = self
+            .last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let reference = last.unwrap_or(self.started);
-        let age = SystemTime::now().duration_since(reference).unwrap_or_default();
+        let age = SystemTime::now()
+            .duration_since(reference)
+            .unwrap_or_default();
         (age <= self.sync_period * 2, last, error)
     }
 }

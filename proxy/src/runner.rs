@@ -45,7 +45,12 @@ pub struct Runner<B: Backend> {
 }
 
 impl<B: Backend> Runner<B> {
-    pub fn new(backend: B, config: RunnerConfig, metrics: Arc<Metrics>, health: Arc<Health>) -> Self {
+    pub fn new(
+        backend: B,
+        config: RunnerConfig,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+    ) -> Self {
         Self {
             backend,
             tracker: ChangeTracker::new(&config.node_name),
@@ -106,12 +111,18 @@ impl<B: Backend> Runner<B> {
         if !self.ready() || !(self.tracker.has_changes() || self.need_full) {
             return None;
         }
-        let earliest = self.last_sync.map_or_else(Instant::now, |t| t + self.config.min_sync_period);
+        let earliest = self
+            .last_sync
+            .map_or_else(Instant::now, |t| t + self.config.min_sync_period);
         Some(self.retry_at.map_or(earliest, |r| r.max(earliest)))
     }
 
     /// Runs until `updates` closes or `shutdown` resolves.
-    pub async fn run(mut self, mut updates: mpsc::Receiver<Update>, shutdown: impl std::future::Future<Output = ()>) {
+    pub async fn run(
+        mut self,
+        mut updates: mpsc::Receiver<Update>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
         tokio::pin!(shutdown);
         let mut periodic = tokio::time::interval(self.config.sync_period);
         periodic.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -156,7 +167,11 @@ impl<B: Backend> Runner<B> {
             return;
         }
         self.generation += 1;
-        let span = tracing::info_span!("sync", backend = self.backend.name(), generation = self.generation);
+        let span = tracing::info_span!(
+            "sync",
+            backend = self.backend.name(),
+            generation = self.generation
+        );
         let _enter = span.enter();
         let started = Instant::now();
         let (state, changes) = self.tracker.snapshot(&self.state);
@@ -164,7 +179,12 @@ impl<B: Backend> Runner<B> {
         self.state = state;
         for skipped in &changes.skipped {
             tracing::warn!(kind = skipped.kind, object = %skipped.object, field = %skipped.field, reason = %skipped.reason, "skipping unusable input");
-            self.metrics.skipped.get_or_create(&KindLabel { kind: skipped.kind.to_string() }).inc();
+            self.metrics
+                .skipped
+                .get_or_create(&KindLabel {
+                    kind: skipped.kind.to_string(),
+                })
+                .inc();
         }
         let full = self.need_full;
         let result = tokio::task::block_in_place(|| self.backend.sync(&self.state, &changes, full));
@@ -177,23 +197,36 @@ impl<B: Backend> Runner<B> {
                 self.backoff = Duration::from_secs(1);
                 if full {
                     self.last_full = Some(Instant::now());
-                    self.metrics.full_sync_duration.observe(elapsed.as_secs_f64());
+                    self.metrics
+                        .full_sync_duration
+                        .observe(elapsed.as_secs_f64());
                 } else {
-                    self.metrics.partial_sync_duration.observe(elapsed.as_secs_f64());
+                    self.metrics
+                        .partial_sync_duration
+                        .observe(elapsed.as_secs_f64());
                 }
                 self.metrics.sync_duration.observe(elapsed.as_secs_f64());
                 self.metrics.rules_total.set(report.rules_total as i64);
                 self.metrics.rules_written.set(report.rules_written as i64);
-                self.metrics.service_changes.inc_by((changes.changed.len() + changes.removed.len()) as u64);
+                self.metrics
+                    .service_changes
+                    .inc_by((changes.changed.len() + changes.removed.len()) as u64);
                 self.metrics.services.set(self.state.entries.len() as i64);
-                self.metrics.endpoints.set(self.state.endpoint_count() as i64);
+                self.metrics
+                    .endpoints
+                    .set(self.state.endpoint_count() as i64);
                 let now = SystemTime::now();
                 for t in self.pending_triggers.drain(..) {
                     if let Ok(latency) = now.duration_since(t) {
-                        self.metrics.network_programming.observe(latency.as_secs_f64());
+                        self.metrics
+                            .network_programming
+                            .observe(latency.as_secs_f64());
                     }
                 }
-                let now_seconds = now.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+                let now_seconds = now
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs_f64();
                 self.metrics.last_sync_timestamp.set(now_seconds);
                 self.health.synced();
                 if !changes.conntrack.is_empty() {
@@ -202,7 +235,13 @@ impl<B: Backend> Runner<B> {
                         tracing::warn!(error = %e, "clearing stale conntrack entries failed");
                     }
                 }
-                tracing::debug!(full, rules_written = report.rules_written, chains_written = report.chains_written, elapsed_ms = elapsed.as_secs_f64() * 1000.0, "synced");
+                tracing::debug!(
+                    full,
+                    rules_written = report.rules_written,
+                    chains_written = report.chains_written,
+                    elapsed_ms = elapsed.as_secs_f64() * 1000.0,
+                    "synced"
+                );
             }
             Err(e) => {
                 self.metrics.sync_failures.inc();
@@ -226,5 +265,7 @@ async fn sleep_until(deadline: Option<Instant>) {
 fn chrono_parse(text: &str) -> Option<SystemTime> {
     let parsed = chrono::DateTime::parse_from_rfc3339(text).ok()?;
     let nanos = parsed.timestamp_nanos_opt()?;
-    u64::try_from(nanos).ok().map(|n| SystemTime::UNIX_EPOCH + Duration::from_nanos(n))
+    u64::try_from(nanos)
+        .ok()
+        .map(|n| SystemTime::UNIX_EPOCH + Duration::from_nanos(n))
 }

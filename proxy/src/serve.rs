@@ -24,13 +24,24 @@ async fn healthz(State(health): State<Arc<Health>>) -> impl IntoResponse {
         "nodeEligible": true,
         "lastError": error,
     });
-    let code = if healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (code, [(header::CONTENT_TYPE, "application/json")], body.to_string())
+    let code = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
 }
 
 async fn metrics(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         metrics.encode(),
     )
 }
@@ -45,7 +56,9 @@ pub async fn serve_health(address: SocketAddr, health: Arc<Health>) -> std::io::
 }
 
 pub async fn serve_metrics(address: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
-    let app = Router::new().route("/metrics", get(self::metrics)).with_state(metrics);
+    let app = Router::new()
+        .route("/metrics", get(self::metrics))
+        .with_state(metrics);
     let listener = tokio::net::TcpListener::bind(address).await?;
     axum::serve(listener, app).await
 }

@@ -3,7 +3,9 @@
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kpx_control::client::{reflector, Api, Client, ReflectorEvent, ReflectorOptions, ReflectorStats};
+use kpx_control::client::{
+    reflector, Api, Client, ReflectorEvent, ReflectorOptions, ReflectorStats,
+};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
@@ -53,10 +55,28 @@ async fn forward<K: kpx_control::client::Object>(
 /// Starts watching all Services and EndpointSlices.
 pub fn start(client: &Client) -> Watchers {
     let (tx, updates) = mpsc::channel(4096);
-    let services = reflector(Api::<Service>::all(client.clone()), ReflectorOptions::default());
-    let slices = reflector(Api::<EndpointSlice>::all(client.clone()), ReflectorOptions::default());
+    let services = reflector(
+        Api::<Service>::all(client.clone()),
+        ReflectorOptions::default(),
+    );
+    let slices = reflector(
+        Api::<EndpointSlice>::all(client.clone()),
+        ReflectorOptions::default(),
+    );
     let stats = vec![services.stats.clone(), slices.stats.clone()];
-    tokio::spawn(forward(services.events, tx.clone(), Update::ServicesReset, Update::ServiceApplied, Update::ServiceDeleted));
-    tokio::spawn(forward(slices.events, tx, Update::SlicesReset, Update::SliceApplied, Update::SliceDeleted));
+    tokio::spawn(forward(
+        services.events,
+        tx.clone(),
+        Update::ServicesReset,
+        Update::ServiceApplied,
+        Update::ServiceDeleted,
+    ));
+    tokio::spawn(forward(
+        slices.events,
+        tx,
+        Update::SlicesReset,
+        Update::SliceApplied,
+        Update::SliceDeleted,
+    ));
     Watchers { updates, stats }
 }

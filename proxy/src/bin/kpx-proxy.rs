@@ -17,7 +17,11 @@ use kpx_proxy::runner::{Runner, RunnerConfig};
 use kpx_proxy::{serve, watch};
 
 #[derive(Debug, Parser)]
-#[command(name = "kpx-proxy", version, about = "A kube-proxy: Service load balancing through kernel backends")]
+#[command(
+    name = "kpx-proxy",
+    version,
+    about = "A kube-proxy: Service load balancing through kernel backends"
+)]
 struct Args {
     #[command(subcommand)]
     command: Option<Command>,
@@ -78,15 +82,23 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     if text == "0" {
         return Ok(Duration::ZERO);
     }
-    let split = text.find(|c: char| c.is_ascii_alphabetic()).ok_or_else(|| format!("{text:?}: a duration needs a unit (ms, s, m or h)"))?;
+    let split = text
+        .find(|c: char| c.is_ascii_alphabetic())
+        .ok_or_else(|| format!("{text:?}: a duration needs a unit (ms, s, m or h)"))?;
     let (number, unit) = text.split_at(split);
-    let value: f64 = number.parse().map_err(|_| format!("{text:?}: {number:?} is not a number"))?;
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?}: {number:?} is not a number"))?;
     let seconds = match unit {
         "ms" => value / 1000.0,
         "s" => value,
         "m" => value * 60.0,
         "h" => value * 3600.0,
-        other => return Err(format!("{text:?}: unknown unit {other:?} (allowed: ms, s, m, h)")),
+        other => {
+            return Err(format!(
+                "{text:?}: unknown unit {other:?} (allowed: ms, s, m, h)"
+            ))
+        }
     };
     if !(0.0..=86400.0 * 365.0).contains(&seconds) {
         return Err(format!("{text:?}: out of range"));
@@ -108,21 +120,33 @@ fn client_config(args: &Args) -> anyhow::Result<ClientConfig> {
 
 fn backend(args: &Args) -> anyhow::Result<IptablesBackend> {
     if args.proxy_mode != "iptables" {
-        bail!("--proxy-mode {:?}: not supported yet; allowed values: iptables", args.proxy_mode);
+        bail!(
+            "--proxy-mode {:?}: not supported yet; allowed values: iptables",
+            args.proxy_mode
+        );
     }
-    let flavour = Flavour::parse(&args.iptables_mode)
-        .with_context(|| format!("--iptables-mode {:?}: allowed values: auto, nft, legacy", args.iptables_mode))?;
+    let flavour = Flavour::parse(&args.iptables_mode).with_context(|| {
+        format!(
+            "--iptables-mode {:?}: allowed values: auto, nft, legacy",
+            args.iptables_mode
+        )
+    })?;
     let tool = match flavour {
-        Some(flavour) => Tool { flavour, ipv6: false },
+        Some(flavour) => Tool {
+            flavour,
+            ipv6: false,
+        },
         None => Tool::detect(false),
     };
     for cidr in args.cluster_cidr.iter().chain(&args.nodeport_addresses) {
-        let net: std::net::IpAddr = cidr
-            .split('/')
-            .next()
-            .unwrap_or("")
-            .parse()
-            .with_context(|| format!("{cidr:?} is not a CIDR (in --cluster-cidr or --nodeport-addresses)"))?;
+        let net: std::net::IpAddr =
+            cidr.split('/')
+                .next()
+                .unwrap_or("")
+                .parse()
+                .with_context(|| {
+                    format!("{cidr:?} is not a CIDR (in --cluster-cidr or --nodeport-addresses)")
+                })?;
         let _ = net;
     }
     let config = RenderConfig {
@@ -135,13 +159,17 @@ fn backend(args: &Args) -> anyhow::Result<IptablesBackend> {
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
@@ -199,16 +227,37 @@ async fn main() -> anyhow::Result<()> {
 }
 
 fn print_dump(dump: &serde_json::Value) {
-    println!("{:<36} {:<24} {:<9} ENDPOINTS", "SERVICE", "ADDRESS", "NODEPORT");
+    println!(
+        "{:<36} {:<24} {:<9} ENDPOINTS",
+        "SERVICE", "ADDRESS", "NODEPORT"
+    );
     for svc in dump["services"].as_array().into_iter().flatten() {
-        let addresses: Vec<&str> = svc["addresses"].as_array().into_iter().flatten().filter_map(|a| a.as_str()).collect();
-        let endpoints: Vec<&str> = svc["endpoints"].as_array().into_iter().flatten().filter_map(|a| a.as_str()).collect();
+        let addresses: Vec<&str> = svc["addresses"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a.as_str())
+            .collect();
+        let endpoints: Vec<&str> = svc["endpoints"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a.as_str())
+            .collect();
         let endpoints = match svc["noEndpoints"].as_str() {
             Some(verdict) => format!("<none: {verdict}>"),
             None => endpoints.join(","),
         };
-        let node_port = svc["nodePort"].as_u64().map_or("-".to_string(), |p| p.to_string());
-        println!("{:<36} {:<24} {:<9} {}", svc["service"].as_str().unwrap_or(""), addresses.join(","), node_port, endpoints);
+        let node_port = svc["nodePort"]
+            .as_u64()
+            .map_or("-".to_string(), |p| p.to_string());
+        println!(
+            "{:<36} {:<24} {:<9} {}",
+            svc["service"].as_str().unwrap_or(""),
+            addresses.join(","),
+            node_port,
+            endpoints
+        );
     }
 }
 

@@ -42,7 +42,9 @@ pub fn read(nat: &str, filter: &str) -> Value {
     let mut services: BTreeMap<String, Value> = BTreeMap::new();
     for rule in &rules {
         let chain = rule.split_whitespace().nth(1).unwrap_or("");
-        let Some(target) = field(rule, "-j") else { continue };
+        let Some(target) = field(rule, "-j") else {
+            continue;
+        };
         if chain != chains::SERVICES && chain != chains::NODEPORTS {
             continue;
         }
@@ -51,12 +53,17 @@ pub fn read(nat: &str, filter: &str) -> Value {
         }
         let Some(text) = comment(rule) else { continue };
         let name = text.split_whitespace().next().unwrap_or("").to_string();
-        let entry = services.entry(name.clone()).or_insert_with(|| json!({"service": name, "addresses": [], "nodePort": null, "endpoints": []}));
+        let entry = services.entry(name.clone()).or_insert_with(
+            || json!({"service": name, "addresses": [], "nodePort": null, "endpoints": []}),
+        );
         let port = field(rule, "--dport").unwrap_or("");
         if chain == chains::NODEPORTS {
             entry["nodePort"] = json!(port.parse::<u16>().ok());
         } else if let Some(dest) = field(rule, "-d") {
-            let address = format!("{}:{port}", dest.trim_end_matches("/32").trim_end_matches("/128"));
+            let address = format!(
+                "{}:{port}",
+                dest.trim_end_matches("/32").trim_end_matches("/128")
+            );
             if let Some(list) = entry["addresses"].as_array_mut() {
                 list.push(json!(address));
             }
@@ -65,12 +72,23 @@ pub fn read(nat: &str, filter: &str) -> Value {
             entry["endpoints"] = json!(chain_targets.get(target).cloned().unwrap_or_default());
         }
     }
-    for rule in filter.lines().filter(|l| l.starts_with(&format!("-A {}", chains::SERVICES))) {
+    for rule in filter
+        .lines()
+        .filter(|l| l.starts_with(&format!("-A {}", chains::SERVICES)))
+    {
         let Some(text) = comment(rule) else { continue };
         let name = text.split_whitespace().next().unwrap_or("").to_string();
         let port = field(rule, "--dport").unwrap_or("");
-        let dest = field(rule, "-d").unwrap_or("").trim_end_matches("/32").trim_end_matches("/128").to_string();
-        let verdict = if rule.contains("-j REJECT") { "reject" } else { "drop" };
+        let dest = field(rule, "-d")
+            .unwrap_or("")
+            .trim_end_matches("/32")
+            .trim_end_matches("/128")
+            .to_string();
+        let verdict = if rule.contains("-j REJECT") {
+            "reject"
+        } else {
+            "drop"
+        };
         services.insert(name.clone(), json!({"service": name, "addresses": [format!("{dest}:{port}")], "nodePort": null, "endpoints": [], "noEndpoints": verdict}));
     }
     json!({"backend": "iptables", "services": services.into_values().collect::<Vec<_>>()})

@@ -38,9 +38,12 @@ pub struct Tool {
 
 fn count_rules(binary: &str) -> Option<usize> {
     let out = Command::new(binary).stderr(Stdio::null()).output().ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with("-A ")).count())
+    out.status.success().then(|| {
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with("-A "))
+            .count()
+    })
 }
 
 impl Tool {
@@ -50,7 +53,11 @@ impl Tool {
         let family = if ipv6 { "ip6tables" } else { "iptables" };
         let legacy = count_rules(&format!("{family}-legacy-save")).unwrap_or(0);
         let nft = count_rules(&format!("{family}-nft-save")).unwrap_or(0);
-        let flavour = if legacy > nft { Flavour::Legacy } else { Flavour::Nft };
+        let flavour = if legacy > nft {
+            Flavour::Legacy
+        } else {
+            Flavour::Nft
+        };
         Self { flavour, ipv6 }
     }
 
@@ -79,11 +86,17 @@ impl Tool {
     }
 
     pub fn run(&self, args: &[&str]) -> Result<String, BackendError> {
-        output(self.command("").args(args), &format!("{} {}", self.binary(""), args.join(" ")))
+        output(
+            self.command("").args(args),
+            &format!("{} {}", self.binary(""), args.join(" ")),
+        )
     }
 
     pub fn save(&self, table: &str) -> Result<String, BackendError> {
-        output(self.command("-save").args(["-t", table]), &format!("{}-save -t {table}", self.binary("")))
+        output(
+            self.command("-save").args(["-t", table]),
+            &format!("{}-save -t {table}", self.binary("")),
+        )
     }
 
     /// `iptables-restore --noflush` with `input` on stdin: one transaction per table.
@@ -96,15 +109,24 @@ impl Tool {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|source| BackendError::Spawn { command: name.clone(), source })?;
+            .map_err(|source| BackendError::Spawn {
+                command: name.clone(),
+                source,
+            })?;
         if let Some(mut stdin) = child.stdin.take() {
             stdin
                 .write_all(input.as_bytes())
-                .map_err(|source| BackendError::Spawn { command: name.clone(), source })?;
+                .map_err(|source| BackendError::Spawn {
+                    command: name.clone(),
+                    source,
+                })?;
         }
         let out = child
             .wait_with_output()
-            .map_err(|source| BackendError::Spawn { command: name.clone(), source })?;
+            .map_err(|source| BackendError::Spawn {
+                command: name.clone(),
+                source,
+            })?;
         if out.status.success() {
             Ok(())
         } else {
@@ -121,7 +143,10 @@ pub fn output(cmd: &mut Command, name: &str) -> Result<String, BackendError> {
     let out = cmd
         .stdin(Stdio::null())
         .output()
-        .map_err(|source| BackendError::Spawn { command: name.to_string(), source })?;
+        .map_err(|source| BackendError::Spawn {
+            command: name.to_string(),
+            source,
+        })?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).to_string())
     } else {

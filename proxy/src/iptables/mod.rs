@@ -25,7 +25,11 @@ pub struct IptablesBackend {
 
 impl IptablesBackend {
     pub fn new(tool: Tool, config: RenderConfig) -> Self {
-        Self { tool, config, applied: Fragments::new() }
+        Self {
+            tool,
+            config,
+            applied: Fragments::new(),
+        }
     }
 
     pub fn tool(&self) -> Tool {
@@ -72,8 +76,17 @@ impl Backend for IptablesBackend {
         "iptables"
     }
 
-    fn sync(&mut self, state: &ProxyState, changes: &Changes, full: bool) -> Result<SyncReport, BackendError> {
-        let existing = if full { self.existing_chains("nat")? } else { BTreeSet::new() };
+    fn sync(
+        &mut self,
+        state: &ProxyState,
+        changes: &Changes,
+        full: bool,
+    ) -> Result<SyncReport, BackendError> {
+        let existing = if full {
+            self.existing_chains("nat")?
+        } else {
+            BTreeSet::new()
+        };
         let plan = render::plan(&self.config, state, changes, &self.applied, full, &existing);
         if !plan.restore.is_empty() {
             self.tool.restore(&plan.restore)?;
@@ -93,9 +106,10 @@ impl Backend for IptablesBackend {
     }
 
     fn lost_state(&mut self) -> bool {
-        let canary = ["nat", "filter"]
-            .iter()
-            .all(|table| self.tool.check(&["-t", table, "-C", chains::CANARY, "-j", "RETURN"]));
+        let canary = ["nat", "filter"].iter().all(|table| {
+            self.tool
+                .check(&["-t", table, "-C", chains::CANARY, "-j", "RETURN"])
+        });
         let jumps = chains::JUMPS.iter().all(|jump| {
             let mut check = vec!["-C", jump.from];
             check.extend(Self::jump_args(jump));
@@ -118,8 +132,13 @@ impl Backend for IptablesBackend {
             // Rules in built-in chains that jump to ours.
             let jumps: Vec<String> = saved
                 .lines()
-                .filter(|l| l.starts_with("-A ") && !l.starts_with(&format!("-A {}", chains::PREFIX)))
-                .filter(|l| ours.iter().any(|c| l.ends_with(&format!("-j {c}")) || l.contains(&format!("-j {c} "))))
+                .filter(|l| {
+                    l.starts_with("-A ") && !l.starts_with(&format!("-A {}", chains::PREFIX))
+                })
+                .filter(|l| {
+                    ours.iter()
+                        .any(|c| l.ends_with(&format!("-j {c}")) || l.contains(&format!("-j {c} ")))
+                })
                 .map(|l| format!("-D{}", &l[2..]))
                 .collect();
             if ours.is_empty() && jumps.is_empty() {
@@ -146,6 +165,9 @@ impl Backend for IptablesBackend {
     }
 
     fn dump(&self) -> Result<Value, BackendError> {
-        Ok(dump::read(&self.tool.save("nat")?, &self.tool.save("filter")?))
+        Ok(dump::read(
+            &self.tool.save("nat")?,
+            &self.tool.save("filter")?,
+        ))
     }
 }

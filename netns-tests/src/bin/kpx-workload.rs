@@ -1,0 +1,99 @@
+//! kpx-workload: the built-in test workload (like agnhost's netexec). It answers with its pod
+//! name and the client address it saw, over HTTP (keep-alive), TCP and UDP.
+
+use std::net::SocketAddr;
+
+use clap::Parser;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+
+#[derive(Debug, Parser)]
+#[command(name = "kpx-workload", version)]
+struct Args {
+    /// The name to answer with (the pod's name).
+    #[arg(long, env = "POD_NAME", default_value = "kpx-workload")]
+    name: String,
+    #[arg(long, default_value_t = 8080)]
+    http_port: u16,
+    /// TCP: sends one line and closes. UDP: answers each datagram.
+    #[arg(long, default_value_t = 9000)]
+    port: u16,
+}
+
+async fn http(mut stream: TcpStream, peer: SocketAddr, name: String) -> std::io::Result<()> {
+    let (read, mut write) = stream.split();
+    let mut reader = BufReader::new(read);
+    loop {
+        let mut request = String::new();
+        if reader.read_line(&mut request).await? == 0 {
+            return Ok(());
+        }
+        let mut close = request.contains("HTTP/1.0");
+        let mut length = 0usize;
+        loop {
+            let mut header = String::new();
+            if reader.read_line(&mut header).await? == 0 {
+                return Ok(());
+            }
+            let lower = header.to_ascii_lowercase();
+            if lower == "\r\n" || lower == "\n" {
+                break;
+            }
+            if lower.starts_with("connection:") && lower.contains("close") {
+                close = true;
+            }
+            if let Some(v) = lower.strip_prefix("content-length:") {
+                length = v.trim().parse().unwrap_or(0);
+            }
+        }
+        if length > 0 {
+            let mut body = vec![0u8; length];
+            tokio::io::AsyncReadExt::read_exact(&mut reader, &mut body).await?;
+        }
+        let body = format!("{name} {peer}\n");
+        let response = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{body}",
+            body.len(),
+            if close { "Connection: close\r\n" } else { "" }
+        );
+        write.write_all(response.as_bytes()).await?;
+        if close {
+            return Ok(());
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let http_listener = TcpListener::bind(("0.0.0.0", args.http_port)).await?;
+    let tcp_listener = TcpListener::bind(("0.0.0.0", args.port)).await?;
+    let udp = UdpSocket::bind(("0.0.0.0", args.port)).await?;
+    let name = args.name.clone();
+    tokio::spawn(async move {
+        loop {
+            if let Ok((stream, peer)) = http_listener.accept().await {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(http(stream, peer, name.clone()));
+            }
+        }
+    });
+    let name = args.name.clone();
+    tokio::spawn(async move {
+        loop {
+            if let Ok((mut stream, peer)) = tcp_listener.accept().await {
+                let line = format!("{name} {peer}\n");
+                tokio::spawn(async move {
+                    let _ = stream.write_all(line.as_bytes()).await;
+                    let _ = stream.shutdown().await;
+                });
+            }
+        }
+    });
+    let mut buf = vec![0u8; 2048];
+    loop {
+        let (_, peer) = udp.recv_from(&mut buf).await?;
+        let line = format!("{} {peer}\n", args.name);
+        let _ = udp.send_to(line.as_bytes(), peer).await;
+    }
+}

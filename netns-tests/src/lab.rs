@@ -1,0 +1,490 @@
+//! A lab: a cluster in network namespaces. The API server runs in this process, listening
+//! inside the fabric namespace (for nodes) and on a loopback port (for the host); one kpx-proxy
+//! runs in each node namespace; pods are namespaces behind veths on a node bridge, running the
+//! built-in workload. Addresses come from 198.18.0.0/15:
+//!
+//! ```text
+//!  fabric  198.18.0.0/24   br0 198.18.0.1 (API server), node i 198.18.0.(10+i), external k 198.18.0.(200+k)
+//!  pods    198.19.0.0/16   node i: cbr0 198.19.i.1/24, pod j 198.19.i.(10+j)
+//!  services 198.18.128.0/17 (ClusterIPs), external IPs 198.18.64.0/24 (routed to node 1)
+//! ```
+//!
+//! Everything carries the lab's name and is removed on drop; `kpx-lab down --all` removes what
+//! a crashed lab left.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use kpx_control::api::allocator::ServiceNetwork;
+use kpx_control::apiserver::{self, ApiServer, Options};
+use kpx_control::client::{Client, ClientConfig};
+use kpx_control::store::{EmbeddedStore, EmbeddedStoreOptions, Store};
+
+use crate::netns::Netns;
+
+/// Every lab's name starts with this; `kpx-lab down --all` removes namespaces that do.
+pub const LAB_PREFIX: &str = "kpx-";
+pub const SERVICE_RANGE: &str = "198.18.128.0/17";
+pub const CLUSTER_CIDR: &str = "198.19.0.0/16";
+pub const EXTERNAL_RANGE: (Ipv4Addr, u8) = (Ipv4Addr::new(198, 18, 64, 0), 24);
+const API_ADDRESS: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+const API_PORT: u16 = 6443;
+
+/// How a lab's proxies program the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyBackend {
+    IptablesNft,
+    IptablesLegacy,
+}
+
+impl ProxyBackend {
+    pub fn name(self) -> &'static str {
+        match self {
+            ProxyBackend::IptablesNft => "iptables-nft",
+            ProxyBackend::IptablesLegacy => "iptables-legacy",
+        }
+    }
+
+    fn args(self) -> Vec<&'static str> {
+        match self {
+            ProxyBackend::IptablesNft => vec!["--proxy-mode", "iptables", "--iptables-mode", "nft"],
+            ProxyBackend::IptablesLegacy => {
+                vec!["--proxy-mode", "iptables", "--iptables-mode", "legacy"]
+            }
+        }
+    }
+
+    /// Why this kernel cannot run the backend, if it cannot (checked in a scratch namespace).
+    pub fn unsupported(self) -> Option<String> {
+        let tool = match self {
+            ProxyBackend::IptablesNft => "iptables-nft",
+            ProxyBackend::IptablesLegacy => "iptables-legacy",
+        };
+        let name = format!(
+            "{LAB_PREFIX}probe-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let created = std::process::Command::new("ip")
+            .args(["netns", "add", &name])
+            .status();
+        if !created.is_ok_and(|s| s.success()) {
+            return Some("cannot create a network namespace (root needed)".into());
+        }
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &name, tool, "-t", "nat", "-N", "KPX-PROBE"])
+            .output();
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &name])
+            .status();
+        match out {
+            Ok(o) if o.status.success() => None,
+            Ok(o) => Some(format!(
+                "{tool} does not work here: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            )),
+            Err(e) => Some(format!("{tool} is not installed: {e}")),
+        }
+    }
+}
+
+pub const ALL_BACKENDS: &[ProxyBackend] =
+    &[ProxyBackend::IptablesNft, ProxyBackend::IptablesLegacy];
+
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+pub struct Node {
+    pub name: String,
+    pub ns: Netns,
+    pub ip: Ipv4Addr,
+    pub index: u8,
+    proxy: Option<Child>,
+}
+
+pub struct Pod {
+    pub name: String,
+    pub node: usize,
+    pub ip: Ipv4Addr,
+    pub ns: Netns,
+    workload: Option<Child>,
+}
+
+pub struct Lab {
+    pub name: String,
+    pub backend: ProxyBackend,
+    pub dir: tempfile::TempDir,
+    pub nodes: Vec<Node>,
+    pub pods: Vec<Pod>,
+    pub externals: Vec<Netns>,
+    pub fabric: Netns,
+    pub store: Arc<dyn Store>,
+    /// The API as the host reaches it (loopback).
+    pub api_url: String,
+    shutdown: Vec<tokio::sync::oneshot::Sender<()>>,
+    pod_counts: Vec<u8>,
+}
+
+/// The binaries built next to this one (target/debug or target/release).
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    for dir in exe.ancestors().skip(1).take(3) {
+        let candidate = dir.join(name);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!(
+        "{name} is not built next to {}: run `cargo build --workspace --bins` first",
+        exe.display()
+    )
+}
+
+impl Lab {
+    /// A lab of `nodes` nodes and `externals` hosts outside the cluster, with proxies running.
+    pub async fn start(
+        tag: &str,
+        backend: ProxyBackend,
+        nodes: usize,
+        externals: usize,
+    ) -> anyhow::Result<Self> {
+        let name = format!(
+            "{LAB_PREFIX}{tag}-{}-{}",
+            std::process::id() % 100_000,
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{name}-"))
+            .tempdir()?;
+        let fabric = Netns::create(&format!("{name}-fab")).await?;
+        fabric.add_bridge("br0").await?;
+        fabric.add_address("br0", API_ADDRESS.into(), 24).await?;
+
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(
+            &dir.path().join("store.redb"),
+            EmbeddedStoreOptions::default(),
+        )?);
+        let options = Options {
+            service_network: ServiceNetwork::parse(SERVICE_RANGE, "30000-32767")
+                .map_err(anyhow::Error::msg)?,
+            ..Default::default()
+        };
+        let server = ApiServer::new(store.clone(), options)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let inside = fabric.enter(|| std::net::TcpListener::bind((API_ADDRESS, API_PORT)))??;
+        inside.set_nonblocking(true)?;
+        let host = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let api_url = format!("http://{}", host.local_addr()?);
+        let mut shutdown = Vec::new();
+        for listener in [tokio::net::TcpListener::from_std(inside)?, host] {
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            shutdown.push(tx);
+            tokio::spawn(apiserver::serve(listener, server.clone(), async move {
+                let _ = rx.await;
+            }));
+        }
+
+        let mut lab = Self {
+            name: name.clone(),
+            backend,
+            dir,
+            nodes: Vec::new(),
+            pods: Vec::new(),
+            externals: Vec::new(),
+            fabric,
+            store,
+            api_url,
+            shutdown,
+            pod_counts: Vec::new(),
+        };
+        for i in 1..=nodes {
+            lab.add_node(i as u8).await?;
+        }
+        for k in 1..=externals {
+            lab.add_external(k as u8).await?;
+        }
+        for i in 0..lab.nodes.len() {
+            lab.start_proxy(i)?;
+        }
+        Ok(lab)
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(&ClientConfig::from_url(&self.api_url))
+            .expect("a loopback URL is a valid client config")
+    }
+
+    async fn add_node(&mut self, i: u8) -> anyhow::Result<()> {
+        let name = format!("node-{i}");
+        let ns = Netns::create(&format!("{}-n{i}", self.name)).await?;
+        let ip = Ipv4Addr::new(198, 18, 0, 10 + i);
+        ns.add_veth("eth0", &self.fabric, "fab0", &format!("n{i}"))
+            .await?;
+        self.fabric.attach(&format!("n{i}"), "br0").await?;
+        ns.add_address("eth0", ip.into(), 24).await?;
+        ns.add_bridge("cbr0").await?;
+        ns.add_address("cbr0", Ipv4Addr::new(198, 19, i, 1).into(), 24)
+            .await?;
+        // Local traffic to a ClusterIP needs a route before its DNAT in OUTPUT.
+        let (svc, svc_len) = (Ipv4Addr::new(198, 18, 128, 0), 17);
+        ns.add_route(svc.into(), svc_len, None, Some("eth0"))
+            .await?;
+        ns.sysctl("net.ipv4.ip_forward", "1")?;
+        for other in &self.nodes {
+            ns.add_route(
+                Ipv4Addr::new(198, 19, other.index, 0).into(),
+                24,
+                Some(other.ip.into()),
+                None,
+            )
+            .await?;
+            other
+                .ns
+                .add_route(
+                    Ipv4Addr::new(198, 19, i, 0).into(),
+                    24,
+                    Some(ip.into()),
+                    None,
+                )
+                .await?;
+        }
+        self.nodes.push(Node {
+            name,
+            ns,
+            ip,
+            index: i,
+            proxy: None,
+        });
+        self.pod_counts.push(0);
+        Ok(())
+    }
+
+    async fn add_external(&mut self, k: u8) -> anyhow::Result<()> {
+        let ns = Netns::create(&format!("{}-x{k}", self.name)).await?;
+        ns.add_veth("eth0", &self.fabric, "fab0", &format!("x{k}"))
+            .await?;
+        self.fabric.attach(&format!("x{k}"), "br0").await?;
+        ns.add_address("eth0", Ipv4Addr::new(198, 18, 0, 200 + k).into(), 24)
+            .await?;
+        if let Some(first) = self.nodes.first() {
+            // External and load-balancer IPs are announced by node 1.
+            ns.add_route(
+                EXTERNAL_RANGE.0.into(),
+                EXTERNAL_RANGE.1,
+                Some(first.ip.into()),
+                None,
+            )
+            .await?;
+        }
+        self.externals.push(ns);
+        Ok(())
+    }
+
+    fn log(&self, name: &str) -> anyhow::Result<Stdio> {
+        Ok(std::fs::File::create(self.dir.path().join(format!("{name}.log")))?.into())
+    }
+
+    pub fn log_path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.log"))
+    }
+
+    /// (Re)starts the proxy of node `i`.
+    pub fn start_proxy(&mut self, i: usize) -> anyhow::Result<()> {
+        self.stop_proxy(i);
+        let bin = binary("kpx-proxy")?;
+        let node = &self.nodes[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(&format!("proxy-{}", node.name)))?;
+        let err = log.try_clone()?;
+        let child = node
+            .ns
+            .command(&bin)
+            .args(self.backend.args())
+            .args(["--master", &format!("http://{API_ADDRESS}:{API_PORT}")])
+            .args([
+                "--hostname-override",
+                &node.name,
+                "--cluster-cidr",
+                CLUSTER_CIDR,
+            ])
+            .args(["--min-sync-period", "0s", "--sync-period", "2s"])
+            .env("RUST_LOG", "info")
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("starting kpx-proxy in {}", node.ns.name))?;
+        self.nodes[i].proxy = Some(child);
+        Ok(())
+    }
+
+    pub fn stop_proxy(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i].proxy.take() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+        }
+    }
+
+    /// A pod on node `node` running the workload; returns its index in `pods`.
+    pub async fn add_pod(&mut self, node: usize, name: &str) -> anyhow::Result<usize> {
+        self.pod_counts[node] += 1;
+        let j = self.pod_counts[node];
+        let n = &self.nodes[node];
+        let ns = Netns::create(&format!("{}-n{}-p{j}", self.name, n.index)).await?;
+        let ip = Ipv4Addr::new(198, 19, n.index, 10 + j);
+        n.ns.add_veth(&format!("p{j}"), &ns, &format!("t{j}"), "eth0")
+            .await?;
+        n.ns.attach(&format!("p{j}"), "cbr0").await?;
+        ns.add_address("eth0", ip.into(), 24).await?;
+        ns.add_route(
+            Ipv4Addr::UNSPECIFIED.into(),
+            0,
+            Some(Ipv4Addr::new(198, 19, n.index, 1).into()),
+            None,
+        )
+        .await?;
+        let workload = ns
+            .command(binary("kpx-workload")?)
+            .args(["--name", name])
+            .stdout(Stdio::null())
+            .stderr(self.log(&format!("pod-{name}"))?)
+            .spawn()?;
+        self.pods.push(Pod {
+            name: name.to_string(),
+            node,
+            ip,
+            ns,
+            workload: Some(workload),
+        });
+        let index = self.pods.len() - 1;
+        // Ready once its HTTP port answers locally.
+        for _ in 0..200 {
+            let target = SocketAddr::from((ip, 8080));
+            let ok = self.pods[index].ns.enter(move || {
+                std::net::TcpStream::connect_timeout(&target, Duration::from_millis(100)).is_ok()
+            })?;
+            if ok {
+                return Ok(index);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        bail!("pod {name} did not start listening")
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .expect("pod exists")
+    }
+
+    /// Stops a pod's workload (its address stops answering).
+    pub fn stop_pod(&mut self, name: &str) {
+        if let Some(pod) = self.pods.iter_mut().find(|p| p.name == name) {
+            if let Some(mut child) = pod.workload.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+
+    pub fn node_of(&self, pod: &str) -> &Node {
+        &self.nodes[self.pod(pod).node]
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The proxy logs, for failure messages.
+    pub fn proxy_logs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| {
+                let text = std::fs::read_to_string(self.log_path(&format!("proxy-{}", n.name)))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(15).collect();
+                format!(
+                    "--- {} ---\n{}",
+                    n.name,
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Runs `iptables-save` (of the lab's flavour) in a node, for failure messages and checks.
+    pub fn iptables_save(&self, node: usize) -> String {
+        let tool = match self.backend {
+            ProxyBackend::IptablesNft => "iptables-nft-save",
+            ProxyBackend::IptablesLegacy => "iptables-legacy-save",
+        };
+        self.nodes[node]
+            .ns
+            .command(tool)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+            .unwrap_or_default()
+    }
+
+    pub fn external_ip(n: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(
+            EXTERNAL_RANGE.0.octets()[0],
+            EXTERNAL_RANGE.0.octets()[1],
+            EXTERNAL_RANGE.0.octets()[2],
+            n,
+        ))
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            if let Some(mut child) = self.nodes[i].proxy.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        for pod in &mut self.pods {
+            if let Some(mut child) = pod.workload.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        for tx in self.shutdown.drain(..) {
+            let _ = tx.send(());
+        }
+        // Namespaces are deleted as their `Netns` values drop, pods first.
+        self.pods.clear();
+        self.externals.clear();
+        self.nodes.clear();
+    }
+}
+
+/// Removes every namespace (and the processes in it) whose name starts with `prefix`.
+pub fn down(prefix: &str) -> anyhow::Result<usize> {
+    let names = crate::netns::list(prefix);
+    for name in &names {
+        if let Ok(out) = std::process::Command::new("ip")
+            .args(["netns", "pids", name])
+            .output()
+        {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", pid])
+                    .status();
+            }
+        }
+        crate::netns::delete(name)?;
+    }
+    Ok(names.len())
+}

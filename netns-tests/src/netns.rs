@@ -1,0 +1,240 @@
+//! Network namespaces: created with `ip netns add` (so `ip netns exec` and `kpx-lab down` see
+//! them), entered with setns on a helper thread, configured with rtnetlink from a socket opened
+//! inside the namespace. Nothing here ever touches the namespace the process started in.
+
+use std::fs::File;
+use std::net::IpAddr;
+use std::os::fd::{AsFd, AsRawFd};
+use std::process::Command;
+
+use anyhow::{bail, Context};
+use futures::TryStreamExt;
+use nix::sched::{setns, CloneFlags};
+use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, RouteMessageBuilder};
+
+/// A named network namespace; deleted on drop.
+pub struct Netns {
+    pub name: String,
+    file: File,
+    handle: Handle,
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip (iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+impl Netns {
+    /// Creates the namespace (with loopback up) and a netlink handle inside it.
+    pub async fn create(name: &str) -> anyhow::Result<Self> {
+        ip(&["netns", "add", name])?;
+        let file = File::open(format!("/run/netns/{name}"))
+            .with_context(|| format!("opening netns {name}"))?;
+        let runtime = tokio::runtime::Handle::current();
+        let fd = file.try_clone()?;
+        // The netlink socket is created on a thread inside the namespace and stays bound to it.
+        let (connection, handle) = std::thread::spawn(move || -> anyhow::Result<_> {
+            setns(fd.as_fd(), CloneFlags::CLONE_NEWNET).context("setns")?;
+            let _guard = runtime.enter();
+            let (connection, handle, _) = rtnetlink::new_connection().context("netlink socket")?;
+            Ok((connection, handle))
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("netns thread panicked"))??;
+        tokio::spawn(connection);
+        let ns = Self {
+            name: name.to_string(),
+            file,
+            handle,
+        };
+        ns.up("lo").await?;
+        Ok(ns)
+    }
+
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
+    /// Runs `f` on a thread inside the namespace (sockets it creates stay there).
+    pub fn enter<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let fd = self.file.try_clone()?;
+        std::thread::spawn(move || -> anyhow::Result<T> {
+            setns(fd.as_fd(), CloneFlags::CLONE_NEWNET).context("setns")?;
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
+    }
+
+    /// A command that runs inside the namespace.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]).arg(program);
+        cmd
+    }
+
+    pub fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
+        let out = self
+            .command("sysctl")
+            .args(["-q", "-w", &format!("{key}={value}")])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "sysctl {key}={value} in {}: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
+    pub async fn index(&self, link: &str) -> anyhow::Result<u32> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(link.to_string())
+            .execute();
+        let msg = links
+            .try_next()
+            .await
+            .with_context(|| format!("finding link {link} in {}", self.name))?
+            .with_context(|| format!("no link {link} in {}", self.name))?;
+        Ok(msg.header.index)
+    }
+
+    pub async fn up(&self, link: &str) -> anyhow::Result<()> {
+        let index = self.index(link).await?;
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await?;
+        Ok(())
+    }
+
+    pub async fn add_bridge(&self, name: &str) -> anyhow::Result<()> {
+        self.handle
+            .link()
+            .add(LinkBridge::new(name).up().build())
+            .execute()
+            .await?;
+        Ok(())
+    }
+
+    /// A veth pair: `local` stays here, `remote` moves into `peer` under the name `remote_name`.
+    pub async fn add_veth(
+        &self,
+        local: &str,
+        peer: &Netns,
+        temp: &str,
+        remote_name: &str,
+    ) -> anyhow::Result<()> {
+        self.handle
+            .link()
+            .add(LinkVeth::new(local, temp).build())
+            .execute()
+            .await?;
+        let index = self.index(temp).await?;
+        self.handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .setns_by_fd(peer.file.as_raw_fd())
+                    .build(),
+            )
+            .execute()
+            .await?;
+        let moved = peer.index(temp).await?;
+        peer.handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(moved)
+                    .name(remote_name.to_string())
+                    .build(),
+            )
+            .execute()
+            .await?;
+        peer.up(remote_name).await?;
+        self.up(local).await
+    }
+
+    pub async fn attach(&self, link: &str, bridge: &str) -> anyhow::Result<()> {
+        let (index, bridge) = (self.index(link).await?, self.index(bridge).await?);
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).controller(bridge).build())
+            .execute()
+            .await?;
+        Ok(())
+    }
+
+    pub async fn add_address(&self, link: &str, address: IpAddr, prefix: u8) -> anyhow::Result<()> {
+        let index = self.index(link).await?;
+        self.handle
+            .address()
+            .add(index, address, prefix)
+            .execute()
+            .await?;
+        Ok(())
+    }
+
+    /// A route to `destination/prefix` via `gateway`, or out of `link` when there is none.
+    pub async fn add_route(
+        &self,
+        destination: IpAddr,
+        prefix: u8,
+        gateway: Option<IpAddr>,
+        link: Option<&str>,
+    ) -> anyhow::Result<()> {
+        let mut route = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(destination, prefix)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        if let Some(gateway) = gateway {
+            route = route.gateway(gateway).map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        if let Some(link) = link {
+            route = route.output_interface(self.index(link).await?);
+        }
+        self.handle.route().add(route.build()).execute().await?;
+        Ok(())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Err(e) = ip(&["netns", "del", &self.name]) {
+            eprintln!("kpx-lab: removing {}: {e}", self.name);
+        }
+    }
+}
+
+/// Names of existing namespaces starting with `prefix`.
+pub fn list(prefix: &str) -> Vec<String> {
+    std::fs::read_dir("/run/netns")
+        .map(|dir| {
+            dir.filter_map(Result::ok)
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| n.starts_with(prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Removes namespaces by name (for `kpx-lab down`).
+pub fn delete(name: &str) -> anyhow::Result<()> {
+    ip(&["netns", "del", name])
+}

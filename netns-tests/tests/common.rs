@@ -1,0 +1,190 @@
+//! Shared by the scenario tests: running a scenario on every backend, and the test's own
+//! endpoint bookkeeping (the EndpointSlice controller arrives with the lean-cluster issue, so
+//! tests write the slices a controller would).
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kpx_control::client::{Api, Patch};
+use kpx_lab::lab::{Lab, ProxyBackend, ALL_BACKENDS};
+use kpx_lab::traffic::Outcome;
+use serde_json::{json, Value};
+
+pub const TIMEOUT: Duration = Duration::from_secs(2);
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Runs `scenario` against each backend this kernel supports; the others are reported as
+/// skipped with the reason. Without root the whole scenario is skipped (and fails when
+/// `KPX_REQUIRE_NETNS=1`, as `cargo xtask test` sets, so CI cannot pass it silently).
+pub async fn on_every_backend<F, Fut>(tag: &str, scenario: F)
+where
+    F: Fn(ProxyBackend) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let required = std::env::var("KPX_REQUIRE_NETNS").is_ok_and(|v| v == "1");
+    if !is_root() {
+        assert!(
+            !required,
+            "{tag}: network namespace tests need root (KPX_REQUIRE_NETNS=1)"
+        );
+        eprintln!("SKIPPED {tag}: network namespace tests need root");
+        return;
+    }
+    let mut ran = 0;
+    for backend in ALL_BACKENDS {
+        if let Some(reason) = backend.unsupported() {
+            eprintln!("SKIPPED {tag} on {}: {reason}", backend.name());
+            continue;
+        }
+        eprintln!("RUN {tag} on {}", backend.name());
+        if let Err(e) = scenario(*backend).await {
+            panic!("{tag} on {}: {e:#}", backend.name());
+        }
+        ran += 1;
+    }
+    assert!(ran > 0, "{tag}: no backend is supported on this kernel");
+}
+
+pub fn services(lab: &Lab) -> Api<Service> {
+    Api::namespaced(lab.client(), "default")
+}
+
+pub fn slices(lab: &Lab) -> Api<EndpointSlice> {
+    Api::namespaced(lab.client(), "default")
+}
+
+pub async fn create_service(lab: &Lab, name: &str, spec: Value) -> anyhow::Result<Service> {
+    let svc: Service = serde_json::from_value(
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name}, "spec": spec}),
+    )?;
+    Ok(services(lab).create(&svc).await?)
+}
+
+/// An endpoint as a test wants it: pod name and conditions.
+pub struct Ep<'a> {
+    pub pod: &'a str,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+}
+
+pub fn ready(pod: &str) -> Ep<'_> {
+    Ep {
+        pod,
+        ready: true,
+        serving: true,
+        terminating: false,
+    }
+}
+
+/// Writes the Service's one EndpointSlice (creating or replacing it) with `ports`
+/// (`[{"name": ..., "port": ..., "protocol": ...}]`).
+pub async fn set_endpoints(
+    lab: &Lab,
+    service: &str,
+    endpoints: &[Ep<'_>],
+    ports: Value,
+) -> anyhow::Result<()> {
+    let eps: Vec<Value> = endpoints
+        .iter()
+        .map(|e| {
+            let pod = lab.pod(e.pod);
+            json!({
+                "addresses": [pod.ip.to_string()],
+                "conditions": {"ready": e.ready, "serving": e.serving, "terminating": e.terminating},
+                "nodeName": lab.nodes[pod.node].name,
+                "targetRef": {"kind": "Pod", "namespace": "default", "name": e.pod},
+            })
+        })
+        .collect();
+    let name = format!("{service}-kpx");
+    let body = json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": name, "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4", "endpoints": eps, "ports": ports,
+    });
+    let api = slices(lab);
+    match api.get(&name).await {
+        Ok(_) => {
+            api.patch(
+                &name,
+                Patch::Merge,
+                &json!({"endpoints": body["endpoints"], "ports": body["ports"]}),
+            )
+            .await?;
+        }
+        Err(e) if e.is_not_found() => {
+            api.create(&serde_json::from_value(body)?).await?;
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(())
+}
+
+pub fn http_port() -> Value {
+    json!([{"name": "http", "port": 8080, "protocol": "TCP"}])
+}
+
+pub fn cluster_ip(svc: &Service) -> std::net::IpAddr {
+    svc.spec
+        .as_ref()
+        .and_then(|s| s.cluster_ip.as_deref())
+        .and_then(|ip| ip.parse().ok())
+        .expect("a ClusterIP")
+}
+
+pub fn node_port(svc: &Service) -> u16 {
+    svc.spec
+        .as_ref()
+        .and_then(|s| s.ports.as_ref())
+        .and_then(|p| p[0].node_port)
+        .expect("a NodePort") as u16
+}
+
+/// Polls until `check` holds on the outcomes of `probe`, or fails with the last outcomes and
+/// the proxy logs. Patience is `KPX_TEST_PATIENCE_SECONDS` (default 20 s).
+pub async fn eventually<P, C>(
+    lab: &Lab,
+    what: &str,
+    mut probe: P,
+    check: C,
+) -> anyhow::Result<Vec<Outcome>>
+where
+    P: FnMut() -> anyhow::Result<Vec<Outcome>>,
+    C: Fn(&[Outcome]) -> bool,
+{
+    let patience = std::env::var("KPX_TEST_PATIENCE_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(patience);
+    loop {
+        let outcomes = probe()?;
+        if check(&outcomes) {
+            return Ok(outcomes);
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "timed out waiting for {what}; last outcomes {outcomes:?}\n{}\n--- iptables (node-1) ---\n{}",
+                lab.proxy_logs(),
+                lab.iptables_save(0)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub fn target(ip: std::net::IpAddr, port: u16) -> SocketAddr {
+    SocketAddr::new(ip, port)
+}
+
+pub fn all_answer(outcomes: &[Outcome]) -> bool {
+    !outcomes.is_empty() && outcomes.iter().all(|o| o.pod().is_some())
+}

@@ -1,0 +1,142 @@
+//! Scenario tests: a cluster in network namespaces, real traffic through the Service rules,
+//! on every backend the kernel supports.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::*;
+use kpx_lab::lab::Lab;
+use kpx_lab::traffic::{self, Outcome};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_ip_reaches_all_endpoints_evenly_and_keeps_the_pod_source() {
+    on_every_backend("cluster-ip", |backend| async move {
+        let mut lab = Lab::start("cip", backend, 2, 0).await?;
+        for (node, pod) in [(0, "web-a"), (1, "web-b"), (1, "web-c")] {
+            lab.add_pod(node, pod).await?;
+        }
+        lab.add_pod(0, "client").await?;
+        let svc = create_service(&lab, "web", json!({"selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]})).await?;
+        set_endpoints(&lab, "web", &[ready("web-a"), ready("web-b"), ready("web-c")], http_port()).await?;
+        let vip = target(cluster_ip(&svc), 80);
+        let client = &lab.pod("client").ns;
+        eventually(&lab, "all three endpoints answering", || traffic::http(client, vip, 30, TIMEOUT), |o| {
+            all_answer(o) && o.iter().filter_map(Outcome::pod).collect::<BTreeSet<_>>().len() == 3
+        })
+        .await?;
+        let outcomes = traffic::http(client, vip, 600, TIMEOUT)?;
+        let spread = traffic::spread(&outcomes);
+        for pod in ["web-a", "web-b", "web-c"] {
+            let n = spread.get(pod).copied().unwrap_or(0);
+            anyhow::ensure!((160..=240).contains(&n), "{pod} got {n} of 600 (want 200 ± 20%): {spread:?}");
+        }
+        // From a pod, the endpoint sees the pod's own address (no masquerade).
+        let client_ip = lab.pod("client").ip.to_string();
+        anyhow::ensure!(outcomes.iter().all(|o| o.client_ip() == Some(client_ip.as_str())), "source not kept: {:?}", &outcomes[..3]);
+        // From the node itself it works too (masqueraded, since the node is outside the pod CIDR).
+        let from_node = traffic::http(&lab.nodes[0].ns, vip, 10, TIMEOUT)?;
+        anyhow::ensure!(all_answer(&from_node), "from node: {from_node:?}");
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_without_endpoints_is_refused_at_once_and_endpoints_are_followed() {
+    on_every_backend("no-endpoints", |backend| async move {
+        let mut lab = Lab::start("noep", backend, 1, 0).await?;
+        lab.add_pod(0, "web-a").await?;
+        lab.add_pod(0, "web-b").await?;
+        lab.add_pod(0, "client").await?;
+        let svc = create_service(
+            &lab,
+            "web",
+            json!({"ports": [{"name": "http", "port": 80, "targetPort": 8080}]}),
+        )
+        .await?;
+        let vip = target(cluster_ip(&svc), 80);
+        let client = &lab.pod("client").ns;
+        let refused = eventually(
+            &lab,
+            "connections refused",
+            || traffic::http(client, vip, 3, TIMEOUT),
+            |o| o.iter().all(|x| *x == Outcome::Refused),
+        )
+        .await?;
+        anyhow::ensure!(refused.len() == 3);
+        set_endpoints(&lab, "web", &[ready("web-a")], http_port()).await?;
+        eventually(
+            &lab,
+            "web-a answering",
+            || traffic::http(client, vip, 5, TIMEOUT),
+            |o| o.iter().all(|x| x.pod() == Some("web-a")),
+        )
+        .await?;
+        set_endpoints(&lab, "web", &[ready("web-a"), ready("web-b")], http_port()).await?;
+        eventually(
+            &lab,
+            "both answering",
+            || traffic::http(client, vip, 40, TIMEOUT),
+            |o| {
+                all_answer(o)
+                    && o.iter()
+                        .filter_map(Outcome::pod)
+                        .collect::<BTreeSet<_>>()
+                        .len()
+                        == 2
+            },
+        )
+        .await?;
+        set_endpoints(&lab, "web", &[ready("web-b")], http_port()).await?;
+        eventually(
+            &lab,
+            "only web-b",
+            || traffic::http(client, vip, 20, TIMEOUT),
+            |o| o.iter().all(|x| x.pod() == Some("web-b")),
+        )
+        .await?;
+        set_endpoints(&lab, "web", &[], http_port()).await?;
+        eventually(
+            &lab,
+            "scaled to zero: refused",
+            || traffic::http(client, vip, 3, TIMEOUT),
+            |o| o.iter().all(|x| *x == Outcome::Refused),
+        )
+        .await?;
+        set_endpoints(&lab, "web", &[ready("web-a")], http_port()).await?;
+        eventually(
+            &lab,
+            "back from zero",
+            || traffic::http(client, vip, 5, TIMEOUT),
+            |o| o.iter().all(|x| x.pod() == Some("web-a")),
+        )
+        .await?;
+        // Deleted and recreated.
+        services(&lab).delete("web").await?;
+        eventually(
+            &lab,
+            "deleted: no rule left",
+            || traffic::http(client, vip, 1, TIMEOUT),
+            |o| o.iter().all(|x| x.pod().is_none()),
+        )
+        .await?;
+        let again = create_service(
+            &lab,
+            "web",
+            json!({"ports": [{"name": "http", "port": 80, "targetPort": 8080}]}),
+        )
+        .await?;
+        let vip = target(cluster_ip(&again), 80);
+        eventually(
+            &lab,
+            "recreated",
+            || traffic::http(client, vip, 5, TIMEOUT),
+            |o| o.iter().all(|x| x.pod() == Some("web-a")),
+        )
+        .await?;
+        Ok(())
+    })
+    .await;
+}
