@@ -343,6 +343,7 @@ impl Lab {
         n.ns.add_veth(&format!("p{j}"), &ns, &format!("t{j}"), "eth0")
             .await?;
         n.ns.attach(&format!("p{j}"), "cbr0").await?;
+        n.ns.hairpin(&format!("p{j}")).await?;
         ns.add_address("eth0", ip.into(), 24).await?;
         ns.add_route(
             Ipv4Addr::UNSPECIFIED.into(),

@@ -10,7 +10,7 @@ use std::process::Command;
 use anyhow::{bail, Context};
 use futures::TryStreamExt;
 use nix::sched::{setns, CloneFlags};
-use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::{Handle, LinkBridge, LinkBridgePort, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 /// A named network namespace; deleted on drop.
 pub struct Netns {
@@ -177,6 +177,19 @@ impl Netns {
         self.handle
             .link()
             .set(LinkUnspec::new_with_index(index).controller(bridge).build())
+            .execute()
+            .await?;
+        Ok(())
+    }
+
+    /// Lets the bridge send a frame back out of the port it came in on. With br_netfilter
+    /// loaded, a pod's packet to its own Service is DNATed at the bridge and bridged back to the
+    /// pod's port; kubelet's hairpin-veth mode sets this for the same reason.
+    pub async fn hairpin(&self, port: &str) -> anyhow::Result<()> {
+        let index = self.index(port).await?;
+        self.handle
+            .link()
+            .set_port(LinkBridgePort::new(index).hairpin(true).build())
             .execute()
             .await?;
         Ok(())

@@ -43,8 +43,9 @@ pub trait Backend: Send + 'static {
         full: bool,
     ) -> Result<SyncReport, BackendError>;
 
-    /// Whether someone removed what this backend programmed (so the next sync must be full).
-    fn lost_state(&mut self) -> bool;
+    /// What someone removed of what this backend programmed, if anything (the next sync must
+    /// then be full).
+    fn lost_state(&mut self) -> Option<String>;
 
     /// Removes everything this backend ever programmed, and nothing else.
     fn cleanup(&mut self) -> Result<(), BackendError>;

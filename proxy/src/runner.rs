@@ -146,11 +146,13 @@ impl<B: Backend> Runner<B> {
                         continue;
                     }
                     let hourly = self.last_full.is_none_or(|t| t.elapsed() >= self.config.full_sync_period);
-                    if hourly || tokio::task::block_in_place(|| self.backend.lost_state()) {
-                        if !self.need_full {
-                            tracing::warn!(backend = self.backend.name(), "programmed rules missing or due for refresh; full resync");
-                        }
+                    if hourly {
                         self.need_full = true;
+                    } else if !self.need_full {
+                        if let Some(why) = tokio::task::block_in_place(|| self.backend.lost_state()) {
+                            tracing::warn!(backend = self.backend.name(), reason = %why, "programmed rules missing; full resync");
+                            self.need_full = true;
+                        }
                     }
                     if self.retry_at.is_some_and(|r| r > Instant::now()) {
                         continue;

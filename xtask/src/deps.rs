@@ -38,7 +38,41 @@ fn apt_update_once(updated: &mut bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Debian packages the tests run, by a command each provides.
+const PACKAGES: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("iptables-nft", "iptables"),
+    ("iptables-legacy", "iptables"),
+    ("conntrack", "conntrack"),
+];
+
+fn on_path(command: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(command).is_file()))
+        .unwrap_or(false)
+}
+
 pub fn install() -> anyhow::Result<Tools> {
+    let mut missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(cmd, _)| !on_path(cmd))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    missing.dedup();
+    let mut apt_updated = false;
+    if missing.is_empty() {
+        say("system packages: present (iproute2, iptables, conntrack)");
+    } else {
+        if !is_root() {
+            bail!("missing packages {missing:?}; installing them needs root (apt-get install)");
+        }
+        apt_update_once(&mut apt_updated)?;
+        say(&format!("apt-get install {}", missing.join(" ")));
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
     let tools_dir = workspace_root().join("target/tools");
     std::fs::create_dir_all(&tools_dir)
         .with_context(|| format!("creating {}", tools_dir.display()))?;

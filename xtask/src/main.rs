@@ -136,10 +136,13 @@ fn main() -> anyhow::Result<()> {
                     "warnings",
                 ]))?;
             }
-            say("running every test (real clients required)");
+            say("building the binaries the scenario tests start");
+            run(cargo().args(["build", "--quiet", "--workspace", "--bins"]))?;
+            say("running every test (real clients and network namespaces required)");
             let mut cmd = cargo();
             cmd.args(["test", "--workspace", "--lib", "--bins", "--tests"])
                 .env("KPX_REQUIRE_CLIENTS", "1")
+                .env("KPX_REQUIRE_NETNS", "1")
                 .env("KPX_KUBECTL", &tools.kubectl);
             let totals = run_counting_tests(&mut cmd)?;
             // One closing line for the whole run, after cargo's per-binary ones.

@@ -105,17 +105,26 @@ impl Backend for IptablesBackend {
         Ok(report)
     }
 
-    fn lost_state(&mut self) -> bool {
-        let canary = ["nat", "filter"].iter().all(|table| {
-            self.tool
+    fn lost_state(&mut self) -> Option<String> {
+        for table in ["nat", "filter"] {
+            if !self
+                .tool
                 .check(&["-t", table, "-C", chains::CANARY, "-j", "RETURN"])
-        });
-        let jumps = chains::JUMPS.iter().all(|jump| {
+            {
+                return Some(format!("the {table} canary rule is gone"));
+            }
+        }
+        for jump in chains::JUMPS {
             let mut check = vec!["-C", jump.from];
             check.extend(Self::jump_args(jump));
-            self.tool.check(&check)
-        });
-        !(canary && jumps)
+            if !self.tool.check(&check) {
+                return Some(format!(
+                    "the jump from {} {} to {} is gone",
+                    jump.table, jump.from, jump.to
+                ));
+            }
+        }
+        None
     }
 
     fn cleanup(&mut self) -> Result<(), BackendError> {

@@ -433,6 +433,7 @@ pub fn plan(
             let _ = writeln!(out, ":{chain} - [0:0]");
         }
         if full {
+            emit(&mut out, &format!("-A {} -j RETURN", chains::CANARY));
             emit(
                 &mut out,
                 &format!(

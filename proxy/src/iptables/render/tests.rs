@@ -89,6 +89,7 @@ fn full_plan() {
         :KPX-EXT-SPPMRL3VLYWNTCXH - [0:0]
         :KPX-SVC-HU7XKBSX5JJPFAMG - [0:0]
         :KPX-SVC-GONE - [0:0]
+        -A KPX-PROXY-CANARY -j RETURN
         -A KPX-MARK-MASQ -j MARK --or-mark 0x4000
         -A KPX-POSTROUTING -s 198.18.128.2/32 -d 198.18.128.2/32 -m comment --comment "hairpin" -j MASQUERADE
         -A KPX-POSTROUTING -s 198.18.128.3/32 -d 198.18.128.3/32 -m comment --comment "hairpin" -j MASQUERADE
