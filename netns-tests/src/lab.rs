@@ -20,10 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use kpx_control::api::allocator::ServiceNetwork;
-use kpx_control::apiserver::{self, ApiServer, Options};
 use kpx_control::client::{Client, ClientConfig};
-use kpx_control::store::{EmbeddedStore, EmbeddedStoreOptions, Store};
 
 use crate::netns::Netns;
 
@@ -122,10 +119,10 @@ pub struct Lab {
     pub pods: Vec<Pod>,
     pub externals: Vec<Netns>,
     pub fabric: Netns,
-    pub store: Arc<dyn Store>,
-    /// The API as the host reaches it (loopback).
+    /// The API as the host reaches it: a loopback port relayed into the fabric.
     pub api_url: String,
-    shutdown: Vec<tokio::sync::oneshot::Sender<()>>,
+    api: Option<Child>,
+    relay: Option<tokio::task::JoinHandle<()>>,
     pod_counts: Vec<u8>,
 }
 
@@ -164,31 +161,10 @@ impl Lab {
         fabric.add_bridge("br0").await?;
         fabric.add_address("br0", API_ADDRESS.into(), 24).await?;
 
-        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(
-            &dir.path().join("store.redb"),
-            EmbeddedStoreOptions::default(),
-        )?);
-        let options = Options {
-            service_network: ServiceNetwork::parse(SERVICE_RANGE, "30000-32767")
-                .map_err(anyhow::Error::msg)?,
-            ..Default::default()
-        };
-        let server = ApiServer::new(store.clone(), options)
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let inside = fabric.enter(|| std::net::TcpListener::bind((API_ADDRESS, API_PORT)))??;
-        inside.set_nonblocking(true)?;
-        let host = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let api_url = format!("http://{}", host.local_addr()?);
-        let mut shutdown = Vec::new();
-        for listener in [tokio::net::TcpListener::from_std(inside)?, host] {
-            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-            shutdown.push(tx);
-            tokio::spawn(apiserver::serve(listener, server.clone(), async move {
-                let _ = rx.await;
-            }));
-        }
-
+        let host_port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let api_url = format!("http://127.0.0.1:{host_port}");
         let mut lab = Self {
             name: name.clone(),
             backend,
@@ -197,11 +173,16 @@ impl Lab {
             pods: Vec::new(),
             externals: Vec::new(),
             fabric,
-            store,
             api_url,
-            shutdown,
+            api: None,
+            relay: None,
             pod_counts: Vec::new(),
         };
+        lab.relay = Some(tokio::spawn(relay(
+            std::net::TcpListener::bind(("127.0.0.1", host_port))?,
+            lab.fabric.entry()?,
+        )));
+        lab.start_api().await?;
         for i in 1..=nodes {
             lab.add_node(i as u8).await?;
         }
@@ -212,6 +193,57 @@ impl Lab {
             lab.start_proxy(i)?;
         }
         Ok(lab)
+    }
+
+    /// The store directory of the lab's kpx-control.
+    pub fn store_dir(&self) -> PathBuf {
+        self.dir.path().join("store")
+    }
+
+    /// Starts kpx-control inside the fabric namespace and waits until it answers.
+    pub async fn start_api(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path("kpx-control"))?;
+        let child = self
+            .fabric
+            .command(binary("kpx-control")?)
+            .args([
+                "--bind-address",
+                &API_ADDRESS.to_string(),
+                "--insecure-bind-any",
+                "--port",
+                &API_PORT.to_string(),
+            ])
+            .arg("--data-dir")
+            .arg(self.store_dir())
+            .args(["--service-cluster-ip-range", SERVICE_RANGE])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting kpx-control")?;
+        self.api = Some(child);
+        let client = self.client();
+        for _ in 0..250 {
+            if client.version().await.is_ok() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        bail!(
+            "kpx-control did not answer; see {}",
+            self.log_path("kpx-control").display()
+        )
+    }
+
+    /// `kill -9` of the API server: its watches break as in a crash.
+    pub fn kill_api(&mut self) {
+        if let Some(mut child) = self.api.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     pub fn client(&self) -> Client {
@@ -461,13 +493,47 @@ impl Drop for Lab {
                 let _ = child.wait();
             }
         }
-        for tx in self.shutdown.drain(..) {
-            let _ = tx.send(());
+        self.kill_api();
+        if let Some(relay) = self.relay.take() {
+            relay.abort();
         }
         // Namespaces are deleted as their `Netns` values drop, pods first.
         self.pods.clear();
         self.externals.clear();
         self.nodes.clear();
+    }
+}
+
+/// Relays loopback connections on the host to the API server inside the fabric: the outbound
+/// socket is created inside the fabric namespace, so the host needs no route into the lab.
+async fn relay(listener: std::net::TcpListener, fabric: crate::netns::Entry) {
+    let fabric = Arc::new(fabric);
+    let Ok(listener) = listener
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::TcpListener::from_std(listener))
+    else {
+        return;
+    };
+    while let Ok((mut inbound, _)) = listener.accept().await {
+        let fabric = fabric.clone();
+        tokio::spawn(async move {
+            let target = SocketAddr::from((API_ADDRESS, API_PORT));
+            let connected = tokio::task::spawn_blocking(move || {
+                fabric.enter(move || {
+                    std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2))
+                })
+            })
+            .await;
+            let Ok(Ok(Ok(stream))) = connected else {
+                return;
+            };
+            if stream.set_nonblocking(true).is_err() {
+                return;
+            }
+            if let Ok(mut outbound) = tokio::net::TcpStream::from_std(stream) {
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            }
+        });
     }
 }
 

@@ -70,13 +70,12 @@ impl Netns {
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> anyhow::Result<T> {
-        let fd = self.file.try_clone()?;
-        std::thread::spawn(move || -> anyhow::Result<T> {
-            setns(fd.as_fd(), CloneFlags::CLONE_NEWNET).context("setns")?;
-            Ok(f())
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
+        self.entry()?.enter(f)
+    }
+
+    /// A handle that can enter the namespace from anywhere (for tasks that outlive a borrow).
+    pub fn entry(&self) -> anyhow::Result<Entry> {
+        Ok(Entry(self.file.try_clone()?))
     }
 
     /// A command that runs inside the namespace.
@@ -232,6 +231,24 @@ impl Drop for Netns {
         if let Err(e) = ip(&["netns", "del", &self.name]) {
             eprintln!("kpx-lab: removing {}: {e}", self.name);
         }
+    }
+}
+
+/// An open reference to a namespace.
+pub struct Entry(File);
+
+impl Entry {
+    pub fn enter<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let fd = self.0.try_clone()?;
+        std::thread::spawn(move || -> anyhow::Result<T> {
+            setns(fd.as_fd(), CloneFlags::CLONE_NEWNET).context("setns")?;
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
     }
 }
 

@@ -124,6 +124,16 @@ impl Client {
         &self.server
     }
 
+    /// `GET /version`: the server's Kubernetes version (also a cheap liveness check).
+    pub async fn version(&self) -> Result<Value, ClientError> {
+        self.json(
+            reqwest::Method::GET,
+            format!("{}/version", self.server),
+            None,
+        )
+        .await
+    }
+
     async fn send(
         &self,
         method: reqwest::Method,
