@@ -189,6 +189,7 @@ impl Lab {
         for k in 1..=externals {
             lab.add_external(k as u8).await?;
         }
+        lab.write_fault_wrappers()?;
         for i in 0..lab.nodes.len() {
             lab.start_proxy(i)?;
         }
@@ -325,6 +326,41 @@ impl Lab {
         self.dir.path().join(format!("{name}.log"))
     }
 
+    /// Wrappers in front of the restore tools that fail while `fail_restores(true)` is in
+    /// effect, so tests can watch the proxy keep old rules and retry.
+    fn write_fault_wrappers(&self) -> anyhow::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let bin = self.dir.path().join("bin");
+        std::fs::create_dir_all(&bin)?;
+        for tool in ["iptables-nft-restore", "iptables-legacy-restore"] {
+            let real = ["/usr/sbin", "/sbin", "/usr/bin"]
+                .iter()
+                .map(|d| Path::new(d).join(tool))
+                .find(|p| p.exists());
+            let Some(real) = real else { continue };
+            let script = format!(
+                "#!/bin/sh\nif [ -e {flag} ]; then echo 'kpx-lab: injected restore failure' >&2; exit 1; fi\nexec {real} \"$@\"\n",
+                flag = self.dir.path().join("fail-restore").display(),
+                real = real.display()
+            );
+            let path = bin.join(tool);
+            std::fs::write(&path, script)?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+        }
+        Ok(())
+    }
+
+    /// Makes every iptables-restore of this lab's proxies fail (or work again).
+    pub fn fail_restores(&self, fail: bool) -> anyhow::Result<()> {
+        let flag = self.dir.path().join("fail-restore");
+        if fail {
+            std::fs::write(flag, "")?;
+        } else if flag.exists() {
+            std::fs::remove_file(flag)?;
+        }
+        Ok(())
+    }
+
     /// (Re)starts the proxy of node `i`.
     pub fn start_proxy(&mut self, i: usize) -> anyhow::Result<()> {
         self.stop_proxy(i);
@@ -348,6 +384,14 @@ impl Lab {
             ])
             .args(["--min-sync-period", "0s", "--sync-period", "2s"])
             .env("RUST_LOG", "info")
+            .env(
+                "PATH",
+                format!(
+                    "{}:{}",
+                    self.dir.path().join("bin").display(),
+                    std::env::var("PATH").unwrap_or_default()
+                ),
+            )
             .stdout(log)
             .stderr(err)
             .spawn()

@@ -237,6 +237,23 @@ impl Drop for Netns {
 /// An open reference to a namespace.
 pub struct Entry(File);
 
+/// Anything traffic can be sent from: a namespace, or an owned reference to one.
+pub trait Enter {
+    fn entry(&self) -> anyhow::Result<Entry>;
+}
+
+impl Enter for Netns {
+    fn entry(&self) -> anyhow::Result<Entry> {
+        Netns::entry(self)
+    }
+}
+
+impl Enter for Entry {
+    fn entry(&self) -> anyhow::Result<Entry> {
+        Ok(Entry(self.0.try_clone()?))
+    }
+}
+
 impl Entry {
     pub fn enter<T: Send + 'static>(
         &self,

@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
-use crate::netns::Netns;
+use crate::netns::Enter;
 
 /// What one request got.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,24 +78,25 @@ fn http_once(target: SocketAddr, timeout: Duration) -> Outcome {
 
 /// `count` HTTP requests (new connection each) from `ns` to `target`.
 pub fn http(
-    ns: &Netns,
+    ns: &impl Enter,
     target: SocketAddr,
     count: usize,
     timeout: Duration,
 ) -> anyhow::Result<Vec<Outcome>> {
-    ns.enter(move || (0..count).map(|_| http_once(target, timeout)).collect())
+    ns.entry()?
+        .enter(move || (0..count).map(|_| http_once(target, timeout)).collect())
 }
 
 /// One datagram from a fresh socket (a new source port each time, so a new flow) or from
 /// `source_port` when given (the same flow every time).
 pub fn udp(
-    ns: &Netns,
+    ns: &impl Enter,
     target: SocketAddr,
     count: usize,
     source_port: Option<u16>,
     timeout: Duration,
 ) -> anyhow::Result<Vec<Outcome>> {
-    ns.enter(move || {
+    ns.entry()?.enter(move || {
         (0..count)
             .map(|_| {
                 let bind: SocketAddr = if target.is_ipv4() {
@@ -129,4 +130,93 @@ pub fn spread(outcomes: &[Outcome]) -> std::collections::BTreeMap<String, usize>
         *counts.entry(key).or_insert(0) += 1;
     }
     counts
+}
+
+/// Steady traffic for `duration`: one keep-alive connection reused for a request every few
+/// milliseconds, plus a new connection for each request beside it. Returns the failures seen.
+pub fn steady(
+    ns: &impl Enter,
+    target: SocketAddr,
+    duration: Duration,
+) -> anyhow::Result<std::thread::JoinHandle<Vec<String>>> {
+    let entry = ns.entry()?;
+    Ok(std::thread::spawn(move || {
+        entry
+            .enter(move || {
+                let mut failures = Vec::new();
+                let started = std::time::Instant::now();
+                let mut kept = match TcpStream::connect_timeout(&target, Duration::from_secs(2)) {
+                    Ok(s) => s,
+                    Err(e) => return vec![format!("first connect: {e}")],
+                };
+                let _ = kept.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut requests = 0;
+                while started.elapsed() < duration {
+                    requests += 1;
+                    let request = format!("GET / HTTP/1.1\r\nHost: {target}\r\n\r\n");
+                    let answered = kept.write_all(request.as_bytes()).is_ok()
+                        && read_one_response(&mut kept).is_some();
+                    if !answered {
+                        failures.push(format!("keep-alive request {requests} failed"));
+                    }
+                    if let Outcome::Answer { .. } = http_once(target, Duration::from_secs(2)) {
+                    } else {
+                        failures.push(format!("new connection {requests} failed"));
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                failures
+            })
+            .unwrap_or_else(|e| vec![e.to_string()])
+    }))
+}
+
+/// Reads one HTTP response with a Content-Length body.
+fn read_one_response(stream: &mut TcpStream) -> Option<String> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte).ok()? == 0 {
+            return None;
+        }
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    let length: usize = head.lines().find_map(|l| {
+        l.to_ascii_lowercase()
+            .strip_prefix("content-length:")
+            .map(|v| v.trim().parse().unwrap_or(0))
+    })?;
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).ok()?;
+    Some(String::from_utf8_lossy(&body).to_string())
+}
+
+/// `GET path` on a loopback port inside `ns` (the proxy's /metrics and /healthz): status and body.
+pub fn local_get(ns: &impl Enter, port: u16, path: &str) -> anyhow::Result<(u16, String)> {
+    let path = path.to_string();
+    ns.entry()?
+        .enter(move || -> anyhow::Result<(u16, String)> {
+            let mut stream = TcpStream::connect_timeout(
+                &SocketAddr::from(([127, 0, 0, 1], port)),
+                Duration::from_secs(2),
+            )?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            stream.write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response)?;
+            let code = response
+                .split_whitespace()
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(0);
+            let body = response
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_string())
+                .unwrap_or_default();
+            Ok((code, body))
+        })?
 }
