@@ -220,3 +220,28 @@ pub fn local_get(ns: &impl Enter, port: u16, path: &str) -> anyhow::Result<(u16,
             Ok((code, body))
         })?
 }
+
+/// Connects over TCP and reads the one line the workload sends.
+pub fn tcp(
+    ns: &impl Enter,
+    target: SocketAddr,
+    count: usize,
+    timeout: Duration,
+) -> anyhow::Result<Vec<Outcome>> {
+    ns.entry()?.enter(move || {
+        (0..count)
+            .map(|_| {
+                let mut stream = match TcpStream::connect_timeout(&target, timeout) {
+                    Ok(s) => s,
+                    Err(e) => return Outcome::from_error(&e),
+                };
+                let _ = stream.set_read_timeout(Some(timeout));
+                let mut line = String::new();
+                match stream.read_to_string(&mut line) {
+                    Ok(_) => Outcome::parse(&line),
+                    Err(e) => Outcome::from_error(&e),
+                }
+            })
+            .collect()
+    })
+}

@@ -140,3 +140,54 @@ async fn a_service_without_endpoints_is_refused_at_once_and_endpoints_are_follow
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multiport_services_and_one_port_number_over_tcp_and_udp() {
+    on_every_backend("multiport", |backend| async move {
+        let mut lab = Lab::start("mp", backend, 1, 0).await?;
+        lab.add_pod(0, "web-a").await?;
+        lab.add_pod(0, "client").await?;
+        let svc = create_service(
+            &lab,
+            "multi",
+            json!({"ports": [
+                {"name": "http", "port": 80, "targetPort": 8080},
+                {"name": "tcp", "port": 9000, "protocol": "TCP"},
+                {"name": "udp", "port": 9000, "protocol": "UDP"},
+            ]}),
+        )
+        .await?;
+        let ports = json!([
+            {"name": "http", "port": 8080, "protocol": "TCP"},
+            {"name": "tcp", "port": 9000, "protocol": "TCP"},
+            {"name": "udp", "port": 9000, "protocol": "UDP"},
+        ]);
+        set_endpoints(&lab, "multi", &[ready("web-a")], ports).await?;
+        let ip = cluster_ip(&svc);
+        let client = &lab.pod("client").ns;
+        let from_web = |o: &[Outcome]| !o.is_empty() && o.iter().all(|x| x.pod() == Some("web-a"));
+        eventually(
+            &lab,
+            "HTTP on port 80",
+            || traffic::http(client, target(ip, 80), 3, TIMEOUT),
+            from_web,
+        )
+        .await?;
+        eventually(
+            &lab,
+            "TCP on port 9000",
+            || traffic::tcp(client, target(ip, 9000), 3, TIMEOUT),
+            from_web,
+        )
+        .await?;
+        eventually(
+            &lab,
+            "UDP on port 9000",
+            || traffic::udp(client, target(ip, 9000), 3, None, TIMEOUT),
+            from_web,
+        )
+        .await?;
+        Ok(())
+    })
+    .await;
+}
