@@ -59,6 +59,28 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The root namespace's state as `rootns-snapshot` prints it, when the tool is there.
+fn root_namespace(tool: &Path) -> anyhow::Result<Option<String>> {
+    if !tool.is_file() {
+        say("../shared/tools/rootns-snapshot not found; not checking the root namespace");
+        return Ok(None);
+    }
+    let out = Command::new("bash")
+        .arg(tool)
+        .output()
+        .context("running rootns-snapshot")?;
+    Ok(Some(String::from_utf8_lossy(&out.stdout).to_string()))
+}
+
+fn diff_lines(before: &str, after: &str) -> Vec<String> {
+    let old: std::collections::BTreeSet<&str> = before.lines().collect();
+    let new: std::collections::BTreeSet<&str> = after.lines().collect();
+    old.difference(&new)
+        .map(|l| format!("- {l}"))
+        .chain(new.difference(&old).map(|l| format!("+ {l}")))
+        .collect()
+}
+
 #[derive(Default)]
 struct Totals {
     passed: u64,
@@ -144,7 +166,20 @@ fn main() -> anyhow::Result<()> {
                 .env("KPX_REQUIRE_CLIENTS", "1")
                 .env("KPX_REQUIRE_NETNS", "1")
                 .env("KPX_KUBECTL", &tools.kubectl);
+            let snapshot = workspace_root().join("../shared/tools/rootns-snapshot");
+            let before = root_namespace(&snapshot)?;
             let totals = run_counting_tests(&mut cmd)?;
+            if let Some(before) = before {
+                let after = root_namespace(&snapshot)?.unwrap_or_default();
+                if after != before {
+                    say("the root network namespace changed during the tests:");
+                    for line in diff_lines(&before, &after) {
+                        eprintln!("  {line}");
+                    }
+                    bail!("tests must never change the root network namespace");
+                }
+                say("root network namespace unchanged (../shared/tools/rootns-snapshot)");
+            }
             // One closing line for the whole run, after cargo's per-binary ones.
             println!(
                 "{} passed, {} failed, {} skipped",

@@ -96,6 +96,32 @@ pub const JUMPS: &[Jump] = &[
     },
 ];
 
+impl Jump {
+    /// The rule as `iptables-save` prints it, after `-A FROM ` / `-I FROM 1 `.
+    pub fn spec(&self) -> String {
+        let mut spec = String::new();
+        for m in self.matches {
+            spec.push_str(m);
+            spec.push(' ');
+        }
+        spec.push_str(&format!(
+            "-m comment --comment \"{}\" -j {}",
+            self.comment, self.to
+        ));
+        spec
+    }
+
+    /// Whether `saved` (an `iptables-save -t TABLE` output) holds this jump.
+    pub fn present_in(&self, saved: &str) -> bool {
+        let prefix = format!("-A {} ", self.from);
+        saved.lines().any(|l| {
+            l.starts_with(&prefix)
+                && l.contains(&format!("--comment \"{}\"", self.comment))
+                && l.ends_with(&format!("-j {}", self.to))
+        })
+    }
+}
+
 /// Chains that exist in every sync, per table.
 pub const NAT_BASE: &[&str] = &[SERVICES, NODEPORTS, POSTROUTING, MARK_MASQ, CANARY];
 pub const FILTER_BASE: &[&str] = &[SERVICES, EXTERNAL_SERVICES, NODEPORTS, FORWARD, CANARY];

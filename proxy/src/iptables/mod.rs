@@ -35,40 +35,17 @@ impl IptablesBackend {
     pub fn tool(&self) -> Tool {
         self.tool
     }
+}
 
-    /// kpx chains present in a table, from `iptables-save`.
-    fn existing_chains(&self, table: &str) -> Result<BTreeSet<String>, BackendError> {
-        let saved = self.tool.save(table)?;
-        Ok(saved
-            .lines()
-            .filter_map(|l| l.strip_prefix(':'))
-            .filter_map(|l| l.split_whitespace().next())
-            .filter(|c| c.starts_with(chains::PREFIX))
-            .map(String::from)
-            .collect())
-    }
-
-    fn jump_args(jump: &chains::Jump) -> Vec<&str> {
-        let mut args: Vec<&str> = vec!["-t", jump.table];
-        args.extend_from_slice(jump.matches);
-        args.extend(["-m", "comment", "--comment", jump.comment, "-j", jump.to]);
-        args
-    }
-
-    /// Puts the jumps from the built-in chains first in line, where missing.
-    fn ensure_jumps(&self) -> Result<(), BackendError> {
-        for jump in chains::JUMPS {
-            let spec = Self::jump_args(jump);
-            let mut check = vec!["-C", jump.from];
-            check.extend(&spec);
-            if !self.tool.check(&check) {
-                let mut insert = vec!["-I", jump.from, "1"];
-                insert.extend(&spec);
-                self.tool.run(&insert)?;
-            }
-        }
-        Ok(())
-    }
+/// kpx chains present in an `iptables-save` output.
+fn kpx_chains(saved: &str) -> BTreeSet<String> {
+    saved
+        .lines()
+        .filter_map(|l| l.strip_prefix(':'))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| c.starts_with(chains::PREFIX))
+        .map(String::from)
+        .collect()
 }
 
 impl Backend for IptablesBackend {
@@ -82,17 +59,30 @@ impl Backend for IptablesBackend {
         changes: &Changes,
         full: bool,
     ) -> Result<SyncReport, BackendError> {
-        let existing = if full {
-            self.existing_chains("nat")?
+        // A full sync reads both tables once: kpx chains to drop, jumps to restore.
+        let (existing, missing) = if full {
+            let nat = self.tool.save("nat")?;
+            let filter = self.tool.save("filter")?;
+            let missing: Vec<chains::Jump> = chains::JUMPS
+                .iter()
+                .filter(|j| !j.present_in(if j.table == "nat" { &nat } else { &filter }))
+                .copied()
+                .collect();
+            (kpx_chains(&nat), missing)
         } else {
-            BTreeSet::new()
+            (BTreeSet::new(), Vec::new())
         };
-        let plan = render::plan(&self.config, state, changes, &self.applied, full, &existing);
+        let plan = render::plan(
+            &self.config,
+            state,
+            changes,
+            &self.applied,
+            full,
+            &existing,
+            &missing,
+        );
         if !plan.restore.is_empty() {
             self.tool.restore(&plan.restore)?;
-        }
-        if full {
-            self.ensure_jumps()?;
         }
         let report = SyncReport {
             full,
@@ -106,18 +96,23 @@ impl Backend for IptablesBackend {
     }
 
     fn lost_state(&mut self) -> Option<String> {
+        let mut saved = std::collections::BTreeMap::new();
         for table in ["nat", "filter"] {
-            if !self
-                .tool
-                .check(&["-t", table, "-C", chains::CANARY, "-j", "RETURN"])
-            {
+            match self.tool.save(table) {
+                Ok(text) => {
+                    saved.insert(table, text);
+                }
+                Err(e) => return Some(format!("cannot read the {table} table: {e}")),
+            }
+        }
+        let canary = format!("-A {} -j RETURN", chains::CANARY);
+        for (table, text) in &saved {
+            if !text.lines().any(|l| l == canary) {
                 return Some(format!("the {table} canary rule is gone"));
             }
         }
         for jump in chains::JUMPS {
-            let mut check = vec!["-C", jump.from];
-            check.extend(Self::jump_args(jump));
-            if !self.tool.check(&check) {
+            if !jump.present_in(&saved[jump.table]) {
                 return Some(format!(
                     "the jump from {} {} to {} is gone",
                     jump.table, jump.from, jump.to

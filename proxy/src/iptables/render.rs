@@ -41,8 +41,31 @@ pub struct Fragment {
     pub filter_external: Vec<String>,
     pub filter_nodeports: Vec<String>,
     pub hairpin: Vec<String>,
-    /// nat chains this Service port owns, with their rules.
+    /// nat chains this Service port owns, with their rules (empty once cached, see `slim`).
     pub chains: Vec<(String, Vec<String>)>,
+    /// Per owned chain: name, digest of its rules, rule count. Kept between syncs instead of
+    /// the rules themselves, which at 10,000 Services would hold most of the proxy's memory.
+    pub digests: Vec<(String, u64, usize)>,
+}
+
+fn digest(rules: &[String]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    rules.hash(&mut hasher);
+    hasher.finish()
+}
+
+impl Fragment {
+    /// The cached form: digests instead of rule text.
+    fn slim(mut self) -> Self {
+        self.digests = self
+            .chains
+            .iter()
+            .map(|(c, r)| (c.clone(), digest(r), r.len()))
+            .collect();
+        self.chains = Vec::new();
+        self
+    }
 }
 
 pub type Fragments = BTreeMap<ServicePortName, Arc<Fragment>>;
@@ -315,6 +338,7 @@ pub fn plan(
     previous: &Fragments,
     full: bool,
     existing: &BTreeSet<String>,
+    missing_jumps: &[chains::Jump],
 ) -> Plan {
     let mut fragments: Fragments;
     let mut shared = Shared {
@@ -325,13 +349,11 @@ pub fn plan(
     let mut write_chains: Vec<(String, Vec<String>)> = Vec::new();
     let mut delete_chains: BTreeSet<String> = BTreeSet::new();
     if full {
-        fragments = state
-            .entries
-            .iter()
-            .map(|(k, e)| (k.clone(), Arc::new(fragment(cfg, e))))
-            .collect();
-        for f in fragments.values() {
+        fragments = Fragments::new();
+        for (name, entry) in &state.entries {
+            let f = fragment(cfg, entry);
             write_chains.extend(f.chains.iter().cloned());
+            fragments.insert(name.clone(), Arc::new(f.slim()));
         }
         let wanted: BTreeSet<&String> = write_chains.iter().map(|(c, _)| c).collect();
         delete_chains = existing
@@ -344,7 +366,7 @@ pub fn plan(
         for name in changes.removed.keys() {
             if let Some(old) = fragments.remove(name) {
                 shared_changes(Some(&old), None, &mut shared);
-                delete_chains.extend(old.chains.iter().map(|(c, _)| c.clone()));
+                delete_chains.extend(old.digests.iter().map(|(c, _, _)| c.clone()));
             }
         }
         for name in &changes.changed {
@@ -356,22 +378,24 @@ pub fn plan(
             shared_changes(old.as_deref(), Some(&new), &mut shared);
             let kept: BTreeSet<&String> = new.chains.iter().map(|(c, _)| c).collect();
             for (chain, rules) in &new.chains {
-                let unchanged = old
-                    .as_ref()
-                    .is_some_and(|o| o.chains.iter().any(|(c, r)| c == chain && r == rules));
+                let unchanged = old.as_ref().is_some_and(|o| {
+                    o.digests
+                        .iter()
+                        .any(|(c, d, _)| c == chain && *d == digest(rules))
+                });
                 if !unchanged {
                     write_chains.push((chain.clone(), rules.clone()));
                 }
             }
             if let Some(old) = &old {
                 delete_chains.extend(
-                    old.chains
+                    old.digests
                         .iter()
-                        .map(|(c, _)| c.clone())
+                        .map(|(c, _, _)| c.clone())
                         .filter(|c| !kept.contains(c)),
                 );
             }
-            fragments.insert(name.clone(), Arc::new(new));
+            fragments.insert(name.clone(), Arc::new(new.slim()));
         }
     }
 
@@ -388,6 +412,11 @@ pub fn plan(
         out.push_str("*filter\n");
         for chain in chains::FILTER_BASE {
             let _ = writeln!(out, ":{chain} - [0:0]");
+        }
+        // Jumps from built-in chains that are missing go first in line, in the same
+        // transaction (no separate iptables calls, which legacy makes cost a table reload each).
+        for jump in missing_jumps.iter().filter(|j| j.table == "filter") {
+            emit(&mut out, &format!("-I {} 1 {}", jump.from, jump.spec()));
         }
         // The canary: someone flushing the tables removes it, and the next check resyncs.
         emit(&mut out, &format!("-A {} -j RETURN", chains::CANARY));
@@ -431,6 +460,9 @@ pub fn plan(
         }
         for chain in &delete_chains {
             let _ = writeln!(out, ":{chain} - [0:0]");
+        }
+        for jump in missing_jumps.iter().filter(|j| j.table == "nat") {
+            emit(&mut out, &format!("-I {} 1 {}", jump.from, jump.spec()));
         }
         if full {
             emit(&mut out, &format!("-A {} -j RETURN", chains::CANARY));
@@ -506,7 +538,7 @@ pub fn plan(
                 + f.filter_external.len()
                 + f.filter_nodeports.len()
                 + f.hairpin.len()
-                + f.chains.iter().map(|(_, r)| r.len()).sum::<usize>()
+                + f.digests.iter().map(|(_, _, n)| n).sum::<usize>()
         })
         .sum::<usize>()
         + 9;

@@ -6,6 +6,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::{json, Value};
 
 use super::*;
+use crate::iptables::chains;
 use crate::model::ChangeTracker;
 
 fn service(name: &str, spec: Value) -> Service {
@@ -65,7 +66,15 @@ fn full_plan() {
     let mut t = cluster();
     let (state, changes) = t.snapshot(&ProxyState::default());
     let existing: BTreeSet<String> = ["KPX-SVC-GONE".to_string()].into();
-    let plan = plan(&cfg(), &state, &changes, &Fragments::new(), true, &existing);
+    let plan = plan(
+        &cfg(),
+        &state,
+        &changes,
+        &Fragments::new(),
+        true,
+        &existing,
+        &chains::JUMPS[..1],
+    );
     expect![[r#"
         *filter
         :KPX-SERVICES - [0:0]
@@ -89,6 +98,7 @@ fn full_plan() {
         :KPX-EXT-SPPMRL3VLYWNTCXH - [0:0]
         :KPX-SVC-HU7XKBSX5JJPFAMG - [0:0]
         :KPX-SVC-GONE - [0:0]
+        -I PREROUTING 1 -m comment --comment "kpx service portals" -j KPX-SERVICES
         -A KPX-PROXY-CANARY -j RETURN
         -A KPX-MARK-MASQ -j MARK --or-mark 0x4000
         -A KPX-POSTROUTING -s 198.18.128.2/32 -d 198.18.128.2/32 -m comment --comment "hairpin" -j MASQUERADE
@@ -129,6 +139,7 @@ fn one_endpoint_change_rewrites_only_that_chain() {
         &Fragments::new(),
         true,
         &BTreeSet::new(),
+        &[],
     );
     t.apply_slice(slice(
         "web",
@@ -143,6 +154,7 @@ fn one_endpoint_change_rewrites_only_that_chain() {
         &first.fragments,
         false,
         &BTreeSet::new(),
+        &[],
     );
     expect![[r#"
         *nat
@@ -165,13 +177,14 @@ fn one_endpoint_change_rewrites_only_that_chain() {
         &next.fragments,
         false,
         &BTreeSet::new(),
+        &[],
     );
     assert!(empty.restore.contains("-A KPX-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment \"ns/web:http/TCP has no endpoints\" -j REJECT"));
     let chain = first
         .fragments
         .values()
-        .flat_map(|f| f.chains.iter())
-        .map(|(c, _)| c.clone())
+        .flat_map(|f| f.digests.iter())
+        .map(|(c, _, _)| c.clone())
         .find(|c| next.restore.contains(c.as_str()))
         .expect("web's chain");
     assert!(
