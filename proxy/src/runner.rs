@@ -84,15 +84,19 @@ impl<B: Backend> Runner<B> {
 
     fn apply(&mut self, update: Update) {
         match update {
-            Update::ServicesReset(all) => {
+            Update::ServicesListing => self.tracker.begin_services_list(),
+            Update::ServiceListed(svc) => self.tracker.list_service(svc),
+            Update::ServicesListDone => {
                 self.services_listed = true;
-                self.tracker.reset_services(all);
+                self.tracker.finish_services_list();
             }
             Update::ServiceApplied(svc) => self.tracker.apply_service(svc),
             Update::ServiceDeleted(svc) => self.tracker.delete_service(&svc),
-            Update::SlicesReset(all) => {
+            Update::SlicesListing => self.tracker.begin_slices_list(),
+            Update::SliceListed(slice) => self.tracker.list_slice(slice),
+            Update::SlicesListDone => {
                 self.slices_listed = true;
-                self.tracker.reset_slices(all);
+                self.tracker.finish_slices_list();
             }
             Update::SliceApplied(slice) => {
                 self.note_trigger(&slice);
@@ -260,7 +264,7 @@ impl<B: Backend> Runner<B> {
 
 /// A full sync builds the whole ruleset as text (tens of MB at 10,000 Services) and reads the
 /// tables back; glibc keeps such freed memory in its arenas. Returning it keeps the proxy's
-/// resident memory at its working set.
+/// resident memory near its working set.
 fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only releases free heap pages; it has no preconditions.

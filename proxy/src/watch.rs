@@ -9,12 +9,19 @@ use kpx_control::client::{
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
+/// One change for the tracker. A (re)list arrives as `*Listing`, one `*Listed` per object, then
+/// `*ListDone`: objects stream through one at a time instead of being buffered, so the proxy
+/// never holds the whole typed list (at 10,000 Services that peak dominated its memory).
 #[derive(Debug)]
 pub enum Update {
-    ServicesReset(Vec<Service>),
+    ServicesListing,
+    ServiceListed(Service),
+    ServicesListDone,
     ServiceApplied(Service),
     ServiceDeleted(Service),
-    SlicesReset(Vec<EndpointSlice>),
+    SlicesListing,
+    SliceListed(EndpointSlice),
+    SlicesListDone,
     SliceApplied(EndpointSlice),
     SliceDeleted(EndpointSlice),
 }
@@ -24,27 +31,28 @@ pub struct Watchers {
     pub stats: Vec<Arc<ReflectorStats>>,
 }
 
+/// How one kind's reflector events become updates.
+struct Mapping<K> {
+    listing: Update,
+    listed: fn(K) -> Update,
+    list_done: Update,
+    applied: fn(K) -> Update,
+    deleted: fn(K) -> Update,
+}
+
 async fn forward<K: kpx_control::client::Object>(
     mut events: mpsc::Receiver<ReflectorEvent<K>>,
     tx: mpsc::Sender<Update>,
-    reset: fn(Vec<K>) -> Update,
-    applied: fn(K) -> Update,
-    deleted: fn(K) -> Update,
+    m: fn() -> Mapping<K>,
 ) {
-    let mut buffer: Option<Vec<K>> = None;
     while let Some(event) = events.recv().await {
+        let map = m();
         let update = match event {
-            ReflectorEvent::Init => {
-                buffer = Some(Vec::new());
-                continue;
-            }
-            ReflectorEvent::InitApply(obj) => {
-                buffer.get_or_insert_with(Vec::new).push(obj);
-                continue;
-            }
-            ReflectorEvent::InitDone => reset(buffer.take().unwrap_or_default()),
-            ReflectorEvent::Apply(obj) => applied(obj),
-            ReflectorEvent::Delete(obj) => deleted(obj),
+            ReflectorEvent::Init => map.listing,
+            ReflectorEvent::InitApply(obj) => (map.listed)(obj),
+            ReflectorEvent::InitDone => map.list_done,
+            ReflectorEvent::Apply(obj) => (map.applied)(obj),
+            ReflectorEvent::Delete(obj) => (map.deleted)(obj),
         };
         if tx.send(update).await.is_err() {
             return;
@@ -64,19 +72,19 @@ pub fn start(client: &Client) -> Watchers {
         ReflectorOptions::default(),
     );
     let stats = vec![services.stats.clone(), slices.stats.clone()];
-    tokio::spawn(forward(
-        services.events,
-        tx.clone(),
-        Update::ServicesReset,
-        Update::ServiceApplied,
-        Update::ServiceDeleted,
-    ));
-    tokio::spawn(forward(
-        slices.events,
-        tx,
-        Update::SlicesReset,
-        Update::SliceApplied,
-        Update::SliceDeleted,
-    ));
+    tokio::spawn(forward(services.events, tx.clone(), || Mapping {
+        listing: Update::ServicesListing,
+        listed: Update::ServiceListed,
+        list_done: Update::ServicesListDone,
+        applied: Update::ServiceApplied,
+        deleted: Update::ServiceDeleted,
+    }));
+    tokio::spawn(forward(slices.events, tx, || Mapping {
+        listing: Update::SlicesListing,
+        listed: Update::SliceListed,
+        list_done: Update::SlicesListDone,
+        applied: Update::SliceApplied,
+        deleted: Update::SliceDeleted,
+    }));
     Watchers { updates, stats }
 }

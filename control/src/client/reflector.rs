@@ -88,8 +88,9 @@ async fn run<K>(
     let mut backoff = options.backoff_min;
     loop {
         stats.lists.fetch_add(1, Ordering::Relaxed);
-        let (items, mut rv) = match list_all(&api, &options).await {
-            Ok(listed) => listed,
+        let mut rv = match list_pages(&api, &options, &tx).await {
+            Ok(Some(rv)) => rv,
+            Ok(None) => return,
             Err(e) => {
                 stats.errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(kind = K::KIND, error = %e, retry_in = ?backoff, "list failed");
@@ -98,17 +99,6 @@ async fn run<K>(
                 continue;
             }
         };
-        if tx.send(ReflectorEvent::Init).await.is_err() {
-            return;
-        }
-        for item in items {
-            if tx.send(ReflectorEvent::InitApply(item)).await.is_err() {
-                return;
-            }
-        }
-        if tx.send(ReflectorEvent::InitDone).await.is_err() {
-            return;
-        }
         match watch_from(&api, &options, &tx, &mut rv, &stats).await {
             Restart::Closed => return,
             // A 410 is routine: re-list at once, and a healthy cycle resets the backoff.
@@ -121,22 +111,37 @@ async fn run<K>(
     }
 }
 
-async fn list_all<K>(
+/// Lists page by page, handing objects on as each page arrives (so a large list is never held
+/// whole), framed by `Init` and `InitDone`. Returns the list's resourceVersion, or None when the
+/// receiver is gone. A failure part-way is followed by a new `Init` on the next attempt.
+async fn list_pages<K>(
     api: &Api<K>,
     options: &ReflectorOptions,
-) -> Result<(Vec<K>, String), ClientError>
+    tx: &mpsc::Sender<ReflectorEvent<K>>,
+) -> Result<Option<String>, ClientError>
 where
     K: Object,
 {
     let mut params = options.params.clone();
     params.limit = Some(options.page_size);
-    let mut items = Vec::new();
+    if tx.send(ReflectorEvent::Init).await.is_err() {
+        return Ok(None);
+    }
     loop {
         let page = api.list(&params).await?;
-        items.extend(page.items);
+        for item in page.items {
+            if tx.send(ReflectorEvent::InitApply(item)).await.is_err() {
+                return Ok(None);
+            }
+        }
         match page.metadata.continue_token.filter(|t| !t.is_empty()) {
             Some(token) => params.continue_token = Some(token),
-            None => return Ok((items, page.metadata.resource_version)),
+            None => {
+                if tx.send(ReflectorEvent::InitDone).await.is_err() {
+                    return Ok(None);
+                }
+                return Ok(Some(page.metadata.resource_version));
+            }
         }
     }
 }

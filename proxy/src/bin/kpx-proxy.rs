@@ -173,6 +173,7 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    limit_malloc_arenas();
     let mut backend = backend(&args)?;
     if args.cleanup {
         backend.cleanup()?;
@@ -224,6 +225,17 @@ async fn main() -> anyhow::Result<()> {
     runner.run(watchers.updates, shutdown_signal()).await;
     tracing::info!("stopped; rules stay in place (use --cleanup to remove them)");
     Ok(())
+}
+
+/// glibc gives every thread that allocates its own arena (up to 8 per core); the proxy's heap
+/// is built by a few threads in turn, so extra arenas only hold freed memory. Two suffice.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tuning and is thread-safe; it runs before the
+    // proxy allocates its working set, so the arenas created for it follow the limit.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
 }
 
 fn print_dump(dump: &serde_json::Value) {

@@ -15,12 +15,18 @@ use super::state::{udp_cleanups, Changes, ProxyState, ServiceEntry};
 #[derive(Default)]
 pub struct ChangeTracker {
     node_name: String,
-    services: HashMap<NamespacedName, Service>,
+    /// Each Service's ports, parsed once when it arrives (the objects themselves are not kept:
+    /// at 10,000 Services they would be most of the proxy's memory).
+    services: HashMap<NamespacedName, BTreeMap<super::ServicePortName, super::ServicePort>>,
     /// Slices by their own key: the Service they belong to and their endpoints.
     slices: HashMap<NamespacedName, (NamespacedName, SliceEndpoints)>,
     slices_of: HashMap<NamespacedName, BTreeSet<NamespacedName>>,
     dirty: BTreeSet<NamespacedName>,
     skipped: Vec<Skipped>,
+    /// What a re-list has delivered so far, swapped in when it is complete.
+    services_listing:
+        Option<HashMap<NamespacedName, BTreeMap<super::ServicePortName, super::ServicePort>>>,
+    slices_listing: Option<Vec<(NamespacedName, NamespacedName, SliceEndpoints)>>,
 }
 
 fn slice_key(slice: &EndpointSlice) -> Option<NamespacedName> {
@@ -41,8 +47,9 @@ impl ChangeTracker {
 
     pub fn apply_service(&mut self, svc: Service) {
         if let Some(key) = service_key(&svc) {
+            let ports = service_ports(&svc, &mut self.skipped);
             self.dirty.insert(key.clone());
-            self.services.insert(key, svc);
+            self.services.insert(key, ports);
         }
     }
 
@@ -55,11 +62,40 @@ impl ChangeTracker {
 
     /// Replaces every Service (after a re-list).
     pub fn reset_services(&mut self, services: Vec<Service>) {
-        self.dirty.extend(self.services.keys().cloned());
-        self.services.clear();
+        self.begin_services_list();
         for svc in services {
-            self.apply_service(svc);
+            self.list_service(svc);
         }
+        self.finish_services_list();
+    }
+
+    /// A re-list of Services starts: objects until `finish_services_list` replace all.
+    pub fn begin_services_list(&mut self) {
+        self.services_listing = Some(HashMap::new());
+    }
+
+    pub fn list_service(&mut self, svc: Service) {
+        let Some(key) = service_key(&svc) else { return };
+        let ports = service_ports(&svc, &mut self.skipped);
+        self.services_listing
+            .get_or_insert_with(HashMap::new)
+            .insert(key, ports);
+    }
+
+    pub fn finish_services_list(&mut self) {
+        let listed = self.services_listing.take().unwrap_or_default();
+        // Only what differs is dirty: a re-list that changes nothing re-renders nothing.
+        for (key, ports) in &self.services {
+            if listed.get(key) != Some(ports) {
+                self.dirty.insert(key.clone());
+            }
+        }
+        for key in listed.keys() {
+            if !self.services.contains_key(key) {
+                self.dirty.insert(key.clone());
+            }
+        }
+        self.services = listed;
     }
 
     pub fn apply_slice(&mut self, slice: EndpointSlice) {
@@ -87,12 +123,40 @@ impl ChangeTracker {
 
     /// Replaces every EndpointSlice (after a re-list).
     pub fn reset_slices(&mut self, slices: Vec<EndpointSlice>) {
-        let keys: Vec<NamespacedName> = self.slices.keys().cloned().collect();
-        for key in keys {
+        self.begin_slices_list();
+        for slice in slices {
+            self.list_slice(slice);
+        }
+        self.finish_slices_list();
+    }
+
+    pub fn begin_slices_list(&mut self) {
+        self.slices_listing = Some(Vec::new());
+    }
+
+    pub fn list_slice(&mut self, slice: EndpointSlice) {
+        let (Some(key), Some(service)) = (slice_key(&slice), slice_service(&slice)) else {
+            return;
+        };
+        let endpoints = slice_endpoints(&slice, &self.node_name, &mut self.skipped);
+        self.slices_listing
+            .get_or_insert_with(Vec::new)
+            .push((key, service, endpoints));
+    }
+
+    pub fn finish_slices_list(&mut self) {
+        let listed = self.slices_listing.take().unwrap_or_default();
+        let old: Vec<NamespacedName> = self.slices.keys().cloned().collect();
+        for key in old {
             self.forget_slice(&key);
         }
-        for slice in slices {
-            self.apply_slice(slice);
+        for (key, service, endpoints) in listed {
+            self.slices_of
+                .entry(service.clone())
+                .or_default()
+                .insert(key.clone());
+            self.dirty.insert(service.clone());
+            self.slices.insert(key, (service, endpoints));
         }
     }
 
@@ -118,10 +182,9 @@ impl ChangeTracker {
         service: &NamespacedName,
     ) -> BTreeMap<super::ServicePortName, ServiceEntry> {
         let mut out = BTreeMap::new();
-        let Some(svc) = self.services.get(service) else {
+        let Some(ports) = self.services.get(service) else {
             return out;
         };
-        let ports = service_ports(svc, &mut self.skipped);
         let slices: Vec<&SliceEndpoints> = self
             .slices_of
             .get(service)
@@ -129,7 +192,7 @@ impl ChangeTracker {
             .flatten()
             .filter_map(|k| self.slices.get(k).map(|(_, eps)| eps))
             .collect();
-        for (name, port) in ports {
+        for (name, port) in ports.clone() {
             let key = (name.port.clone(), name.protocol);
             let endpoints = merge(slices.iter().filter_map(|s| s.get(&key)));
             let selected = select(&endpoints, port.internal_policy_local);
