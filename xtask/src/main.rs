@@ -195,7 +195,10 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Bench => {
             say("running the API server benchmark (release build)");
-            run(cargo().args(["bench", "-p", "kpx-control", "--bench", "apiserver"]))
+            run(cargo().args(["bench", "-p", "kpx-control", "--bench", "apiserver"]))?;
+            say("running the iptables backend benchmark (root, network namespaces)");
+            run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
+            run(cargo().args(["bench", "-p", "kpx-lab", "--bench", "iptables_sync"]))
         }
     }
 }
