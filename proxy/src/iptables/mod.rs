@@ -6,6 +6,8 @@ pub mod chains;
 mod dump;
 pub mod exec;
 pub mod render;
+#[cfg(test)]
+pub mod trace;
 
 use std::collections::BTreeSet;
 

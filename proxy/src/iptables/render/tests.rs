@@ -194,3 +194,68 @@ fn one_endpoint_change_rewrites_only_that_chain() {
     );
     assert!(!empty.restore.contains(&format!("-j {chain}")));
 }
+
+fn traced(restore: &str, src: &str, dst: &str, protocol: &str, dport: u16) -> Vec<String> {
+    use crate::iptables::trace::{describe, trace, Packet};
+    let local: Vec<std::net::IpAddr> = ["198.18.0.11".parse().expect("ip")].to_vec();
+    let packet = Packet {
+        src: src.parse().expect("src"),
+        dst: dst.parse().expect("dst"),
+        protocol,
+        dport,
+        local: &local,
+    };
+    describe(&trace(restore, &packet))
+}
+
+#[test]
+fn packets_through_the_full_plan() {
+    let mut t = cluster();
+    let (state, changes) = t.snapshot(&ProxyState::default());
+    let restore = plan(
+        &cfg(),
+        &state,
+        &changes,
+        &Fragments::new(),
+        true,
+        &BTreeSet::new(),
+        &[],
+    )
+    .restore;
+    // From a pod to a ClusterIP: either endpoint, evenly, keeping the pod's address.
+    assert_eq!(
+        traced(&restore, "198.18.128.9", "10.96.0.10", "tcp", 80),
+        [
+            "DNAT to 198.18.128.2:8080 p=0.50",
+            "DNAT to 198.18.129.2:8080 p=0.50"
+        ]
+    );
+    // From the node itself: masqueraded so replies come back through it.
+    assert_eq!(
+        traced(&restore, "198.18.0.11", "10.96.0.10", "tcp", 80),
+        [
+            "DNAT to 198.18.128.2:8080 p=0.50 masquerade",
+            "DNAT to 198.18.129.2:8080 p=0.50 masquerade"
+        ]
+    );
+    // A Service without endpoints: rejected, never silently dropped.
+    assert_eq!(
+        traced(&restore, "198.18.128.9", "10.96.0.11", "udp", 53),
+        ["REJECT p=1.00"]
+    );
+    // The wrong port of a Service: no rule.
+    assert_eq!(
+        traced(&restore, "198.18.128.9", "10.96.0.10", "tcp", 81),
+        ["no rule p=1.00"]
+    );
+    // NodePort with externalTrafficPolicy Local from outside: the local endpoint, source kept.
+    assert_eq!(
+        traced(&restore, "203.0.113.7", "198.18.0.11", "tcp", 30080),
+        ["DNAT to 198.18.128.3:8080 p=1.00"]
+    );
+    // The same NodePort from the node itself: masqueraded, to the cluster-wide endpoints.
+    assert_eq!(
+        traced(&restore, "198.18.0.11", "198.18.0.11", "tcp", 30080),
+        ["DNAT to 198.18.128.3:8080 p=1.00 masquerade"]
+    );
+}

@@ -1,0 +1,294 @@
+//! Tracing a packet through a rendered plan (as kube-proxy's packet-flow tests do): which
+//! endpoints it can be DNATed to, with what probability, and whether it is masqueraded or
+//! rejected. Used by tests to check behaviour, not just text. It understands exactly the matches
+//! and targets the renderer writes.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+/// A packet entering the nat table (PREROUTING for forwarded, OUTPUT for local traffic).
+#[derive(Debug, Clone)]
+pub struct Packet<'a> {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub protocol: &'a str,
+    pub dport: u16,
+    /// The node's own addresses (for `-m addrtype`).
+    pub local: &'a [IpAddr],
+}
+
+/// One way the packet can go.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub probability: f64,
+    /// `ip:port` it is DNATed to, if any.
+    pub dnat: Option<String>,
+    pub masquerade: bool,
+    /// REJECT or DROP from the filter table when not DNATed.
+    pub verdict: Option<String>,
+}
+
+fn tokenize(rule: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    let mut quoted = false;
+    for c in rule.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            ' ' if !quoted => {
+                if !current.is_empty() {
+                    out.push(std::mem::take(&mut current));
+                }
+            }
+            c => current.push(c),
+        }
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
+/// Rules per chain, per table.
+fn parse(restore: &str) -> BTreeMap<(String, String), Vec<Vec<String>>> {
+    let mut table = String::new();
+    let mut chains: BTreeMap<(String, String), Vec<Vec<String>>> = BTreeMap::new();
+    for line in restore.lines() {
+        if let Some(t) = line.strip_prefix('*') {
+            table = t.to_string();
+        } else if let Some(rule) = line.strip_prefix("-A ") {
+            let tokens = tokenize(rule);
+            if let Some((chain, rest)) = tokens.split_first() {
+                chains
+                    .entry((table.clone(), chain.clone()))
+                    .or_default()
+                    .push(rest.to_vec());
+            }
+        }
+    }
+    chains
+}
+
+fn in_cidr(ip: &IpAddr, cidr: &str) -> bool {
+    let (addr, len) = cidr
+        .split_once('/')
+        .unwrap_or((cidr, if ip.is_ipv4() { "32" } else { "128" }));
+    let (Ok(net), Ok(len)) = (addr.parse::<IpAddr>(), len.parse::<u32>()) else {
+        return false;
+    };
+    match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(n)) => {
+            let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+            u32::from(*a) & mask == u32::from(n) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(n)) => {
+            let mask = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - len)
+            };
+            u128::from(*a) & mask == u128::from(n) & mask
+        }
+        _ => false,
+    }
+}
+
+/// Whether the matches of `rule` hold; `Some(p)` when a `statistic` match makes it random.
+fn matches(rule: &[String], p: &Packet) -> Option<f64> {
+    let mut probability = 1.0;
+    let mut i = 0;
+    let mut negate = false;
+    while i < rule.len() {
+        let word = rule[i].as_str();
+        let arg = rule.get(i + 1).map(String::as_str).unwrap_or("");
+        let ok = match word {
+            "!" => {
+                negate = true;
+                i += 1;
+                continue;
+            }
+            "-s" => in_cidr(&p.src, arg),
+            "-d" => in_cidr(&p.dst, arg),
+            "-p" => arg == p.protocol,
+            "--dport" => arg.parse::<u16>().ok() == Some(p.dport),
+            "--dst-type" => p.local.contains(&p.dst),
+            "--src-type" => p.local.contains(&p.src),
+            "--probability" => {
+                probability *= arg.parse::<f64>().unwrap_or(1.0);
+                true
+            }
+            // No affinity state in a trace: a `--rcheck` never matches, `--set` always does.
+            "--rcheck" => false,
+            "-j" => break,
+            _ => {
+                i += 1;
+                continue;
+            }
+        };
+        if ok == negate {
+            return None;
+        }
+        negate = false;
+        i += 2;
+    }
+    Some(probability)
+}
+
+fn target(rule: &[String]) -> (&str, Option<&str>) {
+    let at = rule
+        .iter()
+        .position(|w| w == "-j")
+        .map_or(rule.len(), |i| i + 1);
+    let name = rule.get(at).map(String::as_str).unwrap_or("");
+    let to = rule
+        .iter()
+        .position(|w| w == "--to-destination")
+        .and_then(|i| rule.get(i + 1))
+        .map(String::as_str);
+    (name, to)
+}
+
+type Chains = BTreeMap<(String, String), Vec<Vec<String>>>;
+
+/// Walks `chain` from rule `from`; every way out is pushed to `out`.
+fn walk(
+    chains: &Chains,
+    table: &str,
+    chain: &str,
+    from: usize,
+    p: &Packet,
+    state: Outcome,
+    out: &mut Vec<Outcome>,
+    depth: usize,
+) -> Option<Outcome> {
+    if depth > 32 {
+        return Some(state);
+    }
+    let rules = chains
+        .get(&(table.to_string(), chain.to_string()))
+        .cloned()
+        .unwrap_or_default();
+    let mut state = state;
+    for (i, rule) in rules.iter().enumerate().skip(from) {
+        let Some(prob) = matches(rule, p) else {
+            continue;
+        };
+        if prob < 1.0 {
+            // Random: the rest of the chain is the other branch.
+            let mut skipped = state.clone();
+            skipped.probability *= 1.0 - prob;
+            if let Some(fell_through) =
+                walk(chains, table, chain, i + 1, p, skipped, out, depth + 1)
+            {
+                out.push(fell_through);
+            }
+            state.probability *= prob;
+        }
+        match target(rule) {
+            ("DNAT", to) => {
+                state.dnat = to.map(String::from);
+                out.push(state);
+                return None;
+            }
+            ("MARK", _) => state.masquerade = true,
+            ("RETURN", _) => return Some(state),
+            ("REJECT", _) | ("DROP", _) | ("ACCEPT", _) => {
+                state.verdict = Some(target(rule).0.to_string());
+                out.push(state);
+                return None;
+            }
+            (next, _) => {
+                if next == "KPX-MARK-MASQ" {
+                    state.masquerade = true;
+                    continue;
+                }
+                match walk(chains, table, next, 0, p, state.clone(), out, depth + 1) {
+                    Some(returned) => state = returned,
+                    None => return None,
+                }
+            }
+        }
+    }
+    Some(state)
+}
+
+/// Every way `packet` can go through the plan's nat `KPX-SERVICES` and, when not DNATed, the
+/// filter table's Service rejects.
+pub fn trace(restore: &str, packet: &Packet) -> Vec<Outcome> {
+    let chains = parse(restore);
+    let start = Outcome {
+        probability: 1.0,
+        dnat: None,
+        masquerade: false,
+        verdict: None,
+    };
+    let mut nat = Vec::new();
+    if let Some(rest) = walk(
+        &chains,
+        "nat",
+        "KPX-SERVICES",
+        0,
+        packet,
+        start,
+        &mut nat,
+        0,
+    ) {
+        nat.push(rest);
+    }
+    let mut out = Vec::new();
+    for o in nat {
+        if o.dnat.is_some() {
+            out.push(o);
+            continue;
+        }
+        let mut filtered = Vec::new();
+        for chain in ["KPX-SERVICES", "KPX-EXTERNAL-SERVICES"] {
+            if let Some(rest) = walk(
+                &chains,
+                "filter",
+                chain,
+                0,
+                packet,
+                o.clone(),
+                &mut filtered,
+                0,
+            ) {
+                if rest.verdict.is_none() {
+                    continue;
+                }
+                filtered.push(rest);
+            }
+            if !filtered.is_empty() {
+                break;
+            }
+        }
+        if filtered.is_empty() {
+            out.push(o);
+        } else {
+            out.extend(filtered);
+        }
+    }
+    out
+}
+
+/// The outcomes as lines like `DNAT to 198.19.0.2:8080 p=0.50 masquerade`, sorted.
+pub fn describe(outcomes: &[Outcome]) -> Vec<String> {
+    let mut lines: Vec<String> = outcomes
+        .iter()
+        .filter(|o| o.probability > 1e-9)
+        .map(|o| {
+            let mut line = match (&o.dnat, &o.verdict) {
+                (Some(to), _) => format!("DNAT to {to}"),
+                (None, Some(v)) => v.clone(),
+                (None, None) => "no rule".to_string(),
+            };
+            line.push_str(&format!(" p={:.2}", o.probability));
+            if o.masquerade {
+                line.push_str(" masquerade");
+            }
+            line
+        })
+        .collect();
+    lines.sort();
+    lines
+}
