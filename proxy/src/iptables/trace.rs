@@ -150,66 +150,66 @@ fn target(rule: &[String]) -> (&str, Option<&str>) {
 
 type Chains = BTreeMap<(String, String), Vec<Vec<String>>>;
 
-/// Walks `chain` from rule `from`; every way out is pushed to `out`.
-fn walk(
-    chains: &Chains,
-    table: &str,
-    chain: &str,
-    from: usize,
-    p: &Packet,
-    state: Outcome,
-    out: &mut Vec<Outcome>,
-    depth: usize,
-) -> Option<Outcome> {
-    if depth > 32 {
-        return Some(state);
-    }
-    let rules = chains
-        .get(&(table.to_string(), chain.to_string()))
-        .cloned()
-        .unwrap_or_default();
-    let mut state = state;
-    for (i, rule) in rules.iter().enumerate().skip(from) {
-        let Some(prob) = matches(rule, p) else {
-            continue;
-        };
-        if prob < 1.0 {
-            // Random: the rest of the chain is the other branch.
-            let mut skipped = state.clone();
-            skipped.probability *= 1.0 - prob;
-            if let Some(fell_through) =
-                walk(chains, table, chain, i + 1, p, skipped, out, depth + 1)
-            {
-                out.push(fell_through);
-            }
-            state.probability *= prob;
+/// Walks chains for one packet, collecting every way out.
+struct Walker<'a> {
+    chains: &'a Chains,
+    packet: &'a Packet<'a>,
+    out: Vec<Outcome>,
+}
+
+impl Walker<'_> {
+    /// Walks `chain` from rule `from`; returns the state if the packet falls off its end.
+    fn walk(
+        &mut self,
+        table: &str,
+        chain: &str,
+        from: usize,
+        state: Outcome,
+        depth: usize,
+    ) -> Option<Outcome> {
+        if depth > 32 {
+            return Some(state);
         }
-        match target(rule) {
-            ("DNAT", to) => {
-                state.dnat = to.map(String::from);
-                out.push(state);
-                return None;
-            }
-            ("MARK", _) => state.masquerade = true,
-            ("RETURN", _) => return Some(state),
-            ("REJECT", _) | ("DROP", _) | ("ACCEPT", _) => {
-                state.verdict = Some(target(rule).0.to_string());
-                out.push(state);
-                return None;
-            }
-            (next, _) => {
-                if next == "KPX-MARK-MASQ" {
-                    state.masquerade = true;
-                    continue;
+        let rules = self
+            .chains
+            .get(&(table.to_string(), chain.to_string()))
+            .cloned()
+            .unwrap_or_default();
+        let mut state = state;
+        for (i, rule) in rules.iter().enumerate().skip(from) {
+            let Some(prob) = matches(rule, self.packet) else {
+                continue;
+            };
+            if prob < 1.0 {
+                // Random: the rest of the chain is the other branch.
+                let mut skipped = state.clone();
+                skipped.probability *= 1.0 - prob;
+                if let Some(fell_through) = self.walk(table, chain, i + 1, skipped, depth + 1) {
+                    self.out.push(fell_through);
                 }
-                match walk(chains, table, next, 0, p, state.clone(), out, depth + 1) {
+                state.probability *= prob;
+            }
+            match target(rule) {
+                ("DNAT", to) => {
+                    state.dnat = to.map(String::from);
+                    self.out.push(state);
+                    return None;
+                }
+                ("MARK", _) | ("KPX-MARK-MASQ", _) => state.masquerade = true,
+                ("RETURN", _) => return Some(state),
+                (verdict @ ("REJECT" | "DROP" | "ACCEPT"), _) => {
+                    state.verdict = Some(verdict.to_string());
+                    self.out.push(state);
+                    return None;
+                }
+                (next, _) => match self.walk(table, next, 0, state.clone(), depth + 1) {
                     Some(returned) => state = returned,
                     None => return None,
-                }
+                },
             }
         }
+        Some(state)
     }
-    Some(state)
 }
 
 /// Every way `packet` can go through the plan's nat `KPX-SERVICES` and, when not DNATed, the
@@ -222,50 +222,40 @@ pub fn trace(restore: &str, packet: &Packet) -> Vec<Outcome> {
         masquerade: false,
         verdict: None,
     };
-    let mut nat = Vec::new();
-    if let Some(rest) = walk(
-        &chains,
-        "nat",
-        "KPX-SERVICES",
-        0,
+    let mut nat = Walker {
+        chains: &chains,
         packet,
-        start,
-        &mut nat,
-        0,
-    ) {
-        nat.push(rest);
+        out: Vec::new(),
+    };
+    if let Some(rest) = nat.walk("nat", "KPX-SERVICES", 0, start, 0) {
+        nat.out.push(rest);
     }
     let mut out = Vec::new();
-    for o in nat {
+    for o in nat.out {
         if o.dnat.is_some() {
             out.push(o);
             continue;
         }
-        let mut filtered = Vec::new();
+        // Not DNATed: the filter table's Service chains decide (reject, drop, or nothing).
+        let mut filter = Walker {
+            chains: &chains,
+            packet,
+            out: Vec::new(),
+        };
         for chain in ["KPX-SERVICES", "KPX-EXTERNAL-SERVICES"] {
-            if let Some(rest) = walk(
-                &chains,
-                "filter",
-                chain,
-                0,
-                packet,
-                o.clone(),
-                &mut filtered,
-                0,
-            ) {
-                if rest.verdict.is_none() {
-                    continue;
+            if let Some(rest) = filter.walk("filter", chain, 0, o.clone(), 0) {
+                if rest.verdict.is_some() {
+                    filter.out.push(rest);
                 }
-                filtered.push(rest);
             }
-            if !filtered.is_empty() {
+            if !filter.out.is_empty() {
                 break;
             }
         }
-        if filtered.is_empty() {
+        if filter.out.is_empty() {
             out.push(o);
         } else {
-            out.extend(filtered);
+            out.extend(filter.out);
         }
     }
     out
