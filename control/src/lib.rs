@@ -8,4 +8,5 @@
 pub mod api;
 pub mod apiserver;
 pub mod client;
+pub mod signals;
 pub mod store;

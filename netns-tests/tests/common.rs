@@ -188,3 +188,11 @@ pub fn target(ip: std::net::IpAddr, port: u16) -> SocketAddr {
 pub fn all_answer(outcomes: &[Outcome]) -> bool {
     !outcomes.is_empty() && outcomes.iter().all(|o| o.pod().is_some())
 }
+
+/// The pods that answered.
+pub fn pods_seen(o: &[Outcome]) -> std::collections::BTreeSet<String> {
+    o.iter()
+        .filter_map(Outcome::pod)
+        .map(String::from)
+        .collect()
+}

@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use common::*;
@@ -11,13 +10,6 @@ use kpx_control::client::Patch;
 use kpx_lab::lab::Lab;
 use kpx_lab::traffic::{self, Outcome};
 use serde_json::json;
-
-fn pods_seen(o: &[Outcome]) -> BTreeSet<String> {
-    o.iter()
-        .filter_map(Outcome::pod)
-        .map(String::from)
-        .collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_ports_external_ips_and_load_balancer_ips_reach_every_endpoint() {

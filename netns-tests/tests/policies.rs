@@ -9,15 +9,8 @@ use std::time::Duration;
 use common::*;
 use kpx_control::client::Patch;
 use kpx_lab::lab::Lab;
-use kpx_lab::traffic::{self, Outcome};
+use kpx_lab::traffic;
 use serde_json::json;
-
-fn pods_seen(o: &[Outcome]) -> BTreeSet<String> {
-    o.iter()
-        .filter_map(Outcome::pod)
-        .map(String::from)
-        .collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn internal_traffic_policy_local_and_terminating_fallback() {

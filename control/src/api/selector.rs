@@ -132,6 +132,18 @@ fn valid_value(value: &str) -> Result<String, String> {
         .map_err(|why| format!("invalid label value {value:?}: {why}"))
 }
 
+/// A label map as selector text (`app=web,tier=front`), as kubectl and Scale show it.
+pub fn format_labels(labels: Option<&Map<String, Value>>) -> String {
+    labels
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default()
+}
+
 /// A parsed field selector over the fields a resource supports.
 #[derive(Debug, Clone, Default)]
 pub struct FieldSelector(Vec<(String, bool, String)>);

@@ -178,16 +178,9 @@ fn cells(kind: Kind, obj: &Value, age: String) -> Vec<Value> {
                 })
                 .collect::<Vec<_>>()
                 .join(",");
-            let selector = obj
-                .pointer("/spec/selector")
-                .and_then(Value::as_object)
-                .map(|m| {
-                    m.iter()
-                        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
-                        .collect::<Vec<_>>()
-                        .join(",")
-                })
-                .unwrap_or_default();
+            let selector = super::selector::format_labels(
+                obj.pointer("/spec/selector").and_then(Value::as_object),
+            );
             let cluster_ip = or_none(text(obj, "/spec/clusterIP").to_string());
             vec![
                 name,

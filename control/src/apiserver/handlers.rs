@@ -916,15 +916,8 @@ fn scale_of(resource: &ResourceInfo, obj: &Value) -> Value {
         Kind::ReplicationController => obj.pointer("/spec/selector").cloned(),
         _ => obj.pointer("/spec/selector/matchLabels").cloned(),
     };
-    let selector = selector
-        .and_then(|s| s.as_object().cloned())
-        .map(|m| {
-            m.iter()
-                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
-                .collect::<Vec<_>>()
-                .join(",")
-        })
-        .unwrap_or_default();
+    let selector =
+        crate::api::selector::format_labels(selector.as_ref().and_then(Value::as_object));
     let m = obj.get("metadata").cloned().unwrap_or(json!({}));
     json!({
         "kind": "Scale",

@@ -93,22 +93,7 @@ async fn main() -> anyhow::Result<()> {
     // The first line on stdout is the address, for scripts and tests that pass --port 0.
     println!("kpx-control listening on http://{address}");
     tracing::info!(%address, store = %db.display(), revision = server.store().current_revision(), "serving");
-    apiserver::serve(listener, server, shutdown_signal()).await?;
+    apiserver::serve(listener, server, kpx_control::signals::shutdown()).await?;
     tracing::info!("stopped");
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the server");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }

@@ -222,7 +222,9 @@ async fn main() -> anyhow::Result<()> {
         metrics,
         health,
     );
-    runner.run(watchers.updates, shutdown_signal()).await;
+    runner
+        .run(watchers.updates, kpx_control::signals::shutdown())
+        .await;
     tracing::info!("stopped; rules stay in place (use --cleanup to remove them)");
     Ok(())
 }
@@ -270,19 +272,5 @@ fn print_dump(dump: &serde_json::Value) {
             node_port,
             endpoints
         );
-    }
-}
-
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
     }
 }

@@ -107,6 +107,15 @@ impl ChangeTracker {
             return;
         };
         let endpoints = slice_endpoints(&slice, &self.node_name, &mut self.skipped);
+        self.insert_slice(key, service, endpoints);
+    }
+
+    fn insert_slice(
+        &mut self,
+        key: NamespacedName,
+        service: NamespacedName,
+        endpoints: SliceEndpoints,
+    ) {
         self.slices_of
             .entry(service.clone())
             .or_default()
@@ -151,12 +160,7 @@ impl ChangeTracker {
             self.forget_slice(&key);
         }
         for (key, service, endpoints) in listed {
-            self.slices_of
-                .entry(service.clone())
-                .or_default()
-                .insert(key.clone());
-            self.dirty.insert(service.clone());
-            self.slices.insert(key, (service, endpoints));
+            self.insert_slice(key, service, endpoints);
         }
     }
 
