@@ -23,8 +23,17 @@ pub struct Endpoint {
     pub local: bool,
 }
 
-/// The endpoints of one slice, keyed by (port name, protocol).
-pub type SliceEndpoints = BTreeMap<(String, Protocol), Vec<Endpoint>>;
+/// The endpoints of one slice, per (port name, protocol). A short list rather than a map:
+/// slices have one or two ports, and a B-tree's smallest node holds eleven.
+pub type SliceEndpoints = Vec<((String, Protocol), Vec<Endpoint>)>;
+
+/// The endpoints of one port of a slice.
+pub fn port_endpoints<'a>(
+    slice: &'a SliceEndpoints,
+    key: &(String, Protocol),
+) -> Option<&'a Vec<Endpoint>> {
+    slice.iter().find(|(k, _)| k == key).map(|(_, eps)| eps)
+}
 
 /// The Service a slice belongs to.
 pub fn slice_service(slice: &EndpointSlice) -> Option<NamespacedName> {
@@ -39,7 +48,7 @@ pub fn slice_endpoints(
     node_name: &str,
     skips: &mut Vec<Skipped>,
 ) -> SliceEndpoints {
-    let mut out = SliceEndpoints::new();
+    let mut out: BTreeMap<(String, Protocol), Vec<Endpoint>> = BTreeMap::new();
     let object = format!(
         "{}/{}",
         slice.metadata.namespace.as_deref().unwrap_or(""),
@@ -55,7 +64,7 @@ pub fn slice_endpoints(
         "IPv4" => true,
         "IPv6" => false,
         // FQDN slices are for DNS, not for the proxy.
-        _ => return out,
+        _ => return SliceEndpoints::new(),
     };
     let mut endpoints = Vec::new();
     for (i, ep) in slice.endpoints.iter().enumerate() {
@@ -117,7 +126,7 @@ pub fn slice_endpoints(
             ..e.clone()
         }));
     }
-    out
+    out.into_iter().collect()
 }
 
 /// Merges the slices of one Service port: sorted, and one entry per address and port (an

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use super::endpoints::{merge, select, slice_endpoints, slice_service, SliceEndpoints};
+use super::endpoints::{
+    merge, port_endpoints, select, slice_endpoints, slice_service, SliceEndpoints,
+};
 use super::service::{service_key, service_ports, NamespacedName, Skipped};
 use super::state::{udp_cleanups, Changes, ProxyState, ServiceEntry};
 
@@ -17,15 +19,14 @@ pub struct ChangeTracker {
     node_name: String,
     /// Each Service's ports, parsed once when it arrives (the objects themselves are not kept:
     /// at 10,000 Services they would be most of the proxy's memory).
-    services: HashMap<NamespacedName, BTreeMap<super::ServicePortName, super::ServicePort>>,
+    services: HashMap<NamespacedName, Vec<super::ServicePort>>,
     /// Slices by their own key: the Service they belong to and their endpoints.
     slices: HashMap<NamespacedName, (NamespacedName, SliceEndpoints)>,
-    slices_of: HashMap<NamespacedName, BTreeSet<NamespacedName>>,
+    slices_of: HashMap<NamespacedName, Vec<NamespacedName>>,
     dirty: BTreeSet<NamespacedName>,
     skipped: Vec<Skipped>,
     /// What a re-list has delivered so far, swapped in when it is complete.
-    services_listing:
-        Option<HashMap<NamespacedName, BTreeMap<super::ServicePortName, super::ServicePort>>>,
+    services_listing: Option<HashMap<NamespacedName, Vec<super::ServicePort>>>,
     slices_listing: Option<Vec<(NamespacedName, NamespacedName, SliceEndpoints)>>,
 }
 
@@ -47,7 +48,9 @@ impl ChangeTracker {
 
     pub fn apply_service(&mut self, svc: Service) {
         if let Some(key) = service_key(&svc) {
-            let ports = service_ports(&svc, &mut self.skipped);
+            let ports: Vec<super::ServicePort> = service_ports(&svc, &mut self.skipped)
+                .into_values()
+                .collect();
             self.dirty.insert(key.clone());
             self.services.insert(key, ports);
         }
@@ -76,7 +79,9 @@ impl ChangeTracker {
 
     pub fn list_service(&mut self, svc: Service) {
         let Some(key) = service_key(&svc) else { return };
-        let ports = service_ports(&svc, &mut self.skipped);
+        let ports: Vec<super::ServicePort> = service_ports(&svc, &mut self.skipped)
+            .into_values()
+            .collect();
         self.services_listing
             .get_or_insert_with(HashMap::new)
             .insert(key, ports);
@@ -116,10 +121,10 @@ impl ChangeTracker {
         service: NamespacedName,
         endpoints: SliceEndpoints,
     ) {
-        self.slices_of
-            .entry(service.clone())
-            .or_default()
-            .insert(key.clone());
+        let of = self.slices_of.entry(service.clone()).or_default();
+        if !of.contains(&key) {
+            of.push(key.clone());
+        }
         self.dirty.insert(service.clone());
         self.slices.insert(key, (service, endpoints));
     }
@@ -167,7 +172,7 @@ impl ChangeTracker {
     fn forget_slice(&mut self, key: &NamespacedName) {
         if let Some((service, _)) = self.slices.remove(key) {
             if let Some(set) = self.slices_of.get_mut(&service) {
-                set.remove(key);
+                set.retain(|k| k != key);
                 if set.is_empty() {
                     self.slices_of.remove(&service);
                 }
@@ -196,9 +201,10 @@ impl ChangeTracker {
             .flatten()
             .filter_map(|k| self.slices.get(k).map(|(_, eps)| eps))
             .collect();
-        for (name, port) in ports.clone() {
+        for port in ports.clone() {
+            let name = port.name.clone();
             let key = (name.port.clone(), name.protocol);
-            let endpoints = merge(slices.iter().filter_map(|s| s.get(&key)));
+            let endpoints = merge(slices.iter().filter_map(|s| port_endpoints(s, &key)));
             let selected = select(&endpoints, port.internal_policy_local);
             out.insert(
                 name,
