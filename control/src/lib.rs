@@ -8,5 +8,5 @@
 pub mod api;
 pub mod apiserver;
 pub mod client;
-pub mod signals;
+pub mod daemon;
 pub mod store;

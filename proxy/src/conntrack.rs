@@ -18,41 +18,35 @@ fn family(ip: &IpAddr) -> &'static str {
 
 /// The `conntrack -D` arguments for one cleanup.
 pub fn arguments(cleanup: &ConntrackCleanup) -> Vec<String> {
-    match cleanup {
+    let (vip, port, protocol, endpoint) = match cleanup {
         ConntrackCleanup::Endpoint {
             vip,
             port,
             protocol,
             endpoint,
-        } => vec![
-            "-D".into(),
-            "-f".into(),
-            family(vip).into(),
-            "-p".into(),
-            protocol.lower().into(),
-            "--orig-dst".into(),
-            vip.to_string(),
-            "--orig-port-dst".into(),
-            port.to_string(),
-            "--dst-nat".into(),
-            endpoint.to_string(),
-        ],
+        } => (vip, port, protocol, Some(endpoint)),
         ConntrackCleanup::Service {
             vip,
             port,
             protocol,
-        } => vec![
-            "-D".into(),
-            "-f".into(),
-            family(vip).into(),
-            "-p".into(),
-            protocol.lower().into(),
-            "--orig-dst".into(),
-            vip.to_string(),
-            "--orig-port-dst".into(),
-            port.to_string(),
-        ],
+        } => (vip, port, protocol, None),
+    };
+    let mut args: Vec<String> = vec![
+        "-D".into(),
+        "-f".into(),
+        family(vip).into(),
+        "-p".into(),
+        protocol.lower().into(),
+        "--orig-dst".into(),
+        vip.to_string(),
+        "--orig-port-dst".into(),
+        port.to_string(),
+    ];
+    // Only the flows that were DNATed to that endpoint.
+    if let Some(endpoint) = endpoint {
+        args.extend(["--dst-nat".into(), endpoint.to_string()]);
     }
+    args
 }
 
 /// Deletes the entries; "0 flow entries" (conntrack exits 1) is not an error.

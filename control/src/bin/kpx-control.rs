@@ -45,12 +45,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    kpx_control::daemon::init_logging("info");
     let args = Args::parse();
     if !args.bind_address.is_loopback() && !args.insecure_bind_any {
         bail!(
@@ -93,7 +88,7 @@ async fn main() -> anyhow::Result<()> {
     // The first line on stdout is the address, for scripts and tests that pass --port 0.
     println!("kpx-control listening on http://{address}");
     tracing::info!(%address, store = %db.display(), revision = server.store().current_revision(), "serving");
-    apiserver::serve(listener, server, kpx_control::signals::shutdown()).await?;
+    apiserver::serve(listener, server, kpx_control::daemon::shutdown()).await?;
     tracing::info!("stopped");
     Ok(())
 }

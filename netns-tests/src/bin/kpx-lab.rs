@@ -23,12 +23,7 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    kpx_control::daemon::init_logging("warn");
     match Args::parse().command {
         Command::Demo => kpx_lab::demo::run().await,
         Command::Down { all } => {

@@ -166,12 +166,7 @@ fn hostname() -> String {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    kpx_control::daemon::init_logging("info");
     let args = Args::parse();
     limit_malloc_arenas();
     let mut backend = backend(&args)?;
@@ -223,7 +218,7 @@ async fn main() -> anyhow::Result<()> {
         health,
     );
     runner
-        .run(watchers.updates, kpx_control::signals::shutdown())
+        .run(watchers.updates, kpx_control::daemon::shutdown())
         .await;
     tracing::info!("stopped; rules stay in place (use --cleanup to remove them)");
     Ok(())

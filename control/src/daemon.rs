@@ -1,4 +1,15 @@
-//! Waiting for the signals that stop a daemon.
+//! What every kpx daemon does the same way: logging to stderr, and the signals that stop it.
+
+/// Logs to stderr, filtered by `RUST_LOG` (default: `default_level`).
+pub fn init_logging(default_level: &str) {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default_level.into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
 
 /// Resolves on SIGTERM or Ctrl-C (SIGINT).
 pub async fn shutdown() {
