@@ -56,15 +56,15 @@ fn digest(rules: &[String]) -> u64 {
 }
 
 impl Fragment {
-    /// The cached form: digests instead of rule text.
-    fn slim(mut self) -> Self {
+    /// Turns this into its cached form (digests instead of rule text) and returns the chains
+    /// it took out.
+    fn slim(&mut self) -> Vec<(String, Vec<String>)> {
         self.digests = self
             .chains
             .iter()
             .map(|(c, r)| (c.clone(), digest(r), r.len()))
             .collect();
-        self.chains = Vec::new();
-        self
+        std::mem::take(&mut self.chains)
     }
 }
 
@@ -153,8 +153,10 @@ pub fn fragment(cfg: &RenderConfig, entry: &ServiceEntry) -> Fragment {
     let mut f = Fragment::default();
     let family = |ip: &IpAddr| ip.is_ipv6() == cfg.ipv6;
     let port = &entry.port;
-    let name = &port.name;
-    let proto = name.protocol.lower();
+    // Rendered once: it appears in nearly every rule's comment.
+    let name = port.name.to_string();
+    let name = name.as_str();
+    let proto = port.name.protocol.lower();
     let vips: Vec<&IpAddr> = port.cluster_ips.iter().filter(|ip| family(ip)).collect();
     if vips.is_empty() {
         return f;
@@ -171,7 +173,7 @@ pub fn fragment(cfg: &RenderConfig, entry: &ServiceEntry) -> Fragment {
         .iter()
         .filter(|e| family(&e.ip))
         .collect();
-    let svc_chain = service_chain(name);
+    let svc_chain = service_chain(&port.name);
     let no_endpoints = if entry.selected.any {
         ("DROP", "has no local endpoints")
     } else {
@@ -217,7 +219,7 @@ pub fn fragment(cfg: &RenderConfig, entry: &ServiceEntry) -> Fragment {
     }
 
     if port.is_external() {
-        let ext_chain = external_chain(name);
+        let ext_chain = external_chain(&port.name);
         let external_ips: Vec<&IpAddr> = port
             .external_ips
             .iter()
@@ -242,7 +244,7 @@ pub fn fragment(cfg: &RenderConfig, entry: &ServiceEntry) -> Fragment {
                 if local.is_empty() {
                     // No endpoint here: traffic from outside is dropped in the filter table.
                 } else {
-                    let svl = local_chain(name);
+                    let svl = local_chain(&port.name);
                     rules.push(format!("-A {ext_chain} -j {svl}"));
                     let mut local_rules = Vec::new();
                     endpoint_rules(&svl, entry, &local, &mut local_rules);
@@ -351,9 +353,9 @@ pub fn plan(
     if full {
         fragments = Fragments::new();
         for (name, entry) in &state.entries {
-            let f = fragment(cfg, entry);
-            write_chains.extend(f.chains.iter().cloned());
-            fragments.insert(name.clone(), Arc::new(f.slim()));
+            let mut f = fragment(cfg, entry);
+            write_chains.append(&mut f.slim());
+            fragments.insert(name.clone(), Arc::new(f));
         }
         let wanted: BTreeSet<&String> = write_chains.iter().map(|(c, _)| c).collect();
         delete_chains = existing
@@ -395,7 +397,9 @@ pub fn plan(
                         .filter(|c| !kept.contains(c)),
                 );
             }
-            fragments.insert(name.clone(), Arc::new(new.slim()));
+            let mut new = new;
+            new.slim();
+            fragments.insert(name.clone(), Arc::new(new));
         }
     }
 
