@@ -384,37 +384,35 @@ impl<K: Object> Api<K> {
             .await
     }
 
-    /// PUT: fails with 409 when `obj.metadata.resourceVersion` is stale.
-    pub async fn replace(&self, name: &str, obj: &K) -> Result<K, ClientError> {
+    async fn put_at(&self, url: String, obj: &K) -> Result<K, ClientError> {
         let body = Self::encode(obj)?;
         self.client
-            .json(
-                reqwest::Method::PUT,
-                self.url(name),
-                Some((body, "application/json")),
-            )
+            .json(reqwest::Method::PUT, url, Some((body, "application/json")))
             .await
     }
 
-    pub async fn replace_status(&self, name: &str, obj: &K) -> Result<K, ClientError> {
-        let body = Self::encode(obj)?;
-        self.client
-            .json(
-                reqwest::Method::PUT,
-                format!("{}/status", self.url(name)),
-                Some((body, "application/json")),
-            )
-            .await
-    }
-
-    pub async fn patch(&self, name: &str, kind: Patch, patch: &Value) -> Result<K, ClientError> {
+    async fn patch_at(&self, url: String, kind: Patch, patch: &Value) -> Result<K, ClientError> {
+        let body = patch.to_string().into_bytes();
         self.client
             .json(
                 reqwest::Method::PATCH,
-                self.url(name),
-                Some((patch.to_string().into_bytes(), kind.content_type())),
+                url,
+                Some((body, kind.content_type())),
             )
             .await
+    }
+
+    /// PUT: fails with 409 when `obj.metadata.resourceVersion` is stale.
+    pub async fn replace(&self, name: &str, obj: &K) -> Result<K, ClientError> {
+        self.put_at(self.url(name), obj).await
+    }
+
+    pub async fn replace_status(&self, name: &str, obj: &K) -> Result<K, ClientError> {
+        self.put_at(format!("{}/status", self.url(name)), obj).await
+    }
+
+    pub async fn patch(&self, name: &str, kind: Patch, patch: &Value) -> Result<K, ClientError> {
+        self.patch_at(self.url(name), kind, patch).await
     }
 
     pub async fn patch_status(
@@ -423,12 +421,7 @@ impl<K: Object> Api<K> {
         kind: Patch,
         patch: &Value,
     ) -> Result<K, ClientError> {
-        self.client
-            .json(
-                reqwest::Method::PATCH,
-                format!("{}/status", self.url(name)),
-                Some((patch.to_string().into_bytes(), kind.content_type())),
-            )
+        self.patch_at(format!("{}/status", self.url(name)), kind, patch)
             .await
     }
 
