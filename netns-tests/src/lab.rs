@@ -5,14 +5,19 @@
 //!
 //! ```text
 //!  fabric  198.18.0.0/24   br0 198.18.0.1 (API server), node i 198.18.0.(10+i), external k 198.18.0.(200+k)
+//!          2001:2::/64     br0 2001:2::1, node i 2001:2::(10+i), external k 2001:2::(200+k)
 //!  pods    198.19.0.0/16   node i: cbr0 198.19.i.1/24, pod j 198.19.i.(10+j)
-//!  services 198.18.128.0/17 (ClusterIPs), external IPs 198.18.64.0/24 (routed to node 1)
+//!          2001:2:0:100::/56  node i: cbr0 2001:2:0:(100+i)::1/64, pod j 2001:2:0:(100+i)::(10+j)
+//!  services 198.18.128.0/17 and 2001:2:0:ff::/112 (ClusterIPs, dual-stack),
+//!          external IPs 198.18.64.0/24 (routed to node 1)
 //! ```
+//!
+//! (IPv6 numbers are written in decimal above and used as hex digits: node 1 is 2001:2::11.)
 //!
 //! Everything carries the lab's name and is removed on drop; `kpx-lab down --all` removes what
 //! a crashed lab left.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -27,9 +32,41 @@ use crate::netns::Netns;
 /// Every lab's name starts with this; `kpx-lab down --all` removes namespaces that do.
 pub const LAB_PREFIX: &str = "kpx-";
 pub const SERVICE_RANGE: &str = "198.18.128.0/17";
+pub const SERVICE_RANGE_V6: (Ipv6Addr, u8) = (Ipv6Addr::new(0x2001, 2, 0, 0xff, 0, 0, 0, 0), 112);
 pub const CLUSTER_CIDR: &str = "198.19.0.0/16";
+pub const CLUSTER_CIDR_V6: &str = "2001:2:0:100::/56";
 pub const EXTERNAL_RANGE: (Ipv4Addr, u8) = (Ipv4Addr::new(198, 18, 64, 0), 24);
 const API_ADDRESS: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+const FABRIC_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1);
+
+/// Node `i`'s IPv6 address on the fabric.
+pub fn node_ip6(i: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, hex_decimal(10 + u16::from(i)))
+}
+
+/// External host `k`'s IPv6 address on the fabric.
+pub fn external_ip6(k: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, hex_decimal(200 + u16::from(k)))
+}
+
+/// Node `i`'s IPv6 pod network (a /64); `host` 1 is its bridge.
+fn pod_net6(i: u8, host: u16) -> Ipv6Addr {
+    Ipv6Addr::new(
+        0x2001,
+        2,
+        0,
+        hex_decimal(100 + u16::from(i)),
+        0,
+        0,
+        0,
+        hex_decimal(host),
+    )
+}
+
+/// 123 → 0x123, so IPv6 addresses read like their IPv4 twins (node 11 ↔ 2001:2::11).
+fn hex_decimal(n: u16) -> u16 {
+    u16::from_str_radix(&n.to_string(), 16).expect("decimal digits are hex digits")
+}
 const API_PORT: u16 = 6443;
 
 /// How a lab's proxies program the kernel.
@@ -99,6 +136,7 @@ pub struct Node {
     pub name: String,
     pub ns: Netns,
     pub ip: Ipv4Addr,
+    pub ip6: Ipv6Addr,
     pub index: u8,
     proxy: Option<Child>,
 }
@@ -107,6 +145,7 @@ pub struct Pod {
     pub name: String,
     pub node: usize,
     pub ip: Ipv4Addr,
+    pub ip6: Ipv6Addr,
     pub ns: Netns,
     workload: Option<Child>,
 }
@@ -160,6 +199,7 @@ impl Lab {
         let fabric = Netns::create(&format!("{name}-fab")).await?;
         fabric.add_bridge("br0").await?;
         fabric.add_address("br0", API_ADDRESS.into(), 24).await?;
+        fabric.add_address("br0", FABRIC_V6.into(), 64).await?;
 
         let host_port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
@@ -219,7 +259,13 @@ impl Lab {
             ])
             .arg("--data-dir")
             .arg(self.store_dir())
-            .args(["--service-cluster-ip-range", SERVICE_RANGE])
+            .args([
+                "--service-cluster-ip-range",
+                &format!(
+                    "{SERVICE_RANGE},{}/{}",
+                    SERVICE_RANGE_V6.0, SERVICE_RANGE_V6.1
+                ),
+            ])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(log)
@@ -259,16 +305,38 @@ impl Lab {
         ns.add_veth("eth0", &self.fabric, "fab0", &format!("n{i}"))
             .await?;
         self.fabric.attach(&format!("n{i}"), "br0").await?;
+        let ip6 = node_ip6(i);
         ns.add_address("eth0", ip.into(), 24).await?;
+        ns.add_address("eth0", ip6.into(), 64).await?;
         ns.add_bridge("cbr0").await?;
         ns.add_address("cbr0", Ipv4Addr::new(198, 19, i, 1).into(), 24)
             .await?;
+        ns.add_address("cbr0", pod_net6(i, 1).into(), 64).await?;
         // Local traffic to a ClusterIP needs a route before its DNAT in OUTPUT.
         let (svc, svc_len) = (Ipv4Addr::new(198, 18, 128, 0), 17);
         ns.add_route(svc.into(), svc_len, None, Some("eth0"))
             .await?;
+        ns.add_route(
+            SERVICE_RANGE_V6.0.into(),
+            SERVICE_RANGE_V6.1,
+            None,
+            Some("eth0"),
+        )
+        .await?;
         ns.sysctl("net.ipv4.ip_forward", "1")?;
+        ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
         for other in &self.nodes {
+            ns.add_route(
+                pod_net6(other.index, 0).into(),
+                64,
+                Some(other.ip6.into()),
+                None,
+            )
+            .await?;
+            other
+                .ns
+                .add_route(pod_net6(i, 0).into(), 64, Some(ip6.into()), None)
+                .await?;
             ns.add_route(
                 Ipv4Addr::new(198, 19, other.index, 0).into(),
                 24,
@@ -290,6 +358,7 @@ impl Lab {
             name,
             ns,
             ip,
+            ip6,
             index: i,
             proxy: None,
         });
@@ -304,6 +373,7 @@ impl Lab {
         self.fabric.attach(&format!("x{k}"), "br0").await?;
         ns.add_address("eth0", Ipv4Addr::new(198, 18, 0, 200 + k).into(), 24)
             .await?;
+        ns.add_address("eth0", external_ip6(k).into(), 64).await?;
         if let Some(first) = self.nodes.first() {
             // External and load-balancer IPs are announced by node 1.
             ns.add_route(
@@ -332,7 +402,12 @@ impl Lab {
         use std::os::unix::fs::PermissionsExt;
         let bin = self.dir.path().join("bin");
         std::fs::create_dir_all(&bin)?;
-        for tool in ["iptables-nft-restore", "iptables-legacy-restore"] {
+        for tool in [
+            "iptables-nft-restore",
+            "iptables-legacy-restore",
+            "ip6tables-nft-restore",
+            "ip6tables-legacy-restore",
+        ] {
             let real = ["/usr/sbin", "/sbin", "/usr/bin"]
                 .iter()
                 .map(|d| Path::new(d).join(tool))
@@ -380,7 +455,7 @@ impl Lab {
                 "--hostname-override",
                 &node.name,
                 "--cluster-cidr",
-                CLUSTER_CIDR,
+                &format!("{CLUSTER_CIDR},{CLUSTER_CIDR_V6}"),
             ])
             .args(["--min-sync-period", "0s", "--sync-period", "2s"])
             .env("RUST_LOG", "info")
@@ -416,15 +491,24 @@ impl Lab {
         let n = &self.nodes[node];
         let ns = Netns::create(&format!("{}-n{}-p{j}", self.name, n.index)).await?;
         let ip = Ipv4Addr::new(198, 19, n.index, 10 + j);
+        let ip6 = pod_net6(n.index, 10 + u16::from(j));
         n.ns.add_veth(&format!("p{j}"), &ns, &format!("t{j}"), "eth0")
             .await?;
         n.ns.attach(&format!("p{j}"), "cbr0").await?;
         n.ns.hairpin(&format!("p{j}")).await?;
         ns.add_address("eth0", ip.into(), 24).await?;
+        ns.add_address("eth0", ip6.into(), 64).await?;
         ns.add_route(
             Ipv4Addr::UNSPECIFIED.into(),
             0,
             Some(Ipv4Addr::new(198, 19, n.index, 1).into()),
+            None,
+        )
+        .await?;
+        ns.add_route(
+            Ipv6Addr::UNSPECIFIED.into(),
+            0,
+            Some(pod_net6(n.index, 1).into()),
             None,
         )
         .await?;
@@ -438,6 +522,7 @@ impl Lab {
             name: name.to_string(),
             node,
             ip,
+            ip6,
             ns,
             workload: Some(workload),
         });

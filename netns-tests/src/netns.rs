@@ -10,6 +10,7 @@ use std::process::Command;
 use anyhow::{bail, Context};
 use futures::TryStreamExt;
 use nix::sched::{setns, CloneFlags};
+use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressHeaderFlags};
 use rtnetlink::{Handle, LinkBridge, LinkBridgePort, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 /// A named network namespace; deleted on drop.
@@ -194,13 +195,19 @@ impl Netns {
         Ok(())
     }
 
+    /// An address on `link`. IPv6 addresses skip duplicate address detection: every lab
+    /// address is unique by construction, and DAD would keep them unusable for a second or two.
     pub async fn add_address(&self, link: &str, address: IpAddr, prefix: u8) -> anyhow::Result<()> {
         let index = self.index(link).await?;
-        self.handle
-            .address()
-            .add(index, address, prefix)
-            .execute()
-            .await?;
+        let mut request = self.handle.address().add(index, address, prefix);
+        if address.is_ipv6() {
+            let message = request.message_mut();
+            message.header.flags = AddressHeaderFlags::Nodad;
+            message
+                .attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        }
+        request.execute().await?;
         Ok(())
     }
 

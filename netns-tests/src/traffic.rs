@@ -28,10 +28,12 @@ impl Outcome {
         }
     }
 
-    /// The client IP the server saw.
+    /// The client IP the server saw (without brackets for IPv6).
     pub fn client_ip(&self) -> Option<&str> {
         match self {
-            Outcome::Answer { client, .. } => client.rsplit_once(':').map(|(ip, _)| ip),
+            Outcome::Answer { client, .. } => client
+                .rsplit_once(':')
+                .map(|(ip, _)| ip.trim_start_matches('[').trim_end_matches(']')),
             _ => None,
         }
     }

@@ -1,10 +1,12 @@
 //! kpx-proxy: the kube-proxy, as `watch → model → plan → apply`.
 //!
 //! - [`model`]: Services and EndpointSlices in, a `ProxyState` snapshot and its changes out (pure).
+//! - [`dual_stack`]: one backend per IP family behind the one `Backend` seam.
 //! - [`iptables`]: the iptables backend: `render` (the plan, pure) and `apply`.
 
 pub mod backend;
 pub mod conntrack;
+pub mod dual_stack;
 pub mod iptables;
 pub mod metrics;
 pub mod model;

@@ -63,18 +63,24 @@ async fn http(mut stream: TcpStream, peer: SocketAddr, name: String) -> std::io:
     }
 }
 
+/// `[::ffff:198.19.1.10]:5000` → `198.19.1.10:5000`.
+fn canonical(peer: SocketAddr) -> SocketAddr {
+    SocketAddr::new(peer.ip().to_canonical(), peer.port())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let http_listener = TcpListener::bind(("0.0.0.0", args.http_port)).await?;
-    let tcp_listener = TcpListener::bind(("0.0.0.0", args.port)).await?;
-    let udp = UdpSocket::bind(("0.0.0.0", args.port)).await?;
+    // Dual-stack sockets: IPv4 clients arrive as v4-mapped addresses, shown as plain IPv4.
+    let http_listener = TcpListener::bind(("::", args.http_port)).await?;
+    let tcp_listener = TcpListener::bind(("::", args.port)).await?;
+    let udp = UdpSocket::bind(("::", args.port)).await?;
     let name = args.name.clone();
     tokio::spawn(async move {
         loop {
             if let Ok((stream, peer)) = http_listener.accept().await {
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(http(stream, peer, name.clone()));
+                tokio::spawn(http(stream, canonical(peer), name.clone()));
             }
         }
     });
@@ -82,7 +88,7 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(async move {
         loop {
             if let Ok((mut stream, peer)) = tcp_listener.accept().await {
-                let line = format!("{name} {peer}\n");
+                let line = format!("{name} {}\n", canonical(peer));
                 tokio::spawn(async move {
                     let _ = stream.write_all(line.as_bytes()).await;
                     let _ = stream.shutdown().await;
@@ -93,7 +99,7 @@ async fn main() -> anyhow::Result<()> {
     let mut buf = vec![0u8; 2048];
     loop {
         let (_, peer) = udp.recv_from(&mut buf).await?;
-        let line = format!("{} {peer}\n", args.name);
+        let line = format!("{} {}\n", args.name, canonical(peer));
         let _ = udp.send_to(line.as_bytes(), peer).await;
     }
 }

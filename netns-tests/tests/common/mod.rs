@@ -84,7 +84,7 @@ pub fn ready(pod: &str) -> Ep<'_> {
     }
 }
 
-/// Writes the Service's one EndpointSlice (creating or replacing it) with `ports`
+/// Writes the Service's IPv4 EndpointSlice (creating or replacing it) with `ports`
 /// (`[{"name": ..., "port": ..., "protocol": ...}]`).
 pub async fn set_endpoints(
     lab: &Lab,
@@ -92,23 +92,48 @@ pub async fn set_endpoints(
     endpoints: &[Ep<'_>],
     ports: Value,
 ) -> anyhow::Result<()> {
+    write_slice(lab, service, endpoints, ports, false).await
+}
+
+/// Writes the Service's IPv6 EndpointSlice: the pods' IPv6 addresses.
+pub async fn set_endpoints_v6(
+    lab: &Lab,
+    service: &str,
+    endpoints: &[Ep<'_>],
+    ports: Value,
+) -> anyhow::Result<()> {
+    write_slice(lab, service, endpoints, ports, true).await
+}
+
+async fn write_slice(
+    lab: &Lab,
+    service: &str,
+    endpoints: &[Ep<'_>],
+    ports: Value,
+    ipv6: bool,
+) -> anyhow::Result<()> {
     let eps: Vec<Value> = endpoints
         .iter()
         .map(|e| {
             let pod = lab.pod(e.pod);
+            let address = if ipv6 { pod.ip6.to_string() } else { pod.ip.to_string() };
             json!({
-                "addresses": [pod.ip.to_string()],
+                "addresses": [address],
                 "conditions": {"ready": e.ready, "serving": e.serving, "terminating": e.terminating},
                 "nodeName": lab.nodes[pod.node].name,
                 "targetRef": {"kind": "Pod", "namespace": "default", "name": e.pod},
             })
         })
         .collect();
-    let name = format!("{service}-kpx");
+    let (name, address_type) = if ipv6 {
+        (format!("{service}-kpx6"), "IPv6")
+    } else {
+        (format!("{service}-kpx"), "IPv4")
+    };
     let body = json!({
         "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
         "metadata": {"name": name, "labels": {"kubernetes.io/service-name": service}},
-        "addressType": "IPv4", "endpoints": eps, "ports": ports,
+        "addressType": address_type, "endpoints": eps, "ports": ports,
     });
     let api = slices(lab);
     match api.get(&name).await {
@@ -138,6 +163,18 @@ pub fn cluster_ip(svc: &Service) -> std::net::IpAddr {
         .and_then(|s| s.cluster_ip.as_deref())
         .and_then(|ip| ip.parse().ok())
         .expect("a ClusterIP")
+}
+
+/// The Service's ClusterIP of the given family.
+pub fn cluster_ip_of(svc: &Service, ipv6: bool) -> std::net::IpAddr {
+    svc.spec
+        .as_ref()
+        .and_then(|s| s.cluster_ips.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|ip| ip.parse::<std::net::IpAddr>().ok())
+        .find(|ip| ip.is_ipv6() == ipv6)
+        .unwrap_or_else(|| panic!("no {} ClusterIP", if ipv6 { "IPv6" } else { "IPv4" }))
 }
 
 pub fn node_port(svc: &Service) -> u16 {

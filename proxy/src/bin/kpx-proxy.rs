@@ -9,6 +9,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use kpx_control::client::{Client, ClientConfig};
 use kpx_proxy::backend::Backend;
+use kpx_proxy::dual_stack::DualStack;
 use kpx_proxy::iptables::exec::{Flavour, Tool};
 use kpx_proxy::iptables::render::RenderConfig;
 use kpx_proxy::iptables::IptablesBackend;
@@ -40,13 +41,14 @@ struct Args {
     /// The name of this node (endpoints on it are local); defaults to the hostname.
     #[arg(long)]
     hostname_override: Option<String>,
-    /// The pod network: traffic to a ClusterIP from outside it is masqueraded.
+    /// The pod network, one CIDR per IP family (comma-separated): traffic to a ClusterIP from
+    /// outside it is masqueraded.
     #[arg(long)]
     cluster_cidr: Option<String>,
     /// Masquerade all traffic sent to Service cluster IPs.
     #[arg(long)]
     masquerade_all: bool,
-    /// CIDRs NodePorts answer on (comma-separated); default: every local address.
+    /// CIDRs NodePorts answer on (comma-separated, any family); default: every local address.
     #[arg(long, value_delimiter = ',')]
     nodeport_addresses: Vec<String>,
     /// The shortest time between two syncs (e.g. 1s, 500ms, 0s).
@@ -118,7 +120,9 @@ fn client_config(args: &Args) -> anyhow::Result<ClientConfig> {
     Ok(config)
 }
 
-fn backend(args: &Args) -> anyhow::Result<IptablesBackend> {
+/// The iptables backend of each IP family this node can program: IPv4, and IPv6 too when
+/// ip6tables works here (dual-stack, as kube-proxy runs when both families are usable).
+fn backend(args: &Args) -> anyhow::Result<DualStack<IptablesBackend>> {
     if args.proxy_mode != "iptables" {
         bail!(
             "--proxy-mode {:?}: not supported yet; allowed values: iptables",
@@ -131,31 +135,74 @@ fn backend(args: &Args) -> anyhow::Result<IptablesBackend> {
             args.iptables_mode
         )
     })?;
-    let tool = match flavour {
+    let v4 = match flavour {
         Some(flavour) => Tool {
             flavour,
             ipv6: false,
         },
         None => Tool::detect(false),
     };
-    for cidr in args.cluster_cidr.iter().chain(&args.nodeport_addresses) {
-        let net: std::net::IpAddr =
-            cidr.split('/')
-                .next()
-                .unwrap_or("")
-                .parse()
-                .with_context(|| {
-                    format!("{cidr:?} is not a CIDR (in --cluster-cidr or --nodeport-addresses)")
-                })?;
-        let _ = net;
-    }
-    let config = RenderConfig {
-        ipv6: false,
-        cluster_cidr: args.cluster_cidr.clone(),
-        masquerade_all: args.masquerade_all,
-        nodeport_addresses: args.nodeport_addresses.clone(),
+    // IPv6 follows IPv4's flavour: mixing nft and legacy on one node confuses every tool.
+    let v6 = Tool {
+        flavour: v4.flavour,
+        ipv6: true,
     };
-    Ok(IptablesBackend::new(tool, config))
+    let cluster_cidrs = cidrs("--cluster-cidr", args.cluster_cidr.iter())?;
+    if cluster_cidrs.iter().filter(|(_, ipv6)| *ipv6).count() > 1
+        || cluster_cidrs.iter().filter(|(_, ipv6)| !*ipv6).count() > 1
+    {
+        bail!(
+            "--cluster-cidr: at most one CIDR per IP family (e.g. 10.244.0.0/16,fd00:10:244::/56)"
+        );
+    }
+    let nodeport_addresses = cidrs("--nodeport-addresses", args.nodeport_addresses.iter())?;
+    let config = |ipv6: bool| RenderConfig {
+        ipv6,
+        cluster_cidr: cluster_cidrs
+            .iter()
+            .find(|(_, family)| *family == ipv6)
+            .map(|(cidr, _)| cidr.clone()),
+        masquerade_all: args.masquerade_all,
+        nodeport_addresses: nodeport_addresses
+            .iter()
+            .filter(|(_, family)| *family == ipv6)
+            .map(|(cidr, _)| cidr.clone())
+            .collect(),
+    };
+    let secondary = match v6.unusable() {
+        None => Some(IptablesBackend::new(v6, config(true))),
+        Some(why) => {
+            tracing::warn!(reason = %why, "IPv6 Services are not programmed (IPv4 only)");
+            None
+        }
+    };
+    Ok(DualStack::new(
+        IptablesBackend::new(v4, config(false)),
+        secondary,
+    ))
+}
+
+/// CIDRs from a comma-separated flag, each with its family (true for IPv6).
+fn cidrs<'a>(
+    flag: &str,
+    values: impl Iterator<Item = &'a String>,
+) -> anyhow::Result<Vec<(String, bool)>> {
+    let mut out = Vec::new();
+    for cidr in values.flat_map(|v| v.split(',')).map(str::trim) {
+        if cidr.is_empty() {
+            continue;
+        }
+        let (address, prefix) = cidr.split_once('/').unwrap_or((cidr, ""));
+        let address: std::net::IpAddr = address.parse().map_err(|_| {
+            anyhow::anyhow!("{flag} {cidr:?}: not a CIDR (want ADDRESS/PREFIX, e.g. 10.0.0.0/8)")
+        })?;
+        let max = if address.is_ipv6() { 128 } else { 32 };
+        match prefix.parse::<u8>() {
+            Ok(len) if len <= max => out.push((cidr.to_string(), address.is_ipv6())),
+            _ => bail!("{flag} {cidr:?}: the prefix length must be 0 to {max}"),
+        }
+    }
+    Ok(out)
 }
 
 fn hostname() -> String {
@@ -204,7 +251,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     });
-    tracing::info!(node = %node_name, server = %client.server(), backend = backend.name(), "starting");
+    tracing::info!(node = %node_name, server = %client.server(), backend = backend.name(), ip_families = backend.families(), "starting");
     let watchers = watch::start(&client);
     let runner = Runner::new(
         backend,
@@ -267,5 +314,33 @@ fn print_dump(dump: &serde_json::Value) {
             node_port,
             endpoints
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_flags_take_one_cidr_per_family_and_name_the_flag_when_wrong() {
+        let given = ["10.244.0.0/16,fd00:10:244::/56".to_string()];
+        let parsed = cidrs("--cluster-cidr", given.iter()).expect("valid CIDRs");
+        assert_eq!(
+            parsed,
+            vec![
+                ("10.244.0.0/16".to_string(), false),
+                ("fd00:10:244::/56".to_string(), true)
+            ]
+        );
+        let err =
+            cidrs("--cluster-cidr", ["10.244.0.0/33".to_string()].iter()).expect_err("invalid");
+        assert_eq!(
+            err.to_string(),
+            "--cluster-cidr \"10.244.0.0/33\": the prefix length must be 0 to 32"
+        );
+        let err = cidrs("--nodeport-addresses", ["eth0".to_string()].iter()).expect_err("invalid");
+        assert!(err
+            .to_string()
+            .starts_with("--nodeport-addresses \"eth0\": not a CIDR"));
     }
 }

@@ -26,6 +26,16 @@ fn comment(rule: &str) -> Option<String> {
     }
 }
 
+/// `198.18.128.9:80` or `[2001:2:0:ff::9]:80` from a `-d` host and a port.
+fn socket_address(host: &str, port: &str) -> String {
+    let ip = host.trim_end_matches("/32").trim_end_matches("/128");
+    if ip.contains(':') {
+        format!("[{ip}]:{port}")
+    } else {
+        format!("{ip}:{port}")
+    }
+}
+
 /// Per Service port: its addresses (`-d ... --dport`), NodePort and DNAT targets.
 pub fn read(nat: &str, filter: &str) -> Value {
     let rules: Vec<&str> = nat.lines().filter(|l| l.starts_with("-A ")).collect();
@@ -60,10 +70,7 @@ pub fn read(nat: &str, filter: &str) -> Value {
         if chain == chains::NODEPORTS {
             entry["nodePort"] = json!(port.parse::<u16>().ok());
         } else if let Some(dest) = field(rule, "-d") {
-            let address = format!(
-                "{}:{port}",
-                dest.trim_end_matches("/32").trim_end_matches("/128")
-            );
+            let address = socket_address(dest, port);
             if let Some(list) = entry["addresses"].as_array_mut() {
                 list.push(json!(address));
             }
@@ -79,17 +86,13 @@ pub fn read(nat: &str, filter: &str) -> Value {
         let Some(text) = comment(rule) else { continue };
         let name = text.split_whitespace().next().unwrap_or("").to_string();
         let port = field(rule, "--dport").unwrap_or("");
-        let dest = field(rule, "-d")
-            .unwrap_or("")
-            .trim_end_matches("/32")
-            .trim_end_matches("/128")
-            .to_string();
+        let address = socket_address(field(rule, "-d").unwrap_or(""), port);
         let verdict = if rule.contains("-j REJECT") {
             "reject"
         } else {
             "drop"
         };
-        services.insert(name.clone(), json!({"service": name, "addresses": [format!("{dest}:{port}")], "nodePort": null, "endpoints": [], "noEndpoints": verdict}));
+        services.insert(name.clone(), json!({"service": name, "addresses": [address], "nodePort": null, "endpoints": [], "noEndpoints": verdict}));
     }
     json!({"backend": "iptables", "services": services.into_values().collect::<Vec<_>>()})
 }

@@ -85,6 +85,17 @@ impl Tool {
             .is_ok_and(|s| s.success())
     }
 
+    /// Why this family's iptables cannot program Services here, if it cannot (no IPv6 in the
+    /// kernel, no nat table, the tool missing).
+    pub fn unusable(&self) -> Option<String> {
+        if self.ipv6 && !std::path::Path::new("/proc/net/if_inet6").exists() {
+            return Some("the kernel has IPv6 disabled".into());
+        }
+        self.run(&["-t", "nat", "-L", "POSTROUTING", "-n"])
+            .err()
+            .map(|e| e.to_string())
+    }
+
     pub fn run(&self, args: &[&str]) -> Result<String, BackendError> {
         output(
             self.command("").args(args),

@@ -259,3 +259,102 @@ fn packets_through_the_full_plan() {
         ["DNAT to 198.18.128.3:8080 p=1.00 masquerade"]
     );
 }
+
+/// A dual-stack Service (both ClusterIPs, an IPv4 and an IPv6 slice): each family's plan holds
+/// only its own addresses, with IPv6 syntax (`/128`, `[addr]:port`, icmp6 rejects).
+#[test]
+fn each_family_renders_only_its_own_addresses() {
+    let mut t = ChangeTracker::new("n1");
+    t.apply_service(service(
+        "dual",
+        json!({"type": "NodePort", "clusterIP": "10.96.0.20", "clusterIPs": ["10.96.0.20", "fd00::20"],
+        "ipFamilies": ["IPv4", "IPv6"], "ports": [{"name": "http", "port": 80, "nodePort": 30090}]}),
+    ));
+    t.apply_slice(slice(
+        "dual",
+        &[("198.18.128.4", "n1")],
+        json!({"name": "http", "port": 8080}),
+    ));
+    let mut v6_slice: Value = serde_json::to_value(slice(
+        "dual",
+        &[("fd00:10::4", "n1"), ("fd00:10::5", "n2")],
+        json!({"name": "http", "port": 8080}),
+    ))
+    .expect("test data is valid");
+    v6_slice["metadata"]["name"] = json!("dual-v6");
+    v6_slice["addressType"] = json!("IPv6");
+    t.apply_slice(serde_json::from_value(v6_slice).expect("test data is valid"));
+    t.apply_service(service(
+        "v6-empty",
+        json!({"clusterIP": "fd00::21", "clusterIPs": ["fd00::21"], "ipFamilies": ["IPv6"],
+        "ports": [{"port": 53, "protocol": "UDP"}]}),
+    ));
+    let (state, changes) = t.snapshot(&ProxyState::default());
+    let v6 = RenderConfig {
+        ipv6: true,
+        cluster_cidr: Some("fd00:10::/64".into()),
+        ..Default::default()
+    };
+    let plan6 = plan(
+        &v6,
+        &state,
+        &changes,
+        &Fragments::new(),
+        true,
+        &BTreeSet::new(),
+        &[],
+    );
+    expect![[r#"
+        *filter
+        :KPX-SERVICES - [0:0]
+        :KPX-EXTERNAL-SERVICES - [0:0]
+        :KPX-NODEPORTS - [0:0]
+        :KPX-FORWARD - [0:0]
+        :KPX-PROXY-CANARY - [0:0]
+        -A KPX-PROXY-CANARY -j RETURN
+        -A KPX-FORWARD -m comment --comment "kpx forwarding rules" -m mark --mark 0x4000/0x4000 -j ACCEPT
+        -A KPX-FORWARD -m comment --comment "kpx forwarding conntrack rule" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+        -A KPX-SERVICES -d fd00::21/128 -p udp -m udp --dport 53 -m comment --comment "ns/v6-empty/UDP has no endpoints" -j REJECT --reject-with icmp6-port-unreachable
+        COMMIT
+        *nat
+        :KPX-SERVICES - [0:0]
+        :KPX-NODEPORTS - [0:0]
+        :KPX-POSTROUTING - [0:0]
+        :KPX-MARK-MASQ - [0:0]
+        :KPX-PROXY-CANARY - [0:0]
+        :KPX-SVC-M6CWKSMZ5PYYT4NJ - [0:0]
+        :KPX-EXT-BUTFEI65FHB6QTVV - [0:0]
+        -A KPX-PROXY-CANARY -j RETURN
+        -A KPX-MARK-MASQ -j MARK --or-mark 0x4000
+        -A KPX-POSTROUTING -s fd00:10::4/128 -d fd00:10::4/128 -m comment --comment "hairpin" -j MASQUERADE
+        -A KPX-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+        -A KPX-POSTROUTING -j MARK --xor-mark 0x4000
+        -A KPX-POSTROUTING -m comment --comment "kpx service traffic requiring SNAT" -j MASQUERADE --random-fully
+        -A KPX-SERVICES -d fd00::20/128 -p tcp -m tcp --dport 80 -m comment --comment "ns/dual:http/TCP cluster IP" -j KPX-SVC-M6CWKSMZ5PYYT4NJ
+        -A KPX-NODEPORTS -p tcp -m tcp --dport 30090 -m comment --comment "ns/dual:http/TCP" -j KPX-EXT-BUTFEI65FHB6QTVV
+        -A KPX-SERVICES -m comment --comment "kpx service nodeports" -m addrtype --dst-type LOCAL -j KPX-NODEPORTS
+        -A KPX-SVC-M6CWKSMZ5PYYT4NJ ! -s fd00:10::/64 -m comment --comment "ns/dual:http/TCP cluster IP" -j KPX-MARK-MASQ
+        -A KPX-SVC-M6CWKSMZ5PYYT4NJ -p tcp -m comment --comment "ns/dual:http/TCP" -m statistic --mode random --probability 0.5000000000 -j DNAT --to-destination [fd00:10::4]:8080
+        -A KPX-SVC-M6CWKSMZ5PYYT4NJ -p tcp -m comment --comment "ns/dual:http/TCP" -j DNAT --to-destination [fd00:10::5]:8080
+        -A KPX-EXT-BUTFEI65FHB6QTVV -m comment --comment "masquerade traffic for ns/dual:http/TCP external destinations" -j KPX-MARK-MASQ
+        -A KPX-EXT-BUTFEI65FHB6QTVV -j KPX-SVC-M6CWKSMZ5PYYT4NJ
+        COMMIT
+    "#]]
+    .assert_eq(&plan6.restore);
+    let plan4 = plan(
+        &cfg(),
+        &state,
+        &changes,
+        &Fragments::new(),
+        true,
+        &BTreeSet::new(),
+        &[],
+    );
+    assert!(
+        plan4.restore.contains("-d 10.96.0.20/32"),
+        "{}",
+        plan4.restore
+    );
+    assert!(plan4.restore.contains("--to-destination 198.18.128.4:8080"));
+    assert!(!plan4.restore.contains("fd00"), "{}", plan4.restore);
+}
