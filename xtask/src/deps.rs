@@ -38,15 +38,21 @@ fn apt_update_once(updated: &mut bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Debian packages the tests run, by a command each provides.
+/// Debian packages the build and the tests need, by a command (or an absolute path) each
+/// provides. clang-19 and libbpf's headers build the BPF programs (`ebpf/build.rs`).
 const PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("iptables-nft", "iptables"),
     ("iptables-legacy", "iptables"),
     ("conntrack", "conntrack"),
+    ("clang-19", "clang-19"),
+    ("/usr/include/bpf/bpf_helpers.h", "libbpf-dev"),
 ];
 
 fn on_path(command: &str) -> bool {
+    if command.starts_with('/') {
+        return std::path::Path::new(command).is_file();
+    }
     std::env::var_os("PATH")
         .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(command).is_file()))
         .unwrap_or(false)
@@ -61,7 +67,7 @@ pub fn install() -> anyhow::Result<Tools> {
     missing.dedup();
     let mut apt_updated = false;
     if missing.is_empty() {
-        say("system packages: present (iproute2, iptables, conntrack)");
+        say("system packages: present (iproute2, iptables, conntrack, clang-19, libbpf-dev)");
     } else {
         if !is_root() {
             bail!("missing packages {missing:?}; installing them needs root (apt-get install)");

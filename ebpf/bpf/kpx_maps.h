@@ -1,0 +1,98 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Every map key and value the kpx BPF programs share with user space. The Rust mirrors live
+ * in src/layout.rs; a test compares their sizes and field offsets with what the C compiler
+ * makes of this file (build.rs prints them), so the two cannot drift apart.
+ *
+ * Addresses are 16 bytes for both families: IPv4 uses the first 4 bytes, the rest is zero.
+ * Ports are in network byte order, as they appear in packets and socket addresses.
+ */
+#ifndef KPX_MAPS_H
+#define KPX_MAPS_H
+
+#include <linux/types.h>
+
+#define KPX_FAMILY_V4 4
+#define KPX_FAMILY_V6 6
+
+/* kpx_services value flags */
+#define KPX_SVC_F_NODEPORT (1 << 0)    /* key address is zero: any local address */
+#define KPX_SVC_F_EXTERNAL (1 << 1)    /* external or load-balancer IP */
+#define KPX_SVC_F_LOCAL_ONLY (1 << 2)  /* externalTrafficPolicy/internalTrafficPolicy: Local */
+#define KPX_SVC_F_MASQUERADE (1 << 3)  /* traffic from outside must be source-NATed */
+
+/* kpx_ct value flags */
+#define KPX_CT_F_REPLY (1 << 0)        /* reply direction: rewrite the source back */
+
+/* A Service frontend: VIP (or zero for NodePorts), port, protocol. */
+struct kpx_service_key {
+	__u8 addr[16];
+	__be16 port;
+	__u8 proto;   /* IPPROTO_TCP, IPPROTO_UDP */
+	__u8 family;  /* KPX_FAMILY_V4 or KPX_FAMILY_V6 */
+};
+
+/*
+ * count is written last when a Service is added or grows, and first when it shrinks: a packet
+ * never picks a slot whose backend is not in place yet.
+ */
+struct kpx_service_value {
+	__u32 id;                /* service id: slots, reverse NAT and affinity use it */
+	__u16 count;             /* backend slots 1..=count; 0 means no endpoints: reject */
+	__u16 flags;             /* KPX_SVC_F_* */
+	__u32 affinity_timeout;  /* seconds; 0 means no session affinity */
+};
+
+struct kpx_slot_key {
+	__u32 service_id;
+	__u32 slot;  /* 1..=count */
+};
+
+struct kpx_backend {
+	__u8 addr[16];
+	__be16 port;
+	__u8 family;
+	__u8 flags;
+};
+
+/* service id → the frontend replies must appear to come from */
+struct kpx_rev_nat {
+	__u8 addr[16];
+	__be16 port;
+	__u8 family;
+	__u8 pad;
+};
+
+struct kpx_affinity_key {
+	__u8 client[16];
+	__u32 service_id;
+	__u8 family;
+	__u8 pad[3];
+};
+
+struct kpx_affinity_value {
+	__u64 last_used_ns;  /* bpf_ktime_get_ns() */
+	__u32 backend_id;
+	__u32 pad;
+};
+
+/* One direction of a load-balanced flow, as it appears on the wire. */
+struct kpx_ct_key {
+	__u8 src[16];
+	__u8 dst[16];
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 family;
+	__u8 pad[2];
+};
+
+struct kpx_ct_value {
+	__u64 last_seen_ns;
+	__u32 backend_id;  /* forward: where the flow goes */
+	__u32 service_id;  /* reply: whose frontend to restore (kpx_rev_nat) */
+	__u32 flags;       /* KPX_CT_F_* */
+	__u32 pad;
+};
+
+#endif /* KPX_MAPS_H */

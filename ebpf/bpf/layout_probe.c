@@ -1,0 +1,55 @@
+/* Built for the host by build.rs: prints the size and field offsets of every struct in
+ * kpx_maps.h, which src/layout.rs's test compares with the Rust mirrors. */
+#include <stddef.h>
+#include <stdio.h>
+
+#include "kpx_maps.h"
+
+#define SIZE(s) printf(#s " SIZE %zu\n", sizeof(struct s))
+#define FIELD(s, f) printf(#s " %s %zu\n", #f, offsetof(struct s, f))
+
+int main(void)
+{
+	SIZE(kpx_service_key);
+	FIELD(kpx_service_key, addr);
+	FIELD(kpx_service_key, port);
+	FIELD(kpx_service_key, proto);
+	FIELD(kpx_service_key, family);
+	SIZE(kpx_service_value);
+	FIELD(kpx_service_value, id);
+	FIELD(kpx_service_value, count);
+	FIELD(kpx_service_value, flags);
+	FIELD(kpx_service_value, affinity_timeout);
+	SIZE(kpx_slot_key);
+	FIELD(kpx_slot_key, service_id);
+	FIELD(kpx_slot_key, slot);
+	SIZE(kpx_backend);
+	FIELD(kpx_backend, addr);
+	FIELD(kpx_backend, port);
+	FIELD(kpx_backend, family);
+	FIELD(kpx_backend, flags);
+	SIZE(kpx_rev_nat);
+	FIELD(kpx_rev_nat, addr);
+	FIELD(kpx_rev_nat, port);
+	FIELD(kpx_rev_nat, family);
+	SIZE(kpx_affinity_key);
+	FIELD(kpx_affinity_key, client);
+	FIELD(kpx_affinity_key, service_id);
+	FIELD(kpx_affinity_key, family);
+	SIZE(kpx_affinity_value);
+	FIELD(kpx_affinity_value, last_used_ns);
+	FIELD(kpx_affinity_value, backend_id);
+	SIZE(kpx_ct_key);
+	FIELD(kpx_ct_key, src);
+	FIELD(kpx_ct_key, dst);
+	FIELD(kpx_ct_key, sport);
+	FIELD(kpx_ct_key, dport);
+	FIELD(kpx_ct_key, proto);
+	FIELD(kpx_ct_key, family);
+	SIZE(kpx_ct_value);
+	FIELD(kpx_ct_value, last_seen_ns);
+	FIELD(kpx_ct_value, backend_id);
+	FIELD(kpx_ct_value, service_id);
+	FIELD(kpx_ct_value, flags);
+	return 0;
+}

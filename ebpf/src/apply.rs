@@ -1,0 +1,111 @@
+//! Performs a [`plan`](crate::plan) against the loaded maps, in the plan's order. A write that
+//! fails names the map; a full map says so (the Services written before it keep working).
+
+use aya::maps::{HashMap, MapData, MapError};
+use aya::Ebpf;
+
+use crate::layout::{Backend, RevNat, ServiceKey, ServiceValue, SlotKey};
+use crate::plan::Op;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("BPF map {map} is full ({capacity} entries); raise its capacity")]
+    Full { map: &'static str, capacity: u32 },
+    #[error("BPF map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("BPF map {0} is missing from the loaded object")]
+    Missing(&'static str),
+}
+
+fn open<'a, K: aya::Pod, V: aya::Pod>(
+    ebpf: &'a mut Ebpf,
+    map: &'static str,
+) -> Result<HashMap<&'a mut MapData, K, V>, ApplyError> {
+    let handle = ebpf.map_mut(map).ok_or(ApplyError::Missing(map))?;
+    HashMap::try_from(handle).map_err(|source| ApplyError::Map { map, source })
+}
+
+fn capacity(ebpf: &Ebpf, map: &'static str) -> u32 {
+    ebpf.map(map)
+        .and_then(|m| match m {
+            aya::maps::Map::HashMap(d) | aya::maps::Map::LruHashMap(d) => {
+                d.info().ok().map(|i| i.max_entries())
+            }
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
+/// Maps an insert error: E2BIG from a hash map means it is full.
+fn insert_error(ebpf: &Ebpf, map: &'static str, source: MapError) -> ApplyError {
+    if let MapError::SyscallError(e) = &source {
+        if e.io_error.raw_os_error() == Some(libc::E2BIG) {
+            return ApplyError::Full {
+                map,
+                capacity: capacity(ebpf, map),
+            };
+        }
+    }
+    ApplyError::Map { map, source }
+}
+
+/// Deleting what is already gone is not an error (a restarted proxy may replay deletes).
+fn removed(result: Result<(), MapError>, map: &'static str) -> Result<(), ApplyError> {
+    match result {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(source) => Err(ApplyError::Map { map, source }),
+    }
+}
+
+/// Applies `ops` in order; stops at the first failure (the plan's order keeps what was
+/// written consistent).
+pub fn apply(ebpf: &mut Ebpf, ops: &[Op]) -> Result<(), ApplyError> {
+    for op in ops {
+        let result = match op {
+            Op::PutBackend(id, b) => open::<u32, Backend>(ebpf, "kpx_backends")?
+                .insert(id, b, 0)
+                .map_err(|e| ("kpx_backends", e)),
+            Op::PutSlot(k, id) => open::<SlotKey, u32>(ebpf, "kpx_slots")?
+                .insert(k, id, 0)
+                .map_err(|e| ("kpx_slots", e)),
+            Op::PutRevNat(id, r) => open::<u32, RevNat>(ebpf, "kpx_rev_nat")?
+                .insert(id, r, 0)
+                .map_err(|e| ("kpx_rev_nat", e)),
+            Op::PutService(k, v) => open::<ServiceKey, ServiceValue>(ebpf, "kpx_services")?
+                .insert(k, v, 0)
+                .map_err(|e| ("kpx_services", e)),
+            Op::DeleteService(k) => {
+                let r = open::<ServiceKey, ServiceValue>(ebpf, "kpx_services")?.remove(k);
+                removed(r, "kpx_services")?;
+                Ok(())
+            }
+            Op::DeleteSlot(k) => {
+                removed(
+                    open::<SlotKey, u32>(ebpf, "kpx_slots")?.remove(k),
+                    "kpx_slots",
+                )?;
+                Ok(())
+            }
+            Op::DeleteRevNat(id) => {
+                let r = open::<u32, RevNat>(ebpf, "kpx_rev_nat")?.remove(id);
+                removed(r, "kpx_rev_nat")?;
+                Ok(())
+            }
+            Op::DeleteBackend(id) => {
+                removed(
+                    open::<u32, Backend>(ebpf, "kpx_backends")?.remove(id),
+                    "kpx_backends",
+                )?;
+                Ok(())
+            }
+        };
+        if let Err((map, source)) = result {
+            return Err(insert_error(ebpf, map, source));
+        }
+    }
+    Ok(())
+}

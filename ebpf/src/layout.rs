@@ -1,0 +1,235 @@
+//! Rust mirrors of every map key and value in `bpf/kpx_maps.h`. Field for field the same
+//! layout (`#[repr(C)]`, explicit padding so keys hash the same on both sides); the test at the
+//! bottom checks sizes and offsets against what the C compiler made of the header.
+//!
+//! Addresses are 16 bytes for both families (IPv4 in the first 4); ports are in network byte
+//! order, as in packets.
+
+use std::net::IpAddr;
+
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+pub const SVC_F_NODEPORT: u16 = 1 << 0;
+pub const SVC_F_EXTERNAL: u16 = 1 << 1;
+pub const SVC_F_LOCAL_ONLY: u16 = 1 << 2;
+pub const SVC_F_MASQUERADE: u16 = 1 << 3;
+
+pub const CT_F_REPLY: u32 = 1 << 0;
+
+/// An address as the maps hold it, and its family.
+pub fn address(ip: IpAddr) -> ([u8; 16], u8) {
+    let mut out = [0u8; 16];
+    match ip {
+        IpAddr::V4(v4) => {
+            out[..4].copy_from_slice(&v4.octets());
+            (out, FAMILY_V4)
+        }
+        IpAddr::V6(v6) => (v6.octets(), FAMILY_V6),
+    }
+}
+
+/// The address a map entry holds.
+pub fn ip(addr: &[u8; 16], family: u8) -> IpAddr {
+    if family == FAMILY_V4 {
+        IpAddr::from([addr[0], addr[1], addr[2], addr[3]])
+    } else {
+        IpAddr::from(*addr)
+    }
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub addr: [u8; 16],
+    /// Network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+
+impl ServiceKey {
+    pub fn new(ip: IpAddr, port: u16, proto: u8) -> Self {
+        let (addr, family) = address(ip);
+        Self {
+            addr,
+            port: port.to_be(),
+            proto,
+            family,
+        }
+    }
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ServiceValue {
+    pub id: u32,
+    /// Backend slots `1..=count`; 0 means no endpoints (rejected).
+    pub count: u16,
+    pub flags: u16,
+    /// Seconds; 0 means no session affinity.
+    pub affinity_timeout: u32,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct SlotKey {
+    pub service_id: u32,
+    pub slot: u32,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Backend {
+    pub addr: [u8; 16],
+    /// Network byte order.
+    pub port: u16,
+    pub family: u8,
+    pub flags: u8,
+}
+
+impl Backend {
+    pub fn new(ip: IpAddr, port: u16) -> Self {
+        let (addr, family) = address(ip);
+        Self {
+            addr,
+            port: port.to_be(),
+            family,
+            flags: 0,
+        }
+    }
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RevNat {
+    pub addr: [u8; 16],
+    /// Network byte order.
+    pub port: u16,
+    pub family: u8,
+    pub pad: u8,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub client: [u8; 16],
+    pub service_id: u32,
+    pub family: u8,
+    pub pad: [u8; 3],
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AffinityValue {
+    pub last_used_ns: u64,
+    pub backend_id: u32,
+    pub pad: u32,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub pad: [u8; 2],
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CtValue {
+    pub last_seen_ns: u64,
+    pub backend_id: u32,
+    pub service_id: u32,
+    pub flags: u32,
+    pub pad: u32,
+}
+
+// SAFETY: each type is `#[repr(C)]`, `Copy`, made only of integers and byte arrays with every
+// padding byte spelled out as a field, so any bit pattern is valid and none is uninitialised.
+unsafe impl aya::Pod for ServiceKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for ServiceValue {}
+// SAFETY: as above.
+unsafe impl aya::Pod for SlotKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for Backend {}
+// SAFETY: as above.
+unsafe impl aya::Pod for RevNat {}
+// SAFETY: as above.
+unsafe impl aya::Pod for AffinityKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for AffinityValue {}
+// SAFETY: as above.
+unsafe impl aya::Pod for CtKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for CtValue {}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::mem::{offset_of, size_of};
+
+    use super::*;
+
+    /// `(struct, field) → offset`, and `(struct, "SIZE") → size`, as the C compiler laid out
+    /// `bpf/kpx_maps.h` (printed by `bpf/layout_probe.c` at build time).
+    fn c_layout() -> BTreeMap<(String, String), usize> {
+        include_str!(concat!(env!("OUT_DIR"), "/c_layout.txt"))
+            .lines()
+            .filter_map(|l| {
+                let mut words = l.split_whitespace();
+                let (s, f, n) = (words.next()?, words.next()?, words.next()?);
+                Some(((s.to_string(), f.to_string()), n.parse().ok()?))
+            })
+            .collect()
+    }
+
+    macro_rules! rust_layout {
+        ($( $c:literal => $ty:ty { $($field:ident),* } )*) => {{
+            let mut m = BTreeMap::new();
+            $(
+                m.insert(($c.to_string(), "SIZE".to_string()), size_of::<$ty>());
+                $( m.insert(($c.to_string(), stringify!($field).to_string()), offset_of!($ty, $field)); )*
+            )*
+            m
+        }};
+    }
+
+    #[test]
+    fn every_mirror_matches_the_c_header() {
+        let rust = rust_layout! {
+            "kpx_service_key" => ServiceKey { addr, port, proto, family }
+            "kpx_service_value" => ServiceValue { id, count, flags, affinity_timeout }
+            "kpx_slot_key" => SlotKey { service_id, slot }
+            "kpx_backend" => Backend { addr, port, family, flags }
+            "kpx_rev_nat" => RevNat { addr, port, family }
+            "kpx_affinity_key" => AffinityKey { client, service_id, family }
+            "kpx_affinity_value" => AffinityValue { last_used_ns, backend_id }
+            "kpx_ct_key" => CtKey { src, dst, sport, dport, proto, family }
+            "kpx_ct_value" => CtValue { last_seen_ns, backend_id, service_id, flags }
+        };
+        let c = c_layout();
+        assert_eq!(c.len(), rust.len(), "C: {c:?}\nRust: {rust:?}");
+        for (key, offset) in &c {
+            assert_eq!(rust.get(key), Some(offset), "{key:?}");
+        }
+    }
+
+    #[test]
+    fn addresses_round_trip_for_both_families() {
+        for text in ["198.18.128.9", "2001:2:0:ff::9"] {
+            let ip: IpAddr = text.parse().expect("an address");
+            let (addr, family) = address(ip);
+            assert_eq!(super::ip(&addr, family), ip);
+        }
+        assert_eq!(
+            ServiceKey::new("10.0.0.1".parse().expect("ip"), 80, 6).port,
+            80u16.to_be()
+        );
+    }
+}

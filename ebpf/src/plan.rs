@@ -1,0 +1,278 @@
+//! The map plan: from the Services wanted and what the maps hold, the ordered map writes that
+//! get there (pure; `apply` performs them). The order is what keeps every packet's view whole:
+//!
+//! - a backend is written before any slot points at it, and deleted only after none does;
+//! - a Service's slots are written before its entry, whose `count` makes them reachable; when
+//!   it shrinks, the smaller count comes first and the slots beyond it go after;
+//! - a Service's entry is deleted before its slots and its reverse-NAT entry.
+//!
+//! Backends are shared: the same address and port is one backend id whatever the Services.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::layout::{Backend, RevNat, ServiceKey, ServiceValue, SlotKey};
+
+/// One frontend as wanted: its flags, affinity and backends (in slot order).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct WantedService {
+    pub flags: u16,
+    pub affinity_timeout: u32,
+    pub backends: Vec<Backend>,
+}
+
+pub type Wanted = BTreeMap<ServiceKey, WantedService>;
+
+/// What the maps hold, as the last applied plan left them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Programmed {
+    pub services: BTreeMap<ServiceKey, (ServiceValue, Vec<u32>)>,
+    pub backend_ids: BTreeMap<BackendIdentity, u32>,
+}
+
+/// A backend's identity for sharing ids (the map value without its flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BackendIdentity {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub family: u8,
+}
+
+impl From<&Backend> for BackendIdentity {
+    fn from(b: &Backend) -> Self {
+        Self {
+            addr: b.addr,
+            port: b.port,
+            family: b.family,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    PutBackend(u32, Backend),
+    PutSlot(SlotKey, u32),
+    PutRevNat(u32, RevNat),
+    PutService(ServiceKey, ServiceValue),
+    DeleteService(ServiceKey),
+    DeleteSlot(SlotKey),
+    DeleteRevNat(u32),
+    DeleteBackend(u32),
+}
+
+/// The lowest id not in `used`, from 1.
+fn lowest_free(used: &BTreeSet<u32>) -> u32 {
+    (1..).find(|id| !used.contains(id)).unwrap_or(u32::MAX)
+}
+
+fn slot(service_id: u32, slot: u32) -> SlotKey {
+    SlotKey { service_id, slot }
+}
+
+/// The writes from `programmed` to `wanted`, and what the maps hold after them.
+pub fn plan(wanted: &Wanted, programmed: &Programmed) -> (Vec<Op>, Programmed) {
+    let mut next = Programmed::default();
+    let mut first = Vec::new(); // new backends
+    let mut middle = Vec::new(); // per-Service writes
+    let mut last = Vec::new(); // backends no longer used
+
+    // Backend ids: keep every id still wanted, allocate the rest.
+    let mut used_ids: BTreeSet<u32> = BTreeSet::new();
+    for w in wanted.values() {
+        for b in &w.backends {
+            let identity = BackendIdentity::from(b);
+            if let Some(id) = programmed.backend_ids.get(&identity) {
+                next.backend_ids.insert(identity, *id);
+                used_ids.insert(*id);
+            }
+        }
+    }
+    for w in wanted.values() {
+        for b in &w.backends {
+            if let std::collections::btree_map::Entry::Vacant(slot) =
+                next.backend_ids.entry(BackendIdentity::from(b))
+            {
+                let id = lowest_free(&used_ids);
+                used_ids.insert(id);
+                slot.insert(id);
+                first.push(Op::PutBackend(id, *b));
+            }
+        }
+    }
+
+    // Service ids: stable per frontend.
+    let mut service_ids: BTreeSet<u32> = programmed
+        .services
+        .iter()
+        .filter(|(k, _)| wanted.contains_key(k))
+        .map(|(_, (v, _))| v.id)
+        .collect();
+    for (key, (value, slots)) in &programmed.services {
+        if wanted.contains_key(key) {
+            continue;
+        }
+        middle.push(Op::DeleteService(*key));
+        for s in 1..=slots.len() as u32 {
+            middle.push(Op::DeleteSlot(slot(value.id, s)));
+        }
+        middle.push(Op::DeleteRevNat(value.id));
+    }
+    for (key, w) in wanted {
+        let ids: Vec<u32> = w
+            .backends
+            .iter()
+            .map(|b| next.backend_ids[&BackendIdentity::from(b)])
+            .collect();
+        let old = programmed.services.get(key);
+        let id = match old {
+            Some((value, _)) => value.id,
+            None => {
+                let id = lowest_free(&service_ids);
+                service_ids.insert(id);
+                id
+            }
+        };
+        let value = ServiceValue {
+            id,
+            count: ids.len() as u16,
+            flags: w.flags,
+            affinity_timeout: w.affinity_timeout,
+        };
+        let old_slots: &[u32] = old.map_or(&[], |(_, s)| s.as_slice());
+        let changed_slots = || {
+            ids.iter()
+                .enumerate()
+                .filter(|(i, bid)| old_slots.get(*i) != Some(bid))
+                .map(|(i, bid)| Op::PutSlot(slot(id, i as u32 + 1), *bid))
+        };
+        match old {
+            None => {
+                middle.extend(changed_slots());
+                middle.push(Op::PutRevNat(
+                    id,
+                    RevNat {
+                        addr: key.addr,
+                        port: key.port,
+                        family: key.family,
+                        pad: 0,
+                    },
+                ));
+                middle.push(Op::PutService(*key, value));
+            }
+            Some(_) if ids.len() < old_slots.len() => {
+                middle.push(Op::PutService(*key, value));
+                middle.extend(changed_slots());
+                for s in ids.len() + 1..=old_slots.len() {
+                    middle.push(Op::DeleteSlot(slot(id, s as u32)));
+                }
+            }
+            Some((old_value, _)) => {
+                middle.extend(changed_slots());
+                if *old_value != value {
+                    middle.push(Op::PutService(*key, value));
+                }
+            }
+        }
+        next.services.insert(*key, (value, ids));
+    }
+    for (identity, id) in &programmed.backend_ids {
+        if !next.backend_ids.contains_key(identity) {
+            last.push(Op::DeleteBackend(*id));
+        }
+    }
+    first.extend(middle);
+    first.extend(last);
+    (first, next)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frontend(last: u8) -> ServiceKey {
+        ServiceKey::new([198, 18, 128, last].into(), 80, 6)
+    }
+
+    fn backend(last: u8) -> Backend {
+        Backend::new([198, 19, 1, last].into(), 8080)
+    }
+
+    fn wanted(entries: &[(u8, &[u8])]) -> Wanted {
+        entries
+            .iter()
+            .map(|(f, bs)| {
+                (
+                    frontend(*f),
+                    WantedService {
+                        backends: bs.iter().map(|b| backend(*b)).collect(),
+                        ..Default::default()
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Ops as short text: `+b1 +s1/1 +r1 +S1(n=1)` and so on.
+    fn text(ops: &[Op]) -> String {
+        ops.iter()
+            .map(|op| match op {
+                Op::PutBackend(id, _) => format!("+b{id}"),
+                Op::PutSlot(k, b) => format!("+s{}/{}=b{b}", k.service_id, k.slot),
+                Op::PutRevNat(id, _) => format!("+r{id}"),
+                Op::PutService(_, v) => format!("+S{}(n={})", v.id, v.count),
+                Op::DeleteService(k) => format!("-S.{}", k.addr[3]),
+                Op::DeleteSlot(k) => format!("-s{}/{}", k.service_id, k.slot),
+                Op::DeleteRevNat(id) => format!("-r{id}"),
+                Op::DeleteBackend(id) => format!("-b{id}"),
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    #[test]
+    fn a_new_service_is_reachable_only_once_its_backends_and_slots_are_in() {
+        let (ops, state) = plan(&wanted(&[(9, &[10, 11])]), &Programmed::default());
+        assert_eq!(text(&ops), "+b1 +b2 +s1/1=b1 +s1/2=b2 +r1 +S1(n=2)");
+        // Nothing changed: nothing written.
+        let (again, same) = plan(&wanted(&[(9, &[10, 11])]), &state);
+        assert!(again.is_empty(), "{}", text(&again));
+        assert_eq!(same, state);
+    }
+
+    #[test]
+    fn growing_writes_the_slot_before_the_count_and_shrinking_the_count_first() {
+        let (_, one) = plan(&wanted(&[(9, &[10])]), &Programmed::default());
+        let (ops, two) = plan(&wanted(&[(9, &[10, 11])]), &one);
+        assert_eq!(text(&ops), "+b2 +s1/2=b2 +S1(n=2)");
+        let (ops, _) = plan(&wanted(&[(9, &[11])]), &two);
+        assert_eq!(text(&ops), "+S1(n=1) +s1/1=b2 -s1/2 -b1");
+    }
+
+    #[test]
+    fn backends_are_shared_and_deleted_last_and_a_removed_service_goes_entry_first() {
+        let (_, both) = plan(
+            &wanted(&[(9, &[10, 11]), (8, &[11])]),
+            &Programmed::default(),
+        );
+        assert_eq!(both.backend_ids.len(), 2);
+        let (ops, after) = plan(&wanted(&[(8, &[11])]), &both);
+        let service_9 = both.services[&frontend(9)].0.id;
+        let backend_10 = both.backend_ids[&BackendIdentity::from(&backend(10))];
+        assert_eq!(
+            text(&ops),
+            format!("-S.9 -s{service_9}/1 -s{service_9}/2 -r{service_9} -b{backend_10}")
+        );
+        assert_eq!(after.backend_ids.len(), 1);
+        // A new Service takes the lowest free id again.
+        let (ops, _) = plan(&wanted(&[(8, &[11]), (7, &[])]), &after);
+        assert_eq!(text(&ops), format!("+r{service_9} +S{service_9}(n=0)"));
+    }
+
+    #[test]
+    fn affinity_and_flag_changes_rewrite_only_the_entry() {
+        let (_, state) = plan(&wanted(&[(9, &[10])]), &Programmed::default());
+        let mut w = wanted(&[(9, &[10])]);
+        w.get_mut(&frontend(9)).expect("present").affinity_timeout = 10800;
+        let (ops, _) = plan(&w, &state);
+        assert_eq!(text(&ops), "+S1(n=1)");
+    }
+}

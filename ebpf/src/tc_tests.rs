@@ -1,0 +1,373 @@
+//! Packet-level tests of the tc program with `BPF_PROG_TEST_RUN`: a packet in, the rewritten
+//! packet and the verdict out, with the maps written as the backend writes them.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
+use aya::maps::HashMap;
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use aya::Ebpf;
+
+use crate::apply::{apply, ApplyError};
+use crate::layout::*;
+use crate::objects::{self, Capacity};
+use crate::plan::{plan, Programmed, Wanted, WantedService};
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+
+/// Loads the tc object, or says why the test cannot run (and fails when the suite demands
+/// kernel tests, as `cargo xtask test` does).
+fn load() -> Option<Ebpf> {
+    let required = std::env::var("KPX_REQUIRE_NETNS").is_ok_and(|v| v == "1");
+    if !nix_is_root() {
+        assert!(!required, "BPF tests need root (KPX_REQUIRE_NETNS=1)");
+        eprintln!("SKIPPED: loading BPF programs needs root");
+        return None;
+    }
+    let mut ebpf = objects::load(objects::TC_LB, None, &Capacity::default()).expect("load tc_lb");
+    let program: &mut SchedClassifier = ebpf
+        .program_mut("kpx_tc_lb")
+        .expect("kpx_tc_lb in the object")
+        .try_into()
+        .expect("a classifier");
+    program.load().expect("the verifier accepts kpx_tc_lb");
+    Some(ebpf)
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn ip(text: &str) -> IpAddr {
+    text.parse().expect("an address")
+}
+
+/// Writes one Service through the map plan and its apply, as the backend does.
+fn add_service(
+    ebpf: &mut Ebpf,
+    frontend: (&str, u16, u8),
+    backends: &[(&str, u16)],
+    affinity_timeout: u32,
+) {
+    let (addr, port, proto) = frontend;
+    let wanted: Wanted = [(
+        ServiceKey::new(ip(addr), port, proto),
+        WantedService {
+            flags: 0,
+            affinity_timeout,
+            backends: backends
+                .iter()
+                .map(|(a, p)| Backend::new(ip(a), *p))
+                .collect(),
+        },
+    )]
+    .into();
+    let (ops, _) = plan(&wanted, &Programmed::default());
+    apply(ebpf, &ops).expect("apply");
+}
+
+/// Runs the program on `packet`; returns the verdict and the packet as it left.
+fn run(ebpf: &Ebpf, packet: &[u8]) -> (u32, Vec<u8>) {
+    let program: &SchedClassifier = ebpf
+        .program("kpx_tc_lb")
+        .expect("program")
+        .try_into()
+        .expect("classifier");
+    let mut out = vec![0u8; packet.len() + 64];
+    let mut options = TestRunOptions::new();
+    options.data_in = Some(packet);
+    options.data_out = Some(&mut out);
+    let result = program.test_run(options).expect("BPF_PROG_TEST_RUN");
+    out.truncate(result.data_size_out as usize);
+    (result.return_value, out)
+}
+
+fn sum16(data: &[u8]) -> u32 {
+    data.chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum()
+}
+
+fn fold(mut sum: u32) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An Ethernet frame carrying a TCP SYN or a UDP datagram, with correct checksums.
+fn packet(src: (&str, u16), dst: (&str, u16), proto: u8) -> Vec<u8> {
+    let (s, d) = (ip(src.0), ip(dst.0));
+    let mut l4 = Vec::new();
+    l4.extend(src.1.to_be_bytes());
+    l4.extend(dst.1.to_be_bytes());
+    if proto == TCP {
+        l4.extend([0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+    } else {
+        l4.extend(((8 + 4) as u16).to_be_bytes());
+        l4.extend([0, 0]);
+    }
+    l4.extend(b"ping");
+    let mut frame = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2];
+    let pseudo: Vec<u8> = match (s, d) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            frame.extend([0x08, 0x00]);
+            let total = (20 + l4.len()) as u16;
+            let mut header = vec![0x45, 0];
+            header.extend(total.to_be_bytes());
+            header.extend([0, 0, 0x40, 0, 64, proto, 0, 0]);
+            header.extend(s.octets());
+            header.extend(d.octets());
+            let csum = fold(sum16(&header));
+            header[10..12].copy_from_slice(&csum.to_be_bytes());
+            frame.extend(&header);
+            [
+                &s.octets()[..],
+                &d.octets()[..],
+                &[0, proto],
+                &(l4.len() as u16).to_be_bytes(),
+            ]
+            .concat()
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            frame.extend([0x86, 0xdd]);
+            frame.extend([0x60, 0, 0, 0]);
+            frame.extend((l4.len() as u16).to_be_bytes());
+            frame.extend([proto, 64]);
+            frame.extend(s.octets());
+            frame.extend(d.octets());
+            [
+                &s.octets()[..],
+                &d.octets()[..],
+                &(l4.len() as u32).to_be_bytes(),
+                &[0, 0, 0, proto],
+            ]
+            .concat()
+        }
+        _ => panic!("mixed families"),
+    };
+    let csum = fold(sum16(&pseudo) + sum16(&l4));
+    let at = if proto == TCP { 16 } else { 6 };
+    l4[at..at + 2].copy_from_slice(&csum.to_be_bytes());
+    frame.extend(l4);
+    frame
+}
+
+/// Source and destination as the packet carries them, after checking its checksums.
+fn addresses(frame: &[u8]) -> ((IpAddr, u16), (IpAddr, u16)) {
+    let (l3, proto, s, d, l4) = if frame[12..14] == [0x08, 0x00] {
+        let h = &frame[14..34];
+        assert_eq!(fold(sum16(h)), 0, "IPv4 header checksum");
+        let s: [u8; 4] = h[12..16].try_into().expect("4 bytes");
+        let d: [u8; 4] = h[16..20].try_into().expect("4 bytes");
+        (h, h[9], IpAddr::from(s), IpAddr::from(d), &frame[34..])
+    } else {
+        let h = &frame[14..54];
+        let s: [u8; 16] = h[8..24].try_into().expect("16 bytes");
+        let d: [u8; 16] = h[24..40].try_into().expect("16 bytes");
+        (h, h[6], IpAddr::from(s), IpAddr::from(d), &frame[54..])
+    };
+    let _ = l3;
+    let pseudo = match (s, d) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => [
+            &a.octets()[..],
+            &b.octets()[..],
+            &[0, proto],
+            &(l4.len() as u16).to_be_bytes(),
+        ]
+        .concat(),
+        (IpAddr::V6(a), IpAddr::V6(b)) => [
+            &a.octets()[..],
+            &b.octets()[..],
+            &(l4.len() as u32).to_be_bytes(),
+            &[0, 0, 0, proto],
+        ]
+        .concat(),
+        _ => unreachable!(),
+    };
+    assert_eq!(fold(sum16(&pseudo) + sum16(l4)), 0, "L4 checksum");
+    let sport = u16::from_be_bytes([l4[0], l4[1]]);
+    let dport = u16::from_be_bytes([l4[2], l4[3]]);
+    ((s, sport), (d, dport))
+}
+
+#[test]
+fn dnat_then_reverse_nat_over_ipv4_tcp() {
+    let Some(mut ebpf) = load() else { return };
+    add_service(
+        &mut ebpf,
+        ("198.18.128.9", 80, TCP),
+        &[("198.19.1.10", 8080)],
+        0,
+    );
+    let syn = packet(("198.19.1.11", 40000), ("198.18.128.9", 80), TCP);
+    let (verdict, out) = run(&ebpf, &syn);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(
+        addresses(&out),
+        ((ip("198.19.1.11"), 40000), (ip("198.19.1.10"), 8080))
+    );
+    // The reply, from the backend, leaves with the Service's address as its source.
+    let reply = packet(("198.19.1.10", 8080), ("198.19.1.11", 40000), TCP);
+    let (verdict, out) = run(&ebpf, &reply);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(
+        addresses(&out),
+        ((ip("198.18.128.9"), 80), (ip("198.19.1.11"), 40000))
+    );
+    // Both directions are in conntrack.
+    let ct: HashMap<_, CtKey, CtValue> =
+        HashMap::try_from(ebpf.map("kpx_ct").expect("map")).expect("hash");
+    let flags: BTreeSet<u32> = ct.iter().map(|e| e.expect("entry").1.flags).collect();
+    assert_eq!(flags, BTreeSet::from([0, CT_F_REPLY]));
+}
+
+#[test]
+fn traffic_that_is_not_for_a_service_passes_untouched() {
+    let Some(mut ebpf) = load() else { return };
+    add_service(
+        &mut ebpf,
+        ("198.18.128.9", 80, TCP),
+        &[("198.19.1.10", 8080)],
+        0,
+    );
+    for other in [
+        packet(("198.19.1.11", 40000), ("198.18.128.9", 81), TCP),
+        packet(("198.19.1.11", 40000), ("198.18.128.9", 80), UDP),
+        packet(("198.19.1.11", 40000), ("198.19.1.10", 8080), TCP),
+    ] {
+        assert_eq!(run(&ebpf, &other), (TC_ACT_OK, other.clone()));
+    }
+}
+
+#[test]
+fn a_flow_keeps_its_backend_and_new_flows_spread() {
+    let Some(mut ebpf) = load() else { return };
+    let backends = [
+        ("198.19.1.10", 8080),
+        ("198.19.2.10", 8080),
+        ("198.19.2.11", 8080),
+    ];
+    add_service(&mut ebpf, ("198.18.128.7", 80, TCP), &backends, 0);
+    let flow = packet(("198.19.1.11", 40000), ("198.18.128.7", 80), TCP);
+    let first = addresses(&run(&ebpf, &flow).1).1;
+    for _ in 0..20 {
+        assert_eq!(addresses(&run(&ebpf, &flow).1).1, first);
+    }
+    let mut seen = BTreeSet::new();
+    for port in 0..300u16 {
+        let p = packet(("198.19.1.11", 41000 + port), ("198.18.128.7", 80), TCP);
+        seen.insert(addresses(&run(&ebpf, &p).1).1);
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+}
+
+#[test]
+fn session_affinity_sends_every_flow_of_a_client_to_one_backend() {
+    let Some(mut ebpf) = load() else { return };
+    let backends = [
+        ("198.19.1.10", 8080),
+        ("198.19.2.10", 8080),
+        ("198.19.2.11", 8080),
+    ];
+    add_service(&mut ebpf, ("198.18.128.3", 80, TCP), &backends, 10800);
+    let mut seen = BTreeSet::new();
+    for port in 0..50u16 {
+        let p = packet(("198.19.1.11", 42000 + port), ("198.18.128.3", 80), TCP);
+        seen.insert(addresses(&run(&ebpf, &p).1).1);
+    }
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    // Another client gets its own choice, also sticky.
+    let mut other = BTreeSet::new();
+    for port in 0..20u16 {
+        let p = packet(("198.19.1.12", 42000 + port), ("198.18.128.3", 80), TCP);
+        other.insert(addresses(&run(&ebpf, &p).1).1);
+    }
+    assert_eq!(other.len(), 1, "{other:?}");
+}
+
+#[test]
+fn a_service_without_endpoints_is_not_delivered() {
+    let Some(mut ebpf) = load() else { return };
+    add_service(&mut ebpf, ("198.18.128.4", 53, UDP), &[], 0);
+    let p = packet(("198.19.1.11", 5353), ("198.18.128.4", 53), UDP);
+    assert_eq!(run(&ebpf, &p).0, TC_ACT_SHOT);
+}
+
+#[test]
+fn dnat_then_reverse_nat_over_ipv6_udp() {
+    let Some(mut ebpf) = load() else { return };
+    add_service(
+        &mut ebpf,
+        ("2001:2:0:ff::6", 53, UDP),
+        &[("2001:2:0:101::10", 5353)],
+        0,
+    );
+    let query = packet(("2001:2:0:101::11", 33000), ("2001:2:0:ff::6", 53), UDP);
+    let (verdict, out) = run(&ebpf, &query);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(
+        addresses(&out),
+        (
+            (ip("2001:2:0:101::11"), 33000),
+            (ip("2001:2:0:101::10"), 5353)
+        )
+    );
+    let answer = packet(("2001:2:0:101::10", 5353), ("2001:2:0:101::11", 33000), UDP);
+    let (verdict, out) = run(&ebpf, &answer);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(
+        addresses(&out),
+        ((ip("2001:2:0:ff::6"), 53), (ip("2001:2:0:101::11"), 33000))
+    );
+}
+
+#[test]
+fn a_full_map_is_an_error_naming_it_and_the_services_that_fit_keep_working() {
+    let Some(_) = load() else { return };
+    let capacity = Capacity {
+        entries: vec![("kpx_services", 2)],
+    };
+    let mut ebpf = objects::load(objects::TC_LB, None, &capacity).expect("load");
+    let program: &mut SchedClassifier = ebpf
+        .program_mut("kpx_tc_lb")
+        .expect("program")
+        .try_into()
+        .expect("classifier");
+    program.load().expect("verifier");
+    let wanted: Wanted = (1..=3u8)
+        .map(|i| {
+            (
+                ServiceKey::new([198, 18, 128, i].into(), 80, TCP),
+                WantedService {
+                    backends: vec![Backend::new([198, 19, 1, 10 + i].into(), 8080)],
+                    ..Default::default()
+                },
+            )
+        })
+        .collect();
+    let (ops, _) = plan(&wanted, &Programmed::default());
+    let err = apply(&mut ebpf, &ops).expect_err("the third Service does not fit");
+    assert!(
+        matches!(
+            err,
+            ApplyError::Full {
+                map: "kpx_services",
+                capacity: 2
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        err.to_string(),
+        "BPF map kpx_services is full (2 entries); raise its capacity"
+    );
+    let p = packet(("198.19.1.2", 40000), ("198.18.128.1", 80), TCP);
+    let (verdict, out) = run(&ebpf, &p);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(addresses(&out).1, (ip("198.19.1.11"), 8080));
+}
