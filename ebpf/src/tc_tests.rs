@@ -21,13 +21,18 @@ const UDP: u8 = 17;
 /// Loads the tc object, or says why the test cannot run (and fails when the suite demands
 /// kernel tests, as `cargo xtask test` does).
 fn load() -> Option<Ebpf> {
+    load_with(&Capacity::default())
+}
+
+/// [`load`] with map capacities.
+fn load_with(capacity: &Capacity) -> Option<Ebpf> {
     let required = std::env::var("KPX_REQUIRE_NETNS").is_ok_and(|v| v == "1");
     if !nix_is_root() {
         assert!(!required, "BPF tests need root (KPX_REQUIRE_NETNS=1)");
         eprintln!("SKIPPED: loading BPF programs needs root");
         return None;
     }
-    let mut ebpf = objects::load(objects::TC_LB, None, &Capacity::default()).expect("load tc_lb");
+    let mut ebpf = objects::load(objects::TC_LB, None, capacity).expect("load tc_lb");
     let program: &mut SchedClassifier = ebpf
         .program_mut("kpx_tc_lb")
         .expect("kpx_tc_lb in the object")
@@ -328,17 +333,12 @@ fn dnat_then_reverse_nat_over_ipv6_udp() {
 
 #[test]
 fn a_full_map_is_an_error_naming_it_and_the_services_that_fit_keep_working() {
-    let Some(_) = load() else { return };
     let capacity = Capacity {
         entries: vec![("kpx_services", 2)],
     };
-    let mut ebpf = objects::load(objects::TC_LB, None, &capacity).expect("load");
-    let program: &mut SchedClassifier = ebpf
-        .program_mut("kpx_tc_lb")
-        .expect("program")
-        .try_into()
-        .expect("classifier");
-    program.load().expect("verifier");
+    let Some(mut ebpf) = load_with(&capacity) else {
+        return;
+    };
     let wanted: Wanted = (1..=3u8)
         .map(|i| {
             (
