@@ -138,15 +138,20 @@ impl Tool {
                 command: name.clone(),
                 source,
             })?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(BackendError::Command {
-                command: name,
-                status: out.status.to_string(),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            })
-        }
+        succeeded(out, &name).map(|_| ())
+    }
+}
+
+/// The command's stdout when it exited 0, else an error carrying its status and stderr.
+fn succeeded(out: std::process::Output, name: &str) -> Result<String, BackendError> {
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    } else {
+        Err(BackendError::Command {
+            command: name.to_string(),
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
     }
 }
 
@@ -158,13 +163,5 @@ pub fn output(cmd: &mut Command, name: &str) -> Result<String, BackendError> {
             command: name.to_string(),
             source,
         })?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).to_string())
-    } else {
-        Err(BackendError::Command {
-            command: name.to_string(),
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        })
-    }
+    succeeded(out, name)
 }

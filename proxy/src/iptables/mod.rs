@@ -128,13 +128,7 @@ impl Backend for IptablesBackend {
         let mut input = String::new();
         for table in ["nat", "filter", "mangle"] {
             let saved = self.tool.save(table)?;
-            let ours: Vec<String> = saved
-                .lines()
-                .filter_map(|l| l.strip_prefix(':'))
-                .filter_map(|l| l.split_whitespace().next())
-                .filter(|c| c.starts_with(chains::PREFIX))
-                .map(String::from)
-                .collect();
+            let ours = kpx_chains(&saved);
             // Rules in built-in chains that jump to ours.
             let jumps: Vec<String> = saved
                 .lines()
