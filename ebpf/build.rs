@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const PROGRAMS: &[&str] = &["tc_lb"];
+const PROGRAMS: &[&str] = &["tc_lb", "sock_lb"];
 
 fn clang() -> Option<String> {
     let candidates = [

@@ -20,9 +20,11 @@
 #define KPX_SVC_F_EXTERNAL (1 << 1)    /* external or load-balancer IP */
 #define KPX_SVC_F_LOCAL_ONLY (1 << 2)  /* externalTrafficPolicy/internalTrafficPolicy: Local */
 #define KPX_SVC_F_MASQUERADE (1 << 3)  /* traffic from outside must be source-NATed */
+#define KPX_SVC_F_DROP (1 << 4)        /* endpoints exist, none for this traffic: drop, no reject */
 
 /* kpx_ct value flags */
 #define KPX_CT_F_REPLY (1 << 0)        /* reply direction: rewrite the source back */
+#define KPX_CT_F_SNAT (1 << 1)         /* the flow's source was rewritten to nat_addr:nat_port */
 
 /* A Service frontend: VIP (or zero for NodePorts), port, protocol. */
 struct kpx_service_key {
@@ -89,10 +91,44 @@ struct kpx_ct_key {
 
 struct kpx_ct_value {
 	__u64 last_seen_ns;
-	__u32 backend_id;  /* forward: where the flow goes */
-	__u32 service_id;  /* reply: whose frontend to restore (kpx_rev_nat) */
-	__u32 flags;       /* KPX_CT_F_* */
-	__u32 pad;
+	__u32 backend_id;     /* forward: where the flow goes */
+	__u32 service_id;
+	__u32 flags;          /* KPX_CT_F_* */
+	__be16 front_port;    /* reply: the frontend the client addressed, restored as source */
+	__be16 nat_port;
+	__u8 front_addr[16];
+	/* With KPX_CT_F_SNAT: forward, the source the flow was given; reply, the client's
+	 * original address and port, restored as the destination. */
+	__u8 nat_addr[16];
+};
+
+/* The node, as the programs need it: the source for masquerade and hairpin, per family. */
+struct kpx_config {
+	__u8 node_ip4[16];
+	__u8 node_ip6[16];
+};
+
+/* A local address NodePorts answer on (kpx_node_addrs key; the value is unused). */
+struct kpx_node_addr {
+	__u8 addr[16];
+	__u8 family;
+	__u8 pad[3];
+};
+
+/* Socket LB: which Service a socket's backend stands for (recvmsg, getpeername). */
+struct kpx_sock_rev_key {
+	__u64 cookie;      /* bpf_get_socket_cookie() */
+	__u8 addr[16];     /* the backend */
+	__be16 port;
+	__u8 family;
+	__u8 pad[5];
+};
+
+struct kpx_sock_rev_value {
+	__u8 addr[16];     /* the Service frontend */
+	__be16 port;
+	__u8 family;
+	__u8 pad;
 };
 
 #endif /* KPX_MAPS_H */

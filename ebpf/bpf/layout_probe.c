@@ -51,5 +51,24 @@ int main(void)
 	FIELD(kpx_ct_value, backend_id);
 	FIELD(kpx_ct_value, service_id);
 	FIELD(kpx_ct_value, flags);
+	FIELD(kpx_ct_value, front_port);
+	FIELD(kpx_ct_value, nat_port);
+	FIELD(kpx_ct_value, front_addr);
+	FIELD(kpx_ct_value, nat_addr);
+	SIZE(kpx_config);
+	FIELD(kpx_config, node_ip4);
+	FIELD(kpx_config, node_ip6);
+	SIZE(kpx_node_addr);
+	FIELD(kpx_node_addr, addr);
+	FIELD(kpx_node_addr, family);
+	SIZE(kpx_sock_rev_key);
+	FIELD(kpx_sock_rev_key, cookie);
+	FIELD(kpx_sock_rev_key, addr);
+	FIELD(kpx_sock_rev_key, port);
+	FIELD(kpx_sock_rev_key, family);
+	SIZE(kpx_sock_rev_value);
+	FIELD(kpx_sock_rev_value, addr);
+	FIELD(kpx_sock_rev_value, port);
+	FIELD(kpx_sock_rev_value, family);
 	return 0;
 }

@@ -20,53 +20,9 @@
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
 
-#include "kpx_maps.h"
+#include "lb.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
-
-/* Sizes are defaults: the loader sets each from the proxy's configuration, and pins the
- * maps under the instance's bpffs directory (a restarted proxy adopts them). */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__type(key, struct kpx_service_key);
-	__type(value, struct kpx_service_value);
-	__uint(max_entries, 65536);
-} kpx_services SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__type(key, struct kpx_slot_key);
-	__type(value, __u32);
-	__uint(max_entries, 1048576);
-} kpx_slots SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__type(key, __u32);
-	__type(value, struct kpx_backend);
-	__uint(max_entries, 262144);
-} kpx_backends SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__type(key, __u32);
-	__type(value, struct kpx_rev_nat);
-	__uint(max_entries, 65536);
-} kpx_rev_nat SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__type(key, struct kpx_affinity_key);
-	__type(value, struct kpx_affinity_value);
-	__uint(max_entries, 262144);
-} kpx_affinity SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__type(key, struct kpx_ct_key);
-	__type(value, struct kpx_ct_value);
-	__uint(max_entries, 262144);
-} kpx_ct SEC(".maps");
 
 #define IP_CSUM_OFF (ETH_HLEN + offsetof(struct iphdr, check))
 #define IP_SRC_OFF (ETH_HLEN + offsetof(struct iphdr, saddr))
@@ -81,7 +37,17 @@ struct flow {
 	struct kpx_ct_key tuple;
 	__u32 l4_off;
 	__u32 csum_off;  /* the L4 checksum, from the start of the packet */
+	/* For a reset: the segment's flags, sequence numbers and payload length. */
+	__u32 seq;
+	__u32 ack_seq;
+	__u16 payload;
+	__u8 tcp_flags;  /* TCP_FLAG_* bits of byte 13 */
 };
+
+#define TCPF_FIN 0x01
+#define TCPF_SYN 0x02
+#define TCPF_RST 0x04
+#define TCPF_ACK 0x10
 
 /* Fills `f` for an unfragmented TCP or UDP packet without IP options or extension headers;
  * returns -1 for anything else (which passes untouched). */
@@ -107,6 +73,7 @@ static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
 		f->tuple.family = KPX_FAMILY_V4;
 		proto = ip->protocol;
 		f->l4_off = ETH_HLEN + sizeof(struct iphdr);
+		f->payload = bpf_ntohs(ip->tot_len) - sizeof(struct iphdr);
 	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *ip6 = (void *)(eth + 1);
 
@@ -117,6 +84,7 @@ static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
 		f->tuple.family = KPX_FAMILY_V6;
 		proto = ip6->nexthdr;
 		f->l4_off = ETH_HLEN + sizeof(struct ipv6hdr);
+		f->payload = bpf_ntohs(ip6->payload_len);
 	} else {
 		return -1;
 	}
@@ -128,6 +96,10 @@ static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
 		f->tuple.sport = th->source;
 		f->tuple.dport = th->dest;
 		f->csum_off = f->l4_off + offsetof(struct tcphdr, check);
+		f->seq = bpf_ntohl(th->seq);
+		f->ack_seq = bpf_ntohl(th->ack_seq);
+		f->tcp_flags = ((__u8 *)th)[13];
+		f->payload -= th->doff * 4;
 	} else if (proto == IPPROTO_UDP) {
 		struct udphdr *uh = data + f->l4_off;
 
@@ -191,118 +163,305 @@ static __always_inline int rewrite(struct __sk_buff *skb, const struct flow *f, 
 	return 0;
 }
 
-/* The backend for a new flow: the client's previous one under session affinity, else a
- * uniformly random slot. */
-static __always_inline __u32 pick_backend(const struct flow *f, const struct kpx_service_value *svc,
-					  struct kpx_backend **backend)
+
+static __always_inline __u16 csum_fold(__s64 sum)
 {
-	struct kpx_affinity_key akey = {};
-	struct kpx_slot_key skey = {};
-	__u64 now = bpf_ktime_get_ns();
-	__u32 *id;
+	__u32 s = (__u32)sum;
 
-	if (svc->affinity_timeout) {
-		struct kpx_affinity_value *seen;
-
-		__builtin_memcpy(akey.client, f->tuple.src, 16);
-		akey.service_id = svc->id;
-		akey.family = f->tuple.family;
-		seen = bpf_map_lookup_elem(&kpx_affinity, &akey);
-		if (seen && now - seen->last_used_ns < (__u64)svc->affinity_timeout * 1000000000ULL) {
-			*backend = bpf_map_lookup_elem(&kpx_backends, &seen->backend_id);
-			if (*backend) {
-				seen->last_used_ns = now;
-				return seen->backend_id;
-			}
-		}
-	}
-	skey.service_id = svc->id;
-	skey.slot = bpf_get_prandom_u32() % svc->count + 1;
-	id = bpf_map_lookup_elem(&kpx_slots, &skey);
-	if (!id)
-		return 0;
-	*backend = bpf_map_lookup_elem(&kpx_backends, id);
-	if (!*backend)
-		return 0;
-	if (svc->affinity_timeout) {
-		struct kpx_affinity_value value = { .last_used_ns = now, .backend_id = *id };
-
-		bpf_map_update_elem(&kpx_affinity, &akey, &value, BPF_ANY);
-	}
-	return *id;
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	return (__u16)~s;
 }
 
-/* A reply of a load-balanced flow: its source becomes the Service frontend again. */
+/* The pseudo-header's partial sum for an L4 segment of `len` bytes going from `src` to `dst`. */
+static __always_inline __s64 pseudo_sum(const struct flow *f, const __u8 *src, const __u8 *dst,
+					__u8 proto, __u16 len)
+{
+	if (f->tuple.family == KPX_FAMILY_V4) {
+		__u32 ph[3];
+
+		__builtin_memcpy(&ph[0], src, 4);
+		__builtin_memcpy(&ph[1], dst, 4);
+		ph[2] = bpf_htonl(((__u32)proto << 16) | len);
+		return bpf_csum_diff(0, 0, ph, sizeof(ph), 0);
+	} else {
+		__u32 ph[10];
+
+		__builtin_memcpy(&ph[0], src, 16);
+		__builtin_memcpy(&ph[4], dst, 16);
+		ph[8] = bpf_htonl(len);
+		ph[9] = bpf_htonl(proto);
+		return bpf_csum_diff(0, 0, ph, sizeof(ph), 0);
+	}
+}
+
+/* Writes a fresh IP header from `src` to `dst` carrying `len` bytes of `proto`, and swaps the
+ * Ethernet addresses so the packet goes back where it came from. */
+static __always_inline int write_l2_l3(struct __sk_buff *skb, const struct flow *f,
+				       const __u8 *src, const __u8 *dst, __u8 proto, __u16 len)
+{
+	struct ethhdr eth;
+	__u8 mac[ETH_ALEN];
+
+	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)))
+		return -1;
+	__builtin_memcpy(mac, eth.h_dest, ETH_ALEN);
+	__builtin_memcpy(eth.h_dest, eth.h_source, ETH_ALEN);
+	__builtin_memcpy(eth.h_source, mac, ETH_ALEN);
+	if (bpf_skb_store_bytes(skb, 0, &eth, sizeof(eth), 0))
+		return -1;
+	if (f->tuple.family == KPX_FAMILY_V4) {
+		struct iphdr ip = {};
+
+		ip.version = 4;
+		ip.ihl = 5;
+		ip.tot_len = bpf_htons(sizeof(ip) + len);
+		ip.ttl = 64;
+		ip.protocol = proto;
+		__builtin_memcpy(&ip.saddr, src, 4);
+		__builtin_memcpy(&ip.daddr, dst, 4);
+		ip.check = csum_fold(bpf_csum_diff(0, 0, (__be32 *)&ip, sizeof(ip), 0));
+		return bpf_skb_store_bytes(skb, ETH_HLEN, &ip, sizeof(ip), 0) ? -1 : 0;
+	} else {
+		struct ipv6hdr ip6 = {};
+
+		ip6.version = 6;
+		ip6.payload_len = bpf_htons(len);
+		ip6.nexthdr = proto;
+		ip6.hop_limit = 64;
+		__builtin_memcpy(&ip6.saddr, src, 16);
+		__builtin_memcpy(&ip6.daddr, dst, 16);
+		return bpf_skb_store_bytes(skb, ETH_HLEN, &ip6, sizeof(ip6), 0) ? -1 : 0;
+	}
+}
+
+static __always_inline __u32 l3_len(const struct flow *f)
+{
+	return f->tuple.family == KPX_FAMILY_V4 ? sizeof(struct iphdr) : sizeof(struct ipv6hdr);
+}
+
+/* Answers a TCP segment with a reset from the Service address (as iptables' REJECT
+ * --reject-with tcp-reset does), sent back out of the interface it came in on. */
+static __always_inline int reject_tcp(struct __sk_buff *skb, const struct flow *f)
+{
+	struct tcphdr th = {};
+	__s64 sum;
+
+	if (f->tcp_flags & TCPF_RST)
+		return TC_ACT_SHOT;
+	th.source = f->tuple.dport;
+	th.dest = f->tuple.sport;
+	th.doff = 5;
+	th.rst = 1;
+	if (f->tcp_flags & TCPF_ACK) {
+		th.seq = bpf_htonl(f->ack_seq);
+	} else {
+		th.ack = 1;
+		th.ack_seq = bpf_htonl(f->seq + f->payload + !!(f->tcp_flags & TCPF_SYN) +
+				       !!(f->tcp_flags & TCPF_FIN));
+	}
+	sum = pseudo_sum(f, f->tuple.dst, f->tuple.src, IPPROTO_TCP, sizeof(th));
+	th.check = csum_fold(bpf_csum_diff(0, 0, (__be32 *)&th, sizeof(th), sum));
+	if (bpf_skb_change_tail(skb, ETH_HLEN + l3_len(f) + sizeof(th), 0))
+		return TC_ACT_SHOT;
+	if (write_l2_l3(skb, f, f->tuple.dst, f->tuple.src, IPPROTO_TCP, sizeof(th)))
+		return TC_ACT_SHOT;
+	if (bpf_skb_store_bytes(skb, ETH_HLEN + l3_len(f), &th, sizeof(th), 0))
+		return TC_ACT_SHOT;
+	return bpf_redirect(skb->ifindex, 0);
+}
+
+/* Answers any other packet with an ICMP (v6) port unreachable quoting its IP header and the
+ * first 8 bytes after it, as iptables' default REJECT does. */
+static __always_inline int reject_icmp(struct __sk_buff *skb, const struct flow *f)
+{
+	/* ICMP header (8) + quoted IP header + 8 bytes, as 32-bit words for the checksum. */
+	__u32 msg[(8 + sizeof(struct ipv6hdr) + 8) / 4] = {};
+	__u32 quoted = l3_len(f) + 8;
+	__u32 len = 8 + quoted;
+	__u8 *icmp = (__u8 *)msg;
+	__s64 sum = 0;
+
+	if (bpf_skb_change_tail(skb, ETH_HLEN + quoted, 0))
+		return TC_ACT_SHOT;
+	if (f->tuple.family == KPX_FAMILY_V4) {
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, &msg[2], sizeof(struct iphdr) + 8))
+			return TC_ACT_SHOT;
+		icmp[0] = 3;  /* destination unreachable */
+		icmp[1] = 3;  /* port unreachable */
+	} else {
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, &msg[2], sizeof(struct ipv6hdr) + 8))
+			return TC_ACT_SHOT;
+		icmp[0] = 1;  /* destination unreachable */
+		icmp[1] = 4;  /* port unreachable */
+		sum = pseudo_sum(f, f->tuple.dst, f->tuple.src, IPPROTO_ICMPV6, len);
+	}
+	if (bpf_skb_adjust_room(skb, l3_len(f) + 8, BPF_ADJ_ROOM_MAC, 0))
+		return TC_ACT_SHOT;
+	if (f->tuple.family == KPX_FAMILY_V4) {
+		((__u16 *)msg)[1] = csum_fold(bpf_csum_diff(0, 0, msg, 8 + sizeof(struct iphdr) + 8, 0));
+		if (write_l2_l3(skb, f, f->tuple.dst, f->tuple.src, IPPROTO_ICMP, len))
+			return TC_ACT_SHOT;
+		if (bpf_skb_store_bytes(skb, ETH_HLEN + sizeof(struct iphdr), msg,
+					8 + sizeof(struct iphdr) + 8, 0))
+			return TC_ACT_SHOT;
+	} else {
+		((__u16 *)msg)[1] = csum_fold(bpf_csum_diff(0, 0, msg, sizeof(msg), sum));
+		if (write_l2_l3(skb, f, f->tuple.dst, f->tuple.src, IPPROTO_ICMPV6, len))
+			return TC_ACT_SHOT;
+		if (bpf_skb_store_bytes(skb, ETH_HLEN + sizeof(struct ipv6hdr), msg, sizeof(msg), 0))
+			return TC_ACT_SHOT;
+	}
+	return bpf_redirect(skb->ifindex, 0);
+}
+
+/* A reply of a load-balanced flow: its source becomes the Service frontend again, and a
+ * masqueraded flow's destination the client again. */
 static __always_inline int reverse_nat(struct __sk_buff *skb, struct flow *f)
 {
 	struct kpx_ct_value *ct = bpf_map_lookup_elem(&kpx_ct, &f->tuple);
-	struct kpx_rev_nat *front;
+	__u8 front[16], client[16];
+	__be16 front_port, client_port;
+	__u32 flags;
 
 	if (!ct || !(ct->flags & KPX_CT_F_REPLY))
 		return -1;
-	front = bpf_map_lookup_elem(&kpx_rev_nat, &ct->service_id);
-	if (!front)
-		return -1;
 	ct->last_seen_ns = bpf_ktime_get_ns();
-	if (rewrite(skb, f, 0, front->addr, front->port))
+	__builtin_memcpy(front, ct->front_addr, 16);
+	__builtin_memcpy(client, ct->nat_addr, 16);
+	front_port = ct->front_port;
+	client_port = ct->nat_port;
+	flags = ct->flags;
+	if (rewrite(skb, f, 0, front, front_port))
+		return TC_ACT_SHOT;
+	if ((flags & KPX_CT_F_SNAT) && rewrite(skb, f, 1, client, client_port))
 		return TC_ACT_SHOT;
 	return TC_ACT_OK;
 }
 
+/* The node's address of the packet's family, for masquerade; 0 when there is none. */
+static __always_inline int node_address(__u8 family, __u8 *out)
+{
+	__u32 zero = 0;
+	struct kpx_config *config = bpf_map_lookup_elem(&kpx_config, &zero);
+	__u8 *ip;
+	__u32 any = 0;
+	int i;
+
+	if (!config)
+		return 0;
+	ip = family == KPX_FAMILY_V4 ? config->node_ip4 : config->node_ip6;
+	__builtin_memcpy(out, ip, 16);
+	for (i = 0; i < 16; i++)
+		any |= out[i];
+	return any != 0;
+}
+
+/* A source port for a masqueraded flow whose reply tuple is not taken: the client's own port
+ * if it is free, else a few random ones. 0 if none is. */
+static __always_inline __be16 snat_port(const struct flow *f, const struct kpx_backend *backend,
+					const __u8 *nat_addr)
+{
+	struct kpx_ct_key reply = {};
+	__be16 port = f->tuple.sport;
+	int attempt;
+
+	__builtin_memcpy(reply.src, backend->addr, 16);
+	__builtin_memcpy(reply.dst, nat_addr, 16);
+	reply.sport = backend->port;
+	reply.proto = f->tuple.proto;
+	reply.family = f->tuple.family;
+	for (attempt = 0; attempt < 4; attempt++) {
+		reply.dport = port;
+		if (!bpf_map_lookup_elem(&kpx_ct, &reply))
+			return port;
+		port = bpf_htons(32768 + bpf_get_prandom_u32() % 28000);
+	}
+	return 0;
+}
+
 static __always_inline int load_balance(struct __sk_buff *skb, struct flow *f)
 {
-	struct kpx_service_key key = {};
 	struct kpx_service_value *svc;
 	struct kpx_backend *backend = 0;
 	struct kpx_ct_value *ct;
 	__u64 now = bpf_ktime_get_ns();
-	__u32 backend_id;
+	__u8 nat_addr[16] = {};
+	__be16 nat_port = 0;
+	int snat = 0;
 
-	__builtin_memcpy(key.addr, f->tuple.dst, 16);
-	key.port = f->tuple.dport;
-	key.proto = f->tuple.proto;
-	key.family = f->tuple.family;
-	svc = bpf_map_lookup_elem(&kpx_services, &key);
+	svc = lookup_service(f->tuple.dst, f->tuple.dport, f->tuple.proto, f->tuple.family);
 	if (!svc)
 		return TC_ACT_OK;
-	if (svc->count == 0)
-		return TC_ACT_SHOT;
 
 	ct = bpf_map_lookup_elem(&kpx_ct, &f->tuple);
-	if (ct && !(ct->flags & KPX_CT_F_REPLY)) {
+	if (ct && !(ct->flags & KPX_CT_F_REPLY) && ct->service_id == svc->id) {
 		backend = bpf_map_lookup_elem(&kpx_backends, &ct->backend_id);
 		if (backend) {
 			ct->last_seen_ns = now;
-			backend_id = ct->backend_id;
+			snat = !!(ct->flags & KPX_CT_F_SNAT);
+			__builtin_memcpy(nat_addr, ct->nat_addr, 16);
+			nat_port = ct->nat_port;
 		}
 	}
 	if (!backend) {
 		struct kpx_ct_value forward = {}, reply = {};
 		struct kpx_ct_key reply_key = {};
+		__u32 backend_id;
 
-		backend_id = pick_backend(f, svc, &backend);
+		if (svc->count == 0) {
+			if (svc->flags & KPX_SVC_F_DROP)
+				return TC_ACT_SHOT;
+			if (f->tuple.proto == IPPROTO_TCP)
+				return reject_tcp(skb, f);
+			return reject_icmp(skb, f);
+		}
+		backend_id = pick_backend(f->tuple.src, f->tuple.family, svc, bpf_get_prandom_u32(),
+					  &backend);
 		if (!backend_id || !backend)
 			return TC_ACT_SHOT;
+		/* Masquerade traffic from outside (Kubernetes' externalTrafficPolicy: Cluster) and
+		 * a pod reaching itself, whose reply would otherwise never leave it. */
+		if ((svc->flags & KPX_SVC_F_MASQUERADE) ||
+		    !__builtin_memcmp(backend->addr, f->tuple.src, 16)) {
+			snat = node_address(f->tuple.family, nat_addr);
+			if (snat) {
+				nat_port = snat_port(f, backend, nat_addr);
+				if (!nat_port)
+					return TC_ACT_SHOT;
+			}
+		}
 		forward.last_seen_ns = now;
 		forward.backend_id = backend_id;
 		forward.service_id = svc->id;
+		if (snat) {
+			forward.flags = KPX_CT_F_SNAT;
+			__builtin_memcpy(forward.nat_addr, nat_addr, 16);
+			forward.nat_port = nat_port;
+		}
 		if (bpf_map_update_elem(&kpx_ct, &f->tuple, &forward, BPF_ANY))
 			return TC_ACT_SHOT;
-		/* The reply comes from the backend to the client. */
+		/* The reply comes from the backend to the client (or to the masquerade address). */
 		__builtin_memcpy(reply_key.src, backend->addr, 16);
-		__builtin_memcpy(reply_key.dst, f->tuple.src, 16);
+		__builtin_memcpy(reply_key.dst, snat ? nat_addr : f->tuple.src, 16);
 		reply_key.sport = backend->port;
-		reply_key.dport = f->tuple.sport;
+		reply_key.dport = snat ? nat_port : f->tuple.sport;
 		reply_key.proto = f->tuple.proto;
 		reply_key.family = f->tuple.family;
 		reply.last_seen_ns = now;
 		reply.backend_id = backend_id;
 		reply.service_id = svc->id;
-		reply.flags = KPX_CT_F_REPLY;
+		reply.flags = KPX_CT_F_REPLY | (snat ? KPX_CT_F_SNAT : 0);
+		__builtin_memcpy(reply.front_addr, f->tuple.dst, 16);
+		reply.front_port = f->tuple.dport;
+		__builtin_memcpy(reply.nat_addr, f->tuple.src, 16);
+		reply.nat_port = f->tuple.sport;
 		if (bpf_map_update_elem(&kpx_ct, &reply_key, &reply, BPF_ANY))
 			return TC_ACT_SHOT;
 	}
 	if (rewrite(skb, f, 1, backend->addr, backend->port))
+		return TC_ACT_SHOT;
+	if (snat && rewrite(skb, f, 0, nat_addr, nat_port))
 		return TC_ACT_SHOT;
 	return TC_ACT_OK;
 }

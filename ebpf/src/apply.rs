@@ -1,10 +1,12 @@
 //! Performs a [`plan`](crate::plan) against the loaded maps, in the plan's order. A write that
 //! fails names the map; a full map says so (the Services written before it keep working).
 
-use aya::maps::{HashMap, MapData, MapError};
+use std::collections::BTreeSet;
+
+use aya::maps::{Array, HashMap, MapData, MapError};
 use aya::Ebpf;
 
-use crate::layout::{Backend, RevNat, ServiceKey, ServiceValue, SlotKey};
+use crate::layout::{Backend, Config, NodeAddr, RevNat, ServiceKey, ServiceValue, SlotKey};
 use crate::plan::Op;
 
 #[derive(Debug, thiserror::Error)]
@@ -108,4 +110,36 @@ pub fn apply(ebpf: &mut Ebpf, ops: &[Op]) -> Result<(), ApplyError> {
         }
     }
     Ok(())
+}
+
+/// Writes the node's masquerade addresses (`kpx_config`), read by the tc program.
+pub fn set_config(ebpf: &mut Ebpf, config: &Config) -> Result<(), ApplyError> {
+    let map = "kpx_config";
+    let handle = ebpf.map_mut(map).ok_or(ApplyError::Missing(map))?;
+    let mut array: Array<&mut MapData, Config> =
+        Array::try_from(handle).map_err(|source| ApplyError::Map { map, source })?;
+    array
+        .set(0, config, 0)
+        .map_err(|source| ApplyError::Map { map, source })
+}
+
+/// Makes `kpx_node_addrs` (the addresses NodePorts answer on) exactly `addrs`.
+pub fn set_node_addrs(ebpf: &mut Ebpf, addrs: &BTreeSet<NodeAddr>) -> Result<(), ApplyError> {
+    let map = "kpx_node_addrs";
+    let mut hash = open::<NodeAddr, u8>(ebpf, map)?;
+    let present: BTreeSet<NodeAddr> = hash.keys().filter_map(Result::ok).collect();
+    for gone in present.difference(addrs) {
+        removed(hash.remove(gone), map)?;
+    }
+    let mut failed = None;
+    for new in addrs.difference(&present) {
+        if let Err(source) = hash.insert(new, 1, 0) {
+            failed = Some(source);
+            break;
+        }
+    }
+    match failed {
+        Some(source) => Err(insert_error(ebpf, map, source)),
+        None => Ok(()),
+    }
 }

@@ -14,8 +14,10 @@ pub const SVC_F_NODEPORT: u16 = 1 << 0;
 pub const SVC_F_EXTERNAL: u16 = 1 << 1;
 pub const SVC_F_LOCAL_ONLY: u16 = 1 << 2;
 pub const SVC_F_MASQUERADE: u16 = 1 << 3;
+pub const SVC_F_DROP: u16 = 1 << 4;
 
 pub const CT_F_REPLY: u32 = 1 << 0;
+pub const CT_F_SNAT: u32 = 1 << 1;
 
 /// An address as the maps hold it, and its family.
 pub fn address(ip: IpAddr) -> ([u8; 16], u8) {
@@ -72,7 +74,7 @@ pub struct ServiceValue {
 }
 
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SlotKey {
     pub service_id: u32,
     pub slot: u32,
@@ -146,7 +148,57 @@ pub struct CtValue {
     pub backend_id: u32,
     pub service_id: u32,
     pub flags: u32,
-    pub pad: u32,
+    /// Network byte order.
+    pub front_port: u16,
+    /// Network byte order.
+    pub nat_port: u16,
+    pub front_addr: [u8; 16],
+    pub nat_addr: [u8; 16],
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Config {
+    pub node_ip4: [u8; 16],
+    pub node_ip6: [u8; 16],
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeAddr {
+    pub addr: [u8; 16],
+    pub family: u8,
+    pub pad: [u8; 3],
+}
+
+impl NodeAddr {
+    pub fn new(ip: IpAddr) -> Self {
+        let (addr, family) = address(ip);
+        Self {
+            addr,
+            family,
+            pad: [0; 3],
+        }
+    }
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct SockRevKey {
+    pub cookie: u64,
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub family: u8,
+    pub pad: [u8; 5],
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SockRevValue {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub family: u8,
+    pub pad: u8,
 }
 
 // SAFETY: each type is `#[repr(C)]`, `Copy`, made only of integers and byte arrays with every
@@ -168,6 +220,14 @@ unsafe impl aya::Pod for AffinityValue {}
 unsafe impl aya::Pod for CtKey {}
 // SAFETY: as above.
 unsafe impl aya::Pod for CtValue {}
+// SAFETY: as above.
+unsafe impl aya::Pod for Config {}
+// SAFETY: as above.
+unsafe impl aya::Pod for NodeAddr {}
+// SAFETY: as above.
+unsafe impl aya::Pod for SockRevKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for SockRevValue {}
 
 #[cfg(test)]
 mod tests {
@@ -211,7 +271,11 @@ mod tests {
             "kpx_affinity_key" => AffinityKey { client, service_id, family }
             "kpx_affinity_value" => AffinityValue { last_used_ns, backend_id }
             "kpx_ct_key" => CtKey { src, dst, sport, dport, proto, family }
-            "kpx_ct_value" => CtValue { last_seen_ns, backend_id, service_id, flags }
+            "kpx_ct_value" => CtValue { last_seen_ns, backend_id, service_id, flags, front_port, nat_port, front_addr, nat_addr }
+            "kpx_config" => Config { node_ip4, node_ip6 }
+            "kpx_node_addr" => NodeAddr { addr, family }
+            "kpx_sock_rev_key" => SockRevKey { cookie, addr, port, family }
+            "kpx_sock_rev_value" => SockRevValue { addr, port, family }
         };
         let c = c_layout();
         assert_eq!(c.len(), rust.len(), "C: {c:?}\nRust: {rust:?}");

@@ -3,9 +3,11 @@
 //!
 //! - [`layout`]: the map keys and values, checked against the C header by a test.
 //! - [`objects`]: the embedded objects and the loader (capacities, pinning, adoption).
+//! - [`adopt`]: reads back what pinned maps hold, for a restarted proxy.
 //! - [`apply`]: performs a plan against the loaded maps; a full map is an error naming it.
 //! - [`plan`]: the ordered map writes from what is programmed to what is wanted (pure).
 
+pub mod adopt;
 pub mod apply;
 pub mod layout;
 pub mod objects;

@@ -7,17 +7,25 @@ use aya::{Ebpf, EbpfLoader};
 /// The tc per-packet load balancer (`bpf/tc_lb.bpf.c`).
 pub static TC_LB: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/tc_lb.bpf.o"));
 
+/// The socket-level load balancer: cgroup connect/sendmsg/recvmsg/getpeername, 4 and 6
+/// (`bpf/sock_lb.bpf.c`).
+pub static SOCK_LB: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sock_lb.bpf.o"));
+
 /// Why the objects are empty, when clang was missing at build time.
 const MISSING: &str = env!("KPX_BPF_MISSING");
 
-/// The maps of the tc object, and their default capacity.
-pub const TC_LB_MAPS: &[&str] = &[
+/// The maps every object defines (`bpf/lb.h`); pinned by these names, so the objects share
+/// one set.
+pub const MAPS: &[&str] = &[
     "kpx_services",
     "kpx_slots",
     "kpx_backends",
     "kpx_rev_nat",
     "kpx_affinity",
     "kpx_ct",
+    "kpx_config",
+    "kpx_node_addrs",
+    "kpx_sock_rev",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -60,7 +68,7 @@ pub fn load(object: &[u8], pin_dir: Option<&Path>, capacity: &Capacity) -> Resul
                 path: dir.display().to_string(),
                 source,
             })?;
-            TC_LB_MAPS.iter().map(|m| (*m, dir.join(m))).collect()
+            MAPS.iter().map(|m| (*m, dir.join(m))).collect()
         }
         None => Vec::new(),
     };

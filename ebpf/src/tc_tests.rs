@@ -8,7 +8,7 @@ use aya::maps::HashMap;
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use aya::Ebpf;
 
-use crate::apply::{apply, ApplyError};
+use crate::apply::{apply, set_config, set_node_addrs, ApplyError};
 use crate::layout::*;
 use crate::objects::{self, Capacity};
 use crate::plan::{plan, Programmed, Wanted, WantedService};
@@ -58,21 +58,54 @@ fn add_service(
     backends: &[(&str, u16)],
     affinity_timeout: u32,
 ) {
+    let service = WantedService {
+        flags: 0,
+        affinity_timeout,
+        backends: backends
+            .iter()
+            .map(|(a, p)| Backend::new(ip(a), *p))
+            .collect(),
+    };
+    add_service_with(ebpf, frontend, service);
+}
+
+/// Adds one Service (alone in its plan: ids restart at 1, so each test uses one per call
+/// or distinct frontends written together).
+fn add_service_with(ebpf: &mut Ebpf, frontend: (&str, u16, u8), service: WantedService) {
     let (addr, port, proto) = frontend;
-    let wanted: Wanted = [(
-        ServiceKey::new(ip(addr), port, proto),
-        WantedService {
-            flags: 0,
-            affinity_timeout,
-            backends: backends
-                .iter()
-                .map(|(a, p)| Backend::new(ip(a), *p))
-                .collect(),
-        },
-    )]
-    .into();
-    let (ops, _) = plan(&wanted, &Programmed::default());
+    let key = ServiceKey::new(ip(addr), port, proto);
+    let programmed = read_programmed(ebpf);
+    let mut wanted: Wanted = programmed_as_wanted(ebpf, &programmed);
+    wanted.insert(key, service);
+    let (ops, _) = plan(&wanted, &programmed);
     apply(ebpf, &ops).expect("apply");
+}
+
+/// What the maps hold, read back (as a restarted proxy adopts them).
+fn read_programmed(ebpf: &Ebpf) -> Programmed {
+    crate::adopt::programmed(ebpf).expect("read the maps")
+}
+
+fn programmed_as_wanted(ebpf: &Ebpf, programmed: &Programmed) -> Wanted {
+    let backends: HashMap<_, u32, Backend> =
+        HashMap::try_from(ebpf.map("kpx_backends").expect("map")).expect("hash");
+    programmed
+        .services
+        .iter()
+        .map(|(key, (value, ids))| {
+            (
+                *key,
+                WantedService {
+                    flags: value.flags,
+                    affinity_timeout: value.affinity_timeout,
+                    backends: ids
+                        .iter()
+                        .map(|id| backends.get(id, 0).expect("backend"))
+                        .collect(),
+                },
+            )
+        })
+        .collect()
 }
 
 /// Runs the program on `packet`; returns the verdict and the packet as it left.
@@ -295,12 +328,199 @@ fn session_affinity_sends_every_flow_of_a_client_to_one_backend() {
     assert_eq!(other.len(), 1, "{other:?}");
 }
 
+const TC_ACT_REDIRECT: u32 = 7;
+
+/// The reply a rejecting program builds: Ethernet addresses swapped, from the Service to the
+/// client, checksums right. Returns the IP protocol and the L4 (or ICMP) bytes.
+fn rejection(frame: &[u8], service: IpAddr, client: IpAddr) -> (u8, Vec<u8>) {
+    assert_eq!(frame[0..6], [2, 0, 0, 0, 0, 2], "back to the sender's MAC");
+    assert_eq!(frame[6..12], [2, 0, 0, 0, 0, 1]);
+    let (proto, s, d, l4) = if frame[12..14] == [0x08, 0x00] {
+        let h = &frame[14..34];
+        assert_eq!(fold(sum16(h)), 0, "IPv4 header checksum");
+        assert_eq!(
+            usize::from(u16::from_be_bytes([h[2], h[3]])),
+            frame.len() - 14
+        );
+        let s: [u8; 4] = h[12..16].try_into().expect("4 bytes");
+        let d: [u8; 4] = h[16..20].try_into().expect("4 bytes");
+        (h[9], IpAddr::from(s), IpAddr::from(d), &frame[34..])
+    } else {
+        let h = &frame[14..54];
+        assert_eq!(
+            usize::from(u16::from_be_bytes([h[4], h[5]])),
+            frame.len() - 54
+        );
+        let s: [u8; 16] = h[8..24].try_into().expect("16 bytes");
+        let d: [u8; 16] = h[24..40].try_into().expect("16 bytes");
+        (h[6], IpAddr::from(s), IpAddr::from(d), &frame[54..])
+    };
+    assert_eq!((s, d), (service, client));
+    let pseudo = match (s, d) {
+        (IpAddr::V4(a), IpAddr::V4(b)) if proto == TCP => [
+            &a.octets()[..],
+            &b.octets()[..],
+            &[0, proto],
+            &(l4.len() as u16).to_be_bytes(),
+        ]
+        .concat(),
+        (IpAddr::V4(_), IpAddr::V4(_)) => Vec::new(), // ICMPv4 has no pseudo-header
+        (IpAddr::V6(a), IpAddr::V6(b)) => [
+            &a.octets()[..],
+            &b.octets()[..],
+            &(l4.len() as u32).to_be_bytes(),
+            &[0, 0, 0, proto],
+        ]
+        .concat(),
+        _ => unreachable!(),
+    };
+    assert_eq!(fold(sum16(&pseudo) + sum16(l4)), 0, "L4/ICMP checksum");
+    (proto, l4.to_vec())
+}
+
 #[test]
-fn a_service_without_endpoints_is_not_delivered() {
+fn a_tcp_syn_to_a_service_without_endpoints_is_answered_with_a_reset() {
+    let Some(mut ebpf) = load() else { return };
+    add_service(&mut ebpf, ("198.18.128.4", 80, TCP), &[], 0);
+    let syn = packet(("198.19.1.11", 40000), ("198.18.128.4", 80), TCP);
+    let (verdict, out) = run(&ebpf, &syn);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "sent back out of the interface");
+    let (proto, tcp) = rejection(&out, ip("198.18.128.4"), ip("198.19.1.11"));
+    assert_eq!(proto, TCP);
+    assert_eq!(tcp.len(), 20, "a bare header");
+    assert_eq!(u16::from_be_bytes([tcp[0], tcp[1]]), 80);
+    assert_eq!(u16::from_be_bytes([tcp[2], tcp[3]]), 40000);
+    assert_eq!(tcp[13], 0x14, "RST|ACK");
+    // The SYN's sequence number was 1 and it carried 4 bytes: the reset acknowledges 1+4+1.
+    assert_eq!(u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]), 6);
+}
+
+#[test]
+fn udp_to_a_service_without_endpoints_is_answered_with_port_unreachable() {
     let Some(mut ebpf) = load() else { return };
     add_service(&mut ebpf, ("198.18.128.4", 53, UDP), &[], 0);
-    let p = packet(("198.19.1.11", 5353), ("198.18.128.4", 53), UDP);
-    assert_eq!(run(&ebpf, &p).0, TC_ACT_SHOT);
+    add_service(&mut ebpf, ("2001:2:0:ff::4", 53, UDP), &[], 0);
+    let query = packet(("198.19.1.11", 5353), ("198.18.128.4", 53), UDP);
+    let (verdict, out) = run(&ebpf, &query);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let (proto, icmp) = rejection(&out, ip("198.18.128.4"), ip("198.19.1.11"));
+    assert_eq!(
+        (proto, icmp[0], icmp[1]),
+        (1, 3, 3),
+        "ICMP port unreachable"
+    );
+    assert_eq!(
+        icmp[8..],
+        query[14..14 + 28],
+        "quotes the IP header and 8 bytes"
+    );
+
+    let query6 = packet(("2001:2:0:101::11", 5353), ("2001:2:0:ff::4", 53), UDP);
+    let (verdict, out) = run(&ebpf, &query6);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let (proto, icmp) = rejection(&out, ip("2001:2:0:ff::4"), ip("2001:2:0:101::11"));
+    assert_eq!(
+        (proto, icmp[0], icmp[1]),
+        (58, 1, 4),
+        "ICMPv6 port unreachable"
+    );
+    assert_eq!(icmp[8..], query6[14..14 + 48]);
+}
+
+#[test]
+fn without_endpoints_for_this_traffic_the_packet_is_dropped_not_rejected() {
+    let Some(mut ebpf) = load() else { return };
+    add_service_with(
+        &mut ebpf,
+        ("198.18.128.4", 80, TCP),
+        WantedService {
+            flags: SVC_F_DROP,
+            ..Default::default()
+        },
+    );
+    let syn = packet(("198.19.1.11", 40000), ("198.18.128.4", 80), TCP);
+    assert_eq!(run(&ebpf, &syn).0, TC_ACT_SHOT);
+}
+
+fn node_setup(ebpf: &mut Ebpf) {
+    let (node4, _) = address(ip("198.18.0.11"));
+    let (node6, _) = address(ip("2001:2::11"));
+    set_config(
+        ebpf,
+        &Config {
+            node_ip4: node4,
+            node_ip6: node6,
+        },
+    )
+    .expect("config");
+    let addrs = ["198.18.0.11", "2001:2::11"]
+        .iter()
+        .map(|a| NodeAddr::new(ip(a)))
+        .collect();
+    set_node_addrs(ebpf, &addrs).expect("node addresses");
+}
+
+#[test]
+fn a_node_port_from_outside_is_masqueraded_and_its_reply_restored() {
+    let Some(mut ebpf) = load() else { return };
+    node_setup(&mut ebpf);
+    add_service_with(
+        &mut ebpf,
+        ("0.0.0.0", 30080, TCP),
+        WantedService {
+            flags: SVC_F_NODEPORT | SVC_F_MASQUERADE,
+            backends: vec![Backend::new(ip("198.19.2.10"), 8080)],
+            ..Default::default()
+        },
+    );
+    // From an external host to the node's address: to the backend, from the node.
+    let syn = packet(("198.18.1.1", 45000), ("198.18.0.11", 30080), TCP);
+    let (verdict, out) = run(&ebpf, &syn);
+    assert_eq!(verdict, TC_ACT_OK);
+    let ((src, sport), dst) = addresses(&out);
+    assert_eq!(src, ip("198.18.0.11"), "masqueraded to the node");
+    assert_eq!(dst, (ip("198.19.2.10"), 8080));
+    // The next packet of the flow takes the same translation.
+    let (_, again) = run(&ebpf, &syn);
+    assert_eq!(addresses(&again), addresses(&out));
+    // The reply comes back to the node and leaves for the client, from the NodePort.
+    let reply = packet(("198.19.2.10", 8080), ("198.18.0.11", sport), TCP);
+    let (verdict, out) = run(&ebpf, &reply);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(
+        addresses(&out),
+        ((ip("198.18.0.11"), 30080), (ip("198.18.1.1"), 45000))
+    );
+    // Not a node address: not a NodePort.
+    let elsewhere = packet(("198.18.1.1", 45001), ("198.18.0.12", 30080), TCP);
+    assert_eq!(run(&ebpf, &elsewhere).1, elsewhere);
+}
+
+#[test]
+fn a_pod_reaching_itself_through_its_service_is_masqueraded() {
+    let Some(mut ebpf) = load() else { return };
+    node_setup(&mut ebpf);
+    add_service(
+        &mut ebpf,
+        ("2001:2:0:ff::9", 80, TCP),
+        &[("2001:2:0:101::10", 8080)],
+        0,
+    );
+    let syn = packet(("2001:2:0:101::10", 41000), ("2001:2:0:ff::9", 80), TCP);
+    let (_, out) = run(&ebpf, &syn);
+    let ((src, sport), dst) = addresses(&out);
+    assert_eq!(
+        src,
+        ip("2001:2::11"),
+        "hairpin traffic leaves the pod's own address"
+    );
+    assert_eq!(dst, (ip("2001:2:0:101::10"), 8080));
+    let reply = packet(("2001:2:0:101::10", 8080), ("2001:2::11", sport), TCP);
+    let (_, out) = run(&ebpf, &reply);
+    assert_eq!(
+        addresses(&out),
+        ((ip("2001:2:0:ff::9"), 80), (ip("2001:2:0:101::10"), 41000))
+    );
 }
 
 #[test]

@@ -1,0 +1,153 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * The maps every kpx program shares, and the Service lookup and backend choice both the tc
+ * program and the socket programs make. Each object defines the same maps; the loader pins
+ * them by name under the instance's bpffs directory, so the objects (and a restarted proxy)
+ * share one set.
+ */
+#ifndef KPX_LB_H
+#define KPX_LB_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+
+#include "kpx_maps.h"
+
+/* Sizes are defaults: the loader sets each from the proxy's configuration. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct kpx_service_key);
+	__type(value, struct kpx_service_value);
+	__uint(max_entries, 65536);
+} kpx_services SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct kpx_slot_key);
+	__type(value, __u32);
+	__uint(max_entries, 1048576);
+} kpx_slots SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32);
+	__type(value, struct kpx_backend);
+	__uint(max_entries, 262144);
+} kpx_backends SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32);
+	__type(value, struct kpx_rev_nat);
+	__uint(max_entries, 65536);
+} kpx_rev_nat SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct kpx_affinity_key);
+	__type(value, struct kpx_affinity_value);
+	__uint(max_entries, 262144);
+} kpx_affinity SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct kpx_ct_key);
+	__type(value, struct kpx_ct_value);
+	__uint(max_entries, 262144);
+} kpx_ct SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct kpx_config);
+	__uint(max_entries, 1);
+} kpx_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct kpx_node_addr);
+	__type(value, __u8);
+	__uint(max_entries, 256);
+} kpx_node_addrs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct kpx_sock_rev_key);
+	__type(value, struct kpx_sock_rev_value);
+	__uint(max_entries, 262144);
+} kpx_sock_rev SEC(".maps");
+
+/* The frontend `addr:port/proto` belongs to: an exact VIP, else a NodePort when `addr` is one
+ * of the node's addresses. */
+static __always_inline struct kpx_service_value *lookup_service(const __u8 *addr, __be16 port,
+								__u8 proto, __u8 family)
+{
+	struct kpx_service_key key = {};
+	struct kpx_node_addr local = {};
+	struct kpx_service_value *svc;
+
+	__builtin_memcpy(key.addr, addr, 16);
+	key.port = port;
+	key.proto = proto;
+	key.family = family;
+	svc = bpf_map_lookup_elem(&kpx_services, &key);
+	if (svc)
+		return svc;
+	__builtin_memcpy(local.addr, addr, 16);
+	local.family = family;
+	if (!bpf_map_lookup_elem(&kpx_node_addrs, &local))
+		return 0;
+	__builtin_memset(key.addr, 0, 16);
+	svc = bpf_map_lookup_elem(&kpx_services, &key);
+	if (svc && (svc->flags & KPX_SVC_F_NODEPORT))
+		return svc;
+	return 0;
+}
+
+/*
+ * The backend for a new flow of `client` (an address, or a socket's netns cookie): its previous
+ * one under session affinity, else slot `hash % count + 1`. Returns the backend id, 0 if none.
+ */
+static __always_inline __u32 pick_backend(const __u8 *client, __u8 family,
+					  const struct kpx_service_value *svc, __u32 hash,
+					  struct kpx_backend **backend)
+{
+	struct kpx_affinity_key akey = {};
+	struct kpx_slot_key skey = {};
+	__u64 now = bpf_ktime_get_ns();
+	__u32 *id;
+
+	if (svc->count == 0)
+		return 0;
+	if (svc->affinity_timeout) {
+		struct kpx_affinity_value *seen;
+
+		__builtin_memcpy(akey.client, client, 16);
+		akey.service_id = svc->id;
+		akey.family = family;
+		seen = bpf_map_lookup_elem(&kpx_affinity, &akey);
+		if (seen && now - seen->last_used_ns < (__u64)svc->affinity_timeout * 1000000000ULL) {
+			*backend = bpf_map_lookup_elem(&kpx_backends, &seen->backend_id);
+			if (*backend) {
+				seen->last_used_ns = now;
+				return seen->backend_id;
+			}
+		}
+	}
+	skey.service_id = svc->id;
+	skey.slot = hash % svc->count + 1;
+	id = bpf_map_lookup_elem(&kpx_slots, &skey);
+	if (!id)
+		return 0;
+	*backend = bpf_map_lookup_elem(&kpx_backends, id);
+	if (!*backend)
+		return 0;
+	if (svc->affinity_timeout) {
+		struct kpx_affinity_value value = { .last_used_ns = now, .backend_id = *id };
+
+		bpf_map_update_elem(&kpx_affinity, &akey, &value, BPF_ANY);
+	}
+	return *id;
+}
+
+#endif /* KPX_LB_H */
