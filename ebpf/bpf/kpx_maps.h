@@ -57,12 +57,15 @@ struct kpx_backend {
 	__u8 flags;
 };
 
-/* service id → the frontend replies must appear to come from */
+/* service id → its frontend and the Service port it belongs to (`kpx-proxy dump` reads them
+ * back from the kernel) */
+#define KPX_NAME_LEN 108
 struct kpx_rev_nat {
 	__u8 addr[16];
 	__be16 port;
 	__u8 family;
 	__u8 pad;
+	char name[KPX_NAME_LEN];  /* namespace/name:port/PROTOCOL, NUL-padded */
 };
 
 struct kpx_affinity_key {

@@ -32,6 +32,7 @@ int main(void)
 	FIELD(kpx_rev_nat, addr);
 	FIELD(kpx_rev_nat, port);
 	FIELD(kpx_rev_nat, family);
+	FIELD(kpx_rev_nat, name);
 	SIZE(kpx_affinity_key);
 	FIELD(kpx_affinity_key, client);
 	FIELD(kpx_affinity_key, service_id);

@@ -380,6 +380,24 @@ static __always_inline __be16 snat_port(const struct flow *f, const struct kpx_b
 	return 0;
 }
 
+/* Whether the reply entry of the forward flow `ct` exists for `backend`. */
+static __always_inline int reply_matches(const struct flow *f, const struct kpx_ct_value *ct,
+					 const struct kpx_backend *backend)
+{
+	struct kpx_ct_key reply_key = {};
+	struct kpx_ct_value *reply;
+	int snat = !!(ct->flags & KPX_CT_F_SNAT);
+
+	__builtin_memcpy(reply_key.src, backend->addr, 16);
+	__builtin_memcpy(reply_key.dst, snat ? ct->nat_addr : f->tuple.src, 16);
+	reply_key.sport = backend->port;
+	reply_key.dport = snat ? ct->nat_port : f->tuple.sport;
+	reply_key.proto = f->tuple.proto;
+	reply_key.family = f->tuple.family;
+	reply = bpf_map_lookup_elem(&kpx_ct, &reply_key);
+	return reply && (reply->flags & KPX_CT_F_REPLY) && reply->backend_id == ct->backend_id;
+}
+
 static __always_inline int load_balance(struct __sk_buff *skb, struct flow *f)
 {
 	struct kpx_service_value *svc;
@@ -397,6 +415,10 @@ static __always_inline int load_balance(struct __sk_buff *skb, struct flow *f)
 	ct = bpf_map_lookup_elem(&kpx_ct, &f->tuple);
 	if (ct && !(ct->flags & KPX_CT_F_REPLY) && ct->service_id == svc->id) {
 		backend = bpf_map_lookup_elem(&kpx_backends, &ct->backend_id);
+		/* The flow's reply entry must still name this backend: a backend id freed and
+		 * given to another endpoint, or an evicted reply entry, makes it a new flow. */
+		if (backend && !reply_matches(f, ct, backend))
+			backend = 0;
 		if (backend) {
 			ct->last_seen_ns = now;
 			snat = !!(ct->flags & KPX_CT_F_SNAT);

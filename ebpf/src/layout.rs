@@ -102,14 +102,34 @@ impl Backend {
     }
 }
 
+pub const NAME_LEN: usize = 108;
+
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RevNat {
     pub addr: [u8; 16],
     /// Network byte order.
     pub port: u16,
     pub family: u8,
     pub pad: u8,
+    /// The Service port, `namespace/name:port/PROTOCOL`, NUL-padded (cut at 108 bytes).
+    pub name: [u8; NAME_LEN],
+}
+
+impl RevNat {
+    pub fn name(&self) -> String {
+        let end = self.name.iter().position(|b| *b == 0).unwrap_or(NAME_LEN);
+        String::from_utf8_lossy(&self.name[..end]).to_string()
+    }
+}
+
+/// A name as `RevNat` holds it.
+pub fn name_bytes(name: &str) -> [u8; NAME_LEN] {
+    let mut out = [0u8; NAME_LEN];
+    for (dst, src) in out.iter_mut().zip(name.bytes()) {
+        *dst = src;
+    }
+    out
 }
 
 #[repr(C)]
@@ -267,7 +287,7 @@ mod tests {
             "kpx_service_value" => ServiceValue { id, count, flags, affinity_timeout }
             "kpx_slot_key" => SlotKey { service_id, slot }
             "kpx_backend" => Backend { addr, port, family, flags }
-            "kpx_rev_nat" => RevNat { addr, port, family }
+            "kpx_rev_nat" => RevNat { addr, port, family, name }
             "kpx_affinity_key" => AffinityKey { client, service_id, family }
             "kpx_affinity_value" => AffinityValue { last_used_ns, backend_id }
             "kpx_ct_key" => CtKey { src, dst, sport, dport, proto, family }

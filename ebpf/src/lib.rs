@@ -9,6 +9,8 @@
 
 pub mod adopt;
 pub mod apply;
+pub mod attach;
+pub mod features;
 pub mod layout;
 pub mod objects;
 pub mod plan;

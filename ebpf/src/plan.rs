@@ -10,11 +10,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::layout::{Backend, RevNat, ServiceKey, ServiceValue, SlotKey};
+use crate::layout::{name_bytes, Backend, RevNat, ServiceKey, ServiceValue, SlotKey};
 
 /// One frontend as wanted: its flags, affinity and backends (in slot order).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct WantedService {
+    /// The Service port this frontend belongs to (kept in `kpx_rev_nat` for `dump`).
+    pub name: String,
     pub flags: u16,
     pub affinity_timeout: u32,
     pub backends: Vec<Backend>,
@@ -75,8 +77,9 @@ pub fn plan(wanted: &Wanted, programmed: &Programmed) -> (Vec<Op>, Programmed) {
     let mut middle = Vec::new(); // per-Service writes
     let mut last = Vec::new(); // backends no longer used
 
-    // Backend ids: keep every id still wanted, allocate the rest.
-    let mut used_ids: BTreeSet<u32> = BTreeSet::new();
+    // Backend ids: keep every id still wanted, allocate the rest. Ids being freed by this
+    // plan are not reused in it: their delete comes last and would remove the new backend.
+    let mut used_ids: BTreeSet<u32> = programmed.backend_ids.values().copied().collect();
     for w in wanted.values() {
         for b in &w.backends {
             let identity = BackendIdentity::from(b);
@@ -154,6 +157,7 @@ pub fn plan(wanted: &Wanted, programmed: &Programmed) -> (Vec<Op>, Programmed) {
                         port: key.port,
                         family: key.family,
                         pad: 0,
+                        name: name_bytes(&w.name),
                     },
                 ));
                 middle.push(Op::PutService(*key, value));
@@ -265,6 +269,16 @@ mod tests {
         // A new Service takes the lowest free id again.
         let (ops, _) = plan(&wanted(&[(8, &[11]), (7, &[])]), &after);
         assert_eq!(text(&ops), format!("+r{service_9} +S{service_9}(n=0)"));
+    }
+
+    #[test]
+    fn a_replaced_backend_never_takes_the_id_being_deleted() {
+        let (_, one) = plan(&wanted(&[(9, &[10])]), &Programmed::default());
+        let (ops, two) = plan(&wanted(&[(9, &[11])]), &one);
+        assert_eq!(text(&ops), "+b2 +s1/1=b2 -b1");
+        // And the freed id is available to the next plan.
+        let (ops, _) = plan(&wanted(&[(9, &[11, 12])]), &two);
+        assert_eq!(text(&ops), "+b1 +s1/2=b1 +S1(n=2)");
     }
 
     #[test]

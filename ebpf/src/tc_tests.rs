@@ -59,6 +59,7 @@ fn add_service(
     affinity_timeout: u32,
 ) {
     let service = WantedService {
+        name: format!("default/{}:{}", frontend.0, frontend.1),
         flags: 0,
         affinity_timeout,
         backends: backends
@@ -96,6 +97,7 @@ fn programmed_as_wanted(ebpf: &Ebpf, programmed: &Programmed) -> Wanted {
             (
                 *key,
                 WantedService {
+                    name: String::new(),
                     flags: value.flags,
                     affinity_timeout: value.affinity_timeout,
                     backends: ids

@@ -74,6 +74,7 @@ const API_PORT: u16 = 6443;
 pub enum ProxyBackend {
     IptablesNft,
     IptablesLegacy,
+    Ebpf,
 }
 
 impl ProxyBackend {
@@ -81,15 +82,18 @@ impl ProxyBackend {
         match self {
             ProxyBackend::IptablesNft => "iptables-nft",
             ProxyBackend::IptablesLegacy => "iptables-legacy",
+            ProxyBackend::Ebpf => "ebpf",
         }
     }
 
-    fn args(self) -> Vec<&'static str> {
+    /// The flags that select this backend (`kpx-proxy` adds the node's own for ebpf).
+    pub fn args(self) -> Vec<&'static str> {
         match self {
             ProxyBackend::IptablesNft => vec!["--proxy-mode", "iptables", "--iptables-mode", "nft"],
             ProxyBackend::IptablesLegacy => {
                 vec!["--proxy-mode", "iptables", "--iptables-mode", "legacy"]
             }
+            ProxyBackend::Ebpf => vec!["--proxy-mode", "ebpf"],
         }
     }
 
@@ -98,6 +102,12 @@ impl ProxyBackend {
         let tool = match self {
             ProxyBackend::IptablesNft => "iptables-nft",
             ProxyBackend::IptablesLegacy => "iptables-legacy",
+            ProxyBackend::Ebpf => {
+                if cgroup2_root().is_none() {
+                    return Some("no cgroup v2 file system is mounted".into());
+                }
+                return kpx_ebpf::features::check_kernel().err();
+            }
         };
         let name = format!(
             "{LAB_PREFIX}probe-{}-{}",
@@ -127,8 +137,35 @@ impl ProxyBackend {
     }
 }
 
-pub const ALL_BACKENDS: &[ProxyBackend] =
-    &[ProxyBackend::IptablesNft, ProxyBackend::IptablesLegacy];
+pub const ALL_BACKENDS: &[ProxyBackend] = &[
+    ProxyBackend::IptablesNft,
+    ProxyBackend::IptablesLegacy,
+    ProxyBackend::Ebpf,
+];
+
+/// Where cgroup v2 is mounted (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on hybrid hosts).
+pub fn cgroup2_root() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (_, path, fstype) = (f.next()?, f.next()?, f.next()?);
+        (fstype == "cgroup2").then(|| PathBuf::from(path))
+    })
+}
+
+/// Mount points under a lab's directory (its bpffs), for `down`.
+fn lab_mounts(prefix: &str) -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1).map(String::from))
+        .filter(|path| {
+            Path::new(path)
+                .components()
+                .any(|c| c.as_os_str().to_string_lossy().starts_with(prefix))
+        })
+        .collect()
+}
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
@@ -138,7 +175,19 @@ pub struct Node {
     pub ip: Ipv4Addr,
     pub ip6: Ipv6Addr,
     pub index: u8,
+    /// The node's cgroup (v2): its processes, and the clients tests run from it.
+    pub cgroup: Option<PathBuf>,
     proxy: Option<Child>,
+}
+
+impl crate::netns::Enter for Node {
+    fn entry(&self) -> anyhow::Result<crate::netns::Entry> {
+        let entry = self.ns.entry()?;
+        Ok(match &self.cgroup {
+            Some(cg) => entry.in_cgroup(cg.clone()),
+            None => entry,
+        })
+    }
 }
 
 pub struct Pod {
@@ -163,6 +212,10 @@ pub struct Lab {
     api: Option<Child>,
     relay: Option<tokio::task::JoinHandle<()>>,
     pod_counts: Vec<u8>,
+    /// `<cgroup2>/<lab name>`, holding one cgroup per node.
+    cgroup: Option<PathBuf>,
+    /// The lab's own bpffs (ebpf backend), unmounted on drop.
+    bpffs: Option<PathBuf>,
 }
 
 /// The binaries built next to this one (target/debug or target/release).
@@ -217,7 +270,30 @@ impl Lab {
             api: None,
             relay: None,
             pod_counts: Vec::new(),
+            cgroup: None,
+            bpffs: None,
         };
+        if let Some(root) = cgroup2_root() {
+            let dir = root.join(&name);
+            std::fs::create_dir(&dir)
+                .with_context(|| format!("creating the lab's cgroup {}", dir.display()))?;
+            lab.cgroup = Some(dir);
+        }
+        if backend == ProxyBackend::Ebpf {
+            let dir = lab.dir.path().join("bpffs");
+            std::fs::create_dir(&dir)?;
+            let out = std::process::Command::new("mount")
+                .args(["-t", "bpf", "bpf"])
+                .arg(&dir)
+                .output()?;
+            anyhow::ensure!(
+                out.status.success(),
+                "mounting a bpffs at {}: {}",
+                dir.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            lab.bpffs = Some(dir);
+        }
         lab.relay = Some(tokio::spawn(relay(
             std::net::TcpListener::bind(("127.0.0.1", host_port))?,
             lab.fabric.entry()?,
@@ -301,6 +377,14 @@ impl Lab {
     async fn add_node(&mut self, i: u8) -> anyhow::Result<()> {
         let name = format!("node-{i}");
         let ns = Netns::create(&format!("{}-n{i}", self.name)).await?;
+        let cgroup = match &self.cgroup {
+            Some(root) => {
+                let dir = root.join(&name);
+                std::fs::create_dir(&dir)?;
+                Some(dir)
+            }
+            None => None,
+        };
         let ip = Ipv4Addr::new(198, 18, 0, 10 + i);
         ns.add_veth("eth0", &self.fabric, "fab0", &format!("n{i}"))
             .await?;
@@ -360,6 +444,7 @@ impl Lab {
             ip,
             ip6,
             index: i,
+            cgroup,
             proxy: None,
         });
         self.pod_counts.push(0);
@@ -439,17 +524,14 @@ impl Lab {
     /// (Re)starts the proxy of node `i`.
     pub fn start_proxy(&mut self, i: usize) -> anyhow::Result<()> {
         self.stop_proxy(i);
-        let bin = binary("kpx-proxy")?;
         let node = &self.nodes[i];
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.log_path(&format!("proxy-{}", node.name)))?;
         let err = log.try_clone()?;
-        let child = node
-            .ns
-            .command(&bin)
-            .args(self.backend.args())
+        let child = self
+            .proxy_command(i)?
             .args(["--master", &format!("http://{API_ADDRESS}:{API_PORT}")])
             .args([
                 "--hostname-override",
@@ -473,6 +555,71 @@ impl Lab {
             .with_context(|| format!("starting kpx-proxy in {}", node.ns.name))?;
         self.nodes[i].proxy = Some(child);
         Ok(())
+    }
+
+    /// `kpx-proxy` in node `i` with the lab's backend flags (for `dump`, `--cleanup`, runs).
+    pub fn proxy_command(&self, i: usize) -> anyhow::Result<std::process::Command> {
+        let node = &self.nodes[i];
+        // setns rather than `ip netns exec`, whose fresh /sys hides the cgroup v2 mount.
+        let mut cmd = node.ns.entry()?.command(binary("kpx-proxy")?)?;
+        cmd.args(self.backend.args());
+        if self.backend == ProxyBackend::Ebpf {
+            let pins = self
+                .bpffs
+                .as_ref()
+                .context("the ebpf lab has no bpffs")?
+                .join(&node.name);
+            cmd.arg("--bpf-pin-dir").arg(pins);
+            match &node.cgroup {
+                Some(cg) => cmd.arg("--cgroup-root").arg(cg),
+                None => cmd.args(["--cgroup-root", "none"]),
+            };
+        }
+        Ok(cmd)
+    }
+
+    /// Removes what node `i`'s proxy programmed behind its back: flushes the nat and filter
+    /// tables (iptables), or deletes every Service frontend from the pinned map (ebpf).
+    pub fn flush_programmed(&self, i: usize) -> anyhow::Result<()> {
+        let tool = match self.backend {
+            ProxyBackend::IptablesNft => "iptables-nft",
+            ProxyBackend::IptablesLegacy => "iptables-legacy",
+            ProxyBackend::Ebpf => {
+                let pin = self
+                    .dir()
+                    .join("bpffs")
+                    .join(&self.nodes[i].name)
+                    .join("kpx_services");
+                let data = aya::maps::MapData::from_pin(&pin)?;
+                let mut map: aya::maps::HashMap<
+                    aya::maps::MapData,
+                    kpx_ebpf::layout::ServiceKey,
+                    kpx_ebpf::layout::ServiceValue,
+                > = aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data))?;
+                let keys: Vec<_> = map.keys().filter_map(Result::ok).collect();
+                for key in keys {
+                    map.remove(&key)?;
+                }
+                return Ok(());
+            }
+        };
+        for table in ["nat", "filter"] {
+            let status = self.nodes[i]
+                .ns
+                .command(tool)
+                .args(["-t", table, "-F"])
+                .status()?;
+            anyhow::ensure!(status.success(), "flushing {table}");
+        }
+        Ok(())
+    }
+
+    /// `kill -9` of node `i`'s proxy: nothing of it runs its exit path.
+    pub fn kill_proxy(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i].proxy.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     pub fn stop_proxy(&mut self, i: usize) {
@@ -512,8 +659,12 @@ impl Lab {
             None,
         )
         .await?;
-        let workload = ns
-            .command(binary("kpx-workload")?)
+        let mut entry = ns.entry()?;
+        if let Some(cg) = &n.cgroup {
+            entry = entry.in_cgroup(cg.clone());
+        }
+        let workload = entry
+            .command(binary("kpx-workload")?)?
             .args(["--name", name])
             .stdout(Stdio::null())
             .stderr(self.log(&format!("pod-{name}"))?)
@@ -588,7 +739,7 @@ impl Lab {
     pub fn iptables_save(&self, node: usize) -> String {
         let tool = match self.backend {
             ProxyBackend::IptablesNft => "iptables-nft-save",
-            ProxyBackend::IptablesLegacy => "iptables-legacy-save",
+            ProxyBackend::IptablesLegacy | ProxyBackend::Ebpf => "iptables-legacy-save",
         };
         self.nodes[node]
             .ns
@@ -630,6 +781,13 @@ impl Drop for Lab {
         self.pods.clear();
         self.externals.clear();
         self.nodes.clear();
+        // Unmounting the bpffs drops the pinned links and maps with it.
+        if let Some(dir) = self.bpffs.take() {
+            let _ = std::process::Command::new("umount").arg(&dir).status();
+        }
+        if let Some(root) = self.cgroup.take() {
+            remove_cgroup(&root);
+        }
     }
 }
 
@@ -666,7 +824,20 @@ async fn relay(listener: std::net::TcpListener, fabric: crate::netns::Entry) {
     }
 }
 
-/// Removes every namespace (and the processes in it) whose name starts with `prefix`.
+/// Removes a lab's cgroup and its nodes' (empty once their processes are gone).
+fn remove_cgroup(root: &Path) {
+    if let Ok(children) = std::fs::read_dir(root) {
+        for child in children.flatten() {
+            if child.path().is_dir() {
+                let _ = std::fs::remove_dir(child.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(root);
+}
+
+/// Removes every namespace (and the processes in it) whose name starts with `prefix`, and the
+/// labs' bpffs mounts and cgroups.
 pub fn down(prefix: &str) -> anyhow::Result<usize> {
     let names = crate::netns::list(prefix);
     for name in &names {
@@ -681,6 +852,23 @@ pub fn down(prefix: &str) -> anyhow::Result<usize> {
             }
         }
         crate::netns::delete(name)?;
+    }
+    for mount in lab_mounts(prefix) {
+        let _ = std::process::Command::new("umount").arg(&mount).status();
+    }
+    if let Some(root) = cgroup2_root() {
+        for entry in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+            if entry.file_name().to_string_lossy().starts_with(prefix) {
+                // Processes left in it were in the lab's namespaces and are gone by now.
+                for _ in 0..50 {
+                    remove_cgroup(&entry.path());
+                    if !entry.path().exists() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
     }
     Ok(names.len())
 }

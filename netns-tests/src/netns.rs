@@ -76,7 +76,7 @@ impl Netns {
 
     /// A handle that can enter the namespace from anywhere (for tasks that outlive a borrow).
     pub fn entry(&self) -> anyhow::Result<Entry> {
-        Ok(Entry(self.file.try_clone()?))
+        Ok(Entry(self.file.try_clone()?, None))
     }
 
     /// A command that runs inside the namespace.
@@ -241,8 +241,10 @@ impl Drop for Netns {
     }
 }
 
-/// An open reference to a namespace.
-pub struct Entry(File);
+/// An open reference to a namespace, and the cgroup its clients run in (a node's): traffic
+/// from an entry with a cgroup comes from a client process placed there, as a process on that
+/// node would be, so socket-level load balancing sees it.
+pub struct Entry(File, Option<std::path::PathBuf>);
 
 /// Anything traffic can be sent from: a namespace, or an owned reference to one.
 pub trait Enter {
@@ -257,11 +259,51 @@ impl Enter for Netns {
 
 impl Enter for Entry {
     fn entry(&self) -> anyhow::Result<Entry> {
-        Ok(Entry(self.0.try_clone()?))
+        Ok(Entry(self.0.try_clone()?, self.1.clone()))
     }
 }
 
 impl Entry {
+    /// The same namespace, with clients placed in `cgroup`.
+    pub fn in_cgroup(self, cgroup: std::path::PathBuf) -> Self {
+        Entry(self.0, Some(cgroup))
+    }
+
+    pub fn cgroup(&self) -> Option<&std::path::Path> {
+        self.1.as_deref()
+    }
+
+    /// A command that starts inside this namespace (and cgroup, if any).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> anyhow::Result<Command> {
+        use std::os::unix::process::CommandExt;
+        let fd = self.0.try_clone()?;
+        let procs = match &self.1 {
+            Some(cg) => Some(std::ffi::CString::new(
+                cg.join("cgroup.procs").as_os_str().as_encoded_bytes(),
+            )?),
+            None => None,
+        };
+        let mut cmd = Command::new(program);
+        // SAFETY: between fork and exec only async-signal-safe calls are made (open, write,
+        // close, setns) on data prepared before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                if let Some(procs) = &procs {
+                    let f = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                    if f < 0 || libc::write(f, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    libc::close(f);
+                }
+                if libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok(cmd)
+    }
+
     pub fn enter<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> T + Send + 'static,

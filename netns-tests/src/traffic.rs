@@ -78,6 +78,105 @@ fn http_once(target: SocketAddr, timeout: Duration) -> Outcome {
     }
 }
 
+/// A kind of client traffic, as `kpx-workload --client` takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Http,
+    Tcp,
+    Udp,
+}
+
+impl Kind {
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "http" => Some(Kind::Http),
+            "tcp" => Some(Kind::Tcp),
+            "udp" => Some(Kind::Udp),
+            _ => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Http => "http",
+            Kind::Tcp => "tcp",
+            Kind::Udp => "udp",
+        }
+    }
+}
+
+/// The requests themselves, from the calling thread's namespace.
+pub fn requests(
+    kind: Kind,
+    target: SocketAddr,
+    count: usize,
+    source_port: Option<u16>,
+    timeout: Duration,
+) -> Vec<Outcome> {
+    (0..count)
+        .map(|_| match kind {
+            Kind::Http => http_once(target, timeout),
+            Kind::Tcp => tcp_once(target, timeout),
+            Kind::Udp => udp_once(target, source_port, timeout),
+        })
+        .collect()
+}
+
+impl Outcome {
+    /// One line of `kpx-workload --client` output.
+    pub fn to_line(&self) -> String {
+        match self {
+            Outcome::Answer { pod, client } => format!("answer {pod} {client}"),
+            Outcome::Refused => "refused".into(),
+            Outcome::TimedOut => "timeout".into(),
+            Outcome::Failed(why) => format!("failed {}", why.replace('\n', " ")),
+        }
+    }
+
+    fn from_line(line: &str) -> Self {
+        let (word, rest) = line.split_once(' ').unwrap_or((line, ""));
+        match word {
+            "answer" => Outcome::parse(rest),
+            "refused" => Outcome::Refused,
+            "timeout" => Outcome::TimedOut,
+            _ => Outcome::Failed(rest.to_string()),
+        }
+    }
+}
+
+/// Runs the requests from `entry`: on a thread inside its namespace, or, when it has a cgroup
+/// (a node), from a client process in that namespace and cgroup.
+fn run(
+    ns: &impl Enter,
+    kind: Kind,
+    target: SocketAddr,
+    count: usize,
+    source_port: Option<u16>,
+    timeout: Duration,
+) -> anyhow::Result<Vec<Outcome>> {
+    let entry = ns.entry()?;
+    if entry.cgroup().is_none() {
+        return entry.enter(move || requests(kind, target, count, source_port, timeout));
+    }
+    let mut cmd = entry.command(crate::lab::binary("kpx-workload")?)?;
+    cmd.args(["--client", kind.name(), "--target", &target.to_string()])
+        .args(["--count", &count.to_string()])
+        .args(["--timeout-ms", &timeout.as_millis().to_string()]);
+    if let Some(port) = source_port {
+        cmd.args(["--source-port", &port.to_string()]);
+    }
+    let out = cmd.output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "client process failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(Outcome::from_line)
+        .collect())
+}
+
 /// `count` HTTP requests (new connection each) from `ns` to `target`.
 pub fn http(
     ns: &impl Enter,
@@ -85,8 +184,7 @@ pub fn http(
     count: usize,
     timeout: Duration,
 ) -> anyhow::Result<Vec<Outcome>> {
-    ns.entry()?
-        .enter(move || (0..count).map(|_| http_once(target, timeout)).collect())
+    run(ns, Kind::Http, target, count, None, timeout)
 }
 
 /// One datagram from a fresh socket (a new source port each time, so a new flow) or from
@@ -98,30 +196,28 @@ pub fn udp(
     source_port: Option<u16>,
     timeout: Duration,
 ) -> anyhow::Result<Vec<Outcome>> {
-    ns.entry()?.enter(move || {
-        (0..count)
-            .map(|_| {
-                let bind: SocketAddr = if target.is_ipv4() {
-                    ([0, 0, 0, 0], source_port.unwrap_or(0)).into()
-                } else {
-                    (std::net::Ipv6Addr::UNSPECIFIED, source_port.unwrap_or(0)).into()
-                };
-                let socket = match UdpSocket::bind(bind) {
-                    Ok(s) => s,
-                    Err(e) => return Outcome::Failed(e.to_string()),
-                };
-                let _ = socket.set_read_timeout(Some(timeout));
-                if let Err(e) = socket.send_to(b"ping", target) {
-                    return Outcome::from_error(&e);
-                }
-                let mut buf = [0u8; 512];
-                match socket.recv_from(&mut buf) {
-                    Ok((n, _)) => Outcome::parse(&String::from_utf8_lossy(&buf[..n])),
-                    Err(e) => Outcome::from_error(&e),
-                }
-            })
-            .collect()
-    })
+    run(ns, Kind::Udp, target, count, source_port, timeout)
+}
+
+fn udp_once(target: SocketAddr, source_port: Option<u16>, timeout: Duration) -> Outcome {
+    let bind: SocketAddr = if target.is_ipv4() {
+        ([0, 0, 0, 0], source_port.unwrap_or(0)).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, source_port.unwrap_or(0)).into()
+    };
+    let socket = match UdpSocket::bind(bind) {
+        Ok(s) => s,
+        Err(e) => return Outcome::Failed(e.to_string()),
+    };
+    let _ = socket.set_read_timeout(Some(timeout));
+    if let Err(e) = socket.send_to(b"ping", target) {
+        return Outcome::from_error(&e);
+    }
+    let mut buf = [0u8; 512];
+    match socket.recv_from(&mut buf) {
+        Ok((n, _)) => Outcome::parse(&String::from_utf8_lossy(&buf[..n])),
+        Err(e) => Outcome::from_error(&e),
+    }
 }
 
 /// Counts answers per pod.
@@ -230,20 +326,18 @@ pub fn tcp(
     count: usize,
     timeout: Duration,
 ) -> anyhow::Result<Vec<Outcome>> {
-    ns.entry()?.enter(move || {
-        (0..count)
-            .map(|_| {
-                let mut stream = match TcpStream::connect_timeout(&target, timeout) {
-                    Ok(s) => s,
-                    Err(e) => return Outcome::from_error(&e),
-                };
-                let _ = stream.set_read_timeout(Some(timeout));
-                let mut line = String::new();
-                match stream.read_to_string(&mut line) {
-                    Ok(_) => Outcome::parse(&line),
-                    Err(e) => Outcome::from_error(&e),
-                }
-            })
-            .collect()
-    })
+    run(ns, Kind::Tcp, target, count, None, timeout)
+}
+
+fn tcp_once(target: SocketAddr, timeout: Duration) -> Outcome {
+    let mut stream = match TcpStream::connect_timeout(&target, timeout) {
+        Ok(s) => s,
+        Err(e) => return Outcome::from_error(&e),
+    };
+    let _ = stream.set_read_timeout(Some(timeout));
+    let mut line = String::new();
+    match stream.read_to_string(&mut line) {
+        Ok(_) => Outcome::parse(&line),
+        Err(e) => Outcome::from_error(&e),
+    }
 }

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use common::*;
-use kpx_lab::lab::{self, Lab};
+use kpx_lab::lab::Lab;
 use kpx_lab::traffic::{self, Outcome};
 use serde_json::json;
 
@@ -122,16 +122,7 @@ async fn dual_stack_services_work_on_both_families() {
         );
 
         // `kpx-proxy dump` shows both families of the Service port.
-        let mode = if backend == lab::ProxyBackend::IptablesNft {
-            "nft"
-        } else {
-            "legacy"
-        };
-        let out = lab.nodes[0]
-            .ns
-            .command(lab::binary("kpx-proxy")?)
-            .args(["dump", "--json", "--iptables-mode", mode])
-            .output()?;
+        let out = lab.proxy_command(0)?.args(["dump", "--json"]).output()?;
         anyhow::ensure!(
             out.status.success(),
             "dump failed: {}",
@@ -151,27 +142,8 @@ async fn dual_stack_services_work_on_both_families() {
             web["addresses"]
         );
 
-        // --cleanup removes the ip6tables rules too.
-        lab.stop_proxy(0);
-        let out = lab.nodes[0]
-            .ns
-            .command(lab::binary("kpx-proxy")?)
-            .args(["--cleanup", "--iptables-mode", mode])
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "cleanup failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let saved = lab.nodes[0]
-            .ns
-            .command(format!("ip6tables-{mode}-save"))
-            .output()?;
-        let saved = String::from_utf8_lossy(&saved.stdout);
-        anyhow::ensure!(
-            !saved.contains("KPX-"),
-            "kpx rules left in ip6tables:\n{saved}"
-        );
+        // --cleanup removes everything, both families.
+        cleanup_and_check(&mut lab, 0)?;
         Ok(())
     })
     .await;

@@ -26,7 +26,7 @@ async fn node_ports_external_ips_and_load_balancer_ips_reach_every_endpoint() {
         let node1 = target(IpAddr::V4(lab.nodes[0].ip), node_port);
         let both = |o: &[Outcome]| all_answer(o) && pods_seen(o).len() == 2;
         eventually(&lab, "NodePort from outside", || traffic::http(outside, node1, 30, TIMEOUT), both).await?;
-        eventually(&lab, "NodePort from another node", || traffic::http(&lab.nodes[1].ns, node1, 30, TIMEOUT), both).await?;
+        eventually(&lab, "NodePort from another node", || traffic::http(&lab.nodes[1], node1, 30, TIMEOUT), both).await?;
         eventually(&lab, "external IP from outside", || traffic::http(outside, target(external_ip, 80), 30, TIMEOUT), both).await?;
 
         // A load balancer announces its ingress IP in the Service status.

@@ -36,12 +36,11 @@ async fn cluster_ip_reaches_all_endpoints_evenly_and_keeps_the_pod_source() {
         let client_ip = lab.pod("client").ip.to_string();
         anyhow::ensure!(outcomes.iter().all(|o| o.client_ip() == Some(client_ip.as_str())), "source not kept: {:?}", &outcomes[..3]);
         // From the node itself it works too (masqueraded, since the node is outside the pod CIDR).
-        let from_node = traffic::http(&lab.nodes[0].ns, vip, 10, TIMEOUT)?;
+        let from_node = traffic::http(&lab.nodes[0], vip, 10, TIMEOUT)?;
         anyhow::ensure!(all_answer(&from_node), "from node: {from_node:?}");
 
         // `kpx-proxy dump` reads back what is programmed.
-        let mode = if backend == kpx_lab::lab::ProxyBackend::IptablesNft { "nft" } else { "legacy" };
-        let out = lab.nodes[0].ns.command(kpx_lab::lab::binary("kpx-proxy")?).args(["dump", "--json", "--iptables-mode", mode]).output()?;
+        let out = lab.proxy_command(0)?.args(["dump", "--json"]).output()?;
         anyhow::ensure!(out.status.success(), "dump failed: {}", String::from_utf8_lossy(&out.stderr));
         let dump: serde_json::Value = serde_json::from_slice(&out.stdout)?;
         let web = dump["services"].as_array().into_iter().flatten().find(|s| s["service"] == "default/web:http/TCP");
@@ -52,7 +51,7 @@ async fn cluster_ip_reaches_all_endpoints_evenly_and_keeps_the_pod_source() {
         let mut expected: Vec<String> = ["web-a", "web-b", "web-c"].iter().map(|p| format!("{}:8080", lab.pod(p).ip)).collect();
         expected.sort();
         anyhow::ensure!(endpoints == expected, "dump endpoints {endpoints:?}, want {expected:?}");
-        let table = lab.nodes[0].ns.command(kpx_lab::lab::binary("kpx-proxy")?).args(["dump", "--iptables-mode", mode]).output()?;
+        let table = lab.proxy_command(0)?.arg("dump").output()?;
         anyhow::ensure!(String::from_utf8_lossy(&table.stdout).contains("default/web:http/TCP"), "table dump");
         Ok(())
     })

@@ -53,3 +53,31 @@ pub trait Backend: Send + 'static {
     /// What is programmed in the kernel now, per Service port, read back from the kernel.
     fn dump(&self) -> Result<Value, BackendError>;
 }
+
+/// A backend chosen at run time (`--proxy-mode`).
+impl Backend for Box<dyn Backend> {
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+
+    fn sync(
+        &mut self,
+        state: &ProxyState,
+        changes: &Changes,
+        full: bool,
+    ) -> Result<SyncReport, BackendError> {
+        (**self).sync(state, changes, full)
+    }
+
+    fn lost_state(&mut self) -> Option<String> {
+        (**self).lost_state()
+    }
+
+    fn cleanup(&mut self) -> Result<(), BackendError> {
+        (**self).cleanup()
+    }
+
+    fn dump(&self) -> Result<Value, BackendError> {
+        (**self).dump()
+    }
+}

@@ -7,6 +7,7 @@
 pub mod backend;
 pub mod conntrack;
 pub mod dual_stack;
+pub mod ebpf;
 pub mod iptables;
 pub mod metrics;
 pub mod model;

@@ -18,6 +18,38 @@ struct Args {
     /// TCP: sends one line and closes. UDP: answers each datagram.
     #[arg(long, default_value_t = 9000)]
     port: u16,
+    /// Be a client instead: send `--count` requests of this kind (http, tcp, udp) to
+    /// `--target`, print one outcome per line, exit.
+    #[arg(long, value_name = "KIND")]
+    client: Option<String>,
+    #[arg(long)]
+    target: Option<SocketAddr>,
+    #[arg(long, default_value_t = 1)]
+    count: usize,
+    #[arg(long, default_value_t = 2000)]
+    timeout_ms: u64,
+    /// UDP: send from this port every time (one flow).
+    #[arg(long)]
+    source_port: Option<u16>,
+}
+
+fn client(args: &Args, kind: &str) -> anyhow::Result<()> {
+    let kind = kpx_lab::traffic::Kind::parse(kind)
+        .ok_or_else(|| anyhow::anyhow!("--client {kind:?}: allowed values: http, tcp, udp"))?;
+    let target = args
+        .target
+        .ok_or_else(|| anyhow::anyhow!("--client needs --target ADDRESS:PORT"))?;
+    let outcomes = kpx_lab::traffic::requests(
+        kind,
+        target,
+        args.count,
+        args.source_port,
+        std::time::Duration::from_millis(args.timeout_ms),
+    );
+    for o in outcomes {
+        println!("{}", o.to_line());
+    }
+    Ok(())
 }
 
 async fn http(mut stream: TcpStream, peer: SocketAddr, name: String) -> std::io::Result<()> {
@@ -71,6 +103,9 @@ fn canonical(peer: SocketAddr) -> SocketAddr {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(kind) = &args.client {
+        return client(&args, kind);
+    }
     // Dual-stack sockets: IPv4 clients arrive as v4-mapped addresses, shown as plain IPv4.
     let http_listener = TcpListener::bind(("::", args.http_port)).await?;
     let tcp_listener = TcpListener::bind(("::", args.port)).await?;

@@ -38,7 +38,18 @@ where
         return;
     }
     let mut ran = 0;
+    // KPX_BACKENDS=ebpf,iptables-nft narrows the run (while working on one backend).
+    let only = std::env::var("KPX_BACKENDS").ok();
     for backend in ALL_BACKENDS {
+        if let Some(only) = &only {
+            if !only.split(',').any(|b| b == backend.name()) {
+                eprintln!(
+                    "SKIPPED {tag} on {}: not in KPX_BACKENDS={only}",
+                    backend.name()
+                );
+                continue;
+            }
+        }
         if let Some(reason) = backend.unsupported() {
             eprintln!("SKIPPED {tag} on {}: {reason}", backend.name());
             continue;
@@ -232,4 +243,43 @@ pub fn pods_seen(o: &[Outcome]) -> std::collections::BTreeSet<String> {
         .filter_map(Outcome::pod)
         .map(String::from)
         .collect()
+}
+
+/// `kpx-proxy --cleanup` on node `node` (its proxy stopped first), then checks nothing of
+/// kpx is left: no KPX chain in iptables or ip6tables; for ebpf, no pin (so no attached link
+/// and no map) left under the node's bpffs directory.
+pub fn cleanup_and_check(lab: &mut Lab, node: usize) -> anyhow::Result<()> {
+    lab.stop_proxy(node);
+    let out = lab.proxy_command(node)?.arg("--cleanup").output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "cleanup failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    match lab.backend {
+        ProxyBackend::Ebpf => {
+            let pins = lab.dir().join("bpffs").join(&lab.nodes[node].name);
+            anyhow::ensure!(
+                !pins.exists(),
+                "pins left after cleanup in {}",
+                pins.display()
+            );
+        }
+        _ => {
+            let flavour = if lab.backend == ProxyBackend::IptablesNft {
+                "nft"
+            } else {
+                "legacy"
+            };
+            for tool in ["iptables", "ip6tables"] {
+                let saved = lab.nodes[node]
+                    .ns
+                    .command(format!("{tool}-{flavour}-save"))
+                    .output()?;
+                let saved = String::from_utf8_lossy(&saved.stdout);
+                anyhow::ensure!(!saved.contains("KPX"), "kpx rules left in {tool}:\n{saved}");
+            }
+        }
+    }
+    Ok(())
 }

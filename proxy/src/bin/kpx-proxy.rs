@@ -8,8 +8,10 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use kpx_control::client::{Client, ClientConfig};
+use kpx_ebpf::objects::Capacity;
 use kpx_proxy::backend::Backend;
 use kpx_proxy::dual_stack::DualStack;
+use kpx_proxy::ebpf::{EbpfBackend, EbpfConfig};
 use kpx_proxy::iptables::exec::{Flavour, Tool};
 use kpx_proxy::iptables::render::RenderConfig;
 use kpx_proxy::iptables::IptablesBackend;
@@ -26,9 +28,24 @@ use kpx_proxy::{serve, watch};
 struct Args {
     #[command(subcommand)]
     command: Option<Command>,
-    /// Which proxy mode to use: iptables (ipvs, nftables and ebpf follow).
+    /// Which proxy mode to use: iptables or ebpf (ipvs and nftables follow).
     #[arg(long, default_value = "iptables", global = true)]
     proxy_mode: String,
+    /// ebpf: this instance's directory on a bpffs; its maps and links are pinned there, so a
+    /// restarted proxy adopts them and traffic flows while it is down.
+    #[arg(long, default_value = "/sys/fs/bpf/kpx", global = true)]
+    bpf_pin_dir: PathBuf,
+    /// ebpf: the cgroup v2 directory whose processes get socket-level load balancing
+    /// (default: the cgroup v2 root; "none": per-packet load balancing only).
+    #[arg(long, global = true)]
+    cgroup_root: Option<String>,
+    /// ebpf: a map's capacity, NAME=ENTRIES (repeatable), e.g. kpx_services=131072.
+    #[arg(long = "bpf-map-size", value_name = "NAME=ENTRIES")]
+    bpf_map_sizes: Vec<String>,
+    /// The node's addresses (one per family, comma-separated): the source of masqueraded
+    /// traffic in ebpf mode; default: the first address of each family on the node.
+    #[arg(long, value_delimiter = ',')]
+    node_ip: Vec<String>,
     /// Which iptables to drive: auto (the one already in use), nft or legacy.
     #[arg(long, default_value = "auto", global = true)]
     iptables_mode: String,
@@ -120,15 +137,78 @@ fn client_config(args: &Args) -> anyhow::Result<ClientConfig> {
     Ok(config)
 }
 
+/// The backend `--proxy-mode` names, started.
+fn backend(args: &Args) -> anyhow::Result<Box<dyn Backend>> {
+    match args.proxy_mode.as_str() {
+        "iptables" => Ok(Box::new(iptables_backend(args)?)),
+        "ebpf" => Ok(Box::new(EbpfBackend::start(ebpf_config(args)?)?)),
+        other => bail!("--proxy-mode {other:?}: allowed values: iptables, ebpf"),
+    }
+}
+
+/// Where cgroup v2 is mounted here (`/sys/fs/cgroup` or, on hybrid systems,
+/// `/sys/fs/cgroup/unified`).
+fn cgroup2_root() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (_, path, fstype) = (f.next()?, f.next()?, f.next()?);
+        (fstype == "cgroup2").then(|| PathBuf::from(path))
+    })
+}
+
+fn ebpf_config(args: &Args) -> anyhow::Result<EbpfConfig> {
+    let cgroup = match args.cgroup_root.as_deref() {
+        Some("none") => None,
+        Some(path) => Some(PathBuf::from(path)),
+        None => Some(cgroup2_root().context(
+            "--cgroup-root: no cgroup v2 file system is mounted; give a cgroup v2 directory or \"none\"",
+        )?),
+    };
+    let mut capacity = Capacity::default();
+    for entry in &args.bpf_map_sizes {
+        let parsed = entry.split_once('=').and_then(|(name, size)| {
+            let name = kpx_ebpf::objects::MAPS.iter().find(|m| **m == name)?;
+            Some((*name, size.parse::<u32>().ok().filter(|s| *s > 0)?))
+        });
+        match parsed {
+            Some(pair) => capacity.entries.push(pair),
+            None => bail!(
+                "--bpf-map-size {entry:?}: want NAME=ENTRIES with ENTRIES > 0 and NAME one of {}",
+                kpx_ebpf::objects::MAPS.join(", ")
+            ),
+        }
+    }
+    let mut node_ips = Vec::new();
+    for ip in &args.node_ip {
+        node_ips.push(ip.parse().map_err(|_| {
+            anyhow::anyhow!("--node-ip {ip:?}: not an IP address (e.g. 10.0.0.5,fd00::5)")
+        })?);
+    }
+    let nodeport_cidrs = cidrs("--nodeport-addresses", args.nodeport_addresses.iter())?
+        .into_iter()
+        .map(|(cidr, _)| {
+            let (ip, len) = cidr
+                .split_once('/')
+                .expect("cidrs() checked ADDRESS/PREFIX");
+            (
+                ip.parse().expect("cidrs() checked the address"),
+                len.parse().expect("cidrs() checked the prefix"),
+            )
+        })
+        .collect();
+    Ok(EbpfConfig {
+        pin_dir: args.bpf_pin_dir.clone(),
+        cgroup,
+        node_ips,
+        nodeport_cidrs,
+        capacity,
+    })
+}
+
 /// The iptables backend of each IP family this node can program: IPv4, and IPv6 too when
 /// ip6tables works here (dual-stack, as kube-proxy runs when both families are usable).
-fn backend(args: &Args) -> anyhow::Result<DualStack<IptablesBackend>> {
-    if args.proxy_mode != "iptables" {
-        bail!(
-            "--proxy-mode {:?}: not supported yet; allowed values: iptables",
-            args.proxy_mode
-        );
-    }
+fn iptables_backend(args: &Args) -> anyhow::Result<DualStack<IptablesBackend>> {
     let flavour = Flavour::parse(&args.iptables_mode).with_context(|| {
         format!(
             "--iptables-mode {:?}: allowed values: auto, nft, legacy",
@@ -216,6 +296,9 @@ async fn main() -> anyhow::Result<()> {
     kpx_control::daemon::init_logging("info");
     let args = Args::parse();
     limit_malloc_arenas();
+    if args.proxy_mode == "ebpf" && (args.cleanup || args.command.is_some()) {
+        return ebpf_offline(&args);
+    }
     let mut backend = backend(&args)?;
     if args.cleanup {
         backend.cleanup()?;
@@ -251,7 +334,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     });
-    tracing::info!(node = %node_name, server = %client.server(), backend = backend.name(), ip_families = backend.families(), "starting");
+    tracing::info!(node = %node_name, server = %client.server(), backend = backend.name(), "starting");
     let watchers = watch::start(&client);
     let runner = Runner::new(
         backend,
@@ -268,6 +351,35 @@ async fn main() -> anyhow::Result<()> {
         .run(watchers.updates, kpx_control::daemon::shutdown())
         .await;
     tracing::info!("stopped; rules stay in place (use --cleanup to remove them)");
+    Ok(())
+}
+
+/// `--cleanup` and `dump` in ebpf mode work on the pins alone: nothing is attached, and a node
+/// where nothing is pinned stays that way.
+fn ebpf_offline(args: &Args) -> anyhow::Result<()> {
+    let pin_dir = args.bpf_pin_dir.clone();
+    if args.cleanup {
+        let links = EbpfBackend::cleanup_dir(pin_dir.clone())?;
+        tracing::info!(pin_dir = %pin_dir.display(), links, "detached the programs and removed the pinned maps");
+        return Ok(());
+    }
+    if !pin_dir.join("kpx_services").exists() {
+        bail!(
+            "nothing is programmed under {} (see --bpf-pin-dir)",
+            pin_dir.display()
+        );
+    }
+    let ebpf = kpx_ebpf::objects::load(
+        kpx_ebpf::objects::TC_LB,
+        Some(&pin_dir),
+        &Capacity::default(),
+    )?;
+    let dump = kpx_proxy::ebpf::dump::read(&ebpf)?;
+    if let Some(Command::Dump { json: true }) = &args.command {
+        println!("{}", serde_json::to_string_pretty(&dump)?);
+    } else {
+        print_dump(&dump);
+    }
     Ok(())
 }
 

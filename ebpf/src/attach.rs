@@ -1,0 +1,236 @@
+//! Attaching the programs, with their links pinned next to the maps: a pinned link keeps its
+//! program attached when the proxy exits or is killed, so traffic keeps flowing while it is
+//! down; a restarted proxy finds the pins and leaves them as they are. Removing a pin detaches.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use aya::programs::links::FdLink;
+use aya::programs::{
+    CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType,
+};
+use aya::Ebpf;
+
+/// The socket programs and the hook each one is for.
+pub const SOCKET_PROGRAMS: &[&str] = &[
+    "kpx_connect4",
+    "kpx_connect6",
+    "kpx_sendmsg4",
+    "kpx_sendmsg6",
+    "kpx_recvmsg4",
+    "kpx_recvmsg6",
+    "kpx_getpeername4",
+    "kpx_getpeername6",
+];
+
+pub const TC_PROGRAM: &str = "kpx_tc_lb";
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("BPF program {0} is missing from the object")]
+    Missing(&'static str),
+    #[error("loading BPF program {program}: {source}")]
+    Load {
+        program: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("attaching {program} to {target}: {detail}")]
+    Attach {
+        program: &'static str,
+        target: String,
+        detail: String,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AttachError + '_ {
+    move |source| AttachError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// The interfaces of this network namespace the tc program belongs on: every one but the
+/// loopback and bridges (a bridge's ports carry the same packets, seen once there).
+pub fn interfaces() -> Vec<(String, u32)> {
+    let Ok(list) = nix::net::if_::if_nameindex() else {
+        return Vec::new();
+    };
+    list.iter()
+        .filter_map(|i| Some((i.name().to_str().ok()?.to_string(), i.index())))
+        .filter(|(name, _)| name != "lo" && !is_bridge(name))
+        .collect()
+}
+
+/// Whether `name` is a Linux bridge, by its driver (ethtool), which works in any namespace
+/// without sysfs.
+fn is_bridge(name: &str) -> bool {
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        rest: [u8; 164],
+    }
+    let mut info = DrvInfo {
+        cmd: 0x0000_0003, // ETHTOOL_GDRVINFO
+        driver: [0; 32],
+        rest: [0; 164],
+    };
+    // SAFETY: ifreq is plain data; zeroed is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes().take(15)) {
+        *dst = src as libc::c_char;
+    }
+    req.ifr_ifru.ifru_data = (&mut info as *mut DrvInfo).cast();
+    // SAFETY: a datagram socket only to issue the ioctl; closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: SIOCETHTOOL reads `req` and writes the driver info into `info`, both alive and
+    // large enough for ETHTOOL_GDRVINFO.
+    let ok = unsafe { libc::ioctl(fd, libc::SIOCETHTOOL, &mut req) } == 0;
+    // SAFETY: fd is ours.
+    unsafe { libc::close(fd) };
+    ok && info.driver.starts_with(b"bridge\0")
+}
+
+fn tc_pin(links: &Path, index: u32) -> PathBuf {
+    links.join(format!("tc-ingress-{index}"))
+}
+
+/// Attaches the tc program at the ingress of every interface that has none yet, and removes the
+/// pins of interfaces that are gone. Returns the names newly attached.
+pub fn attach_tc(ebpf: &mut Ebpf, links: &Path) -> Result<Vec<String>, AttachError> {
+    std::fs::create_dir_all(links).map_err(io(links))?;
+    let present = interfaces();
+    let indexes: BTreeSet<u32> = present.iter().map(|(_, i)| *i).collect();
+    for entry in std::fs::read_dir(links).map_err(io(links))?.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if let Some(index) = name
+            .strip_prefix("tc-ingress-")
+            .and_then(|i| i.parse().ok())
+        {
+            if !indexes.contains(&index) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+    let mut attached = Vec::new();
+    for (name, index) in present {
+        let pin = tc_pin(links, index);
+        if pin.exists() {
+            continue;
+        }
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(TC_PROGRAM)
+            .ok_or(AttachError::Missing(TC_PROGRAM))?
+            .try_into()
+            .map_err(|source| AttachError::Load {
+                program: TC_PROGRAM,
+                source,
+            })?;
+        let failed = |detail: String| AttachError::Attach {
+            program: TC_PROGRAM,
+            target: name.clone(),
+            detail,
+        };
+        let id = match program.attach(&name, TcAttachType::Ingress) {
+            Ok(id) => id,
+            // The interface went away between listing and attaching.
+            Err(_) if nix::net::if_::if_nametoindex(name.as_str()).is_err() => continue,
+            Err(e) => return Err(failed(e.to_string())),
+        };
+        let link = program.take_link(id).map_err(|e| failed(e.to_string()))?;
+        let link = FdLink::try_from(link).map_err(|e| failed(e.to_string()))?;
+        link.pin(&pin).map_err(|e| failed(e.to_string()))?;
+        attached.push(name);
+    }
+    Ok(attached)
+}
+
+/// Loads the tc program (once per object).
+pub fn load_tc(ebpf: &mut Ebpf) -> Result<(), AttachError> {
+    let program: &mut SchedClassifier = ebpf
+        .program_mut(TC_PROGRAM)
+        .ok_or(AttachError::Missing(TC_PROGRAM))?
+        .try_into()
+        .map_err(|source| AttachError::Load {
+            program: TC_PROGRAM,
+            source,
+        })?;
+    program.load().map_err(|source| AttachError::Load {
+        program: TC_PROGRAM,
+        source,
+    })
+}
+
+/// Loads the socket programs and attaches each to `cgroup` unless a pinned link already does.
+pub fn attach_cgroup(ebpf: &mut Ebpf, cgroup: &Path, links: &Path) -> Result<(), AttachError> {
+    std::fs::create_dir_all(links).map_err(io(links))?;
+    let dir = std::fs::File::open(cgroup).map_err(io(cgroup))?;
+    for name in SOCKET_PROGRAMS {
+        let program: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .ok_or(AttachError::Missing(name))?
+            .try_into()
+            .map_err(|source| AttachError::Load {
+                program: name,
+                source,
+            })?;
+        program.load().map_err(|source| AttachError::Load {
+            program: name,
+            source,
+        })?;
+        let pin = links.join(format!("cgroup-{name}"));
+        if pin.exists() {
+            continue;
+        }
+        let failed = |detail: String| AttachError::Attach {
+            program: name,
+            target: cgroup.display().to_string(),
+            detail,
+        };
+        let id = program
+            .attach(&dir, CgroupAttachMode::Single)
+            .map_err(|e| failed(e.to_string()))?;
+        let link = program.take_link(id).map_err(|e| failed(e.to_string()))?;
+        let link = FdLink::try_from(link).map_err(|e| failed(e.to_string()))?;
+        link.pin(&pin).map_err(|e| failed(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Detaches everything: removing a link's last pin detaches its program.
+pub fn detach_all(links: &Path) -> Result<usize, AttachError> {
+    let mut removed = 0;
+    let entries = match std::fs::read_dir(links) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(io(links)(e)),
+    };
+    for entry in entries.flatten() {
+        std::fs::remove_file(entry.path()).map_err(io(&entry.path()))?;
+        removed += 1;
+    }
+    Ok(removed)
+}
+
+/// The pinned links, by file name (for `dump` and checks).
+pub fn pinned_links(links: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(links)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}

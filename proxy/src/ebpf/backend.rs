@@ -1,0 +1,304 @@
+//! `EbpfBackend`: loads the programs with their maps pinned under the instance's bpffs
+//! directory (adopting what a previous run left there), attaches them, and turns each snapshot
+//! into ordered map writes. A thread beside it attaches the tc program to interfaces that
+//! appear (new pods) and keeps the node's addresses in the maps.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use aya::Ebpf;
+use kpx_ebpf::apply::{apply, set_config, set_node_addrs, ApplyError};
+use kpx_ebpf::layout::{address, Config, NodeAddr};
+use kpx_ebpf::objects::{self, Capacity, LoadError};
+use kpx_ebpf::plan::{plan, Programmed};
+use kpx_ebpf::{adopt, attach, features};
+use serde_json::Value;
+
+use super::{dump, wanted};
+use crate::backend::{Backend, BackendError, SyncReport};
+use crate::model::{Changes, ProxyState};
+
+#[derive(Debug, Clone)]
+pub struct EbpfConfig {
+    /// This instance's directory on a bpffs: maps under it, links under `links/`.
+    pub pin_dir: PathBuf,
+    /// The cgroup (v2) whose sockets get socket-level load balancing; none: per-packet only.
+    pub cgroup: Option<PathBuf>,
+    /// The masquerade source per family; unset: the node's first address of that family.
+    pub node_ips: Vec<IpAddr>,
+    /// CIDRs NodePorts answer on; empty: every local address.
+    pub nodeport_cidrs: Vec<(IpAddr, u8)>,
+    pub capacity: Capacity,
+}
+
+impl EbpfConfig {
+    fn links(&self) -> PathBuf {
+        self.pin_dir.join("links")
+    }
+}
+
+fn error(what: &str, detail: impl std::fmt::Display) -> BackendError {
+    BackendError::Command {
+        command: what.to_string(),
+        status: "failed".into(),
+        stderr: detail.to_string(),
+    }
+}
+
+pub struct EbpfBackend {
+    config: EbpfConfig,
+    tc: Ebpf,
+    /// Kept so the socket programs stay loaded while their links are created.
+    _sock: Option<Ebpf>,
+    programmed: Programmed,
+    stop: Arc<AtomicBool>,
+}
+
+fn load(config: &EbpfConfig, object: &[u8]) -> Result<Ebpf, BackendError> {
+    objects::load(object, Some(&config.pin_dir), &config.capacity).map_err(|e| match e {
+        LoadError::NotBuilt(why) => error("loading the BPF programs", why),
+        other => error("loading the BPF programs", other),
+    })
+}
+
+impl EbpfBackend {
+    /// Checks the kernel, loads (or adopts) the maps, attaches everything.
+    pub fn start(config: EbpfConfig) -> Result<Self, BackendError> {
+        features::check(&config.pin_dir, config.cgroup.as_deref())
+            .map_err(|why| error("checking the kernel's BPF features", why))?;
+        accept_local()?;
+        let mut tc = load(&config, objects::TC_LB)?;
+        attach::load_tc(&mut tc).map_err(|e| error("loading kpx_tc_lb", e))?;
+        let sock = match &config.cgroup {
+            Some(cgroup) => {
+                let mut sock = load(&config, objects::SOCK_LB)?;
+                attach::attach_cgroup(&mut sock, cgroup, &config.links())
+                    .map_err(|e| error("attaching socket load balancing", e))?;
+                Some(sock)
+            }
+            None => None,
+        };
+        let programmed = adopt::programmed(&tc).map_err(|e| error("reading the pinned maps", e))?;
+        if !programmed.services.is_empty() {
+            tracing::info!(
+                frontends = programmed.services.len(),
+                "adopted the pinned maps of a previous run"
+            );
+        }
+        refresh_node(&mut tc, &config).map_err(|e| error("writing the node's addresses", e))?;
+        attach::attach_tc(&mut tc, &config.links()).map_err(|e| error("attaching tc", e))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        spawn_watcher(config.clone(), stop.clone())?;
+        Ok(Self {
+            config,
+            tc,
+            _sock: sock,
+            programmed,
+            stop,
+        })
+    }
+
+    /// Only the pin directory: for `--cleanup` and `dump`, without attaching anything.
+    pub fn cleanup_dir(pin_dir: PathBuf) -> Result<usize, BackendError> {
+        let removed = attach::detach_all(&pin_dir.join("links"))
+            .map_err(|e| error("detaching the BPF programs", e))?;
+        let _ = std::fs::remove_dir(pin_dir.join("links"));
+        for map in objects::MAPS {
+            match std::fs::remove_file(pin_dir.join(map)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(error("removing a pinned map", e)),
+            }
+        }
+        let _ = std::fs::remove_dir(&pin_dir);
+        Ok(removed)
+    }
+}
+
+impl Drop for EbpfBackend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The tc program rewrites packets before routing: a masqueraded packet (and the reply of a
+/// NodePort flow) reaches the IPv4 input path with one of the node's own addresses as its
+/// source, which Linux drops as a martian unless `accept_local` is on. (IPv6 has no such check.)
+fn accept_local() -> Result<(), BackendError> {
+    let path = "/proc/sys/net/ipv4/conf/all/accept_local";
+    match std::fs::read_to_string(path) {
+        Ok(v) if v.trim() == "1" => Ok(()),
+        _ => {
+            std::fs::write(path, "1").map_err(|e| error(&format!("setting {path}"), e))?;
+            tracing::info!(
+                "set net.ipv4.conf.all.accept_local=1 (masqueraded traffic has a local source)"
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Every address of this namespace but loopback ones.
+fn local_addresses() -> Vec<(String, IpAddr)> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    addrs
+        .filter_map(|a| {
+            let storage = a.address?;
+            let ip = if let Some(v4) = storage.as_sockaddr_in() {
+                IpAddr::V4(v4.ip())
+            } else {
+                IpAddr::V6(storage.as_sockaddr_in6()?.ip())
+            };
+            Some((a.interface_name, ip))
+        })
+        .filter(|(_, ip)| !ip.is_loopback() && !is_link_local(ip))
+        .collect()
+}
+
+fn is_link_local(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
+    }
+}
+
+pub fn in_cidr(ip: &IpAddr, (net, len): &(IpAddr, u8)) -> bool {
+    match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(n)) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(*len)).unwrap_or(0);
+            u32::from(*a) & mask == u32::from(*n) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(n)) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(*len)).unwrap_or(0);
+            u128::from(*a) & mask == u128::from(*n) & mask
+        }
+        _ => false,
+    }
+}
+
+/// Writes the masquerade addresses and the NodePort addresses from the interfaces as they are.
+fn refresh_node(ebpf: &mut Ebpf, config: &EbpfConfig) -> Result<(), ApplyError> {
+    let local = local_addresses();
+    let bridges: BTreeSet<String> = local
+        .iter()
+        .map(|(name, _)| name.clone())
+        .filter(|name| !attach::interfaces().iter().any(|(n, _)| n == name))
+        .collect();
+    // The masquerade source: as given, else the first address on a non-bridge interface.
+    let pick = |v6: bool| -> [u8; 16] {
+        config
+            .node_ips
+            .iter()
+            .find(|ip| ip.is_ipv6() == v6)
+            .or_else(|| {
+                local
+                    .iter()
+                    .filter(|(name, _)| !bridges.contains(name))
+                    .map(|(_, ip)| ip)
+                    .find(|ip| ip.is_ipv6() == v6)
+            })
+            .map_or([0; 16], |ip| address(*ip).0)
+    };
+    set_config(
+        ebpf,
+        &Config {
+            node_ip4: pick(false),
+            node_ip6: pick(true),
+        },
+    )?;
+    let nodeport: BTreeSet<NodeAddr> = local
+        .iter()
+        .map(|(_, ip)| *ip)
+        .filter(|ip| {
+            config.nodeport_cidrs.is_empty() || config.nodeport_cidrs.iter().any(|c| in_cidr(ip, c))
+        })
+        .map(NodeAddr::new)
+        .collect();
+    set_node_addrs(ebpf, &nodeport)
+}
+
+/// Every 200 ms: attach to new interfaces, forget gone ones, follow address changes. Its own
+/// copy of the tc object shares the pinned maps.
+fn spawn_watcher(config: EbpfConfig, stop: Arc<AtomicBool>) -> Result<(), BackendError> {
+    let mut ebpf = load(&config, objects::TC_LB)?;
+    attach::load_tc(&mut ebpf).map_err(|e| error("loading kpx_tc_lb", e))?;
+    std::thread::Builder::new()
+        .name("kpx-ebpf-links".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match attach::attach_tc(&mut ebpf, &config.links()) {
+                    Ok(new) if !new.is_empty() => tracing::info!(interfaces = ?new, "attached tc"),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "attaching tc"),
+                }
+                if let Err(e) = refresh_node(&mut ebpf, &config) {
+                    tracing::warn!(error = %e, "writing the node's addresses");
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+        .map_err(|e| error("starting the interface watcher", e))?;
+    Ok(())
+}
+
+impl Backend for EbpfBackend {
+    fn name(&self) -> &'static str {
+        "ebpf"
+    }
+
+    fn sync(
+        &mut self,
+        state: &ProxyState,
+        _changes: &Changes,
+        full: bool,
+    ) -> Result<SyncReport, BackendError> {
+        if full {
+            // Trust the kernel, not memory: someone may have changed the maps.
+            self.programmed =
+                adopt::programmed(&self.tc).map_err(|e| error("reading the maps", e))?;
+        }
+        let wanted = wanted::wanted(state);
+        let (ops, next) = plan(&wanted, &self.programmed);
+        let written = ops.len();
+        if let Err(e) = apply(&mut self.tc, &ops) {
+            // Part of the plan may be in: the next (full) sync reads the maps back.
+            return Err(error("writing the BPF maps", e));
+        }
+        self.programmed = next;
+        Ok(SyncReport {
+            full,
+            rules_written: written,
+            rules_total: self.programmed.services.len(),
+            chains_written: 0,
+            chains_deleted: 0,
+        })
+    }
+
+    fn lost_state(&mut self) -> Option<String> {
+        if let Some(m) = objects::MAPS
+            .iter()
+            .find(|m| !self.config.pin_dir.join(m).exists())
+        {
+            return Some(format!("the pinned map {m} was removed"));
+        }
+        let held = dump::count(&self.tc, "kpx_services").ok()?;
+        let expected = self.programmed.services.len();
+        (held != expected)
+            .then(|| format!("kpx_services holds {held} frontends, {expected} were written"))
+    }
+
+    fn cleanup(&mut self) -> Result<(), BackendError> {
+        self.stop.store(true, Ordering::Relaxed);
+        Self::cleanup_dir(self.config.pin_dir.clone()).map(|_| ())
+    }
+
+    fn dump(&self) -> Result<Value, BackendError> {
+        dump::read(&self.tc).map_err(|e| error("reading the BPF maps", e))
+    }
+}
