@@ -55,5 +55,6 @@ pub fn programmed(ebpf: &Ebpf) -> Result<Programmed, ApplyError> {
     for (id, backend) in backends {
         out.backend_ids.insert(BackendIdentity::from(&backend), id);
     }
+    out.recount();
     Ok(out)
 }

@@ -29,6 +29,63 @@ pub type Wanted = BTreeMap<ServiceKey, WantedService>;
 pub struct Programmed {
     pub services: BTreeMap<ServiceKey, (ServiceValue, Vec<u32>)>,
     pub backend_ids: BTreeMap<BackendIdentity, u32>,
+    /// Each backend id's identity, and how many slots point at it.
+    pub backends: BTreeMap<u32, (BackendIdentity, u32)>,
+    /// Ids freed by earlier plans (reused lowest first), and the next never-used ones.
+    pub free_backend_ids: BTreeSet<u32>,
+    pub next_backend_id: u32,
+    pub free_service_ids: BTreeSet<u32>,
+    pub next_service_id: u32,
+}
+
+impl Programmed {
+    /// Rebuilds the bookkeeping (references, free ids) from `services` and `backend_ids`, as
+    /// read back from the maps.
+    pub fn recount(&mut self) {
+        self.backends = self
+            .backend_ids
+            .iter()
+            .map(|(identity, id)| (*id, (*identity, 0)))
+            .collect();
+        for (_, slots) in self.services.values() {
+            for id in slots {
+                if let Some((_, refs)) = self.backends.get_mut(id) {
+                    *refs += 1;
+                }
+            }
+        }
+        let (free, next) = holes(self.backends.keys().copied());
+        self.free_backend_ids = free;
+        self.next_backend_id = next;
+        let (free, next) = holes(self.services.values().map(|(v, _)| v.id));
+        self.free_service_ids = free;
+        self.next_service_id = next;
+    }
+
+    fn take_backend_id(&mut self) -> u32 {
+        take(&mut self.free_backend_ids, &mut self.next_backend_id)
+    }
+
+    fn take_service_id(&mut self) -> u32 {
+        take(&mut self.free_service_ids, &mut self.next_service_id)
+    }
+}
+
+/// The ids below the largest in use that are free, and the id after the largest.
+fn holes(used: impl Iterator<Item = u32>) -> (BTreeSet<u32>, u32) {
+    let used: BTreeSet<u32> = used.collect();
+    let next = used.last().map_or(1, |max| max + 1);
+    ((1..next).filter(|id| !used.contains(id)).collect(), next)
+}
+
+fn take(free: &mut BTreeSet<u32>, next: &mut u32) -> u32 {
+    if let Some(id) = free.pop_first() {
+        return id;
+    }
+    *next = (*next).max(1);
+    let id = *next;
+    *next += 1;
+    id
 }
 
 /// A backend's identity for sharing ids (the map value without its flags).
@@ -61,78 +118,86 @@ pub enum Op {
     DeleteBackend(u32),
 }
 
-/// The lowest id not in `used`, from 1.
-fn lowest_free(used: &BTreeSet<u32>) -> u32 {
-    (1..).find(|id| !used.contains(id)).unwrap_or(u32::MAX)
-}
-
 fn slot(service_id: u32, slot: u32) -> SlotKey {
     SlotKey { service_id, slot }
 }
 
-/// The writes from `programmed` to `wanted`, and what the maps hold after them.
+/// The writes from `programmed` to `wanted`, and what the maps hold after them. Backends no
+/// slot uses (left by an interrupted apply) are deleted too.
 pub fn plan(wanted: &Wanted, programmed: &Programmed) -> (Vec<Op>, Programmed) {
-    let mut next = Programmed::default();
+    let mut next = programmed.clone();
+    let keys: BTreeSet<ServiceKey> = wanted
+        .keys()
+        .chain(programmed.services.keys())
+        .copied()
+        .collect();
+    let mut ops = plan_keys(wanted, &mut next, &keys);
+    let orphans: Vec<u32> = next
+        .backends
+        .iter()
+        .filter(|(_, (_, refs))| *refs == 0)
+        .map(|(id, _)| *id)
+        .collect();
+    for id in orphans {
+        forget_backend(&mut next, id);
+        next.free_backend_ids.insert(id);
+        ops.push(Op::DeleteBackend(id));
+    }
+    (ops, next)
+}
+
+fn forget_backend(p: &mut Programmed, id: u32) {
+    if let Some((identity, _)) = p.backends.remove(&id) {
+        p.backend_ids.remove(&identity);
+    }
+}
+
+/// The writes for the frontends `keys` only (a partial sync: its cost follows the change, not
+/// the table), updating `programmed` to what the maps hold after them.
+pub fn plan_keys(wanted: &Wanted, p: &mut Programmed, keys: &BTreeSet<ServiceKey>) -> Vec<Op> {
     let mut first = Vec::new(); // new backends
     let mut middle = Vec::new(); // per-Service writes
     let mut last = Vec::new(); // backends no longer used
-
-    // Backend ids: keep every id still wanted, allocate the rest. Ids being freed by this
-    // plan are not reused in it: their delete comes last and would remove the new backend.
-    let mut used_ids: BTreeSet<u32> = programmed.backend_ids.values().copied().collect();
-    for w in wanted.values() {
+    let mut unreferenced = BTreeSet::new();
+    let mut freed_services = Vec::new();
+    for key in keys {
+        let old = p.services.get(key).cloned();
+        let Some(w) = wanted.get(key) else {
+            if let Some((value, slots)) = old {
+                middle.push(Op::DeleteService(*key));
+                for s in 1..=slots.len() as u32 {
+                    middle.push(Op::DeleteSlot(slot(value.id, s)));
+                }
+                middle.push(Op::DeleteRevNat(value.id));
+                for id in slots {
+                    unref(p, id, &mut unreferenced);
+                }
+                p.services.remove(key);
+                freed_services.push(value.id);
+            }
+            continue;
+        };
+        let mut ids = Vec::with_capacity(w.backends.len());
         for b in &w.backends {
             let identity = BackendIdentity::from(b);
-            if let Some(id) = programmed.backend_ids.get(&identity) {
-                next.backend_ids.insert(identity, *id);
-                used_ids.insert(*id);
+            let id = match p.backend_ids.get(&identity) {
+                Some(id) => *id,
+                None => {
+                    let id = p.take_backend_id();
+                    p.backend_ids.insert(identity, id);
+                    p.backends.insert(id, (identity, 0));
+                    first.push(Op::PutBackend(id, *b));
+                    id
+                }
+            };
+            if let Some((_, refs)) = p.backends.get_mut(&id) {
+                *refs += 1;
             }
+            ids.push(id);
         }
-    }
-    for w in wanted.values() {
-        for b in &w.backends {
-            if let std::collections::btree_map::Entry::Vacant(slot) =
-                next.backend_ids.entry(BackendIdentity::from(b))
-            {
-                let id = lowest_free(&used_ids);
-                used_ids.insert(id);
-                slot.insert(id);
-                first.push(Op::PutBackend(id, *b));
-            }
-        }
-    }
-
-    // Service ids: stable per frontend.
-    let mut service_ids: BTreeSet<u32> = programmed
-        .services
-        .iter()
-        .filter(|(k, _)| wanted.contains_key(k))
-        .map(|(_, (v, _))| v.id)
-        .collect();
-    for (key, (value, slots)) in &programmed.services {
-        if wanted.contains_key(key) {
-            continue;
-        }
-        middle.push(Op::DeleteService(*key));
-        for s in 1..=slots.len() as u32 {
-            middle.push(Op::DeleteSlot(slot(value.id, s)));
-        }
-        middle.push(Op::DeleteRevNat(value.id));
-    }
-    for (key, w) in wanted {
-        let ids: Vec<u32> = w
-            .backends
-            .iter()
-            .map(|b| next.backend_ids[&BackendIdentity::from(b)])
-            .collect();
-        let old = programmed.services.get(key);
-        let id = match old {
+        let id = match &old {
             Some((value, _)) => value.id,
-            None => {
-                let id = lowest_free(&service_ids);
-                service_ids.insert(id);
-                id
-            }
+            None => p.take_service_id(),
         };
         let value = ServiceValue {
             id,
@@ -140,16 +205,15 @@ pub fn plan(wanted: &Wanted, programmed: &Programmed) -> (Vec<Op>, Programmed) {
             flags: w.flags,
             affinity_timeout: w.affinity_timeout,
         };
-        let old_slots: &[u32] = old.map_or(&[], |(_, s)| s.as_slice());
-        let changed_slots = || {
-            ids.iter()
-                .enumerate()
-                .filter(|(i, bid)| old_slots.get(*i) != Some(bid))
-                .map(|(i, bid)| Op::PutSlot(slot(id, i as u32 + 1), *bid))
-        };
-        match old {
+        let old_slots: Vec<u32> = old.as_ref().map_or(Vec::new(), |(_, s)| s.clone());
+        let changed_slots = ids
+            .iter()
+            .enumerate()
+            .filter(|(i, bid)| old_slots.get(*i) != Some(bid))
+            .map(|(i, bid)| Op::PutSlot(slot(id, i as u32 + 1), *bid));
+        match &old {
             None => {
-                middle.extend(changed_slots());
+                middle.extend(changed_slots);
                 middle.push(Op::PutRevNat(
                     id,
                     RevNat {
@@ -164,28 +228,43 @@ pub fn plan(wanted: &Wanted, programmed: &Programmed) -> (Vec<Op>, Programmed) {
             }
             Some(_) if ids.len() < old_slots.len() => {
                 middle.push(Op::PutService(*key, value));
-                middle.extend(changed_slots());
+                middle.extend(changed_slots);
                 for s in ids.len() + 1..=old_slots.len() {
                     middle.push(Op::DeleteSlot(slot(id, s as u32)));
                 }
             }
             Some((old_value, _)) => {
-                middle.extend(changed_slots());
+                middle.extend(changed_slots);
                 if *old_value != value {
                     middle.push(Op::PutService(*key, value));
                 }
             }
         }
-        next.services.insert(*key, (value, ids));
+        for b in old_slots {
+            unref(p, b, &mut unreferenced);
+        }
+        p.services.insert(*key, (value, ids));
     }
-    for (identity, id) in &programmed.backend_ids {
-        if !next.backend_ids.contains_key(identity) {
-            last.push(Op::DeleteBackend(*id));
+    for id in unreferenced {
+        if p.backends.get(&id).is_some_and(|(_, refs)| *refs == 0) {
+            forget_backend(p, id);
+            p.free_backend_ids.insert(id);
+            last.push(Op::DeleteBackend(id));
         }
     }
+    p.free_service_ids.extend(freed_services);
     first.extend(middle);
     first.extend(last);
-    (first, next)
+    first
+}
+
+fn unref(p: &mut Programmed, id: u32, unreferenced: &mut BTreeSet<u32>) {
+    if let Some((_, refs)) = p.backends.get_mut(&id) {
+        *refs = refs.saturating_sub(1);
+        if *refs == 0 {
+            unreferenced.insert(id);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -279,6 +358,23 @@ mod tests {
         // And the freed id is available to the next plan.
         let (ops, _) = plan(&wanted(&[(9, &[11, 12])]), &two);
         assert_eq!(text(&ops), "+b1 +s1/2=b1 +S1(n=2)");
+    }
+
+    #[test]
+    fn a_partial_plan_writes_what_the_full_plan_writes_for_that_frontend() {
+        let (_, before) = plan(
+            &wanted(&[(9, &[10, 11]), (8, &[11, 12])]),
+            &Programmed::default(),
+        );
+        let after = wanted(&[(9, &[10, 13]), (8, &[11, 12])]);
+        let (full_ops, full_state) = plan(&after, &before);
+        let mut partial_state = before.clone();
+        let keys = [frontend(9)].into();
+        let partial_ops = plan_keys(&after, &mut partial_state, &keys);
+        assert_eq!(text(&partial_ops), text(&full_ops));
+        // Backend 11 stays: the other Service still uses it.
+        assert_eq!(text(&partial_ops), "+b4 +s2/2=b4");
+        assert_eq!(partial_state, full_state);
     }
 
     #[test]

@@ -13,8 +13,6 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kpx_proxy::backend::Backend;
 use kpx_proxy::iptables::exec::{Flavour, Tool};
 use kpx_proxy::iptables::render::{self, Fragments, RenderConfig};
@@ -22,33 +20,12 @@ use kpx_proxy::iptables::IptablesBackend;
 use kpx_proxy::model::{ChangeTracker, ProxyState};
 use serde_json::json;
 
-const ENDPOINTS: usize = 10;
+mod fixtures;
+
+use fixtures::{median, service, slice, ENDPOINTS};
+
 /// Full-sync rounds per flavour and scale; medians are reported, with the range.
 const ROUNDS: usize = 3;
-
-/// Sorts `samples` and returns the median.
-fn median(samples: &mut [f64]) -> f64 {
-    samples.sort_by(f64::total_cmp);
-    samples[samples.len() / 2]
-}
-
-fn service(i: usize) -> Service {
-    serde_json::from_value(json!({"metadata": {"name": format!("svc-{i:05}"), "namespace": "bench"},
-        "spec": {"clusterIP": format!("198.18.{}.{}", 128 + i / 250, i % 250 + 1), "ports": [{"name": "http", "port": 80}]}}))
-    .expect("service")
-}
-
-fn slice(i: usize, shift: usize) -> EndpointSlice {
-    let endpoints: Vec<_> = (0..ENDPOINTS)
-        .map(|e| {
-            let n = i * ENDPOINTS + e + shift;
-            json!({"addresses": [format!("198.19.{}.{}", n / 250 % 250, n % 250 + 1)], "conditions": {"ready": true}, "nodeName": "other"})
-        })
-        .collect();
-    serde_json::from_value(json!({"metadata": {"name": format!("svc-{i:05}-1"), "namespace": "bench", "labels": {"kubernetes.io/service-name": format!("svc-{i:05}")}},
-        "addressType": "IPv4", "endpoints": endpoints, "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]}))
-    .expect("slice")
-}
 
 /// kube-proxy's layout for the same state: a chain per Service port and one per endpoint.
 fn kube_proxy_layout(state: &ProxyState) -> String {

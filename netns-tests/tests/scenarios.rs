@@ -30,7 +30,8 @@ async fn cluster_ip_reaches_all_endpoints_evenly_and_keeps_the_pod_source() {
         let spread = traffic::spread(&outcomes);
         for pod in ["web-a", "web-b", "web-c"] {
             let n = spread.get(pod).copied().unwrap_or(0);
-            anyhow::ensure!((160..=240).contains(&n), "{pod} got {n} of 600 (want 200 ± 20%): {spread:?}");
+            // ±25% is over 4 standard deviations of a fair 1-in-3 choice over 600 tries.
+            anyhow::ensure!((150..=250).contains(&n), "{pod} got {n} of 600 (want 200 ± 25%): {spread:?}");
         }
         // From a pod, the endpoint sees the pod's own address (no masquerade).
         let client_ip = lab.pod("client").ip.to_string();

@@ -14,7 +14,7 @@ use aya::Ebpf;
 use kpx_ebpf::apply::{apply, set_config, set_node_addrs, ApplyError};
 use kpx_ebpf::layout::{address, Config, NodeAddr};
 use kpx_ebpf::objects::{self, Capacity, LoadError};
-use kpx_ebpf::plan::{plan, Programmed};
+use kpx_ebpf::plan::{plan, plan_keys, Programmed};
 use kpx_ebpf::{adopt, attach, features};
 use serde_json::Value;
 
@@ -55,6 +55,7 @@ pub struct EbpfBackend {
     /// Kept so the socket programs stay loaded while their links are created.
     _sock: Option<Ebpf>,
     programmed: Programmed,
+    table: wanted::WantedTable,
     stop: Arc<AtomicBool>,
 }
 
@@ -98,6 +99,7 @@ impl EbpfBackend {
             tc,
             _sock: sock,
             programmed,
+            table: wanted::WantedTable::default(),
             stop,
         })
     }
@@ -255,22 +257,26 @@ impl Backend for EbpfBackend {
     fn sync(
         &mut self,
         state: &ProxyState,
-        _changes: &Changes,
+        changes: &Changes,
         full: bool,
     ) -> Result<SyncReport, BackendError> {
-        if full {
+        let ops = if full {
             // Trust the kernel, not memory: someone may have changed the maps.
             self.programmed =
                 adopt::programmed(&self.tc).map_err(|e| error("reading the maps", e))?;
-        }
-        let wanted = wanted::wanted(state);
-        let (ops, next) = plan(&wanted, &self.programmed);
+            self.table = wanted::WantedTable::full(state);
+            let (ops, next) = plan(&self.table.wanted, &self.programmed);
+            self.programmed = next;
+            ops
+        } else {
+            let touched = self.table.update(state, changes);
+            plan_keys(&self.table.wanted, &mut self.programmed, &touched)
+        };
         let written = ops.len();
         if let Err(e) = apply(&mut self.tc, &ops) {
-            // Part of the plan may be in: the next (full) sync reads the maps back.
+            // Part of the plan may be in: the next sync is full and reads the maps back.
             return Err(error("writing the BPF maps", e));
         }
-        self.programmed = next;
         Ok(SyncReport {
             full,
             rules_written: written,

@@ -8,6 +8,7 @@
 //!   `externalTrafficPolicy: Local` this node's endpoints and the client's address kept;
 //! - no endpoints at all: rejected; endpoints, but none for this traffic: dropped.
 
+use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use kpx_ebpf::layout::{
@@ -16,7 +17,7 @@ use kpx_ebpf::layout::{
 };
 use kpx_ebpf::plan::{Wanted, WantedService};
 
-use crate::model::{Endpoint, Protocol, ProxyState, ServiceEntry};
+use crate::model::{Changes, Endpoint, Protocol, ProxyState, ServiceEntry, ServicePortName};
 
 /// The IP protocol number, for the protocols the programs balance.
 fn ip_proto(protocol: Protocol) -> Option<u8> {
@@ -120,6 +121,51 @@ pub fn wanted(state: &ProxyState) -> Wanted {
         frontends(entry, &mut out);
     }
     out
+}
+
+/// The frontends of every Service port, kept up to date change by change, so a partial sync
+/// costs what changed rather than the whole table.
+#[derive(Debug, Default)]
+pub struct WantedTable {
+    pub wanted: Wanted,
+    keys_of: HashMap<ServicePortName, Vec<ServiceKey>>,
+}
+
+impl WantedTable {
+    pub fn full(state: &ProxyState) -> Self {
+        let mut table = Self::default();
+        for (name, entry) in &state.entries {
+            table.set(name, Some(entry));
+        }
+        table
+    }
+
+    /// Replaces the frontends of `name`; returns the keys touched.
+    fn set(&mut self, name: &ServicePortName, entry: Option<&ServiceEntry>) -> Vec<ServiceKey> {
+        let mut touched = self.keys_of.remove(name).unwrap_or_default();
+        for key in &touched {
+            self.wanted.remove(key);
+        }
+        if let Some(entry) = entry {
+            let mut mine = Wanted::new();
+            frontends(entry, &mut mine);
+            let keys: Vec<ServiceKey> = mine.keys().copied().collect();
+            touched.extend(&keys);
+            self.wanted.extend(mine);
+            self.keys_of.insert(name.clone(), keys);
+        }
+        touched
+    }
+
+    /// Follows `changes` (against `state`, the snapshot they led to); returns the frontends
+    /// whose map entries may need writing.
+    pub fn update(&mut self, state: &ProxyState, changes: &Changes) -> BTreeSet<ServiceKey> {
+        let mut touched = BTreeSet::new();
+        for name in changes.changed.iter().chain(changes.removed.keys()) {
+            touched.extend(self.set(name, state.entries.get(name).map(|e| e.as_ref())));
+        }
+        touched
+    }
 }
 
 /// A frontend as text, for snapshots and logs: `198.18.128.9:80/tcp`, `*:30080/tcp` (v4).
