@@ -380,6 +380,29 @@ static __always_inline __be16 snat_port(const struct flow *f, const struct kpx_b
 	return 0;
 }
 
+/*
+ * A new TCP connection (a SYN) that is not for a Service may reuse the tuple of a balanced
+ * flow that ended: its replies must not be taken for that flow's and reverse-NATed. The reply
+ * entry they would match is removed.
+ */
+static __always_inline void forget_old_flow(const struct flow *f)
+{
+	struct kpx_ct_key reply_key = {};
+	struct kpx_ct_value *old;
+
+	if (f->tuple.proto != IPPROTO_TCP || (f->tcp_flags & (TCPF_SYN | TCPF_ACK)) != TCPF_SYN)
+		return;
+	__builtin_memcpy(reply_key.src, f->tuple.dst, 16);
+	__builtin_memcpy(reply_key.dst, f->tuple.src, 16);
+	reply_key.sport = f->tuple.dport;
+	reply_key.dport = f->tuple.sport;
+	reply_key.proto = f->tuple.proto;
+	reply_key.family = f->tuple.family;
+	old = bpf_map_lookup_elem(&kpx_ct, &reply_key);
+	if (old && (old->flags & KPX_CT_F_REPLY))
+		bpf_map_delete_elem(&kpx_ct, &reply_key);
+}
+
 /* Whether the reply entry of the forward flow `ct` exists for `backend`. */
 static __always_inline int reply_matches(const struct flow *f, const struct kpx_ct_value *ct,
 					 const struct kpx_backend *backend)
@@ -409,8 +432,10 @@ static __always_inline int load_balance(struct __sk_buff *skb, struct flow *f)
 	int snat = 0;
 
 	svc = lookup_service(f->tuple.dst, f->tuple.dport, f->tuple.proto, f->tuple.family);
-	if (!svc)
+	if (!svc) {
+		forget_old_flow(f);
 		return TC_ACT_OK;
+	}
 
 	ct = bpf_map_lookup_elem(&kpx_ct, &f->tuple);
 	if (ct && !(ct->flags & KPX_CT_F_REPLY) && ct->service_id == svc->id) {

@@ -593,3 +593,25 @@ fn a_full_map_is_an_error_naming_it_and_the_services_that_fit_keep_working() {
     assert_eq!(verdict, TC_ACT_OK);
     assert_eq!(addresses(&out).1, (ip("198.19.1.11"), 8080));
 }
+
+#[test]
+fn a_direct_connection_reusing_a_balanced_flows_tuple_is_not_reverse_natted() {
+    let Some(mut ebpf) = load() else { return };
+    add_service(
+        &mut ebpf,
+        ("198.18.128.9", 80, TCP),
+        &[("198.19.1.10", 8080)],
+        0,
+    );
+    let balanced = packet(("198.19.1.11", 40000), ("198.18.128.9", 80), TCP);
+    run(&ebpf, &balanced);
+    // Later the client connects to the pod directly from the same port.
+    let direct = packet(("198.19.1.11", 40000), ("198.19.1.10", 8080), TCP);
+    assert_eq!(run(&ebpf, &direct).1, direct, "not a Service: untouched");
+    let answer = packet(("198.19.1.10", 8080), ("198.19.1.11", 40000), TCP);
+    assert_eq!(
+        run(&ebpf, &answer).1,
+        answer,
+        "the pod's answer keeps its address"
+    );
+}

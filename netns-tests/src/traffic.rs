@@ -269,6 +269,42 @@ pub fn steady(
     }))
 }
 
+/// One request on a new connection, for latency: the client reads the response and resets the
+/// connection (SO_LINGER 0), so neither side keeps a TIME_WAIT whose tuple a later connection
+/// could reuse — a benchmark must measure the dataplane, not port reuse.
+pub fn http_reset_once(target: SocketAddr, timeout: Duration) -> Outcome {
+    use std::os::fd::AsRawFd;
+    let mut stream = match TcpStream::connect_timeout(&target, timeout) {
+        Ok(s) => s,
+        Err(e) => return Outcome::from_error(&e),
+    };
+    let _ = stream.set_read_timeout(Some(timeout));
+    let _ = stream.set_nodelay(true);
+    let request = format!("GET / HTTP/1.1\r\nHost: {target}\r\n\r\n");
+    if let Err(e) = stream.write_all(request.as_bytes()) {
+        return Outcome::from_error(&e);
+    }
+    let outcome = match read_one_response(&mut stream) {
+        Some(body) => Outcome::parse(&body),
+        None => Outcome::Failed("no response".into()),
+    };
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt reads `linger` (a valid struct of the size given) on our own socket.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+    outcome
+}
+
 /// Reads one HTTP response with a Content-Length body.
 fn read_one_response(stream: &mut TcpStream) -> Option<String> {
     let mut head = Vec::new();

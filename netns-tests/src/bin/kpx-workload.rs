@@ -31,6 +31,11 @@ struct Args {
     /// UDP: send from this port every time (one flow).
     #[arg(long)]
     source_port: Option<u16>,
+    /// Print each request's latency in microseconds (one line, space-separated) instead of
+    /// the outcomes; a failed request prints as -1. HTTP connections are then reset by the
+    /// client after the response, so no TIME_WAIT is left to collide with later ones.
+    #[arg(long)]
+    latency: bool,
 }
 
 fn client(args: &Args, kind: &str) -> anyhow::Result<()> {
@@ -39,13 +44,29 @@ fn client(args: &Args, kind: &str) -> anyhow::Result<()> {
     let target = args
         .target
         .ok_or_else(|| anyhow::anyhow!("--client needs --target ADDRESS:PORT"))?;
-    let outcomes = kpx_lab::traffic::requests(
-        kind,
-        target,
-        args.count,
-        args.source_port,
-        std::time::Duration::from_millis(args.timeout_ms),
-    );
+    let timeout = std::time::Duration::from_millis(args.timeout_ms);
+    if args.latency {
+        let samples: Vec<String> = (0..args.count)
+            .map(|_| {
+                let start = std::time::Instant::now();
+                let outcome = match kind {
+                    kpx_lab::traffic::Kind::Http => {
+                        vec![kpx_lab::traffic::http_reset_once(target, timeout)]
+                    }
+                    _ => kpx_lab::traffic::requests(kind, target, 1, args.source_port, timeout),
+                };
+                match outcome.first() {
+                    Some(kpx_lab::traffic::Outcome::Answer { .. }) => {
+                        start.elapsed().as_micros().to_string()
+                    }
+                    _ => "-1".into(),
+                }
+            })
+            .collect();
+        println!("{}", samples.join(" "));
+        return Ok(());
+    }
+    let outcomes = kpx_lab::traffic::requests(kind, target, args.count, args.source_port, timeout);
     for o in outcomes {
         println!("{}", o.to_line());
     }
