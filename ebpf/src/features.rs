@@ -133,3 +133,16 @@ pub fn check_paths(pin_root: &Path, cgroup: Option<&Path>) -> Result<(), String>
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pin_directory_off_bpffs_is_named_with_the_fix() {
+        let dir = std::env::temp_dir().join("kpx-not-bpffs/instance");
+        let err = check_paths(&dir, None).expect_err("a temp directory is not a bpffs");
+        assert!(err.contains("is not on a BPF file system (bpffs)"), "{err}");
+        assert!(err.contains("mount -t bpf bpf"), "{err}");
+    }
+}

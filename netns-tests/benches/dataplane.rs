@@ -6,7 +6,8 @@
 //!
 //! Each sample is a new TCP connection with one HTTP request (`kpx-workload --client http
 //! --latency`), reset by the client after the response so no TIME_WAIT tuple is reused by a
-//! later run. Direct and Service runs alternate (A B A B), medians of the rounds' p50/p99.
+//! later run. After a warm-up run of each, direct and Service runs alternate (A B A B), medians
+//! of the rounds' p50/p99.
 //!
 //! Run: `cargo build --release --workspace --bins && cargo bench -p kpx-lab --bench dataplane`
 //! (`KPX_BENCH_SCALES=1,1000,10000`, `KPX_BENCH_BACKENDS=ebpf,iptables-nft`).
@@ -33,9 +34,9 @@ fn percentile(samples: &mut [f64], p: f64) -> f64 {
     samples[((samples.len() as f64 - 1.0) * p).round() as usize]
 }
 
-/// (p50, p99) in microseconds and requests per second of `REQUESTS` sequential new
+/// (p50, p99) in microseconds, requests per second and failures of `REQUESTS` sequential new
 /// connections from a client process started from `entry`.
-fn measure(entry: &Entry, target: SocketAddr) -> anyhow::Result<(f64, f64, f64)> {
+fn measure(entry: &Entry, target: SocketAddr) -> anyhow::Result<(f64, f64, f64, usize)> {
     let start = Instant::now();
     let out = entry
         .command(kpx_lab::lab::binary("kpx-workload")?)?
@@ -53,15 +54,17 @@ fn measure(entry: &Entry, target: SocketAddr) -> anyhow::Result<(f64, f64, f64)>
         .split_whitespace()
         .filter_map(|s| s.parse().ok())
         .collect();
-    let failed = samples.iter().filter(|s| **s < 0.0).count();
+    let failed = REQUESTS - samples.iter().filter(|s| **s >= 0.0).count();
+    samples.retain(|s| *s >= 0.0);
     anyhow::ensure!(
-        failed == 0 && samples.len() == REQUESTS,
+        samples.len() * 2 > REQUESTS,
         "{failed} of {REQUESTS} requests to {target} failed"
     );
     Ok((
         percentile(&mut samples, 0.5),
         percentile(&mut samples, 0.99),
-        REQUESTS as f64 / elapsed,
+        samples.len() as f64 / elapsed,
+        failed,
     ))
 }
 
@@ -114,7 +117,7 @@ async fn backend_run(backend: ProxyBackend, scales: &[usize]) -> anyhow::Result<
         // The last Service written is the one measured: it is programmed last.
         let vip = vip_of(&lab, scale - 1).await?;
         let ready = Instant::now();
-        while measure(&node, vip).is_err() {
+        while measure(&node, vip).map_or(true, |m| m.3 > 0) {
             anyhow::ensure!(
                 ready.elapsed() < Duration::from_secs(300),
                 "{vip} never answered"
@@ -125,12 +128,16 @@ async fn backend_run(backend: ProxyBackend, scales: &[usize]) -> anyhow::Result<
             ("node (socket LB / OUTPUT)", &node),
             ("pod (per-packet / PREROUTING)", &pod),
         ] {
+            // Warm-up: caches, neighbour entries, the client binary's pages.
+            measure(entry, server)?;
+            measure(entry, vip)?;
             let (mut direct, mut service) = (Vec::new(), Vec::new());
             for _ in 0..ROUNDS {
                 direct.push(measure(entry, server)?);
                 service.push(measure(entry, vip)?);
             }
-            let med = |v: &mut Vec<(f64, f64, f64)>, f: fn(&(f64, f64, f64)) -> f64| {
+            type Run = (f64, f64, f64, usize);
+            let med = |v: &mut Vec<Run>, f: fn(&Run) -> f64| {
                 let mut x: Vec<f64> = v.iter().map(f).collect();
                 fixtures::median(&mut x)
             };
@@ -144,8 +151,9 @@ async fn backend_run(backend: ProxyBackend, scales: &[usize]) -> anyhow::Result<
                 med(&mut service, |s| s.1),
                 med(&mut service, |s| s.2),
             );
+            let failures: usize = service.iter().chain(&direct).map(|r| r.3).sum();
             println!(
-                "{:<15} {scale:>6} svcs  {path:<30} p50 {s50:>6.0} us vs direct {d50:>6.0} ({:.2}x) | p99 {s99:>6.0} vs {d99:>6.0} ({:.2}x) | new conns/s {srate:>6.0} vs {drate:>6.0} ({:.2}x)",
+                "{:<15} {scale:>6} svcs  {path:<30} p50 {s50:>6.0} us vs direct {d50:>6.0} ({:.2}x) | p99 {s99:>6.0} vs {d99:>6.0} ({:.2}x) | new conns/s {srate:>6.0} vs {drate:>6.0} ({:.2}x) | failed {failures}",
                 backend.name(),
                 s50 / d50,
                 s99 / d99,
@@ -169,10 +177,10 @@ async fn main() -> anyhow::Result<()> {
         .collect();
     let wanted = std::env::var("KPX_BENCH_BACKENDS").unwrap_or_else(|_| "ebpf,iptables-nft".into());
     println!("data plane: {REQUESTS} new connections per run, {ROUNDS} rounds, medians; client and server on one node");
-    for backend in ALL_BACKENDS {
-        if !wanted.split(',').any(|w| w == backend.name()) {
-            continue;
-        }
+    for name in wanted.split(',') {
+        let Some(backend) = ALL_BACKENDS.iter().find(|b| b.name() == name) else {
+            anyhow::bail!("KPX_BENCH_BACKENDS: unknown backend {name:?}");
+        };
         if let Some(why) = backend.unsupported() {
             println!("{:<15} not run: {why}", backend.name());
             continue;

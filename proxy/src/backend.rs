@@ -13,6 +13,8 @@ pub enum BackendError {
         status: String,
         stderr: String,
     },
+    #[error("BPF map {map} is full ({capacity} entries): raise it with --bpf-map-size {map}=ENTRIES; the Services written before it keep working")]
+    MapFull { map: String, capacity: u32 },
     #[error("running {command}: {source}")]
     Spawn {
         command: String,

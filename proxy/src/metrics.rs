@@ -16,6 +16,11 @@ pub struct KindLabel {
     pub kind: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabel {
+    pub map: String,
+}
+
 pub struct Metrics {
     pub sync_duration: Histogram,
     pub full_sync_duration: Histogram,
@@ -29,6 +34,7 @@ pub struct Metrics {
     pub services: Gauge,
     pub endpoints: Gauge,
     pub skipped: Family<KindLabel, Counter>,
+    pub map_full: Family<MapLabel, Counter>,
     pub registry: Registry,
 }
 
@@ -48,6 +54,7 @@ impl Metrics {
             services: Gauge::default(),
             endpoints: Gauge::default(),
             skipped: Family::default(),
+            map_full: Family::default(),
             registry: Registry::default(),
         };
         let mut registry = Registry::default();
@@ -110,6 +117,11 @@ impl Metrics {
             "kpx_proxy_skipped_objects",
             "Objects (or fields of them) skipped because they could not be used",
             m.skipped.clone(),
+        );
+        registry.register(
+            "kpx_proxy_bpf_map_full",
+            "Syncs that stopped because a BPF map was full, per map (eBPF backend)",
+            m.map_full.clone(),
         );
         Self { registry, ..m }
     }

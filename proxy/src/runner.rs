@@ -252,6 +252,12 @@ impl<B: Backend> Runner<B> {
             }
             Err(e) => {
                 self.metrics.sync_failures.inc();
+                if let crate::backend::BackendError::MapFull { map, .. } = &e {
+                    self.metrics
+                        .map_full
+                        .get_or_create(&crate::metrics::MapLabel { map: map.clone() })
+                        .inc();
+                }
                 self.health.failed(e.to_string());
                 self.need_full = true;
                 self.retry_at = Some(Instant::now() + self.backoff);

@@ -198,7 +198,11 @@ fn main() -> anyhow::Result<()> {
             run(cargo().args(["bench", "-p", "kpx-control", "--bench", "apiserver"]))?;
             say("running the iptables backend benchmark (root, network namespaces)");
             run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
-            run(cargo().args(["bench", "-p", "kpx-lab", "--bench", "iptables_sync"]))
+            run(cargo().args(["bench", "-p", "kpx-lab", "--bench", "iptables_sync"]))?;
+            say("running the eBPF backend benchmark (root: BPF maps)");
+            run(cargo().args(["bench", "-p", "kpx-lab", "--bench", "ebpf_sync"]))?;
+            say("running the data-plane benchmark (root, a lab per backend)");
+            run(cargo().args(["bench", "-p", "kpx-lab", "--bench", "dataplane"]))
         }
     }
 }

@@ -275,7 +275,13 @@ impl Backend for EbpfBackend {
         let written = ops.len();
         if let Err(e) = apply(&mut self.tc, &ops) {
             // Part of the plan may be in: the next sync is full and reads the maps back.
-            return Err(error("writing the BPF maps", e));
+            return Err(match e {
+                ApplyError::Full { map, capacity } => BackendError::MapFull {
+                    map: map.to_string(),
+                    capacity,
+                },
+                other => error("writing the BPF maps", other),
+            });
         }
         Ok(SyncReport {
             full,
