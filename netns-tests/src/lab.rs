@@ -856,6 +856,16 @@ pub fn down(prefix: &str) -> anyhow::Result<usize> {
     for mount in lab_mounts(prefix) {
         let _ = std::process::Command::new("umount").arg(&mount).status();
     }
+    // The directories of labs whose process died (their bpffs is unmounted by now).
+    for entry in std::fs::read_dir(std::env::temp_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if entry.file_name().to_string_lossy().starts_with(prefix) && entry.path().is_dir() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
     if let Some(root) = cgroup2_root() {
         for entry in std::fs::read_dir(&root).into_iter().flatten().flatten() {
             if entry.file_name().to_string_lossy().starts_with(prefix) {
