@@ -8,5 +8,6 @@
 pub mod api;
 pub mod apiserver;
 pub mod client;
+pub mod controllers;
 pub mod daemon;
 pub mod store;

@@ -24,7 +24,9 @@ pub async fn run() -> anyhow::Result<()> {
         "starting kpx-control (embedded store in {})",
         dir.path().display()
     ));
-    let control = ControlPlane::start(dir.path(), &[])?;
+    // This demo writes the Service's EndpointSlice itself, as a controller would; the built-in
+    // EndpointSlice controller is off so the two do not both answer for it.
+    let control = ControlPlane::start(dir.path(), &["--controllers", "none"])?;
     println!("    API at {}", control.url);
     let client = Client::new(&ClientConfig::from_url(&control.url))?;
     let outcome = tokio::select! {

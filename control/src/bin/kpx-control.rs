@@ -41,6 +41,10 @@ struct Args {
     /// Seconds between BOOKMARK events on idle watches that asked for them.
     #[arg(long, default_value_t = 10)]
     bookmark_interval_seconds: u64,
+    /// Controllers to run beside the API server (kube-controller-manager's): a comma-separated
+    /// list of endpointslice, or none.
+    #[arg(long, default_value = "endpointslice")]
+    controllers: String,
 }
 
 #[tokio::main]
@@ -76,6 +80,15 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}:{}", args.bind_address, args.port))?;
     let address = listener.local_addr()?;
+    let controllers: Vec<&str> = args
+        .controllers
+        .split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty() && *c != "none")
+        .collect();
+    if let Some(unknown) = controllers.iter().find(|c| **c != "endpointslice") {
+        bail!("--controllers {unknown:?}: allowed values: endpointslice, none");
+    }
     let options = Options {
         service_network: network,
         bookmark_interval: Duration::from_secs(args.bookmark_interval_seconds.max(1)),
@@ -88,6 +101,14 @@ async fn main() -> anyhow::Result<()> {
     // The first line on stdout is the address, for scripts and tests that pass --port 0.
     println!("kpx-control listening on http://{address}");
     tracing::info!(%address, store = %db.display(), revision = server.store().current_revision(), "serving");
+    if controllers.contains(&"endpointslice") {
+        // The controllers use the API like any client, through the address just bound.
+        let url = format!("http://{address}");
+        let client =
+            kpx_control::client::Client::new(&kpx_control::client::ClientConfig::from_url(&url))?;
+        kpx_control::controllers::endpointslice_sync::spawn(client);
+        tracing::info!("EndpointSlice controller running");
+    }
     apiserver::serve(listener, server, kpx_control::daemon::shutdown()).await?;
     tracing::info!("stopped");
     Ok(())

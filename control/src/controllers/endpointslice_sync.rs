@@ -1,0 +1,186 @@
+//! The EndpointSlice controller's loop: reflectors over Services, Pods, EndpointSlices and
+//! Nodes feed caches; every change marks the Services it can affect; marked Services are
+//! reconciled (`endpointslice::reconcile`) and the writes made through the API. A write that
+//! fails leaves its Service marked, retried on the next round.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use super::endpointslice::{managed, reconcile, SliceOp, SERVICE_NAME_LABEL};
+use crate::client::{reflector, Api, Client, Object, ReflectorEvent, ReflectorOptions};
+
+type Key = (String, String);
+
+fn key_of<K: Object>(obj: &K) -> Key {
+    let meta = obj.metadata();
+    (
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+/// A cache kept by one reflector, and whether its first list is in.
+struct Cache<K> {
+    objects: BTreeMap<Key, K>,
+    synced: bool,
+    listing: BTreeMap<Key, K>,
+}
+
+impl<K: Object + Clone> Cache<K> {
+    fn new() -> Self {
+        Self {
+            objects: BTreeMap::new(),
+            synced: false,
+            listing: BTreeMap::new(),
+        }
+    }
+
+    /// Applies an event; returns the objects it changed (old and new versions).
+    fn apply(&mut self, event: ReflectorEvent<K>) -> Vec<K> {
+        match event {
+            ReflectorEvent::Init => {
+                self.listing.clear();
+                Vec::new()
+            }
+            ReflectorEvent::InitApply(obj) => {
+                self.listing.insert(key_of(&obj), obj);
+                Vec::new()
+            }
+            ReflectorEvent::InitDone => {
+                let old = std::mem::take(&mut self.objects);
+                self.objects = std::mem::take(&mut self.listing);
+                self.synced = true;
+                old.into_values()
+                    .chain(self.objects.values().cloned())
+                    .collect()
+            }
+            ReflectorEvent::Apply(obj) => {
+                let old = self.objects.insert(key_of(&obj), obj.clone());
+                old.into_iter().chain([obj]).collect()
+            }
+            ReflectorEvent::Delete(obj) => {
+                self.objects.remove(&key_of(&obj));
+                vec![obj]
+            }
+        }
+    }
+}
+
+/// Runs the controller until `shutdown` completes.
+pub async fn run(client: Client, shutdown: impl std::future::Future<Output = ()>) {
+    let mut services = reflector(
+        Api::<Service>::all(client.clone()),
+        ReflectorOptions::default(),
+    );
+    let mut pods = reflector(Api::<Pod>::all(client.clone()), ReflectorOptions::default());
+    let mut slices = reflector(
+        Api::<EndpointSlice>::all(client.clone()),
+        ReflectorOptions::default(),
+    );
+    let mut nodes = reflector(
+        Api::<Node>::all(client.clone()),
+        ReflectorOptions::default(),
+    );
+    let (mut svc_cache, mut pod_cache) = (Cache::<Service>::new(), Cache::<Pod>::new());
+    let (mut slice_cache, mut node_cache) = (Cache::<EndpointSlice>::new(), Cache::<Node>::new());
+    let mut dirty: BTreeSet<Key> = BTreeSet::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            Some(e) = services.events.recv() => {
+                dirty.extend(svc_cache.apply(e).iter().map(key_of));
+            }
+            Some(e) = pods.events.recv() => {
+                // A pod can matter to any Service of its namespace (old or new labels).
+                let namespaces: BTreeSet<String> = pod_cache.apply(e).iter().map(|p| key_of(p).0).collect();
+                dirty.extend(svc_cache.objects.keys().filter(|(ns, _)| namespaces.contains(ns)).cloned());
+            }
+            Some(e) = slices.events.recv() => {
+                for slice in slice_cache.apply(e) {
+                    let owner = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)).cloned();
+                    if let Some(service) = owner {
+                        dirty.insert((key_of(&slice).0, service));
+                    }
+                }
+            }
+            Some(e) = nodes.events.recv() => {
+                if !node_cache.apply(e).is_empty() {
+                    dirty.extend(svc_cache.objects.keys().cloned());
+                }
+            }
+            _ = tick.tick() => {
+                if dirty.is_empty() || !(svc_cache.synced && pod_cache.synced && slice_cache.synced && node_cache.synced) {
+                    continue;
+                }
+                let zone_of = |node: &str| {
+                    node_cache.objects.get(&(String::new(), node.to_string()))
+                        .and_then(|n| n.metadata.labels.as_ref())
+                        .and_then(|l| l.get("topology.kubernetes.io/zone").cloned())
+                };
+                let all_slices: Vec<EndpointSlice> = slice_cache.objects.values().cloned().collect();
+                for key in std::mem::take(&mut dirty) {
+                    let Some(service) = svc_cache.objects.get(&key) else {
+                        // A deleted Service's slices go with it (they are owned by it; there is
+                        // no garbage collector yet, so the controller deletes them).
+                        let gone = Service {
+                            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                                namespace: Some(key.0.clone()),
+                                name: Some(key.1.clone()),
+                                ..Default::default()
+                            },
+                            ..Default::default()
+                        };
+                        let existing = managed(&gone, &all_slices);
+                        let ops: Vec<SliceOp> = existing.iter().filter_map(|s| s.metadata.name.clone()).map(SliceOp::Delete).collect();
+                        if write(&client, &key.0, ops).await.is_err() {
+                            dirty.insert(key);
+                        }
+                        continue;
+                    };
+                    let pods: Vec<&Pod> = pod_cache.objects.range((key.0.clone(), String::new())..).take_while(|((ns, _), _)| *ns == key.0).map(|(_, p)| p).collect();
+                    let existing = managed(service, &all_slices);
+                    let ops = reconcile(service, &pods, &existing, &zone_of);
+                    if let Err(e) = write(&client, &key.0, ops).await {
+                        tracing::warn!(service = %format!("{}/{}", key.0, key.1), error = %e, "writing EndpointSlices; retrying");
+                        dirty.insert(key);
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn write(
+    client: &Client,
+    namespace: &str,
+    ops: Vec<SliceOp>,
+) -> Result<(), crate::client::ClientError> {
+    let api: Api<EndpointSlice> = Api::namespaced(client.clone(), namespace);
+    for op in ops {
+        match op {
+            SliceOp::Create(slice) => {
+                api.create(&slice).await?;
+            }
+            SliceOp::Update(slice) => {
+                let name = slice.metadata.name.clone().unwrap_or_default();
+                api.replace(&name, &slice).await?;
+            }
+            SliceOp::Delete(name) => match api.delete(&name).await {
+                Ok(_) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e),
+            },
+        }
+    }
+    Ok(())
+}
+
+/// Starts the controller on a task (it runs for the life of the process).
+pub fn spawn(client: Client) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(run(client, std::future::pending()))
+}

@@ -1,0 +1,5 @@
+//! Controllers, each a watcher of the API like kube-controller-manager's: a pure decision
+//! (`reconcile`) and a loop that feeds it from reflectors and writes its result through the API.
+
+pub mod endpointslice;
+pub mod endpointslice_sync;
