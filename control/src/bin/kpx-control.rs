@@ -42,8 +42,8 @@ struct Args {
     #[arg(long, default_value_t = 10)]
     bookmark_interval_seconds: u64,
     /// Controllers to run beside the API server (kube-controller-manager's): a comma-separated
-    /// list of endpointslice, or none.
-    #[arg(long, default_value = "endpointslice")]
+    /// list of endpointslice, replicaset (ReplicaSets and ReplicationControllers), or none.
+    #[arg(long, default_value = "endpointslice,replicaset")]
     controllers: String,
 }
 
@@ -86,8 +86,9 @@ async fn main() -> anyhow::Result<()> {
         .map(str::trim)
         .filter(|c| !c.is_empty() && *c != "none")
         .collect();
-    if let Some(unknown) = controllers.iter().find(|c| **c != "endpointslice") {
-        bail!("--controllers {unknown:?}: allowed values: endpointslice, none");
+    const KNOWN: [&str; 2] = ["endpointslice", "replicaset"];
+    if let Some(unknown) = controllers.iter().find(|c| !KNOWN.contains(c)) {
+        bail!("--controllers {unknown:?}: allowed values: endpointslice, replicaset, none");
     }
     let options = Options {
         service_network: network,

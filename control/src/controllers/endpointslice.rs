@@ -5,7 +5,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::api::core::v1::{Pod, Service, ServicePort};
+use k8s_openapi::api::core::v1::{
+    EndpointAddress, EndpointPort as CoreEndpointPort, EndpointSubset, Endpoints, Pod, Service,
+    ServicePort,
+};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -185,6 +188,76 @@ fn key_of(slice: &EndpointSlice) -> SliceKey {
         })
         .collect();
     (slice.address_type.clone(), ports)
+}
+
+/// The legacy `Endpoints` of `service` (for old clients), mirroring what its slices of the
+/// primary IP family hold: ready endpoints as addresses, the others (not terminating) as
+/// notReadyAddresses, one subset per set of resolved ports. None for a Service without a
+/// selector: its Endpoints, if any, are someone else's.
+pub fn legacy_endpoints(
+    service: &Service,
+    pods: &[&Pod],
+    zone_of: &dyn Fn(&str) -> Option<String>,
+) -> Option<Endpoints> {
+    let spec = service.spec.as_ref()?;
+    spec.selector.as_ref()?;
+    let primary = spec
+        .ip_families
+        .as_ref()
+        .and_then(|f| f.first().cloned())
+        .unwrap_or_else(|| "IPv4".into());
+    let mut subsets = Vec::new();
+    for ((family, ports), endpoints) in wanted(service, pods, zone_of) {
+        if family != primary {
+            continue;
+        }
+        let address = |e: &Endpoint| EndpointAddress {
+            ip: e.addresses[0].clone(),
+            node_name: e.node_name.clone(),
+            target_ref: e.target_ref.clone(),
+            hostname: None,
+        };
+        let conditions = |e: &Endpoint| e.conditions.clone().unwrap_or_default();
+        let ready: Vec<EndpointAddress> = endpoints
+            .iter()
+            .filter(|e| conditions(e).ready == Some(true))
+            .map(address)
+            .collect();
+        let not_ready: Vec<EndpointAddress> = endpoints
+            .iter()
+            .filter(|e| {
+                conditions(e).ready != Some(true) && conditions(e).terminating != Some(true)
+            })
+            .map(address)
+            .collect();
+        if ready.is_empty() && not_ready.is_empty() {
+            continue;
+        }
+        subsets.push(EndpointSubset {
+            addresses: (!ready.is_empty()).then_some(ready),
+            not_ready_addresses: (!not_ready.is_empty()).then_some(not_ready),
+            ports: Some(
+                ports
+                    .iter()
+                    .map(|(name, port, protocol)| CoreEndpointPort {
+                        name: (!name.is_empty()).then(|| name.clone()),
+                        port: *port,
+                        protocol: Some(protocol.clone()),
+                        app_protocol: None,
+                    })
+                    .collect(),
+            ),
+        });
+    }
+    Some(Endpoints {
+        metadata: ObjectMeta {
+            name: service.metadata.name.clone(),
+            namespace: service.metadata.namespace.clone(),
+            labels: service.metadata.labels.clone(),
+            ..Default::default()
+        },
+        subsets: (!subsets.is_empty()).then_some(subsets),
+    })
 }
 
 /// The slices of `service` this controller manages, among `slices`.
@@ -447,6 +520,40 @@ mod tests {
         assert_eq!(
             labels.get(MANAGED_BY_LABEL).map(String::as_str),
             Some(CONTROLLER_NAME)
+        );
+    }
+
+    #[test]
+    fn legacy_endpoints_mirror_ready_and_not_ready_addresses() {
+        let svc = service(
+            json!({"selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}),
+        );
+        let pods = [
+            pod("a", "198.19.1.10", json!({"app": "web"}), true, json!({})),
+            pod("c", "198.19.1.12", json!({"app": "web"}), false, json!({})),
+            pod(
+                "d",
+                "198.19.1.13",
+                json!({"app": "web"}),
+                true,
+                json!({"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"}}),
+            ),
+        ];
+        let refs: Vec<&Pod> = pods.iter().collect();
+        let endpoints = legacy_endpoints(&svc, &refs, &zone).expect("a selector");
+        let subsets = endpoints.subsets.expect("one subset");
+        let ips = |a: &Option<Vec<EndpointAddress>>| -> Vec<String> {
+            a.iter().flatten().map(|x| x.ip.clone()).collect()
+        };
+        assert_eq!(ips(&subsets[0].addresses), ["198.19.1.10"]);
+        assert_eq!(
+            ips(&subsets[0].not_ready_addresses),
+            ["198.19.1.12"],
+            "terminating ones are left out"
+        );
+        assert_eq!(subsets[0].ports.as_ref().map(|p| p[0].port), Some(8080));
+        assert!(
+            legacy_endpoints(&service(json!({"ports": [{"port": 80}]})), &refs, &zone).is_none()
         );
     }
 

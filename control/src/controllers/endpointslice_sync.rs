@@ -3,71 +3,15 @@
 //! reconciled (`endpointslice::reconcile`) and the writes made through the API. A write that
 //! fails leaves its Service marked, retried on the next round.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::core::v1::{Endpoints, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use super::endpointslice::{managed, reconcile, SliceOp, SERVICE_NAME_LABEL};
-use crate::client::{reflector, Api, Client, Object, ReflectorEvent, ReflectorOptions};
-
-type Key = (String, String);
-
-fn key_of<K: Object>(obj: &K) -> Key {
-    let meta = obj.metadata();
-    (
-        meta.namespace.clone().unwrap_or_default(),
-        meta.name.clone().unwrap_or_default(),
-    )
-}
-
-/// A cache kept by one reflector, and whether its first list is in.
-struct Cache<K> {
-    objects: BTreeMap<Key, K>,
-    synced: bool,
-    listing: BTreeMap<Key, K>,
-}
-
-impl<K: Object + Clone> Cache<K> {
-    fn new() -> Self {
-        Self {
-            objects: BTreeMap::new(),
-            synced: false,
-            listing: BTreeMap::new(),
-        }
-    }
-
-    /// Applies an event; returns the objects it changed (old and new versions).
-    fn apply(&mut self, event: ReflectorEvent<K>) -> Vec<K> {
-        match event {
-            ReflectorEvent::Init => {
-                self.listing.clear();
-                Vec::new()
-            }
-            ReflectorEvent::InitApply(obj) => {
-                self.listing.insert(key_of(&obj), obj);
-                Vec::new()
-            }
-            ReflectorEvent::InitDone => {
-                let old = std::mem::take(&mut self.objects);
-                self.objects = std::mem::take(&mut self.listing);
-                self.synced = true;
-                old.into_values()
-                    .chain(self.objects.values().cloned())
-                    .collect()
-            }
-            ReflectorEvent::Apply(obj) => {
-                let old = self.objects.insert(key_of(&obj), obj.clone());
-                old.into_iter().chain([obj]).collect()
-            }
-            ReflectorEvent::Delete(obj) => {
-                self.objects.remove(&key_of(&obj));
-                vec![obj]
-            }
-        }
-    }
-}
+use super::cache::{key_of, Cache, Key};
+use super::endpointslice::{legacy_endpoints, managed, reconcile, SliceOp, SERVICE_NAME_LABEL};
+use crate::client::{reflector, Api, Client, ReflectorOptions};
 
 /// Runs the controller until `shutdown` completes.
 pub async fn run(client: Client, shutdown: impl std::future::Future<Output = ()>) {
@@ -137,7 +81,12 @@ pub async fn run(client: Client, shutdown: impl std::future::Future<Output = ()>
                         };
                         let existing = managed(&gone, &all_slices);
                         let ops: Vec<SliceOp> = existing.iter().filter_map(|s| s.metadata.name.clone()).map(SliceOp::Delete).collect();
-                        if write(&client, &key.0, ops).await.is_err() {
+                        let endpoints: Api<Endpoints> = Api::namespaced(client.clone(), &key.0);
+                        let gone_endpoints = match endpoints.delete(&key.1).await {
+                            Ok(_) => true,
+                            Err(e) => e.is_not_found(),
+                        };
+                        if write(&client, &key.0, ops).await.is_err() || !gone_endpoints {
                             dirty.insert(key);
                         }
                         continue;
@@ -145,13 +94,43 @@ pub async fn run(client: Client, shutdown: impl std::future::Future<Output = ()>
                     let pods: Vec<&Pod> = pod_cache.objects.range((key.0.clone(), String::new())..).take_while(|((ns, _), _)| *ns == key.0).map(|(_, p)| p).collect();
                     let existing = managed(service, &all_slices);
                     let ops = reconcile(service, &pods, &existing, &zone_of);
-                    if let Err(e) = write(&client, &key.0, ops).await {
+                    let mirror = legacy_endpoints(service, &pods, &zone_of);
+                    let written = match write(&client, &key.0, ops).await {
+                        Ok(()) => write_endpoints(&client, &key, mirror).await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = written {
                         tracing::warn!(service = %format!("{}/{}", key.0, key.1), error = %e, "writing EndpointSlices; retrying");
                         dirty.insert(key);
                     }
                 }
             }
         }
+    }
+}
+
+/// Makes the Service's legacy Endpoints `wanted` (created, replaced when different).
+async fn write_endpoints(
+    client: &Client,
+    key: &Key,
+    wanted: Option<Endpoints>,
+) -> Result<(), crate::client::ClientError> {
+    let Some(mut wanted) = wanted else {
+        return Ok(());
+    };
+    let api: Api<Endpoints> = Api::namespaced(client.clone(), &key.0);
+    match api.get(&key.1).await {
+        Ok(current) => {
+            if current.subsets == wanted.subsets
+                && current.metadata.labels == wanted.metadata.labels
+            {
+                return Ok(());
+            }
+            wanted.metadata.resource_version = current.metadata.resource_version;
+            api.replace(&key.1, &wanted).await.map(|_| ())
+        }
+        Err(e) if e.is_not_found() => api.create(&wanted).await.map(|_| ()),
+        Err(e) => Err(e),
     }
 }
 

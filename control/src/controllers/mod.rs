@@ -1,5 +1,8 @@
 //! Controllers, each a watcher of the API like kube-controller-manager's: a pure decision
 //! (`reconcile`) and a loop that feeds it from reflectors and writes its result through the API.
 
+pub mod cache;
 pub mod endpointslice;
 pub mod endpointslice_sync;
+pub mod replicaset;
+pub mod replicaset_sync;
