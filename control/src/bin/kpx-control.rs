@@ -42,8 +42,9 @@ struct Args {
     #[arg(long, default_value_t = 10)]
     bookmark_interval_seconds: u64,
     /// Controllers to run beside the API server (kube-controller-manager's): a comma-separated
-    /// list of endpointslice, replicaset (ReplicaSets and ReplicationControllers), or none.
-    #[arg(long, default_value = "endpointslice,replicaset")]
+    /// list of endpointslice, replicaset (ReplicaSets and ReplicationControllers), deployment,
+    /// or none.
+    #[arg(long, default_value = "endpointslice,replicaset,deployment")]
     controllers: String,
 }
 
@@ -86,9 +87,11 @@ async fn main() -> anyhow::Result<()> {
         .map(str::trim)
         .filter(|c| !c.is_empty() && *c != "none")
         .collect();
-    const KNOWN: [&str; 2] = ["endpointslice", "replicaset"];
+    const KNOWN: [&str; 3] = ["endpointslice", "replicaset", "deployment"];
     if let Some(unknown) = controllers.iter().find(|c| !KNOWN.contains(c)) {
-        bail!("--controllers {unknown:?}: allowed values: endpointslice, replicaset, none");
+        bail!(
+            "--controllers {unknown:?}: allowed values: endpointslice, replicaset, deployment, none"
+        );
     }
     let options = Options {
         service_network: network,

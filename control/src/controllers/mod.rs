@@ -2,6 +2,8 @@
 //! (`reconcile`) and a loop that feeds it from reflectors and writes its result through the API.
 
 pub mod cache;
+pub mod deployment;
+pub mod deployment_sync;
 pub mod endpointslice;
 pub mod endpointslice_sync;
 pub mod replicaset;
