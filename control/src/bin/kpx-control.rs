@@ -43,8 +43,8 @@ struct Args {
     bookmark_interval_seconds: u64,
     /// Controllers to run beside the API server (kube-controller-manager's): a comma-separated
     /// list of endpointslice, replicaset (ReplicaSets and ReplicationControllers), deployment,
-    /// or none.
-    #[arg(long, default_value = "endpointslice,replicaset,deployment")]
+    /// scheduler, or none.
+    #[arg(long, default_value = "endpointslice,replicaset,deployment,scheduler")]
     controllers: String,
 }
 
@@ -87,10 +87,11 @@ async fn main() -> anyhow::Result<()> {
         .map(str::trim)
         .filter(|c| !c.is_empty() && *c != "none")
         .collect();
-    const KNOWN: [&str; 3] = ["endpointslice", "replicaset", "deployment"];
+    const KNOWN: [&str; 4] = ["endpointslice", "replicaset", "deployment", "scheduler"];
     if let Some(unknown) = controllers.iter().find(|c| !KNOWN.contains(c)) {
         bail!(
-            "--controllers {unknown:?}: allowed values: endpointslice, replicaset, deployment, none"
+            "--controllers {unknown:?}: allowed values: {}, none",
+            KNOWN.join(", ")
         );
     }
     let options = Options {

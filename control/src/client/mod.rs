@@ -426,6 +426,22 @@ impl<K: Object> Api<K> {
     }
 
     /// Deletes; returns the object as the server last had it (or marked for deletion).
+    /// `POST <object>/<subresource>` (e.g. `pods/NAME/binding`).
+    pub async fn post_subresource(
+        &self,
+        name: &str,
+        subresource: &str,
+        body: &Value,
+    ) -> Result<Value, ClientError> {
+        self.client
+            .json(
+                reqwest::Method::POST,
+                format!("{}/{subresource}", self.url(name)),
+                Some((body.to_string().into_bytes(), "application/json")),
+            )
+            .await
+    }
+
     pub async fn delete(&self, name: &str) -> Result<Value, ClientError> {
         self.client
             .json(reqwest::Method::DELETE, self.url(name), None)

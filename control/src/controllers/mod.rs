@@ -8,3 +8,5 @@ pub mod endpointslice;
 pub mod endpointslice_sync;
 pub mod replicaset;
 pub mod replicaset_sync;
+pub mod scheduler;
+pub mod scheduler_sync;
