@@ -43,9 +43,18 @@ struct Args {
     bookmark_interval_seconds: u64,
     /// Controllers to run beside the API server (kube-controller-manager's): a comma-separated
     /// list of endpointslice, replicaset (ReplicaSets and ReplicationControllers), deployment,
-    /// scheduler, or none.
-    #[arg(long, default_value = "endpointslice,replicaset,deployment,scheduler")]
+    /// nodelifecycle, scheduler, or none.
+    #[arg(
+        long,
+        default_value = "endpointslice,replicaset,deployment,nodelifecycle,scheduler"
+    )]
     controllers: String,
+    /// Seconds a node may stay silent before it is marked Ready=Unknown.
+    #[arg(long, default_value_t = 40)]
+    node_monitor_grace_period_seconds: u64,
+    /// Seconds after that before the silent node's pods are evicted.
+    #[arg(long, default_value_t = 300)]
+    pod_eviction_timeout_seconds: u64,
 }
 
 #[tokio::main]
@@ -87,7 +96,13 @@ async fn main() -> anyhow::Result<()> {
         .map(str::trim)
         .filter(|c| !c.is_empty() && *c != "none")
         .collect();
-    const KNOWN: [&str; 4] = ["endpointslice", "replicaset", "deployment", "scheduler"];
+    const KNOWN: [&str; 5] = [
+        "endpointslice",
+        "replicaset",
+        "deployment",
+        "nodelifecycle",
+        "scheduler",
+    ];
     if let Some(unknown) = controllers.iter().find(|c| !KNOWN.contains(c)) {
         bail!(
             "--controllers {unknown:?}: allowed values: {}, none",
