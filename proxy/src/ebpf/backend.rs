@@ -187,10 +187,11 @@ pub fn in_cidr(ip: &IpAddr, (net, len): &(IpAddr, u8)) -> bool {
 /// Writes the masquerade addresses and the NodePort addresses from the interfaces as they are.
 fn refresh_node(ebpf: &mut Ebpf, config: &EbpfConfig) -> Result<(), ApplyError> {
     let local = local_addresses();
+    let attachable: BTreeSet<String> = attach::interfaces().into_iter().map(|(n, _)| n).collect();
     let bridges: BTreeSet<String> = local
         .iter()
         .map(|(name, _)| name.clone())
-        .filter(|name| !attach::interfaces().iter().any(|(n, _)| n == name))
+        .filter(|name| !attachable.contains(name))
         .collect();
     // The masquerade source: as given, else the first address on a non-bridge interface.
     let pick = |v6: bool| -> [u8; 16] {
