@@ -261,10 +261,13 @@ pub fn legacy_endpoints(
 }
 
 /// The slices of `service` this controller manages, among `slices`.
-pub fn managed<'a>(service: &Service, slices: &'a [EndpointSlice]) -> Vec<&'a EndpointSlice> {
+pub fn managed<'a>(
+    service: &Service,
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+) -> Vec<&'a EndpointSlice> {
     let name = service.metadata.name.as_deref();
     slices
-        .iter()
+        .into_iter()
         .filter(|s| {
             let labels = s.metadata.labels.as_ref();
             s.metadata.namespace == service.metadata.namespace

@@ -66,8 +66,15 @@ pub async fn run(client: Client, shutdown: impl std::future::Future<Output = ()>
                         .and_then(|n| n.metadata.labels.as_ref())
                         .and_then(|l| l.get("topology.kubernetes.io/zone").cloned())
                 };
-                let all_slices: Vec<EndpointSlice> = slice_cache.objects.values().cloned().collect();
                 for key in std::mem::take(&mut dirty) {
+                    // Only this namespace's slices: the cache is ordered by namespace.
+                    let namespace_slices = || {
+                        slice_cache
+                            .objects
+                            .range((key.0.clone(), String::new())..)
+                            .take_while(|((ns, _), _)| *ns == key.0)
+                            .map(|(_, s)| s)
+                    };
                     let Some(service) = svc_cache.objects.get(&key) else {
                         // A deleted Service's slices go with it (they are owned by it; there is
                         // no garbage collector yet, so the controller deletes them).
@@ -79,7 +86,7 @@ pub async fn run(client: Client, shutdown: impl std::future::Future<Output = ()>
                             },
                             ..Default::default()
                         };
-                        let existing = managed(&gone, &all_slices);
+                        let existing = managed(&gone, namespace_slices());
                         let ops: Vec<SliceOp> = existing.iter().filter_map(|s| s.metadata.name.clone()).map(SliceOp::Delete).collect();
                         let endpoints: Api<Endpoints> = Api::namespaced(client.clone(), &key.0);
                         let gone_endpoints = match endpoints.delete(&key.1).await {
@@ -92,7 +99,7 @@ pub async fn run(client: Client, shutdown: impl std::future::Future<Output = ()>
                         continue;
                     };
                     let pods: Vec<&Pod> = pod_cache.objects.range((key.0.clone(), String::new())..).take_while(|((ns, _), _)| *ns == key.0).map(|(_, p)| p).collect();
-                    let existing = managed(service, &all_slices);
+                    let existing = managed(service, namespace_slices());
                     let ops = reconcile(service, &pods, &existing, &zone_of);
                     let mirror = legacy_endpoints(service, &pods, &zone_of);
                     let written = match write(&client, &key.0, ops).await {
