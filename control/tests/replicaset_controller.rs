@@ -31,7 +31,6 @@ async fn owned(pods: &Api<Pod>, owner: &str) -> Vec<Pod> {
 async fn replica_sets_create_scale_adopt_and_report() {
     let server = TestServer::start().await;
     let client = server.client();
-    let controller = replicaset_sync::spawn(client.clone());
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     // An orphan that matches: adopted, counted as one of the replicas.
     let orphan: Pod = serde_json::from_value(
@@ -40,6 +39,8 @@ async fn replica_sets_create_scale_adopt_and_report() {
     )
     .expect("pod");
     pods.create(&orphan).await.expect("orphan");
+    // Started after the orphan exists, so the orphan is in its first list of pods.
+    let controller = replicaset_sync::spawn(client.clone());
     let sets: Api<ReplicaSet> = Api::namespaced(client.clone(), "default");
     let rs: ReplicaSet = serde_json::from_value(json!({"metadata": {"name": "web"},
         "spec": {"replicas": 3, "selector": {"matchLabels": {"app": "web"}},
@@ -48,17 +49,15 @@ async fn replica_sets_create_scale_adopt_and_report() {
     .expect("rs");
     let rs = sets.create(&rs).await.expect("create rs");
     let uid = rs.metadata.uid.clone().expect("uid");
-    let three = eventually("3 pods owned", || async {
+    // The orphan is adopted and counts as one of the three.
+    eventually("3 pods owned, the orphan among them", || async {
         let o = owned(&pods, &uid).await;
-        (o.len() == 3).then_some(o)
+        let adopted = o
+            .iter()
+            .any(|p| p.metadata.name.as_deref() == Some("orphan"));
+        (o.len() == 3 && adopted).then_some(())
     })
     .await;
-    assert!(
-        three
-            .iter()
-            .any(|p| p.metadata.name.as_deref() == Some("orphan")),
-        "the orphan was adopted"
-    );
     eventually("status.replicas 3", || async {
         let s = sets.get("web").await.ok()?.status?;
         (s.replicas == 3).then_some(())

@@ -32,10 +32,11 @@ fn node_of(pod: &Pod) -> Option<String> {
 async fn replicas_spread_and_an_unschedulable_pod_says_why() {
     let server = TestServer::start().await;
     let client = server.client();
-    let scheduler = scheduler_sync::spawn(client.clone());
     let nodes: Api<Node> = Api::all(client.clone());
     add_node(&nodes, "node-1").await;
     add_node(&nodes, "node-2").await;
+    // Started once both nodes exist, so no pod is placed while only one is known.
+    let scheduler = scheduler_sync::spawn(client.clone());
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     for i in 0..4 {
         let pod: Pod = serde_json::from_value(json!({"metadata": {"name": format!("web-{i}"),
