@@ -101,6 +101,20 @@ fn is_bridge(name: &str) -> bool {
     ok && info.driver.starts_with(b"bridge\0")
 }
 
+/// The object's program `name` as its type (`SchedClassifier`, `CgroupSockAddr`, …).
+fn typed<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, AttachError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(AttachError::Missing(name))?
+        .try_into()
+        .map_err(|source| AttachError::Load {
+            program: name,
+            source,
+        })
+}
+
 fn tc_pin(links: &Path, index: u32) -> PathBuf {
     links.join(format!("tc-ingress-{index}"))
 }
@@ -128,14 +142,7 @@ pub fn attach_tc(ebpf: &mut Ebpf, links: &Path) -> Result<Vec<String>, AttachErr
         if pin.exists() {
             continue;
         }
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(TC_PROGRAM)
-            .ok_or(AttachError::Missing(TC_PROGRAM))?
-            .try_into()
-            .map_err(|source| AttachError::Load {
-                program: TC_PROGRAM,
-                source,
-            })?;
+        let program: &mut SchedClassifier = typed(ebpf, TC_PROGRAM)?;
         let failed = |detail: String| AttachError::Attach {
             program: TC_PROGRAM,
             target: name.clone(),
@@ -157,14 +164,7 @@ pub fn attach_tc(ebpf: &mut Ebpf, links: &Path) -> Result<Vec<String>, AttachErr
 
 /// Loads the tc program (once per object).
 pub fn load_tc(ebpf: &mut Ebpf) -> Result<(), AttachError> {
-    let program: &mut SchedClassifier = ebpf
-        .program_mut(TC_PROGRAM)
-        .ok_or(AttachError::Missing(TC_PROGRAM))?
-        .try_into()
-        .map_err(|source| AttachError::Load {
-            program: TC_PROGRAM,
-            source,
-        })?;
+    let program: &mut SchedClassifier = typed(ebpf, TC_PROGRAM)?;
     program.load().map_err(|source| AttachError::Load {
         program: TC_PROGRAM,
         source,
@@ -176,14 +176,7 @@ pub fn attach_cgroup(ebpf: &mut Ebpf, cgroup: &Path, links: &Path) -> Result<(),
     std::fs::create_dir_all(links).map_err(io(links))?;
     let dir = std::fs::File::open(cgroup).map_err(io(cgroup))?;
     for name in SOCKET_PROGRAMS {
-        let program: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .ok_or(AttachError::Missing(name))?
-            .try_into()
-            .map_err(|source| AttachError::Load {
-                program: name,
-                source,
-            })?;
+        let program: &mut CgroupSockAddr = typed(ebpf, name)?;
         program.load().map_err(|source| AttachError::Load {
             program: name,
             source,

@@ -103,7 +103,7 @@ impl ProxyBackend {
             ProxyBackend::IptablesNft => "iptables-nft",
             ProxyBackend::IptablesLegacy => "iptables-legacy",
             ProxyBackend::Ebpf => {
-                if cgroup2_root().is_none() {
+                if kpx_ebpf::features::cgroup2_root().is_none() {
                     return Some("no cgroup v2 file system is mounted".into());
                 }
                 return kpx_ebpf::features::check_kernel().err();
@@ -142,16 +142,6 @@ pub const ALL_BACKENDS: &[ProxyBackend] = &[
     ProxyBackend::IptablesLegacy,
     ProxyBackend::Ebpf,
 ];
-
-/// Where cgroup v2 is mounted (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on hybrid hosts).
-pub fn cgroup2_root() -> Option<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
-    mounts.lines().find_map(|l| {
-        let mut f = l.split_whitespace();
-        let (_, path, fstype) = (f.next()?, f.next()?, f.next()?);
-        (fstype == "cgroup2").then(|| PathBuf::from(path))
-    })
-}
 
 /// Mount points under a lab's directory (its bpffs), for `down`.
 fn lab_mounts(prefix: &str) -> Vec<String> {
@@ -273,7 +263,7 @@ impl Lab {
             cgroup: None,
             bpffs: None,
         };
-        if let Some(root) = cgroup2_root() {
+        if let Some(root) = kpx_ebpf::features::cgroup2_root() {
             let dir = root.join(&name);
             std::fs::create_dir(&dir)
                 .with_context(|| format!("creating the lab's cgroup {}", dir.display()))?;
@@ -866,7 +856,7 @@ pub fn down(prefix: &str) -> anyhow::Result<usize> {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
-    if let Some(root) = cgroup2_root() {
+    if let Some(root) = kpx_ebpf::features::cgroup2_root() {
         for entry in std::fs::read_dir(&root).into_iter().flatten().flatten() {
             if entry.file_name().to_string_lossy().starts_with(prefix) {
                 // Processes left in it were in the lab's namespaces and are gone by now.

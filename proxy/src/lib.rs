@@ -5,6 +5,7 @@
 //! - [`iptables`]: the iptables backend: `render` (the plan, pure) and `apply`.
 
 pub mod backend;
+pub mod cidr;
 pub mod conntrack;
 pub mod dual_stack;
 pub mod ebpf;

@@ -35,11 +35,13 @@ impl From<&ReplicaSet> for Replicated {
             replicas: spec.replicas.unwrap_or(1),
             selector: spec.selector,
             template: spec.template,
-            current: rs.status.as_ref().map_or_else(Counts::default, |s| Counts {
-                replicas: s.replicas,
-                ready: s.ready_replicas.unwrap_or(0),
-                available: s.available_replicas.unwrap_or(0),
-                fully_labeled: s.fully_labeled_replicas.unwrap_or(0),
+            current: rs.status.as_ref().map_or_else(Counts::default, |s| {
+                Counts::reported(
+                    s.replicas,
+                    s.ready_replicas,
+                    s.available_replicas,
+                    s.fully_labeled_replicas,
+                )
             }),
         }
     }
@@ -67,11 +69,13 @@ impl From<&ReplicationController> for Replicated {
                 match_expressions: None,
             },
             template: spec.template,
-            current: rc.status.as_ref().map_or_else(Counts::default, |s| Counts {
-                replicas: s.replicas,
-                ready: s.ready_replicas.unwrap_or(0),
-                available: s.available_replicas.unwrap_or(0),
-                fully_labeled: s.fully_labeled_replicas.unwrap_or(0),
+            current: rc.status.as_ref().map_or_else(Counts::default, |s| {
+                Counts::reported(
+                    s.replicas,
+                    s.ready_replicas,
+                    s.available_replicas,
+                    s.fully_labeled_replicas,
+                )
             }),
         }
     }
@@ -148,6 +152,23 @@ pub struct Counts {
     pub ready: i32,
     pub available: i32,
     pub fully_labeled: i32,
+}
+
+impl Counts {
+    /// As a ReplicaSet's or ReplicationController's status reports them (absent: 0).
+    fn reported(
+        replicas: i32,
+        ready: Option<i32>,
+        available: Option<i32>,
+        fully_labeled: Option<i32>,
+    ) -> Self {
+        Self {
+            replicas,
+            ready: ready.unwrap_or(0),
+            available: available.unwrap_or(0),
+            fully_labeled: fully_labeled.unwrap_or(0),
+        }
+    }
 }
 
 pub fn owner_reference(w: &Replicated) -> OwnerReference {

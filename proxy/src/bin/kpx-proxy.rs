@@ -146,22 +146,11 @@ fn backend(args: &Args) -> anyhow::Result<Box<dyn Backend>> {
     }
 }
 
-/// Where cgroup v2 is mounted here (`/sys/fs/cgroup` or, on hybrid systems,
-/// `/sys/fs/cgroup/unified`).
-fn cgroup2_root() -> Option<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
-    mounts.lines().find_map(|l| {
-        let mut f = l.split_whitespace();
-        let (_, path, fstype) = (f.next()?, f.next()?, f.next()?);
-        (fstype == "cgroup2").then(|| PathBuf::from(path))
-    })
-}
-
 fn ebpf_config(args: &Args) -> anyhow::Result<EbpfConfig> {
     let cgroup = match args.cgroup_root.as_deref() {
         Some("none") => None,
         Some(path) => Some(PathBuf::from(path)),
-        None => Some(cgroup2_root().context(
+        None => Some(kpx_ebpf::features::cgroup2_root().context(
             "--cgroup-root: no cgroup v2 file system is mounted; give a cgroup v2 directory or \"none\"",
         )?),
     };

@@ -170,20 +170,6 @@ fn is_link_local(ip: &IpAddr) -> bool {
     }
 }
 
-pub fn in_cidr(ip: &IpAddr, (net, len): &(IpAddr, u8)) -> bool {
-    match (ip, net) {
-        (IpAddr::V4(a), IpAddr::V4(n)) => {
-            let mask = u32::MAX.checked_shl(32 - u32::from(*len)).unwrap_or(0);
-            u32::from(*a) & mask == u32::from(*n) & mask
-        }
-        (IpAddr::V6(a), IpAddr::V6(n)) => {
-            let mask = u128::MAX.checked_shl(128 - u32::from(*len)).unwrap_or(0);
-            u128::from(*a) & mask == u128::from(*n) & mask
-        }
-        _ => false,
-    }
-}
-
 /// Writes the masquerade addresses and the NodePort addresses from the interfaces as they are.
 fn refresh_node(ebpf: &mut Ebpf, config: &EbpfConfig) -> Result<(), ApplyError> {
     let local = local_addresses();
@@ -219,7 +205,11 @@ fn refresh_node(ebpf: &mut Ebpf, config: &EbpfConfig) -> Result<(), ApplyError> 
         .iter()
         .map(|(_, ip)| *ip)
         .filter(|ip| {
-            config.nodeport_cidrs.is_empty() || config.nodeport_cidrs.iter().any(|c| in_cidr(ip, c))
+            config.nodeport_cidrs.is_empty()
+                || config
+                    .nodeport_cidrs
+                    .iter()
+                    .any(|(net, len)| crate::cidr::contains(*net, *len, ip))
         })
         .map(NodeAddr::new)
         .collect();

@@ -73,22 +73,8 @@ fn in_cidr(ip: &IpAddr, cidr: &str) -> bool {
     let (addr, len) = cidr
         .split_once('/')
         .unwrap_or((cidr, if ip.is_ipv4() { "32" } else { "128" }));
-    let (Ok(net), Ok(len)) = (addr.parse::<IpAddr>(), len.parse::<u32>()) else {
-        return false;
-    };
-    match (ip, net) {
-        (IpAddr::V4(a), IpAddr::V4(n)) => {
-            let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-            u32::from(*a) & mask == u32::from(n) & mask
-        }
-        (IpAddr::V6(a), IpAddr::V6(n)) => {
-            let mask = if len == 0 {
-                0
-            } else {
-                u128::MAX << (128 - len)
-            };
-            u128::from(*a) & mask == u128::from(n) & mask
-        }
+    match (addr.parse::<IpAddr>(), len.parse::<u8>()) {
+        (Ok(net), Ok(len)) => crate::cidr::contains(net, len, ip),
         _ => false,
     }
 }
