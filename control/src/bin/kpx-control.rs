@@ -121,13 +121,29 @@ async fn main() -> anyhow::Result<()> {
     // The first line on stdout is the address, for scripts and tests that pass --port 0.
     println!("kpx-control listening on http://{address}");
     tracing::info!(%address, store = %db.display(), revision = server.store().current_revision(), "serving");
-    if controllers.contains(&"endpointslice") {
+    if !controllers.is_empty() {
         // The controllers use the API like any client, through the address just bound.
         let url = format!("http://{address}");
         let client =
             kpx_control::client::Client::new(&kpx_control::client::ClientConfig::from_url(&url))?;
-        kpx_control::controllers::endpointslice_sync::spawn(client);
-        tracing::info!("EndpointSlice controller running");
+        use kpx_control::controllers::*;
+        for name in &controllers {
+            match *name {
+                "endpointslice" => drop(endpointslice_sync::spawn(client.clone())),
+                "replicaset" => drop(replicaset_sync::spawn(client.clone())),
+                "deployment" => drop(deployment_sync::spawn(client.clone())),
+                "scheduler" => drop(scheduler_sync::spawn(client.clone())),
+                "nodelifecycle" => drop(nodelifecycle_sync::spawn(
+                    client.clone(),
+                    nodelifecycle::Timing {
+                        grace: Duration::from_secs(args.node_monitor_grace_period_seconds),
+                        eviction: Duration::from_secs(args.pod_eviction_timeout_seconds),
+                    },
+                )),
+                _ => unreachable!("checked against KNOWN above"),
+            }
+        }
+        tracing::info!(controllers = %controllers.join(","), "controllers running");
     }
     apiserver::serve(listener, server, kpx_control::daemon::shutdown()).await?;
     tracing::info!("stopped");
