@@ -69,6 +69,9 @@ fn columns(kind: Kind) -> Vec<Column> {
             AGE,
             col("Version", "Kubelet Version reported by the node."),
             wide("Internal-IP", "List of addresses reachable to the node."),
+            wide("OS-Image", "OS image reported by the node from /etc/os-release (e.g. Debian GNU/Linux 7 (wheezy))."),
+            wide("Kernel-Version", "Kernel version reported by the node from 'uname -r' (e.g. 3.16.0-0.bpo.4-amd64)."),
+            wide("Container-Runtime", "Container runtime version reported by the node through runtime remote API (e.g. containerd://1.4.2)."),
         ],
         Kind::Endpoints => vec![NAME, col("Endpoints", "Endpoints of the service"), AGE],
         Kind::EndpointSlice => vec![
@@ -208,6 +211,18 @@ fn cells(kind: Kind, obj: &Value, age: String) -> Vec<Value> {
                 "" => text(obj, "/status/phase").to_string(),
                 reason => reason.to_string(),
             };
+            // As kubectl prints it: a container's waiting or terminated reason wins.
+            for s in statuses.iter().rev() {
+                let reason = |state: &str| {
+                    s.pointer(&format!("/state/{state}/reason"))
+                        .and_then(Value::as_str)
+                        .filter(|r| !r.is_empty())
+                        .map(String::from)
+                };
+                if let Some(r) = reason("waiting").or_else(|| reason("terminated")) {
+                    status = r;
+                }
+            }
             if obj
                 .pointer("/metadata/deletionTimestamp")
                 .is_some_and(|v| !v.is_null())
@@ -259,6 +274,13 @@ fn cells(kind: Kind, obj: &Value, age: String) -> Vec<Value> {
                 json!(age),
                 json!(text(obj, "/status/nodeInfo/kubeletVersion")),
                 json!(internal),
+                json!(or_none(text(obj, "/status/nodeInfo/osImage").to_string())),
+                json!(or_none(
+                    text(obj, "/status/nodeInfo/kernelVersion").to_string()
+                )),
+                json!(or_none(
+                    text(obj, "/status/nodeInfo/containerRuntimeVersion").to_string()
+                )),
             ]
         }
         Kind::Endpoints => {
