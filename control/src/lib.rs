@@ -10,4 +10,6 @@ pub mod apiserver;
 pub mod client;
 pub mod controllers;
 pub mod daemon;
+pub mod kubelet;
+pub mod netns;
 pub mod store;

@@ -12,17 +12,6 @@ use aya::util::KernelVersion;
 pub const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 pub const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
-/// Where cgroup v2 is mounted here (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on hybrid
-/// hosts), from `/proc/self/mounts`.
-pub fn cgroup2_root() -> Option<std::path::PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
-    mounts.lines().find_map(|l| {
-        let mut f = l.split_whitespace();
-        let (_, path, fstype) = (f.next()?, f.next()?, f.next()?);
-        (fstype == "cgroup2").then(|| std::path::PathBuf::from(path))
-    })
-}
-
 /// The file system type of `path`, or why it cannot be read.
 pub fn fs_type(path: &Path) -> Result<i64, String> {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())

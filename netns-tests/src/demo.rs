@@ -1,188 +1,283 @@
-//! `kpx-lab demo`: the control plane end to end. Starts kpx-control on its embedded store,
-//! creates a namespace, a Service and its EndpointSlice through the client, shows them, watches
-//! a change arrive, and stops, leaving nothing behind.
+//! `kpx-lab demo` (`cargo xtask demo`): a 2-node cluster in network namespaces; the nginx
+//! Deployment from the Kubernetes documentation and a Service for it applied with kubectl;
+//! requests from a client pod spreading over the nginx pods; a scale-up; a rolling update to
+//! another image; then everything removed.
 
-use std::time::Instant;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
 
-use anyhow::Context;
-use k8s_openapi::api::core::v1::{Namespace, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kpx_control::client::{Api, Client, ClientConfig, ListParams, Patch, WatchEvent};
-use serde_json::json;
+use anyhow::{bail, Context};
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kpx_control::client::{Api, ListParams};
 
-use crate::control_plane::ControlPlane;
+use crate::cluster::ClusterOptions;
+use crate::lab::{Lab, ProxyBackend};
 
-const NAMESPACE: &str = "demo";
+const DEPLOYMENT: &str = "\
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: nginx-deployment
+  labels:
+    app: nginx
+spec:
+  replicas: 3
+  selector:
+    matchLabels:
+      app: nginx
+  template:
+    metadata:
+      labels:
+        app: nginx
+    spec:
+      containers:
+      - name: nginx
+        image: nginx:1.14.2
+        ports:
+        - containerPort: 80
+";
+
+const SERVICE: &str = "\
+apiVersion: v1
+kind: Service
+metadata:
+  name: my-nginx
+spec:
+  selector:
+    app: nginx
+  ports:
+  - protocol: TCP
+    port: 80
+    targetPort: 80
+";
+
+const CLIENT: &str = "\
+apiVersion: v1
+kind: Pod
+metadata:
+  name: client
+spec:
+  containers:
+  - name: client
+    image: busybox:1.28
+    command: ['sleep', '3600']
+";
+
+const REQUESTS: usize = 300;
 
 fn step(text: &str) {
     println!("\n==> {text}");
 }
 
-pub async fn run() -> anyhow::Result<()> {
-    let dir = tempfile::Builder::new().prefix("kpx-lab-demo-").tempdir()?;
+struct Kubectl<'a> {
+    binary: String,
+    kubeconfig: &'a Path,
+}
+
+impl Kubectl<'_> {
+    /// Runs kubectl, showing the command and its output.
+    fn run(&self, args: &[&str]) -> anyhow::Result<()> {
+        println!("$ kubectl {}", args.join(" "));
+        let status = Command::new(&self.binary)
+            .args(args)
+            .env("KUBECONFIG", self.kubeconfig)
+            .status()
+            .with_context(|| format!("running {}", self.binary))?;
+        if !status.success() {
+            bail!("kubectl {} failed", args.join(" "));
+        }
+        Ok(())
+    }
+
+    fn apply(&self, dir: &Path, file: &str, yaml: &str) -> anyhow::Result<()> {
+        let path = dir.join(file);
+        std::fs::write(&path, yaml)?;
+        println!("# {file}:");
+        for line in yaml.lines() {
+            println!("#   {line}");
+        }
+        self.run(&["apply", "-f", &path.display().to_string()])
+    }
+}
+
+/// The first backend this machine runs, of ebpf and iptables.
+fn default_backend() -> anyhow::Result<ProxyBackend> {
+    for b in [
+        ProxyBackend::Ebpf,
+        ProxyBackend::IptablesNft,
+        ProxyBackend::IptablesLegacy,
+    ] {
+        if b.unsupported().is_none() {
+            return Ok(b);
+        }
+    }
+    bail!("no proxy backend runs on this machine (root, iptables or BPF needed)")
+}
+
+fn kubectl_binary(given: Option<String>) -> String {
+    given
+        .or_else(|| std::env::var("KPX_KUBECTL").ok())
+        .unwrap_or_else(|| "kubectl".into())
+}
+
+pub async fn run(proxy_mode: Option<&str>, kubectl: Option<String>) -> anyhow::Result<()> {
+    let backend = match proxy_mode {
+        Some(mode) => crate::cli::parse_backend(mode)?,
+        None => default_backend()?,
+    };
     step(&format!(
-        "starting kpx-control (embedded store in {})",
-        dir.path().display()
+        "kpx-lab up --nodes 2 --proxy-mode {}: API server, controllers, scheduler; a kubelet and a proxy per node",
+        backend.name()
     ));
-    // This demo writes the Service's EndpointSlice itself, as a controller would; the built-in
-    // EndpointSlice controller is off so the two do not both answer for it.
-    let control = ControlPlane::start(dir.path(), &["--controllers", "none"])?;
-    println!("    API at {}", control.url);
-    let client = Client::new(&ClientConfig::from_url(&control.url))?;
+    let started = Instant::now();
+    let lab = Lab::cluster("demo", backend, 2, ClusterOptions::default()).await?;
+    println!(
+        "    lab {} ready in {:.2} s (network namespaces {}-*)",
+        lab.name,
+        started.elapsed().as_secs_f64(),
+        lab.name
+    );
+    let kubectl = Kubectl {
+        binary: kubectl_binary(kubectl),
+        kubeconfig: &lab.kubeconfig(),
+    };
     let outcome = tokio::select! {
-        result = scenario(&client) => result,
+        result = scenario(&lab, &kubectl) => result,
         _ = tokio::signal::ctrl_c() => {
-            println!("\n    interrupted; cleaning up");
+            println!("\n    interrupted");
             Ok(())
         }
     };
-    step("stopping kpx-control");
-    control.stop()?;
-    drop(dir);
-    println!("    stopped; the store directory was removed");
+    step("kpx-lab down");
+    let name = lab.name.clone();
+    drop(lab);
+    let left = crate::netns::list(&format!("{name}-")).len();
+    println!("    lab {name} removed ({left} network namespaces left)");
     outcome
 }
 
-async fn scenario(client: &Client) -> anyhow::Result<()> {
-    step(&format!("creating namespace {NAMESPACE:?}"));
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    namespaces
-        .create(&serde_json::from_value(
-            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}),
-        )?)
-        .await?;
+async fn scenario(lab: &Lab, kubectl: &Kubectl<'_>) -> anyhow::Result<()> {
+    step("the nodes (each a network namespace, registered by its kpx-kubelet)");
+    kubectl.run(&["get", "nodes", "-o", "wide"])?;
 
-    step("creating Service web (ClusterIP, port 80 -> 8080)");
-    let services: Api<Service> = Api::namespaced(client.clone(), NAMESPACE);
-    let svc = services
-        .create(&serde_json::from_value(json!({
-            "apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": "web", "labels": {"app": "web"}},
-            "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
-        }))?)
-        .await?;
-    let spec = svc.spec.clone().context("created Service has no spec")?;
-    println!(
-        "    allocated ClusterIP {}",
-        spec.cluster_ip.unwrap_or_default()
-    );
-
-    step("creating EndpointSlice web-1 with two ready endpoints");
-    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), NAMESPACE);
-    slices
-        .create(&serde_json::from_value(json!({
-            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-            "metadata": {"name": "web-1", "labels": {"kubernetes.io/service-name": "web"}},
-            "addressType": "IPv4",
-            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-            "endpoints": [
-                {"addresses": ["198.18.1.10"], "conditions": {"ready": true}, "nodeName": "node-1"},
-                {"addresses": ["198.18.2.10"], "conditions": {"ready": true}, "nodeName": "node-2"},
-            ],
-        }))?)
-        .await?;
-
-    step("what the API holds");
-    show(&services, &slices).await?;
-
-    step("watching EndpointSlices while a third endpoint is added");
-    let listed = slices.list(&ListParams::default()).await?;
-    let mut watch = slices
-        .watch(
-            &ListParams::default(),
-            &listed.metadata.resource_version,
-            30,
-        )
-        .await?;
-    let started = Instant::now();
-    slices
-        .patch(
-            "web-1",
-            Patch::Merge,
-            &json!({"endpoints": [
-                {"addresses": ["198.18.1.10"], "conditions": {"ready": true}, "nodeName": "node-1"},
-                {"addresses": ["198.18.2.10"], "conditions": {"ready": true}, "nodeName": "node-2"},
-                {"addresses": ["198.18.3.10"], "conditions": {"ready": true}, "nodeName": "node-3"},
-            ]}),
-        )
-        .await?;
-    loop {
-        let event = tokio::time::timeout(std::time::Duration::from_secs(10), watch.next())
-            .await
-            .context("no watch event within 10 s")?
-            .context("the watch ended early")??;
-        if let WatchEvent::Modified(slice) = event {
-            let addresses: Vec<String> = slice
-                .endpoints
-                .iter()
-                .flat_map(|e| e.addresses.clone())
-                .collect();
-            println!(
-                "    MODIFIED {} (resourceVersion {}) after {:.1} ms: {}",
-                slice.metadata.name.unwrap_or_default(),
-                slice.metadata.resource_version.unwrap_or_default(),
-                started.elapsed().as_secs_f64() * 1000.0,
-                addresses.join(", ")
-            );
-            break;
-        }
-    }
+    step("the nginx Deployment from the Kubernetes documentation, a Service for it, and a client pod");
+    kubectl.apply(lab.dir(), "nginx-deployment.yaml", DEPLOYMENT)?;
+    kubectl.apply(lab.dir(), "my-nginx.yaml", SERVICE)?;
+    kubectl.apply(lab.dir(), "client.yaml", CLIENT)?;
+    kubectl.run(&[
+        "rollout",
+        "status",
+        "deployment/nginx-deployment",
+        "--timeout=60s",
+    ])?;
+    wait_running(lab, "client").await?;
+    kubectl.run(&["get", "pods", "-o", "wide"])?;
+    kubectl.run(&["get", "service", "my-nginx"])?;
 
     step(&format!(
-        "deleting namespace {NAMESPACE:?} and everything in it"
+        "{REQUESTS} requests from pod client to the Service's ClusterIP"
     ));
-    namespaces.delete(NAMESPACE).await?;
-    let left = services.list(&ListParams::default()).await?.items.len();
-    println!("    {left} Services left in {NAMESPACE:?}");
+    spread(lab).await?;
+
+    step("scaling to 5 replicas");
+    kubectl.run(&["scale", "deployment/nginx-deployment", "--replicas=5"])?;
+    kubectl.run(&[
+        "rollout",
+        "status",
+        "deployment/nginx-deployment",
+        "--timeout=60s",
+    ])?;
+    spread(lab).await?;
+
+    step("a rolling update to nginx:1.16.1 (maxSurge 25%, maxUnavailable 25%)");
+    kubectl.run(&[
+        "set",
+        "image",
+        "deployment/nginx-deployment",
+        "nginx=nginx:1.16.1",
+    ])?;
+    kubectl.run(&[
+        "rollout",
+        "status",
+        "deployment/nginx-deployment",
+        "--timeout=90s",
+    ])?;
+    kubectl.run(&["get", "replicasets", "-o", "wide"])?;
+    spread(lab).await?;
     Ok(())
 }
 
-async fn show(services: &Api<Service>, slices: &Api<EndpointSlice>) -> anyhow::Result<()> {
-    println!(
-        "    {:<8} {:<10} {:<15} {:<10}",
-        "SERVICE", "TYPE", "CLUSTER-IP", "PORT(S)"
-    );
-    for svc in services.list(&ListParams::default()).await?.items {
-        let spec = svc.spec.unwrap_or_default();
-        let ports: Vec<String> = spec
-            .ports
-            .unwrap_or_default()
+async fn wait_running(lab: &Lab, name: &str) -> anyhow::Result<Pod> {
+    let pods = Api::<Pod>::namespaced(lab.client(), "default");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let pod = pods.get(name).await?;
+        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+        if phase == Some("Running") {
+            return Ok(pod);
+        }
+        if Instant::now() > deadline {
+            bail!("pod {name} is not running after 30 s (phase {phase:?})");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Sends the requests from the client pod and prints which pod answered how often.
+async fn spread(lab: &Lab) -> anyhow::Result<()> {
+    let client = wait_running(lab, "client").await?;
+    let svc = Api::<Service>::namespaced(lab.client(), "default")
+        .get("my-nginx")
+        .await?;
+    let ip = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.cluster_ip.clone())
+        .context("my-nginx has no ClusterIP")?;
+    let target = SocketAddr::new(ip.parse()?, 80);
+    let entry = lab.pod_entry(&client)?;
+    let outcomes = crate::traffic::http(&entry, target, REQUESTS, Duration::from_secs(2))?;
+    let pods = Api::<Pod>::namespaced(lab.client(), "default")
+        .list(&ListParams::default())
+        .await?;
+    let describe = |name: &str| {
+        pods.items
             .iter()
-            .map(|p| format!("{}/{}", p.port, p.protocol.clone().unwrap_or_default()))
-            .collect();
+            .find(|p| p.metadata.name.as_deref() == Some(name))
+            .map(|p| {
+                let node = p
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.node_name.clone())
+                    .unwrap_or_default();
+                let image = p
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.containers.first())
+                    .and_then(|c| c.image.clone())
+                    .unwrap_or_default();
+                (node, image)
+            })
+            .unwrap_or_default()
+    };
+    let counts: BTreeMap<String, usize> = crate::traffic::spread(&outcomes);
+    println!(
+        "    {:<36} {:<8} {:<14} {:>8} {:>6}",
+        "ANSWERED BY", "NODE", "IMAGE", "REQUESTS", "SHARE"
+    );
+    for (pod, n) in &counts {
+        let (node, image) = describe(pod);
         println!(
-            "    {:<8} {:<10} {:<15} {:<10}",
-            svc.metadata.name.unwrap_or_default(),
-            spec.type_.unwrap_or_default(),
-            spec.cluster_ip.unwrap_or_default(),
-            ports.join(",")
+            "    {pod:<36} {node:<8} {image:<14} {n:>8} {:>5.1}%",
+            100.0 * *n as f64 / outcomes.len() as f64
         );
     }
-    println!("    {:<8} {:<10} ENDPOINTS", "SLICE", "SERVICE");
-    for slice in slices.list(&ListParams::default()).await?.items {
-        let service = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get("kubernetes.io/service-name").cloned())
-            .unwrap_or_default();
-        let port = slice
-            .ports
-            .as_ref()
-            .and_then(|p| p.first())
-            .and_then(|p| p.port)
-            .unwrap_or(0);
-        let endpoints: Vec<String> = slice
-            .endpoints
-            .iter()
-            .flat_map(|e| e.addresses.iter().map(|a| format!("{a}:{port}")))
-            .collect();
-        println!(
-            "    {:<8} {:<10} {}",
-            slice.metadata.name.unwrap_or_default(),
-            service,
-            endpoints.join(",")
-        );
+    let failed = outcomes.iter().filter(|o| o.pod().is_none()).count();
+    if failed > 0 {
+        bail!("{failed} of {REQUESTS} requests failed: {counts:?}");
     }
     Ok(())
 }

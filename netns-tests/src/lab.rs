@@ -50,7 +50,7 @@ pub fn external_ip6(k: u8) -> Ipv6Addr {
 }
 
 /// Node `i`'s IPv6 pod network (a /64); `host` 1 is its bridge.
-fn pod_net6(i: u8, host: u16) -> Ipv6Addr {
+pub(crate) fn pod_net6(i: u8, host: u16) -> Ipv6Addr {
     Ipv6Addr::new(
         0x2001,
         2,
@@ -68,6 +68,11 @@ fn hex_decimal(n: u16) -> u16 {
     u16::from_str_radix(&n.to_string(), 16).expect("decimal digits are hex digits")
 }
 const API_PORT: u16 = 6443;
+
+/// The API server's address inside a lab (nodes reach it over the fabric).
+pub fn api_address() -> String {
+    format!("{API_ADDRESS}:{API_PORT}")
+}
 
 /// How a lab's proxies program the kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,7 +108,7 @@ impl ProxyBackend {
             ProxyBackend::IptablesNft => "iptables-nft",
             ProxyBackend::IptablesLegacy => "iptables-legacy",
             ProxyBackend::Ebpf => {
-                if kpx_ebpf::features::cgroup2_root().is_none() {
+                if kpx_control::netns::cgroup2_root().is_none() {
                     return Some("no cgroup v2 file system is mounted".into());
                 }
                 return kpx_ebpf::features::check_kernel().err();
@@ -168,6 +173,7 @@ pub struct Node {
     /// The node's cgroup (v2): its processes, and the clients tests run from it.
     pub cgroup: Option<PathBuf>,
     proxy: Option<Child>,
+    pub(crate) kubelet: Option<Child>,
 }
 
 impl crate::netns::Enter for Node {
@@ -206,6 +212,10 @@ pub struct Lab {
     cgroup: Option<PathBuf>,
     /// The lab's own bpffs (ebpf backend), unmounted on drop.
     bpffs: Option<PathBuf>,
+    /// Extra flags for kpx-control (a cluster lab's controller timings).
+    pub(crate) api_args: Vec<String>,
+    /// Set when kubelets run the pods (`Lab::cluster`).
+    pub(crate) cluster: Option<crate::cluster::ClusterOptions>,
 }
 
 /// The binaries built next to this one (target/debug or target/release).
@@ -230,6 +240,17 @@ impl Lab {
         backend: ProxyBackend,
         nodes: usize,
         externals: usize,
+    ) -> anyhow::Result<Self> {
+        Self::build(tag, backend, nodes, externals, None).await
+    }
+
+    /// The fabric, the API server, the nodes and their proxies (and kubelets in a cluster).
+    pub(crate) async fn build(
+        tag: &str,
+        backend: ProxyBackend,
+        nodes: usize,
+        externals: usize,
+        cluster: Option<crate::cluster::ClusterOptions>,
     ) -> anyhow::Result<Self> {
         let name = format!(
             "{LAB_PREFIX}{tag}-{}-{}",
@@ -262,8 +283,10 @@ impl Lab {
             pod_counts: Vec::new(),
             cgroup: None,
             bpffs: None,
+            api_args: cluster.as_ref().map(|c| c.api_args()).unwrap_or_default(),
+            cluster,
         };
-        if let Some(root) = kpx_ebpf::features::cgroup2_root() {
+        if let Some(root) = kpx_control::netns::cgroup2_root() {
             let dir = root.join(&name);
             std::fs::create_dir(&dir)
                 .with_context(|| format!("creating the lab's cgroup {}", dir.display()))?;
@@ -297,6 +320,9 @@ impl Lab {
         }
         lab.write_fault_wrappers()?;
         for i in 0..lab.nodes.len() {
+            if lab.cluster.is_some() {
+                lab.start_kubelet(i)?;
+            }
             lab.start_proxy(i)?;
         }
         Ok(lab)
@@ -332,6 +358,7 @@ impl Lab {
                     SERVICE_RANGE_V6.0, SERVICE_RANGE_V6.1
                 ),
             ])
+            .args(&self.api_args)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(log)
@@ -436,6 +463,7 @@ impl Lab {
             index: i,
             cgroup,
             proxy: None,
+            kubelet: None,
         });
         self.pod_counts.push(0);
         Ok(())
@@ -621,8 +649,13 @@ impl Lab {
         }
     }
 
-    /// A pod on node `node` running the workload; returns its index in `pods`.
+    /// A pod on node `node` running the workload, made by the lab itself (labs without
+    /// kubelets; in a cluster, create Pods through the API); returns its index in `pods`.
     pub async fn add_pod(&mut self, node: usize, name: &str) -> anyhow::Result<usize> {
+        anyhow::ensure!(
+            self.cluster.is_none(),
+            "add_pod is for labs without kubelets: create a Pod through the API instead"
+        );
         self.pod_counts[node] += 1;
         let j = self.pod_counts[node];
         let n = &self.nodes[node];
@@ -751,6 +784,16 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.kubelet.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        // Every process the lab placed in its cgroups: pods' containers, clients, proxies.
+        if let Some(root) = &self.cgroup {
+            let _ = std::fs::write(root.join("cgroup.kill"), "1");
+        }
         for i in 0..self.nodes.len() {
             if let Some(mut child) = self.nodes[i].proxy.take() {
                 let _ = child.kill();
@@ -767,6 +810,10 @@ impl Drop for Lab {
         if let Some(relay) = self.relay.take() {
             relay.abort();
         }
+        // Pods made by kubelets are namespaces no `Netns` value owns.
+        for node in &self.nodes {
+            let _ = down_namespaces(&format!("{}-n{}-", self.name, node.index));
+        }
         // Namespaces are deleted as their `Netns` values drop, pods first.
         self.pods.clear();
         self.externals.clear();
@@ -776,7 +823,14 @@ impl Drop for Lab {
             let _ = std::process::Command::new("umount").arg(&dir).status();
         }
         if let Some(root) = self.cgroup.take() {
-            remove_cgroup(&root);
+            // Killed processes leave their cgroups a moment after the kill.
+            for _ in 0..50 {
+                remove_cgroup(&root);
+                if !root.exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
     }
 }
@@ -814,12 +868,13 @@ async fn relay(listener: std::net::TcpListener, fabric: crate::netns::Entry) {
     }
 }
 
-/// Removes a lab's cgroup and its nodes' (empty once their processes are gone).
+/// Removes a lab's cgroup and those under it (nodes, pods, containers), deepest first; each
+/// is empty once its processes are gone.
 fn remove_cgroup(root: &Path) {
     if let Ok(children) = std::fs::read_dir(root) {
         for child in children.flatten() {
             if child.path().is_dir() {
-                let _ = std::fs::remove_dir(child.path());
+                remove_cgroup(&child.path());
             }
         }
     }
@@ -829,20 +884,7 @@ fn remove_cgroup(root: &Path) {
 /// Removes every namespace (and the processes in it) whose name starts with `prefix`, and the
 /// labs' bpffs mounts and cgroups.
 pub fn down(prefix: &str) -> anyhow::Result<usize> {
-    let names = crate::netns::list(prefix);
-    for name in &names {
-        if let Ok(out) = std::process::Command::new("ip")
-            .args(["netns", "pids", name])
-            .output()
-        {
-            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                let _ = std::process::Command::new("kill")
-                    .args(["-KILL", pid])
-                    .status();
-            }
-        }
-        crate::netns::delete(name)?;
-    }
+    let count = down_namespaces(prefix)?;
     for mount in lab_mounts(prefix) {
         let _ = std::process::Command::new("umount").arg(&mount).status();
     }
@@ -856,10 +898,10 @@ pub fn down(prefix: &str) -> anyhow::Result<usize> {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
-    if let Some(root) = kpx_ebpf::features::cgroup2_root() {
+    if let Some(root) = kpx_control::netns::cgroup2_root() {
         for entry in std::fs::read_dir(&root).into_iter().flatten().flatten() {
             if entry.file_name().to_string_lossy().starts_with(prefix) {
-                // Processes left in it were in the lab's namespaces and are gone by now.
+                let _ = std::fs::write(entry.path().join("cgroup.kill"), "1");
                 for _ in 0..50 {
                     remove_cgroup(&entry.path());
                     if !entry.path().exists() {
@@ -869,6 +911,25 @@ pub fn down(prefix: &str) -> anyhow::Result<usize> {
                 }
             }
         }
+    }
+    Ok(count)
+}
+
+/// Kills the processes in every namespace whose name starts with `prefix`, and removes them.
+fn down_namespaces(prefix: &str) -> anyhow::Result<usize> {
+    let names = crate::netns::list(prefix);
+    for name in &names {
+        if let Ok(out) = std::process::Command::new("ip")
+            .args(["netns", "pids", name])
+            .output()
+        {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", pid])
+                    .status();
+            }
+        }
+        crate::netns::delete(name)?;
     }
     Ok(names.len())
 }

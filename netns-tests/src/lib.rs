@@ -1,10 +1,13 @@
 //! kpx-lab: a kpx cluster on one machine.
 //!
-//! Today it runs the control plane demo ([`demo`]); the proxy and lab issues add the network
-//! namespace topology, the scenario tests and `kpx-lab bench`.
+//! [`lab`] builds the network namespaces, [`cluster`] runs kpx-control, kpx-kubelets and
+//! kpx-proxies in them, [`cli`] is `kpx-lab up/status/exec/down`, [`demo`] the main job, and
+//! [`traffic`] the clients the tests and benchmarks send requests with.
 
-pub mod control_plane;
+pub mod cli;
+pub mod cluster;
 pub mod demo;
 pub mod lab;
-pub mod netns;
+/// Network namespaces live in kpx-control, whose kubelet makes pods of them.
+pub use kpx_control::netns;
 pub mod traffic;

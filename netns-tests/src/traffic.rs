@@ -39,6 +39,19 @@ impl Outcome {
     }
 
     fn parse(text: &str) -> Self {
+        // The built-in nginx's page: "Served by pod NAME (nginx VERSION, …) to PEER.</p>".
+        if let Some(rest) = text.split("Served by pod ").nth(1) {
+            let pod = rest.split_whitespace().next().unwrap_or_default();
+            let client = rest
+                .split(") to ")
+                .nth(1)
+                .and_then(|c| c.split(".</p>").next())
+                .unwrap_or_default();
+            return Outcome::Answer {
+                pod: pod.into(),
+                client: client.into(),
+            };
+        }
         let line = text.lines().last().unwrap_or("").trim();
         match line.split_once(' ') {
             Some((pod, client)) => Outcome::Answer {

@@ -1,9 +1,16 @@
-//! kpx-lab: run kpx on one machine.
+//! kpx-lab: run a kpx cluster on one machine, inside network namespaces.
+
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use kpx_lab::cluster::ClusterOptions;
 
 #[derive(Debug, Parser)]
-#[command(name = "kpx-lab", version, about = "Run a kpx cluster on one machine")]
+#[command(
+    name = "kpx-lab",
+    version,
+    about = "Run a kpx cluster on one machine, in network namespaces"
+)]
 struct Args {
     #[command(subcommand)]
     command: Command,
@@ -11,13 +18,54 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// The control plane end to end: kpx-control, a Service and its EndpointSlice, a watch.
-    Demo,
-    /// Remove labs: every network namespace named kpx-*, and the processes in them.
+    /// Start a cluster (API server with controllers and scheduler, a kubelet and a proxy per
+    /// node) and keep it until Ctrl-C or `kpx-lab down`.
+    Up {
+        #[arg(long, default_value_t = 2)]
+        nodes: usize,
+        /// iptables (= iptables-nft), iptables-legacy or ebpf.
+        #[arg(long, default_value = "iptables")]
+        proxy_mode: String,
+        /// How often kubelets write their node's heartbeat.
+        #[arg(long, default_value = "2s", value_parser = kpx_control::daemon::parse_duration)]
+        node_status_update_frequency: Duration,
+        /// A node silent this long goes NotReady (its endpoints stop receiving traffic).
+        #[arg(long, default_value_t = 10)]
+        node_monitor_grace_period_seconds: u32,
+        /// A NotReady node's pods are deleted (and replaced elsewhere) after this long.
+        #[arg(long, default_value_t = 30)]
+        pod_eviction_timeout_seconds: u32,
+    },
+    /// The running labs: nodes, pods, and how to reach them.
+    Status,
+    /// Run a command inside a pod's network namespace: `kpx-lab exec POD -- CMD [ARGS]`.
+    Exec {
+        pod: String,
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+        /// The lab (when several run).
+        #[arg(long)]
+        lab: Option<String>,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// The demo: a 2-node cluster, an nginx Deployment and its Service applied with kubectl,
+    /// requests spreading over the pods, a scale-up, a rolling update, then down.
+    Demo {
+        /// iptables (= iptables-nft), iptables-legacy or ebpf; default: the first this
+        /// machine runs of ebpf, iptables.
+        #[arg(long)]
+        proxy_mode: Option<String>,
+        /// The kubectl to use (default: $KPX_KUBECTL, then kubectl on PATH).
+        #[arg(long)]
+        kubectl: Option<String>,
+    },
+    /// Stop the running lab (`--all`: remove every lab, also what crashed labs left).
     Down {
-        /// Every lab (required: there is no current lab to pick).
         #[arg(long)]
         all: bool,
+        #[arg(long)]
+        lab: Option<String>,
     },
 }
 
@@ -25,14 +73,43 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     kpx_control::daemon::init_logging("warn");
     match Args::parse().command {
-        Command::Demo => kpx_lab::demo::run().await,
-        Command::Down { all } => {
-            if !all {
-                anyhow::bail!("kpx-lab down: pass --all to remove every lab");
+        Command::Up {
+            nodes,
+            proxy_mode,
+            node_status_update_frequency,
+            node_monitor_grace_period_seconds,
+            pod_eviction_timeout_seconds,
+        } => {
+            let options = ClusterOptions {
+                heartbeat: node_status_update_frequency,
+                grace_seconds: node_monitor_grace_period_seconds,
+                eviction_seconds: pod_eviction_timeout_seconds,
+            };
+            kpx_lab::cli::up(nodes, &proxy_mode, options).await
+        }
+        Command::Status => kpx_lab::cli::status().await,
+        Command::Exec {
+            pod,
+            namespace,
+            lab,
+            command,
+        } => {
+            let code = kpx_lab::cli::exec(lab.as_deref(), &namespace, &pod, &command).await?;
+            std::process::exit(code);
+        }
+        Command::Demo {
+            proxy_mode,
+            kubectl,
+        } => kpx_lab::demo::run(proxy_mode.as_deref(), kubectl).await,
+        Command::Down { all, lab } => {
+            if all {
+                let removed = kpx_lab::lab::down(kpx_lab::lab::LAB_PREFIX)?;
+                kpx_lab::cli::forget_dead_labs();
+                println!("removed {removed} network namespace(s)");
+                Ok(())
+            } else {
+                kpx_lab::cli::down(lab.as_deref())
             }
-            let removed = kpx_lab::lab::down(kpx_lab::lab::LAB_PREFIX)?;
-            println!("removed {removed} network namespace(s)");
-            Ok(())
         }
     }
 }

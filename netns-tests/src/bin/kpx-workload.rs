@@ -1,5 +1,7 @@
-//! kpx-workload: the built-in test workload (like agnhost's netexec). It answers with its pod
-//! name and the client address it saw, over HTTP (keep-alive), TCP and UDP.
+//! kpx-workload: the built-in workload kpx-kubelet's image catalog runs (like agnhost's
+//! netexec). It answers with its pod name and the client address it saw, over HTTP
+//! (keep-alive), TCP and UDP; `--serve nginx` is a plain web server on port 80,
+//! `--serve serve-hostname` answers its name on 9376, `--serve pause` only waits.
 
 use std::net::SocketAddr;
 
@@ -10,14 +12,21 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 #[derive(Debug, Parser)]
 #[command(name = "kpx-workload", version)]
 struct Args {
-    /// The name to answer with (the pod's name).
-    #[arg(long, env = "POD_NAME", default_value = "kpx-workload")]
-    name: String,
+    /// The name to answer with (the pod's name; kpx-kubelet sets HOSTNAME to it).
+    #[arg(long, env = "POD_NAME")]
+    name: Option<String>,
+    /// What to serve: workload (HTTP, TCP and UDP), netexec (agnhost's: HTTP and UDP),
+    /// nginx (HTTP on 80), serve-hostname (HTTP on --port, default 9376), pause (nothing).
+    #[arg(long, default_value = "workload")]
+    serve: String,
+    /// The version an `nginx` server reports (its image tag).
+    #[arg(long, default_value = "latest")]
+    version_label: String,
     #[arg(long, default_value_t = 8080)]
     http_port: u16,
     /// TCP: sends one line and closes. UDP: answers each datagram.
-    #[arg(long, default_value_t = 9000)]
-    port: u16,
+    #[arg(long)]
+    port: Option<u16>,
     /// Be a client instead: send `--count` requests of this kind (http, tcp, udp) to
     /// `--target`, print one outcome per line, exit.
     #[arg(long, value_name = "KIND")]
@@ -73,7 +82,47 @@ fn client(args: &Args, kind: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn http(mut stream: TcpStream, peer: SocketAddr, name: String) -> std::io::Result<()> {
+/// What an HTTP server answers.
+#[derive(Clone)]
+enum Page {
+    /// `name peer` (and agnhost's `/hostname`, `/clientip`, `/echo?msg=`).
+    Workload(String),
+    /// The name alone (serve_hostname).
+    Hostname(String),
+    /// nginx's welcome page, naming the pod that served it.
+    Nginx { name: String, version: String },
+}
+
+impl Page {
+    fn respond(&self, target: &str, peer: SocketAddr) -> (String, String, String) {
+        match self {
+            Page::Workload(name) => {
+                let body = match target.split('?').next().unwrap_or("/") {
+                    "/hostname" => name.clone(),
+                    "/clientip" => peer.to_string(),
+                    "/echo" => target
+                        .split_once("msg=")
+                        .map(|(_, m)| m.split('&').next().unwrap_or("").to_string())
+                        .unwrap_or_default(),
+                    _ => format!("{name} {peer}\n"),
+                };
+                (body, "text/plain".into(), "kpx-workload".into())
+            }
+            Page::Hostname(name) => (name.clone(), "text/plain".into(), "kpx-workload".into()),
+            Page::Nginx { name, version } => (
+                format!(
+                    "<!DOCTYPE html>\n<html><head><title>Welcome to nginx!</title></head>\n<body>\n\
+                     <h1>Welcome to nginx!</h1>\n<p>Served by pod {name} (nginx {version}, \
+                     kpx built-in) to {peer}.</p>\n</body></html>\n"
+                ),
+                "text/html".into(),
+                format!("nginx/{version} (kpx-workload)"),
+            ),
+        }
+    }
+}
+
+async fn http(mut stream: TcpStream, peer: SocketAddr, page: Page) -> std::io::Result<()> {
     let (read, mut write) = stream.split();
     let mut reader = BufReader::new(read);
     loop {
@@ -81,6 +130,7 @@ async fn http(mut stream: TcpStream, peer: SocketAddr, name: String) -> std::io:
         if reader.read_line(&mut request).await? == 0 {
             return Ok(());
         }
+        let target = request.split_whitespace().nth(1).unwrap_or("/").to_string();
         let mut close = request.contains("HTTP/1.0");
         let mut length = 0usize;
         loop {
@@ -103,9 +153,9 @@ async fn http(mut stream: TcpStream, peer: SocketAddr, name: String) -> std::io:
             let mut body = vec![0u8; length];
             tokio::io::AsyncReadExt::read_exact(&mut reader, &mut body).await?;
         }
-        let body = format!("{name} {peer}\n");
+        let (body, content_type, server) = page.respond(&target, peer);
         let response = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{body}",
+            "HTTP/1.1 200 OK\r\nServer: {server}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{}\r\n{body}",
             body.len(),
             if close { "Connection: close\r\n" } else { "" }
         );
@@ -121,41 +171,85 @@ fn canonical(peer: SocketAddr) -> SocketAddr {
     SocketAddr::new(peer.ip().to_canonical(), peer.port())
 }
 
-#[tokio::main]
+async fn serve_http(port: u16, page: Page) -> anyhow::Result<()> {
+    // Dual-stack sockets: IPv4 clients arrive as v4-mapped addresses, shown as plain IPv4.
+    let listener = TcpListener::bind(("::", port))
+        .await
+        .map_err(|e| anyhow::anyhow!("binding [::]:{port} (HTTP): {e}"))?;
+    loop {
+        if let Ok((stream, peer)) = listener.accept().await {
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(http(stream, canonical(peer), page.clone()));
+        }
+    }
+}
+
+async fn serve_tcp(port: u16, name: String) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(("::", port))
+        .await
+        .map_err(|e| anyhow::anyhow!("binding [::]:{port} (TCP): {e}"))?;
+    loop {
+        if let Ok((mut stream, peer)) = listener.accept().await {
+            let line = format!("{name} {}\n", canonical(peer));
+            tokio::spawn(async move {
+                let _ = stream.write_all(line.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    }
+}
+
+async fn serve_udp(port: u16, name: String) -> anyhow::Result<()> {
+    let udp = UdpSocket::bind(("::", port))
+        .await
+        .map_err(|e| anyhow::anyhow!("binding [::]:{port} (UDP): {e}"))?;
+    let mut buf = vec![0u8; 2048];
+    loop {
+        let (_, peer) = udp.recv_from(&mut buf).await?;
+        let line = format!("{name} {}\n", canonical(peer));
+        let _ = udp.send_to(line.as_bytes(), peer).await;
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(kind) = &args.client {
         return client(&args, kind);
     }
-    // Dual-stack sockets: IPv4 clients arrive as v4-mapped addresses, shown as plain IPv4.
-    let http_listener = TcpListener::bind(("::", args.http_port)).await?;
-    let tcp_listener = TcpListener::bind(("::", args.port)).await?;
-    let udp = UdpSocket::bind(("::", args.port)).await?;
-    let name = args.name.clone();
-    tokio::spawn(async move {
-        loop {
-            if let Ok((stream, peer)) = http_listener.accept().await {
-                let _ = stream.set_nodelay(true);
-                tokio::spawn(http(stream, canonical(peer), name.clone()));
-            }
+    let name = args
+        .name
+        .clone()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "kpx-workload".into());
+    // Whichever server fails first (a port already taken) ends the process with its error.
+    match args.serve.as_str() {
+        "workload" => {
+            let port = args.port.unwrap_or(9000);
+            tokio::try_join!(
+                serve_http(args.http_port, Page::Workload(name.clone())),
+                serve_tcp(port, name.clone()),
+                serve_udp(port, name),
+            )?;
         }
-    });
-    let name = args.name.clone();
-    tokio::spawn(async move {
-        loop {
-            if let Ok((mut stream, peer)) = tcp_listener.accept().await {
-                let line = format!("{name} {}\n", canonical(peer));
-                tokio::spawn(async move {
-                    let _ = stream.write_all(line.as_bytes()).await;
-                    let _ = stream.shutdown().await;
-                });
-            }
+        "netexec" => {
+            tokio::try_join!(
+                serve_http(args.http_port, Page::Workload(name.clone())),
+                serve_udp(args.port.unwrap_or(8081), name),
+            )?;
         }
-    });
-    let mut buf = vec![0u8; 2048];
-    loop {
-        let (_, peer) = udp.recv_from(&mut buf).await?;
-        let line = format!("{} {}\n", args.name, canonical(peer));
-        let _ = udp.send_to(line.as_bytes(), peer).await;
+        "nginx" => {
+            let page = Page::Nginx {
+                name,
+                version: args.version_label.clone(),
+            };
+            serve_http(80, page).await?;
+        }
+        "serve-hostname" => serve_http(args.port.unwrap_or(9376), Page::Hostname(name)).await?,
+        "pause" => std::future::pending::<()>().await,
+        other => anyhow::bail!(
+            "--serve {other:?}: allowed values: workload, netexec, nginx, serve-hostname, pause"
+        ),
     }
+    Ok(())
 }

@@ -69,10 +69,10 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     nodeport_addresses: Vec<String>,
     /// The shortest time between two syncs (e.g. 1s, 500ms, 0s).
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = kpx_control::daemon::parse_duration)]
     min_sync_period: Duration,
     /// How often rules are checked and refreshed even without changes.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = kpx_control::daemon::parse_duration)]
     sync_period: Duration,
     /// Address of /healthz and /livez.
     #[arg(long, default_value = "127.0.0.1:10256")]
@@ -95,46 +95,8 @@ enum Command {
     },
 }
 
-/// Go-style durations: `1s`, `500ms`, `2m`, `1h`, `0`.
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    if text == "0" {
-        return Ok(Duration::ZERO);
-    }
-    let split = text
-        .find(|c: char| c.is_ascii_alphabetic())
-        .ok_or_else(|| format!("{text:?}: a duration needs a unit (ms, s, m or h)"))?;
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("{text:?}: {number:?} is not a number"))?;
-    let seconds = match unit {
-        "ms" => value / 1000.0,
-        "s" => value,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        other => {
-            return Err(format!(
-                "{text:?}: unknown unit {other:?} (allowed: ms, s, m, h)"
-            ))
-        }
-    };
-    if !(0.0..=86400.0 * 365.0).contains(&seconds) {
-        return Err(format!("{text:?}: out of range"));
-    }
-    Ok(Duration::from_secs_f64(seconds))
-}
-
 fn client_config(args: &Args) -> anyhow::Result<ClientConfig> {
-    let mut config = match &args.kubeconfig {
-        Some(path) => ClientConfig::from_kubeconfig(path, None)?,
-        None if args.master.is_some() => ClientConfig::default(),
-        None => ClientConfig::in_cluster().context("no --kubeconfig or --master given")?,
-    };
-    if let Some(master) = &args.master {
-        config.server = master.trim_end_matches('/').to_string();
-    }
-    Ok(config)
+    kpx_control::daemon::client_config(args.kubeconfig.as_deref(), args.master.as_deref())
 }
 
 /// The backend `--proxy-mode` names, started.
@@ -150,7 +112,7 @@ fn ebpf_config(args: &Args) -> anyhow::Result<EbpfConfig> {
     let cgroup = match args.cgroup_root.as_deref() {
         Some("none") => None,
         Some(path) => Some(PathBuf::from(path)),
-        None => Some(kpx_ebpf::features::cgroup2_root().context(
+        None => Some(kpx_control::netns::cgroup2_root().context(
             "--cgroup-root: no cgroup v2 file system is mounted; give a cgroup v2 directory or \"none\"",
         )?),
     };
@@ -274,12 +236,6 @@ fn cidrs<'a>(
     Ok(out)
 }
 
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_default()
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     kpx_control::daemon::init_logging("info");
@@ -304,7 +260,10 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let client = Client::new(&client_config(&args)?)?;
-    let node_name = args.hostname_override.clone().unwrap_or_else(hostname);
+    let node_name = args
+        .hostname_override
+        .clone()
+        .unwrap_or_else(kpx_control::daemon::hostname);
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::new(args.sync_period));
     tokio::spawn({

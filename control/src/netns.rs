@@ -1,6 +1,7 @@
 //! Network namespaces: created with `ip netns add` (so `ip netns exec` and `kpx-lab down` see
 //! them), entered with setns on a helper thread, configured with rtnetlink from a socket opened
-//! inside the namespace. Nothing here ever touches the namespace the process started in.
+//! inside the namespace. Nothing here changes the namespace the process started in, except
+//! through [`Netns::current`] (kpx-kubelet, which runs inside its node's namespace).
 
 use std::fs::File;
 use std::net::IpAddr;
@@ -18,6 +19,8 @@ pub struct Netns {
     pub name: String,
     file: File,
     handle: Handle,
+    /// Created here, so removed on drop (not the process's own namespace, nor a kept one).
+    owned: bool,
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
@@ -57,9 +60,30 @@ impl Netns {
             name: name.to_string(),
             file,
             handle,
+            owned: true,
         };
         ns.up("lo").await?;
         Ok(ns)
+    }
+
+    /// The namespace this process runs in (never removed on drop).
+    pub fn current() -> anyhow::Result<Self> {
+        let file = File::open("/proc/self/ns/net").context("opening /proc/self/ns/net")?;
+        let (connection, handle, _) = rtnetlink::new_connection().context("netlink socket")?;
+        tokio::spawn(connection);
+        Ok(Self {
+            name: "(own)".into(),
+            file,
+            handle,
+            owned: false,
+        })
+    }
+
+    /// Keeps the namespace after this value is gone (its netlink socket closes): the returned
+    /// entry still enters it, and [`delete`] removes it by name.
+    pub fn keep(mut self) -> anyhow::Result<Entry> {
+        self.owned = false;
+        self.entry()
     }
 
     pub fn handle(&self) -> &Handle {
@@ -235,6 +259,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         if let Err(e) = ip(&["netns", "del", &self.name]) {
             eprintln!("kpx-lab: removing {}: {e}", self.name);
         }
@@ -264,6 +291,13 @@ impl Enter for Entry {
 }
 
 impl Entry {
+    /// A namespace made with `ip netns add` (or kpx-kubelet), by name.
+    pub fn open(name: &str) -> anyhow::Result<Self> {
+        let file = File::open(format!("/run/netns/{name}"))
+            .with_context(|| format!("no network namespace {name}"))?;
+        Ok(Entry(file, None))
+    }
+
     /// The same namespace, with clients placed in `cgroup`.
     pub fn in_cgroup(self, cgroup: std::path::PathBuf) -> Self {
         Entry(self.0, Some(cgroup))
@@ -333,4 +367,15 @@ pub fn list(prefix: &str) -> Vec<String> {
 /// Removes namespaces by name (for `kpx-lab down`).
 pub fn delete(name: &str) -> anyhow::Result<()> {
     ip(&["netns", "del", name])
+}
+
+/// Where the cgroup v2 file system is mounted (`/sys/fs/cgroup`, or
+/// `/sys/fs/cgroup/unified` on a hybrid host), if it is.
+pub fn cgroup2_root() -> Option<std::path::PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (_, path, fstype) = (f.next()?, f.next()?, f.next()?);
+        (fstype == "cgroup2").then(|| std::path::PathBuf::from(path))
+    })
 }

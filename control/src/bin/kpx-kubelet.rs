@@ -1,0 +1,171 @@
+//! kpx-kubelet: the node agent. Registers its Node, heartbeats, and runs the pods bound to it
+//! as network namespaces with processes in them.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use ipnet::IpNet;
+use kpx_control::client::Client;
+use kpx_control::kubelet::{Capacity, Config};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kpx-kubelet",
+    version,
+    about = "Run a node's pods as processes in network namespaces"
+)]
+struct Args {
+    /// Path to a kubeconfig file; without it and --master, the in-cluster config is used.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// The API server's address (overrides the kubeconfig's server).
+    #[arg(long)]
+    master: Option<String>,
+    /// The node's name; defaults to the hostname.
+    #[arg(long)]
+    hostname_override: Option<String>,
+    /// The node's addresses (comma-separated, one per family), reported as InternalIP.
+    #[arg(long, value_delimiter = ',', required = true)]
+    node_ip: Vec<IpAddr>,
+    /// The node's pod CIDRs (comma-separated, one per family): pods get an address from each.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pod_cidr: Vec<IpNet>,
+    /// Labels for the Node (`key=value,...`).
+    #[arg(long, value_delimiter = ',')]
+    node_labels: Vec<String>,
+    /// The bridge pods are attached to; it holds the first address of each pod CIDR.
+    #[arg(long, default_value = "cbr0")]
+    bridge: String,
+    /// Pod namespaces are named this plus 8 hex digits of the pod UID.
+    #[arg(long, default_value = "kpx-pod-")]
+    netns_prefix: String,
+    /// The cgroup (v2) pods' cgroups are made under, or `none`; defaults to the kubelet's own.
+    #[arg(long)]
+    cgroup_root: Option<String>,
+    /// The built-in workload binary; defaults to `kpx-workload` next to this binary.
+    #[arg(long)]
+    workload_binary: Option<PathBuf>,
+    /// Where container output is written (`<ns>_<pod>_<uid>/<container>/<restarts>.log`).
+    #[arg(long, default_value = "/var/log/kpx-pods")]
+    pod_log_dir: PathBuf,
+    /// Allocatable CPU reported for the node.
+    #[arg(long, default_value = "2")]
+    cpu: String,
+    /// Allocatable memory reported for the node.
+    #[arg(long, default_value = "8Gi")]
+    memory: String,
+    #[arg(long, default_value_t = 110)]
+    max_pods: u32,
+    /// How often the node's Ready heartbeat is written.
+    #[arg(long, default_value = "10s", value_parser = kpx_control::daemon::parse_duration)]
+    node_status_update_frequency: Duration,
+    /// `/healthz` and `/metrics` (kubelet's healthz port); `0` turns them off.
+    #[arg(long, default_value = "127.0.0.1:10248")]
+    healthz_bind_address: String,
+}
+
+/// The cgroup (v2) this process runs in, as a path under the cgroup2 mount.
+fn own_cgroup() -> Option<PathBuf> {
+    let root = kpx_control::netns::cgroup2_root()?;
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let path = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    Some(root.join(path.trim_start_matches('/')))
+}
+
+fn config(args: &Args) -> anyhow::Result<Config> {
+    let families = |ips: &[bool]| {
+        ips.iter().filter(|v4| **v4).count() <= 1 && ips.iter().filter(|v4| !**v4).count() <= 1
+    };
+    anyhow::ensure!(
+        families(
+            &args
+                .pod_cidr
+                .iter()
+                .map(|c| matches!(c, IpNet::V4(_)))
+                .collect::<Vec<_>>()
+        ),
+        "--pod-cidr {:?}: at most one CIDR per IP family",
+        args.pod_cidr
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let labels = args
+        .node_labels
+        .iter()
+        .map(|l| {
+            l.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .with_context(|| format!("--node-labels {l:?}: expected key=value"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let cgroup_root = match args.cgroup_root.as_deref() {
+        Some("none") => None,
+        Some(path) => Some(PathBuf::from(path)),
+        None => own_cgroup(),
+    };
+    let workload_binary = match &args.workload_binary {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("the kubelet's directory")?
+            .join("kpx-workload"),
+    };
+    anyhow::ensure!(
+        workload_binary.is_file(),
+        "the built-in workload {} does not exist: build it (cargo build --bins) or pass --workload-binary",
+        workload_binary.display()
+    );
+    Ok(Config {
+        node_name: args
+            .hostname_override
+            .clone()
+            .unwrap_or_else(kpx_control::daemon::hostname),
+        node_ips: args.node_ip.clone(),
+        pod_cidrs: args.pod_cidr.clone(),
+        labels,
+        capacity: Capacity {
+            cpu: args.cpu.clone(),
+            memory: args.memory.clone(),
+            pods: args.max_pods,
+        },
+        bridge: args.bridge.clone(),
+        netns_prefix: args.netns_prefix.clone(),
+        cgroup_root,
+        workload_binary,
+        log_dir: args.pod_log_dir.clone(),
+        status_update_period: args.node_status_update_frequency,
+    })
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    kpx_control::daemon::init_logging("info");
+    let args = Args::parse();
+    let config = config(&args)?;
+    let client = Client::new(&kpx_control::daemon::client_config(
+        args.kubeconfig.as_deref(),
+        args.master.as_deref(),
+    )?)?;
+    let health = if args.healthz_bind_address == "0" {
+        None
+    } else {
+        let address: SocketAddr = args.healthz_bind_address.parse().with_context(|| {
+            format!(
+                "--healthz-bind-address {:?}: expected IP:PORT or 0",
+                args.healthz_bind_address
+            )
+        })?;
+        Some(
+            tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("--healthz-bind-address {address}: cannot bind"))?,
+        )
+    };
+    tracing::info!(node = %config.node_name, server = %client.server(), "starting");
+    kpx_control::kubelet::run(client, config, health, kpx_control::daemon::shutdown()).await
+}

@@ -1,0 +1,498 @@
+//! The lean cluster end to end: kubectl applies the Kubernetes documentation's YAML to a lab
+//! whose kubelets run the pods, and traffic goes through the Services; a killed container,
+//! a stopped kubelet. Each scenario runs on every backend the kernel supports.
+
+mod common;
+
+use std::future::Future;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::on_every_backend;
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kpx_control::client::{Api, ListParams};
+use kpx_lab::cluster::{node_ready, ClusterOptions};
+use kpx_lab::lab::Lab;
+use kpx_lab::traffic::{self, Outcome};
+
+fn kubectl(lab: &Lab, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
+    let binary = std::env::var("KPX_KUBECTL").unwrap_or_else(|_| "kubectl".into());
+    let mut child = Command::new(&binary)
+        .args(args)
+        .env("KUBECONFIG", lab.kubeconfig())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    if let Some(text) = stdin {
+        child
+            .stdin
+            .take()
+            .expect("piped stdin")
+            .write_all(text.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "kubectl {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn apply(lab: &Lab, yaml: &str) -> anyhow::Result<String> {
+    kubectl(lab, &["apply", "-f", "-"], Some(yaml))
+}
+
+/// Polls `check` every 100 ms until it returns `Some`, or fails after `patience`.
+async fn until<T, F, Fut>(what: &str, patience: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = Instant::now() + patience;
+    loop {
+        if let Some(v) = check().await? {
+            return Ok(v);
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "timed out after {patience:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn pods(lab: &Lab) -> Api<Pod> {
+    Api::namespaced(lab.client(), "default")
+}
+
+async fn pod_list(lab: &Lab, selector: &str) -> anyhow::Result<Vec<Pod>> {
+    let params = ListParams {
+        label_selector: Some(selector.into()),
+        ..Default::default()
+    };
+    Ok(pods(lab).list(&params).await?.items)
+}
+
+fn is_ready(pod: &Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_none()
+        && pod
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+fn node_of(pod: &Pod) -> String {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .unwrap_or_default()
+}
+
+/// Waits for `count` ready pods matching `selector`.
+async fn ready_pods(lab: &Lab, selector: &str, count: usize) -> anyhow::Result<Vec<Pod>> {
+    until(
+        &format!("{count} ready pods {selector}"),
+        Duration::from_secs(30),
+        || async {
+            let all = pod_list(lab, selector).await?;
+            let ready: Vec<Pod> = all.into_iter().filter(is_ready).collect();
+            Ok((ready.len() == count).then_some(ready))
+        },
+    )
+    .await
+}
+
+async fn cluster_ip(lab: &Lab, name: &str) -> anyhow::Result<SocketAddr> {
+    let svc = Api::<Service>::namespaced(lab.client(), "default")
+        .get(name)
+        .await?;
+    let spec = svc.spec.expect("spec");
+    let port = spec.ports.as_ref().expect("ports")[0].port as u16;
+    Ok(SocketAddr::new(
+        spec.cluster_ip.expect("a ClusterIP").parse()?,
+        port,
+    ))
+}
+
+/// The addresses of ready endpoints in the Service's slices.
+async fn ready_endpoints(lab: &Lab, service: &str) -> anyhow::Result<Vec<String>> {
+    let params = ListParams {
+        label_selector: Some(format!("kubernetes.io/service-name={service}")),
+        ..Default::default()
+    };
+    let slices = Api::<EndpointSlice>::namespaced(lab.client(), "default")
+        .list(&params)
+        .await?;
+    Ok(slices
+        .items
+        .iter()
+        .flat_map(|s| s.endpoints.iter())
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
+        .flat_map(|e| e.addresses.clone())
+        .collect())
+}
+
+/// A client pod pinned to `node` (busybox running sleep), Ready.
+async fn client_pod(lab: &Lab, node: &str) -> anyhow::Result<Pod> {
+    apply(
+        lab,
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: client\nspec:\n  nodeSelector:\n    kubernetes.io/hostname: {node}\n  containers:\n  - name: client\n    image: busybox:1.28\n    command: ['sleep', '3600']\n"
+        ),
+    )?;
+    until("the client pod", Duration::from_secs(30), || async {
+        let p = pods(lab).get("client").await?;
+        Ok(is_ready(&p).then_some(p))
+    })
+    .await
+}
+
+const DOCS_POD: &str = "\
+apiVersion: v1
+kind: Pod
+metadata:
+  name: nginx
+spec:
+  containers:
+  - name: nginx
+    image: nginx:1.14.2
+    ports:
+    - containerPort: 80
+";
+
+const DOCS_RC: &str = "\
+apiVersion: v1
+kind: ReplicationController
+metadata:
+  name: nginx
+spec:
+  replicas: 3
+  selector:
+    app: nginx
+  template:
+    metadata:
+      name: nginx
+      labels:
+        app: nginx
+    spec:
+      containers:
+      - name: nginx
+        image: nginx
+        ports:
+        - containerPort: 80
+";
+
+const DOCS_DEPLOYMENT: &str = "\
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: nginx-deployment
+  labels:
+    app: nginx
+spec:
+  replicas: 3
+  selector:
+    matchLabels:
+      app: nginx
+  template:
+    metadata:
+      labels:
+        app: nginx
+    spec:
+      containers:
+      - name: nginx
+        image: nginx:1.14.2
+        ports:
+        - containerPort: 80
+";
+
+const DOCS_SERVICE: &str = "\
+apiVersion: v1
+kind: Service
+metadata:
+  name: my-service
+spec:
+  selector:
+    app: nginx
+  ports:
+    - protocol: TCP
+      port: 80
+      targetPort: 80
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn documentation_examples_are_reachable_from_another_node() {
+    on_every_backend("cluster-docs", |backend| async move {
+        let lab = Lab::cluster("docs", backend, 2, ClusterOptions::default()).await?;
+        for yaml in [DOCS_POD, DOCS_RC, DOCS_DEPLOYMENT, DOCS_SERVICE] {
+            apply(&lab, yaml)?;
+        }
+        // Three from the ReplicationController, three from the Deployment's ReplicaSet: the
+        // RC adopts no pod another controller owns.
+        let backends = ready_pods(&lab, "app=nginx", 6).await?;
+        let nodes: std::collections::BTreeSet<String> = backends.iter().map(node_of).collect();
+        anyhow::ensure!(
+            nodes.len() == 2,
+            "replicas spread over both nodes: {nodes:?}"
+        );
+        until("6 ready endpoints", Duration::from_secs(10), || async {
+            Ok((ready_endpoints(&lab, "my-service").await?.len() == 6).then_some(()))
+        })
+        .await?;
+        let client = client_pod(&lab, "node-2").await?;
+        let entry = lab.pod_entry(&client)?;
+        let target = cluster_ip(&lab, "my-service").await?;
+        let outcomes = traffic::http(&entry, target, 120, common::TIMEOUT)?;
+        anyhow::ensure!(
+            common::all_answer(&outcomes),
+            "every request answered: {:?}",
+            traffic::spread(&outcomes)
+        );
+        let seen = common::pods_seen(&outcomes);
+        let expected: std::collections::BTreeSet<String> = backends
+            .iter()
+            .filter_map(|p| p.metadata.name.clone())
+            .collect();
+        anyhow::ensure!(
+            seen == expected,
+            "every replica answered: {seen:?} vs {expected:?}"
+        );
+        anyhow::ensure!(
+            backends.iter().any(|p| node_of(p) == "node-1"
+                && seen.contains(p.metadata.name.as_deref().unwrap_or(""))),
+            "pods on node-1 answered the client on node-2"
+        );
+        // The bare Pod, by its own address, from the other node's client.
+        let nginx = pods(&lab).get("nginx").await?;
+        let ip: std::net::IpAddr = nginx
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ip.clone())
+            .expect("the pod has an IP")
+            .parse()?;
+        let direct = traffic::http(&entry, SocketAddr::new(ip, 80), 3, common::TIMEOUT)?;
+        anyhow::ensure!(
+            direct.iter().all(|o| o.pod() == Some("nginx")),
+            "the Pod answers on its IP: {direct:?}"
+        );
+        Ok(())
+    })
+    .await;
+}
+
+const PROBED: &str = "\
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+spec:
+  replicas: 3
+  selector:
+    matchLabels:
+      app: web
+  template:
+    metadata:
+      labels:
+        app: web
+    spec:
+      containers:
+      - name: web
+        image: registry.k8s.io/e2e-test-images/agnhost:2.39
+        args: ['netexec', '--http-port=8080']
+        readinessProbe:
+          httpGet:
+            path: /hostname
+            port: 8080
+          initialDelaySeconds: 2
+          periodSeconds: 1
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+spec:
+  selector:
+    app: web
+  ports:
+  - port: 80
+    targetPort: 8080
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_container_is_restarted_and_traffic_keeps_flowing() {
+    on_every_backend("cluster-kill", |backend| async move {
+        let lab = Lab::cluster("kill", backend, 2, ClusterOptions::default()).await?;
+        apply(&lab, PROBED)?;
+        let before = ready_pods(&lab, "app=web", 3).await?;
+        let client = client_pod(&lab, "node-1").await?;
+        let entry = lab.pod_entry(&client)?;
+        let target = cluster_ip(&lab, "web").await?;
+        until("3 ready endpoints", Duration::from_secs(10), || async {
+            Ok((ready_endpoints(&lab, "web").await?.len() == 3).then_some(()))
+        })
+        .await?;
+        let victim = before[0].clone();
+        let victim_name = victim.metadata.name.clone().expect("name");
+        let victim_ip = victim
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ip.clone())
+            .expect("ip");
+        let pid: i32 = victim
+            .status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .expect("statuses")[0]
+            .container_id
+            .as_deref()
+            .and_then(|id| id.strip_prefix("kpx://"))
+            .expect("a kpx:// container id")
+            .parse()?;
+
+        // Requests through the Service all along, while the container is killed.
+        let load_entry = kpx_lab::netns::Enter::entry(&entry)?;
+        let load = tokio::task::spawn_blocking(move || {
+            traffic::http(&load_entry, target, 400, common::TIMEOUT)
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )?;
+        // Not ready while its readiness probe waits its initial delay: out of the slice.
+        until(
+            "the killed pod's endpoint to leave",
+            Duration::from_secs(5),
+            || async {
+                Ok((!ready_endpoints(&lab, "web").await?.contains(&victim_ip)).then_some(()))
+            },
+        )
+        .await?;
+        let restarted = until(
+            "the container restarted and ready",
+            Duration::from_secs(20),
+            || async {
+                let p = pods(&lab).get(&victim_name).await?;
+                let count = p
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.container_statuses.as_ref())
+                    .map_or(0, |c| c[0].restart_count);
+                Ok((count == 1 && is_ready(&p)).then_some(p))
+            },
+        )
+        .await?;
+        let last = restarted
+            .status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .expect("statuses")[0]
+            .last_state
+            .clone()
+            .and_then(|s| s.terminated)
+            .expect("the killed run is the last state");
+        anyhow::ensure!(
+            last.exit_code == 137 && last.signal == Some(9),
+            "killed by SIGKILL: {last:?}"
+        );
+        let outcomes = load.await??;
+        let failed: Vec<&Outcome> = outcomes.iter().filter(|o| o.pod().is_none()).collect();
+        // Only connections made in the moment between the kill and the proxies hearing of it
+        // can fail (as in Kubernetes); allow 2%.
+        anyhow::ensure!(
+            failed.len() * 50 <= outcomes.len(),
+            "{} of {} requests failed: {failed:?}",
+            failed.len(),
+            outcomes.len()
+        );
+        until("the endpoint back", Duration::from_secs(10), || async {
+            Ok(ready_endpoints(&lab, "web")
+                .await?
+                .contains(&victim_ip)
+                .then_some(()))
+        })
+        .await?;
+        let after = traffic::http(&entry, target, 60, common::TIMEOUT)?;
+        anyhow::ensure!(
+            common::all_answer(&after),
+            "all answered after the restart: {:?}",
+            traffic::spread(&after)
+        );
+        anyhow::ensure!(
+            common::pods_seen(&after).contains(&victim_name),
+            "the restarted pod serves again"
+        );
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_kubelet_makes_its_node_not_ready_and_its_pods_move() {
+    on_every_backend("cluster-node-down", |backend| async move {
+        let options = ClusterOptions {
+            heartbeat: Duration::from_millis(500),
+            grace_seconds: 3,
+            eviction_seconds: 3,
+        };
+        let mut lab = Lab::cluster("nodedown", backend, 2, options).await?;
+        apply(&lab, &PROBED.replace("replicas: 3", "replicas: 4"))?;
+        let before = ready_pods(&lab, "app=web", 4).await?;
+        let on_node2: Vec<String> = before
+            .iter()
+            .filter(|p| node_of(p) == "node-2")
+            .filter_map(|p| p.metadata.name.clone())
+            .collect();
+        anyhow::ensure!(!on_node2.is_empty(), "some replicas run on node-2");
+        let client = client_pod(&lab, "node-1").await?;
+        let entry = lab.pod_entry(&client)?;
+        let target = cluster_ip(&lab, "web").await?;
+
+        let stopped = Instant::now();
+        lab.stop_kubelet(1);
+        let nodes = Api::<Node>::all(lab.client());
+        until("node-2 NotReady", Duration::from_secs(10), || async {
+            Ok((!node_ready(&nodes.get("node-2").await?)).then_some(()))
+        })
+        .await?;
+        // Its endpoints stop receiving traffic: only node-1's pods answer.
+        let node1_only = |o: &[Outcome]| {
+            common::all_answer(o) && common::pods_seen(o).iter().all(|p| !on_node2.contains(p))
+        };
+        let mut last = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            last = traffic::http(&entry, target, 40, common::TIMEOUT)?;
+            if node1_only(&last) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        anyhow::ensure!(node1_only(&last), "node-2's pods still answered: {:?}", traffic::spread(&last));
+        let unready_after = stopped.elapsed();
+        // Evicted, and replaced on node-1.
+        let replaced = until("4 ready replicas on node-1", Duration::from_secs(30), || async {
+            let all = pod_list(&lab, "app=web").await?;
+            let ready: Vec<Pod> = all.into_iter().filter(|p| is_ready(p) && node_of(p) == "node-1").collect();
+            Ok((ready.len() == 4).then_some(ready))
+        })
+        .await?;
+        anyhow::ensure!(
+            replaced.iter().all(|p| !on_node2.contains(p.metadata.name.as_ref().expect("name"))),
+            "the node-2 pods were replaced"
+        );
+        let after = traffic::http(&entry, target, 60, common::TIMEOUT)?;
+        anyhow::ensure!(common::all_answer(&after), "all answered: {:?}", traffic::spread(&after));
+        anyhow::ensure!(common::pods_seen(&after).len() == 4, "the 4 replicas answer: {:?}", traffic::spread(&after));
+        eprintln!("node-2's endpoints stopped receiving traffic {unready_after:?} after its kubelet stopped (grace 3 s)");
+        Ok(())
+    })
+    .await;
+}
