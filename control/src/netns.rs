@@ -150,10 +150,16 @@ impl Netns {
         Ok(())
     }
 
+    /// A bridge with a fixed MAC address: a bridge without one takes the lowest of its ports'
+    /// and changes it as pods come and go, leaving pods' neighbour entries for their gateway
+    /// pointing at an address nothing answers (their traffic is flooded, not routed, for the
+    /// half minute until the entry goes stale). The CNI bridge plugin fixes it the same way.
     pub async fn add_bridge(&self, name: &str) -> anyhow::Result<()> {
+        let mut mac = vec![0x02, 0x6b, 0x70, 0, 0, 0];
+        mac[3..].copy_from_slice(&rand::random::<[u8; 3]>());
         self.handle
             .link()
-            .add(LinkBridge::new(name).up().build())
+            .add(LinkBridge::new(name).address(mac).up().build())
             .execute()
             .await?;
         Ok(())
