@@ -125,6 +125,11 @@ impl Lab {
         Ok(())
     }
 
+    /// The process id of node `i`'s kubelet, if it runs (for resource figures).
+    pub fn kubelet_pid(&self, i: usize) -> Option<u32> {
+        self.nodes[i].kubelet.as_ref().map(std::process::Child::id)
+    }
+
     /// Stops node `i`'s kubelet (SIGTERM); its pods keep running, as with kubelet.
     pub fn stop_kubelet(&mut self, i: usize) {
         if let Some(mut child) = self.nodes[i].kubelet.take() {
@@ -135,7 +140,7 @@ impl Lab {
         }
     }
 
-    /// Waits until every node is registered and Ready and every proxy answers its healthz.
+    /// Waits until every node is registered and Ready and every proxy has synced.
     pub async fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         let nodes = Api::<NodeObject>::all(self.client());
@@ -157,26 +162,18 @@ impl Lab {
         }
     }
 
+    /// Every proxy has programmed the kernel at least once (its last-sync metric is set).
     fn proxies_healthy(&self) -> anyhow::Result<bool> {
         for node in &self.nodes {
-            let ok = node.ns.enter(|| {
-                use std::io::{Read, Write};
-                let target = std::net::SocketAddr::from(([127, 0, 0, 1], 10256));
-                let Ok(mut s) =
-                    std::net::TcpStream::connect_timeout(&target, Duration::from_millis(200))
-                else {
-                    return false;
-                };
-                let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-                if s.write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n")
-                    .is_err()
-                {
-                    return false;
-                }
-                let mut head = [0u8; 12];
-                s.read_exact(&mut head).is_ok() && &head[9..12] == b"200"
-            })?;
-            if !ok {
+            let Ok((200, metrics)) = crate::traffic::local_get(&node.ns, 10249, "/metrics") else {
+                return Ok(false);
+            };
+            let synced = metrics.lines().any(|l| {
+                l.strip_prefix("kubeproxy_sync_proxy_rules_last_timestamp_seconds ")
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+                    .is_some_and(|t| t > 0.0)
+            });
+            if !synced {
                 return Ok(false);
             }
         }

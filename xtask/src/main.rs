@@ -21,7 +21,8 @@ struct Args {
 enum Cmd {
     /// Install the system packages and clients the tests and the demo use.
     Deps,
-    /// Run the demo: the control plane end to end on the embedded store.
+    /// Run the demo: a 2-node cluster in network namespaces, an nginx Deployment and its
+    /// Service applied with kubectl, traffic spreading, a scale-up, a rolling update, down.
     Demo,
     /// Check formatting and lints, then run every test with the real clients.
     Test {
@@ -129,18 +130,13 @@ fn main() -> anyhow::Result<()> {
     match Args::parse().command {
         Cmd::Deps => deps::install().map(|_| ()),
         Cmd::Demo => {
-            say("building kpx-control and kpx-lab");
-            run(cargo().args([
-                "build",
-                "--quiet",
-                "-p",
-                "kpx-control",
-                "-p",
-                "kpx-lab",
-                "--bins",
-            ]))?;
+            let tools = deps::install()?;
+            say("building kpx (kpx-control, kpx-kubelet, kpx-proxy, kpx-lab, kpx-workload)");
+            run(cargo().args(["build", "--quiet", "--workspace", "--bins"]))?;
             say("running kpx-lab demo");
-            run(Command::new(workspace_root().join("target/debug/kpx-lab")).arg("demo"))
+            run(Command::new(workspace_root().join("target/debug/kpx-lab"))
+                .arg("demo")
+                .env("KPX_KUBECTL", &tools.kubectl))
         }
         Cmd::Test { no_lint } => {
             let tools = deps::install()?;
@@ -202,7 +198,9 @@ fn main() -> anyhow::Result<()> {
             say("running the eBPF backend benchmark (root: BPF maps)");
             run(cargo().args(["bench", "-p", "kpx-lab", "--bench", "ebpf_sync"]))?;
             say("running the data-plane benchmark (root, a lab per backend)");
-            run(cargo().args(["bench", "-p", "kpx-lab", "--bench", "dataplane"]))
+            run(cargo().args(["bench", "-p", "kpx-lab", "--bench", "dataplane"]))?;
+            say("running the cluster benchmark (root: lab up, a 100-replica rollout, kubelet memory)");
+            run(cargo().args(["bench", "-p", "kpx-lab", "--bench", "cluster"]))
         }
     }
 }
