@@ -324,6 +324,17 @@ async fn scheduled_pods_delete_gracefully_and_finalizers_hold_objects() {
         still.spec.as_ref().and_then(|s| s.node_name.as_deref()),
         Some("n1")
     );
+    // The kubelet reports the containers stopping: the pod stays until it confirms.
+    pods.patch_status(
+        "p",
+        Patch::Merge,
+        &json!({"status": {"conditions": [{"type": "Ready", "status": "False"}]}}),
+    )
+    .await
+    .expect("status while terminating");
+    pods.get("p")
+        .await
+        .expect("a status update does not end a graceful deletion");
     pods.delete_with_grace("p", 0).await.expect("confirm");
     assert!(pods
         .get("p")

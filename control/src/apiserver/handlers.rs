@@ -573,8 +573,11 @@ impl Ctx<'_> {
                 self.release(&held);
                 return self.object_response(StatusCode::OK, &next);
             }
-            // An object waiting on finalizers goes once the last one is removed.
-            let finishing = meta::is_deleting(&next) && meta::finalizers(&next) == 0;
+            // An object waiting on finalizers goes once the last one is removed. (A pod in
+            // graceful deletion waits on its kubelet instead: its status updates keep it.)
+            let finishing = meta::is_deleting(&next)
+                && meta::finalizers(&next) == 0
+                && meta::finalizers(&current) > 0;
             let precondition = Precondition::ModRevision(current_kv.mod_revision);
             let written = if finishing {
                 self.server.store.delete(self.key(), precondition).await
