@@ -496,3 +496,167 @@ async fn a_stopped_kubelet_makes_its_node_not_ready_and_its_pods_move() {
     })
     .await;
 }
+
+const UNRUNNABLE: &str = "\
+apiVersion: v1
+kind: Pod
+metadata:
+  name: unknown-image
+spec:
+  containers:
+  - name: app
+    image: example.com/app:v1
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: missing-command
+spec:
+  containers:
+  - name: app
+    image: busybox:1.28
+    command: ['no-such-command-kpx']
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: port-taken
+spec:
+  containers:
+  - name: first
+    image: nginx:1.14.2
+  - name: second
+    image: nginx:1.14.2
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: stubborn
+spec:
+  terminationGracePeriodSeconds: 2
+  containers:
+  - name: app
+    image: busybox:1.28
+    command: ['sh', '-c', 'trap \"\" TERM; while true; do sleep 1; done']
+";
+
+fn container_state(
+    pod: &Pod,
+    container: &str,
+) -> Option<k8s_openapi::api::core::v1::ContainerStatus> {
+    pod.status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .iter()
+        .find(|c| c.name == container)
+        .cloned()
+}
+
+fn waiting_reason(pod: &Pod, container: &str) -> Option<(String, String)> {
+    let w = container_state(pod, container)?.state?.waiting?;
+    let reason = w.reason.unwrap_or_default();
+    // Not yet tried while the sandbox is made.
+    (reason != "ContainerCreating").then(|| (reason, w.message.unwrap_or_default()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_that_cannot_run_say_why_and_termination_is_graceful() {
+    // What the kubelet does with a pod does not depend on the proxy backend: one is enough.
+    common::on_one_backend("cluster-unrunnable", |backend| async move {
+        let lab = Lab::cluster("unrunnable", backend, 1, ClusterOptions::default()).await?;
+        apply(&lab, DOCS_POD)?;
+        until("the nginx pod", Duration::from_secs(20), || async {
+            Ok(is_ready(&pods(&lab).get("nginx").await?).then_some(()))
+        })
+        .await?;
+        apply(&lab, UNRUNNABLE)?;
+        let (reason, message) = until("ErrImagePull", Duration::from_secs(10), || async {
+            Ok(waiting_reason(
+                &pods(&lab).get("unknown-image").await?,
+                "app",
+            ))
+        })
+        .await?;
+        anyhow::ensure!(
+            reason == "ErrImagePull" || reason == "ImagePullBackOff",
+            "{reason}"
+        );
+        anyhow::ensure!(
+            message.contains("not in kpx-kubelet's image catalog"),
+            "{message}"
+        );
+        let (reason, message) = until("CreateContainerError", Duration::from_secs(10), || async {
+            Ok(waiting_reason(
+                &pods(&lab).get("missing-command").await?,
+                "app",
+            ))
+        })
+        .await?;
+        anyhow::ensure!(reason == "CreateContainerError", "{reason}");
+        anyhow::ensure!(
+            message.contains("\"no-such-command-kpx\": executable file not found"),
+            "{message}"
+        );
+        // Two servers on port 80 in one pod: one runs, the other fails saying why.
+        let failed = until(
+            "the second container to fail",
+            Duration::from_secs(10),
+            || async {
+                let pod = pods(&lab).get("port-taken").await?;
+                let done = ["first", "second"].iter().find_map(|c| {
+                    let s = container_state(&pod, c)?;
+                    let t = s.last_state.and_then(|l| l.terminated)?;
+                    Some((c.to_string(), t))
+                });
+                Ok(done)
+            },
+        )
+        .await?;
+        anyhow::ensure!(
+            failed
+                .1
+                .message
+                .as_deref()
+                .unwrap_or_default()
+                .contains("Address already in use"),
+            "the failure says why: {:?}",
+            failed.1
+        );
+        // Nothing else on the node was disturbed.
+        let nginx = pods(&lab).get("nginx").await?;
+        anyhow::ensure!(is_ready(&nginx), "the nginx pod is still ready");
+        let ip: std::net::IpAddr = nginx.status.and_then(|s| s.pod_ip).expect("ip").parse()?;
+        let answers = traffic::http(&lab.nodes[0], SocketAddr::new(ip, 80), 5, common::TIMEOUT)?;
+        anyhow::ensure!(common::all_answer(&answers), "{answers:?}");
+
+        // Graceful termination: SIGTERM ignored, so SIGKILL at the end of the 2 s grace period.
+        until("stubborn running", Duration::from_secs(10), || async {
+            Ok(is_ready(&pods(&lab).get("stubborn").await?).then_some(()))
+        })
+        .await?;
+        let started = Instant::now();
+        kubectl(&lab, &["delete", "pod", "stubborn", "--wait=false"], None)?;
+        until("stubborn terminating", Duration::from_secs(5), || async {
+            let p = pods(&lab).get("stubborn").await?;
+            Ok((p.metadata.deletion_timestamp.is_some() && !is_ready(&p)).then_some(()))
+        })
+        .await?;
+        until("stubborn gone", Duration::from_secs(10), || async {
+            Ok(pods(&lab)
+                .get("stubborn")
+                .await
+                .is_err_and(|e| e.is_not_found())
+                .then_some(()))
+        })
+        .await?;
+        let took = started.elapsed();
+        anyhow::ensure!(
+            took >= Duration::from_millis(1900) && took < Duration::from_secs(6),
+            "killed at the end of the grace period, then deleted: {took:?}\n{}",
+            std::fs::read_to_string(lab.log_path("kubelet-node-1")).unwrap_or_default()
+        );
+        Ok(())
+    })
+    .await;
+}

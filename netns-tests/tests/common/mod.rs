@@ -20,14 +20,10 @@ fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
-/// Runs `scenario` against each backend this kernel supports; the others are reported as
-/// skipped with the reason. Without root the whole scenario is skipped (and fails when
-/// `KPX_REQUIRE_NETNS=1`, as `cargo xtask test` sets, so CI cannot pass it silently).
-pub async fn on_every_backend<F, Fut>(tag: &str, scenario: F)
-where
-    F: Fn(ProxyBackend) -> Fut,
-    Fut: Future<Output = anyhow::Result<()>>,
-{
+/// The backends a scenario runs on: those this kernel supports (and `KPX_BACKENDS` names);
+/// the others are reported as skipped with the reason. Without root there are none (and that
+/// fails when `KPX_REQUIRE_NETNS=1`, as `cargo xtask test` sets, so CI cannot pass it silently).
+fn runnable(tag: &str) -> Vec<ProxyBackend> {
     let required = std::env::var("KPX_REQUIRE_NETNS").is_ok_and(|v| v == "1");
     if !is_root() {
         assert!(
@@ -35,11 +31,11 @@ where
             "{tag}: network namespace tests need root (KPX_REQUIRE_NETNS=1)"
         );
         eprintln!("SKIPPED {tag}: network namespace tests need root");
-        return;
+        return Vec::new();
     }
-    let mut ran = 0;
     // KPX_BACKENDS=ebpf,iptables-nft narrows the run (while working on one backend).
     let only = std::env::var("KPX_BACKENDS").ok();
+    let mut out = Vec::new();
     for backend in ALL_BACKENDS {
         if let Some(only) = &only {
             if !only.split(',').any(|b| b == backend.name()) {
@@ -54,13 +50,49 @@ where
             eprintln!("SKIPPED {tag} on {}: {reason}", backend.name());
             continue;
         }
+        out.push(*backend);
+    }
+    assert!(
+        !out.is_empty() || !is_root(),
+        "{tag}: no backend is supported on this kernel"
+    );
+    out
+}
+
+/// Runs `scenario` against each backend this kernel supports.
+pub async fn on_every_backend<F, Fut>(tag: &str, scenario: F)
+where
+    F: Fn(ProxyBackend) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    for backend in runnable(tag) {
         eprintln!("RUN {tag} on {}", backend.name());
-        if let Err(e) = scenario(*backend).await {
+        if let Err(e) = scenario(backend).await {
             panic!("{tag} on {}: {e:#}", backend.name());
         }
-        ran += 1;
     }
-    assert!(ran > 0, "{tag}: no backend is supported on this kernel");
+}
+
+/// Runs `scenario` on the first backend this kernel supports, for behaviour that does not
+/// depend on the proxy backend; the others are reported as skipped.
+pub async fn on_one_backend<F, Fut>(tag: &str, scenario: F)
+where
+    F: Fn(ProxyBackend) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let backends = runnable(tag);
+    if let Some((first, rest)) = backends.split_first() {
+        for other in rest {
+            eprintln!(
+                "SKIPPED {tag} on {}: the scenario does not depend on the backend",
+                other.name()
+            );
+        }
+        eprintln!("RUN {tag} on {}", first.name());
+        if let Err(e) = scenario(*first).await {
+            panic!("{tag} on {}: {e:#}", first.name());
+        }
+    }
 }
 
 pub fn services(lab: &Lab) -> Api<Service> {
