@@ -11,7 +11,7 @@ use kpx_control::client::{Api, Client, ClientConfig, ListParams};
 use serde_json::{json, Value};
 
 use crate::cluster::{node_ready, ClusterOptions};
-use crate::lab::{Lab, ProxyBackend, ALL_BACKENDS};
+use crate::lab::{Lab, ProxyBackend};
 
 const STATE_DIR: &str = "/run/kpx-lab";
 
@@ -276,22 +276,19 @@ pub fn down(lab: Option<&str>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// For `down --all`: state files of labs whose process is gone.
-pub fn forget_dead_labs() {
+/// For `down --all`: asks every running `kpx-lab up` to tear its lab down, and forgets the
+/// labs whose process is gone (`lab::down` removes what they left).
+pub fn stop_all_labs() {
     for (state, alive) in labs() {
-        if !alive {
-            if let Some(name) = state["name"].as_str() {
-                let _ = std::fs::remove_file(state_path(name));
+        let Some(name) = state["name"].as_str() else {
+            continue;
+        };
+        if alive {
+            if let Err(e) = down(Some(name)) {
+                eprintln!("kpx-lab: {e:#}");
             }
+        } else {
+            let _ = std::fs::remove_file(state_path(name));
         }
     }
-}
-
-/// Every backend name, for help texts.
-pub fn backend_names() -> String {
-    ALL_BACKENDS
-        .iter()
-        .map(|b| b.name())
-        .collect::<Vec<_>>()
-        .join(", ")
 }

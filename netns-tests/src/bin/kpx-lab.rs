@@ -103,8 +103,8 @@ async fn main() -> anyhow::Result<()> {
         } => kpx_lab::demo::run(proxy_mode.as_deref(), kubectl).await,
         Command::Down { all, lab } => {
             if all {
+                kpx_lab::cli::stop_all_labs();
                 let removed = kpx_lab::lab::down(kpx_lab::lab::LAB_PREFIX)?;
-                kpx_lab::cli::forget_dead_labs();
                 println!("removed {removed} network namespace(s)");
                 Ok(())
             } else {
