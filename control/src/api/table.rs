@@ -87,6 +87,9 @@ fn columns(kind: Kind) -> Vec<Column> {
             Column { kind: "integer", ..col("Up-to-date", "Total number of non-terminated pods targeted by this deployment that have the desired template spec.") },
             Column { kind: "integer", ..col("Available", "Total number of available pods (ready for at least minReadySeconds) targeted by this deployment.") },
             AGE,
+            wide("Containers", "Names of each container in the template."),
+            wide("Images", "Images referenced by each container in the template."),
+            wide("Selector", "Label selector for pods. Pods matching the selector are managed by this controller."),
         ],
         Kind::ReplicaSet | Kind::ReplicationController => vec![
             NAME,
@@ -94,6 +97,9 @@ fn columns(kind: Kind) -> Vec<Column> {
             Column { kind: "integer", ..col("Current", "Number of actual pods.") },
             Column { kind: "integer", ..col("Ready", "Number of ready pods.") },
             AGE,
+            wide("Containers", "Names of each container in the template."),
+            wide("Images", "Images referenced by each container in the template."),
+            wide("Selector", "Label selector for pods. Pods matching the selector are managed by this controller."),
         ],
     }
 }
@@ -337,15 +343,70 @@ fn cells(kind: Kind, obj: &Value, age: String) -> Vec<Value> {
             json!(int(obj, "/status/updatedReplicas")),
             json!(int(obj, "/status/availableReplicas")),
             json!(age),
-        ],
+        ]
+        .into_iter()
+        .chain(template_cells(obj))
+        .collect(),
         Kind::ReplicaSet | Kind::ReplicationController => vec![
             name,
             json!(int(obj, "/spec/replicas")),
             json!(int(obj, "/status/replicas")),
             json!(int(obj, "/status/readyReplicas")),
             json!(age),
-        ],
+        ]
+        .into_iter()
+        .chain(template_cells(obj))
+        .collect(),
     }
+}
+
+/// A workload's wide cells: its template's containers and images, and its selector (a label
+/// selector's `matchLabels` and `matchExpressions`, or a ReplicationController's plain map).
+fn template_cells(obj: &Value) -> [Value; 3] {
+    let containers = list(obj, "/spec/template/spec/containers");
+    let names: Vec<&str> = containers
+        .iter()
+        .filter_map(|c| c.get("name").and_then(Value::as_str))
+        .collect();
+    let images: Vec<&str> = containers
+        .iter()
+        .filter_map(|c| c.get("image").and_then(Value::as_str))
+        .collect();
+    let selector = obj.pointer("/spec/selector");
+    let labels = selector
+        .and_then(|s| s.get("matchLabels"))
+        .or(selector.filter(|s| s.get("matchExpressions").is_none()))
+        .and_then(Value::as_object);
+    let mut text = super::selector::format_labels(labels);
+    for e in selector
+        .and_then(|s| s.get("matchExpressions"))
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let values: Vec<&str> = e["values"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        let key = e["key"].as_str().unwrap_or_default();
+        let part = match e["operator"].as_str().unwrap_or_default() {
+            "In" => format!("{key} in ({})", values.join(",")),
+            "NotIn" => format!("{key} notin ({})", values.join(",")),
+            "Exists" => key.to_string(),
+            _ => format!("!{key}"),
+        };
+        if !text.is_empty() {
+            text.push(',');
+        }
+        text.push_str(&part);
+    }
+    [
+        json!(or_none(names.join(","))),
+        json!(or_none(images.join(","))),
+        json!(or_none(text)),
+    ]
 }
 
 /// kubectl shows three addresses and how many more.
