@@ -450,7 +450,17 @@ impl Worker {
         let pod = name_of(&self.pod);
         let c = &mut self.list_mut(init)[index];
         tracing::warn!(%pod, container = %c.view.name, reason, %message, "cannot start the container");
-        c.view.state = State::waiting(reason, Some(message));
+        // As kubelet: the first failure to "pull" is ErrImagePull, the wait before the next
+        // attempt ImagePullBackOff.
+        c.view.state = if reason == "ErrImagePull" && !c.backoff.is_zero() {
+            let image = c.view.image.clone();
+            State::waiting(
+                "ImagePullBackOff",
+                Some(format!("Back-off pulling image {image:?}: {message}")),
+            )
+        } else {
+            State::waiting(reason, Some(message))
+        };
         c.backoff = next_backoff(c.backoff);
         c.restart_at = Some(Instant::now() + c.backoff);
         self.shared.metrics.start_failures.inc();
