@@ -211,7 +211,7 @@ async fn serve_udp(port: u16, name: String) -> anyhow::Result<()> {
     }
 }
 
-#[tokio::main(flavor = "current_thread")]
+#[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(kind) = &args.client {
