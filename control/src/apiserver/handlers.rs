@@ -680,9 +680,10 @@ impl Ctx<'_> {
                 )],
             ));
         }
+        let finalizer = propagation_finalizer(self.query, &options)?;
         for _ in 0..CONFLICT_RETRIES {
             let current_kv = self.current().await?;
-            let current = codec::decode(&current_kv)?;
+            let mut current = codec::decode(&current_kv)?;
             if let Some(uid) = options
                 .pointer("/preconditions/uid")
                 .and_then(Value::as_str)
@@ -717,6 +718,11 @@ impl Ctx<'_> {
             }
             if self.dry_run() {
                 return self.object_response(StatusCode::OK, &current);
+            }
+            // Orphan and Foreground deletion wait on the garbage collector, through the
+            // finalizer it acts on (`orphan` / `foregroundDeletion`), as in Kubernetes.
+            if let Some(f) = finalizer {
+                add_finalizer(&mut current, f);
             }
             let result = match self.graceful(&current, grace) {
                 Some(marked) => {
@@ -1060,5 +1066,48 @@ fn reset_status_on_create(kind: Kind, obj: &mut Value) {
     };
     if let Some(map) = obj.as_object_mut() {
         map.insert("status".into(), status);
+    }
+}
+
+/// The finalizer a delete's propagation policy asks for: `Orphan` (or the legacy
+/// `orphanDependents: true`) → `orphan`, `Foreground` → `foregroundDeletion`, `Background`
+/// (the default) → none.
+fn propagation_finalizer(query: &Query, options: &Value) -> Result<Option<&'static str>, ApiError> {
+    let policy = query
+        .propagation_policy
+        .clone()
+        .or_else(|| {
+            options
+                .get("propagationPolicy")
+                .and_then(Value::as_str)
+                .map(String::from)
+        })
+        .or_else(|| {
+            (options.get("orphanDependents") == Some(&json!(true))).then(|| "Orphan".to_string())
+        });
+    match policy.as_deref() {
+        None | Some("Background") => Ok(None),
+        Some("Orphan") => Ok(Some("orphan")),
+        Some("Foreground") => Ok(Some("foregroundDeletion")),
+        Some(other) => Err(ApiError::invalid(
+            "meta.k8s.io",
+            "DeleteOptions",
+            "",
+            vec![FieldError::not_supported(
+                "propagationPolicy",
+                other,
+                &["Foreground", "Background", "Orphan"],
+            )],
+        )),
+    }
+}
+
+fn add_finalizer(obj: &mut Value, finalizer: &str) {
+    let m = meta::metadata_mut(obj);
+    let list = m.entry("finalizers").or_insert_with(|| json!([]));
+    if let Some(items) = list.as_array_mut() {
+        if !items.iter().any(|f| f == finalizer) {
+            items.push(json!(finalizer));
+        }
     }
 }

@@ -132,6 +132,7 @@ pub struct Query {
     pub include_object: Option<String>,
     pub dry_run: Option<String>,
     pub grace_period_seconds: Option<String>,
+    pub propagation_policy: Option<String>,
 }
 
 pub fn parse_query(raw: Option<&str>) -> Result<Query, ApiError> {

@@ -43,10 +43,10 @@ struct Args {
     bookmark_interval_seconds: u64,
     /// Controllers to run beside the API server (kube-controller-manager's): a comma-separated
     /// list of endpointslice, replicaset (ReplicaSets and ReplicationControllers), deployment,
-    /// nodelifecycle, scheduler, or none.
+    /// nodelifecycle, scheduler, garbagecollector (cascading deletion), or none.
     #[arg(
         long,
-        default_value = "endpointslice,replicaset,deployment,nodelifecycle,scheduler"
+        default_value = "endpointslice,replicaset,deployment,nodelifecycle,scheduler,garbagecollector"
     )]
     controllers: String,
     /// Seconds a node may stay silent before it is marked Ready=Unknown.
@@ -96,12 +96,13 @@ async fn main() -> anyhow::Result<()> {
         .map(str::trim)
         .filter(|c| !c.is_empty() && *c != "none")
         .collect();
-    const KNOWN: [&str; 5] = [
+    const KNOWN: [&str; 6] = [
         "endpointslice",
         "replicaset",
         "deployment",
         "nodelifecycle",
         "scheduler",
+        "garbagecollector",
     ];
     if let Some(unknown) = controllers.iter().find(|c| !KNOWN.contains(c)) {
         bail!(
@@ -133,6 +134,7 @@ async fn main() -> anyhow::Result<()> {
                 "replicaset" => drop(replicaset_sync::spawn(client.clone())),
                 "deployment" => drop(deployment_sync::spawn(client.clone())),
                 "scheduler" => drop(scheduler_sync::spawn(client.clone())),
+                "garbagecollector" => drop(garbagecollector_sync::spawn(client.clone())),
                 "nodelifecycle" => drop(nodelifecycle_sync::spawn(
                     client.clone(),
                     nodelifecycle::Timing {

@@ -50,7 +50,9 @@ pub async fn run(client: Client, shutdown: impl std::future::Future<Output = ()>
                     continue;
                 }
                 for key in std::mem::take(&mut dirty) {
-                    let Some(d) = d_cache.objects.get(&key) else { continue };
+                    // A Deployment being deleted makes no more ReplicaSets.
+                    let Some(d) = d_cache.objects.get(&key)
+                        .filter(|d| d.metadata.deletion_timestamp.is_none()) else { continue };
                     let sets: Vec<&ReplicaSet> = rs_cache.objects
                         .range((key.0.clone(), String::new())..)
                         .take_while(|((ns, _), _)| *ns == key.0)

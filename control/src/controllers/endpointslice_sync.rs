@@ -76,8 +76,8 @@ pub async fn run(client: Client, shutdown: impl std::future::Future<Output = ()>
                             .map(|(_, s)| s)
                     };
                     let Some(service) = svc_cache.objects.get(&key) else {
-                        // A deleted Service's slices go with it (they are owned by it; there is
-                        // no garbage collector yet, so the controller deletes them).
+                        // A deleted Service's slices go with it at once (the garbage collector
+                        // would also remove them, as they are owned by it, a moment later).
                         let gone = Service {
                             metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
                                 namespace: Some(key.0.clone()),

@@ -6,6 +6,8 @@ pub mod deployment;
 pub mod deployment_sync;
 pub mod endpointslice;
 pub mod endpointslice_sync;
+pub mod garbagecollector;
+pub mod garbagecollector_sync;
 pub mod nodelifecycle;
 pub mod nodelifecycle_sync;
 pub mod replicaset;

@@ -86,9 +86,15 @@ pub async fn run(client: Client, shutdown: impl std::future::Future<Output = ()>
                         dirty.insert(item); // still waiting to see its own writes
                         continue;
                     }
+                    // A workload being deleted creates nothing more: its pods are the
+                    // garbage collector's (or orphaned) now.
                     let workload: Option<Replicated> = match item.0 {
-                        Kind::ReplicaSet => set_cache.objects.get(&item.1).map(Replicated::from),
-                        Kind::ReplicationController => rc_cache.objects.get(&item.1).map(Replicated::from),
+                        Kind::ReplicaSet => set_cache.objects.get(&item.1)
+                            .filter(|o| o.metadata.deletion_timestamp.is_none())
+                            .map(Replicated::from),
+                        Kind::ReplicationController => rc_cache.objects.get(&item.1)
+                            .filter(|o| o.metadata.deletion_timestamp.is_none())
+                            .map(Replicated::from),
                     };
                     let Some(w) = workload else { continue };
                     let namespace_pods: Vec<&Pod> = pod_cache.objects
