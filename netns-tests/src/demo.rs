@@ -181,6 +181,7 @@ async fn scenario(lab: &Lab, kubectl: &Kubectl<'_>) -> anyhow::Result<()> {
         "{REQUESTS} requests from pod client to the Service's ClusterIP"
     ));
     spread(lab).await?;
+    kubectl.run(&["logs", "deployment/nginx-deployment", "--tail=3"])?;
 
     step("scaling to 5 replicas");
     kubectl.run(&["scale", "deployment/nginx-deployment", "--replicas=5"])?;

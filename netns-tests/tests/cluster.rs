@@ -623,6 +623,17 @@ async fn pods_that_cannot_run_say_why_and_termination_is_graceful() {
             "the failure says why: {:?}",
             failed.1
         );
+        // `kubectl logs` reaches the kubelet through the API server.
+        let logs = kubectl(
+            &lab,
+            &["logs", "port-taken", "-c", &failed.0, "--previous"],
+            None,
+        )
+        .or_else(|_| kubectl(&lab, &["logs", "port-taken", "-c", &failed.0], None))?;
+        anyhow::ensure!(
+            logs.contains("Address already in use"),
+            "kubectl logs: {logs:?}"
+        );
         // Nothing else on the node was disturbed.
         let nginx = pods(&lab).get("nginx").await?;
         anyhow::ensure!(is_ready(&nginx), "the nginx pod is still ready");

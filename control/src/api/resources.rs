@@ -147,7 +147,7 @@ pub static RESOURCES: &[ResourceInfo] = &[
         singular: "pod",
         short_names: &["po"],
         namespaced: true,
-        subresources: &["status", "binding"],
+        subresources: &["status", "binding", "log"],
         categories: ALL,
         has_status: true,
         has_spec: false,

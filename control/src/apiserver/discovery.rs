@@ -125,6 +125,7 @@ pub fn resource_list(group: &str, version: &str) -> Result<Response, ApiError> {
         for sub in r.subresources {
             let (kind, verbs): (&str, &[&str]) = match *sub {
                 "binding" => ("Binding", &["create"]),
+                "log" => ("Pod", &["get"]),
                 "scale" => ("Scale", &["get", "patch", "update"]),
                 _ => (r.kind_name, &["get", "patch", "update"]),
             };

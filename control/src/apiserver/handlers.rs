@@ -48,6 +48,9 @@ pub async fn handle(
         (&Method::GET, _, None) if watching => watch::serve(server, &target, &query, table).await,
         (&Method::GET, false, None) => ctx.list().await,
         (&Method::GET, true, None | Some("status") | Some("scale")) => ctx.get().await,
+        (&Method::GET, true, Some("log")) => {
+            super::logs::pod_log(server, &target, request.uri().query()).await
+        }
         (&Method::POST, false, None) => {
             let body = read_json(request, &content_type).await?;
             ctx.create(body).await

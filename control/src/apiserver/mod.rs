@@ -6,6 +6,7 @@
 mod codec;
 mod discovery;
 mod handlers;
+mod logs;
 mod request;
 mod response;
 mod watch;

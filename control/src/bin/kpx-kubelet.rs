@@ -65,6 +65,12 @@ struct Args {
     /// `/healthz` and `/metrics` (kubelet's healthz port); `0` turns them off.
     #[arg(long, default_value = "127.0.0.1:10248")]
     healthz_bind_address: String,
+    /// Address of the kubelet API the API server proxies `kubectl logs` to.
+    #[arg(long, default_value = "0.0.0.0")]
+    address: std::net::IpAddr,
+    /// Port of the kubelet API; 0 turns it off.
+    #[arg(long, default_value_t = 10250)]
+    port: u16,
 }
 
 /// The cgroup (v2) this process runs in, as a path under the cgroup2 mount.
@@ -139,6 +145,7 @@ fn config(args: &Args) -> anyhow::Result<Config> {
         workload_binary,
         log_dir: args.pod_log_dir.clone(),
         status_update_period: args.node_status_update_frequency,
+        kubelet_port: args.port,
     })
 }
 
@@ -166,6 +173,22 @@ async fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("--healthz-bind-address {address}: cannot bind"))?,
         )
     };
+    let api = if args.port == 0 {
+        None
+    } else {
+        let address = SocketAddr::new(args.address, args.port);
+        Some(
+            tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| {
+                    format!(
+                        "--address {} --port {}: cannot bind",
+                        args.address, args.port
+                    )
+                })?,
+        )
+    };
     tracing::info!(node = %config.node_name, server = %client.server(), "starting");
-    kpx_control::kubelet::run(client, config, health, kpx_control::daemon::shutdown()).await
+    let listeners = kpx_control::kubelet::Listeners { health, api };
+    kpx_control::kubelet::run(client, config, listeners, kpx_control::daemon::shutdown()).await
 }

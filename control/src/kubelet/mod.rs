@@ -9,6 +9,7 @@ pub mod node;
 pub mod pod_status;
 pub mod probe;
 pub mod runtime;
+pub mod server;
 pub mod worker;
 
 use std::collections::{BTreeSet, HashMap};
@@ -52,6 +53,8 @@ pub struct Config {
     pub workload_binary: PathBuf,
     pub log_dir: PathBuf,
     pub status_update_period: Duration,
+    /// The port of the kubelet API (container logs), reported in the Node's daemonEndpoints.
+    pub kubelet_port: u16,
 }
 
 impl Config {
@@ -73,6 +76,7 @@ impl Config {
             workload_binary: "kpx-workload".into(),
             log_dir: std::env::temp_dir(),
             status_update_period: Duration::from_secs(10),
+            kubelet_port: 10250,
         }
     }
 }
@@ -104,10 +108,17 @@ impl Shared {
 
 /// Runs the kubelet until `shutdown` resolves. Pods keep running when it stops (as with
 /// kubelet); a later kubelet of the same node removes them and starts them afresh.
+/// Where the kubelet serves: `/healthz` and `/metrics`, and the kubelet API (container logs).
+#[derive(Default)]
+pub struct Listeners {
+    pub health: Option<tokio::net::TcpListener>,
+    pub api: Option<tokio::net::TcpListener>,
+}
+
 pub async fn run(
     client: Client,
     config: Config,
-    health: Option<tokio::net::TcpListener>,
+    listeners: Listeners,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let node = Netns::current()?;
@@ -129,8 +140,11 @@ pub async fn run(
         node,
         metrics: Metrics::new(),
     });
-    if let Some(listener) = health {
+    if let Some(listener) = listeners.health {
         tokio::spawn(metrics::serve(shared.clone(), listener));
+    }
+    if let Some(listener) = listeners.api {
+        tokio::spawn(server::serve(shared.clone(), listener));
     }
     tokio::pin!(shutdown);
     let mut delay = Duration::from_millis(200);

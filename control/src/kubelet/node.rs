@@ -85,7 +85,7 @@ pub fn desired(config: &Config, now: &str) -> Value {
             "allocatable": resources,
             "addresses": addresses,
             "conditions": conditions(now, now),
-            "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": config.kubelet_port}},
             "nodeInfo": {
                 "kubeletVersion": KUBELET_VERSION,
                 "kubeProxyVersion": KUBELET_VERSION,

@@ -154,6 +154,16 @@ async fn http(mut stream: TcpStream, peer: SocketAddr, page: Page) -> std::io::R
             tokio::io::AsyncReadExt::read_exact(&mut reader, &mut body).await?;
         }
         let (body, content_type, server) = page.respond(&target, peer);
+        if let Page::Nginx { .. } = &page {
+            // nginx's access log line (combined format, without the referrer and agent).
+            println!(
+                "{} - - [{}] \"{}\" 200 {}",
+                peer.ip(),
+                chrono::Utc::now().format("%d/%b/%Y:%H:%M:%S +0000"),
+                request.trim_end(),
+                body.len()
+            );
+        }
         let response = format!(
             "HTTP/1.1 200 OK\r\nServer: {server}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{}\r\n{body}",
             body.len(),
