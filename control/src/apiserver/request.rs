@@ -107,6 +107,13 @@ pub fn route(path: &str) -> Result<Route, ApiError> {
         _ => return Err(not_found()),
     };
     if let Some(sub) = &t.subresource {
+        let streaming = ["exec", "attach", "portforward", "proxy"];
+        if t.resource.kind == resources::Kind::Pod && streaming.contains(&sub.as_str()) {
+            return Err(ApiError::bad_request(format!(
+                "pods/{sub} is not served by kpx (it needs a streaming protocol); in a lab, \
+                 `kpx-lab exec POD -- COMMAND` runs a command in a pod"
+            )));
+        }
         if !t.resource.supports_subresource(sub) {
             return Err(not_found());
         }
