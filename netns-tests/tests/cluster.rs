@@ -586,6 +586,13 @@ async fn pods_that_cannot_run_say_why_and_termination_is_graceful() {
             message.contains("not in kpx-kubelet's image catalog"),
             "{message}"
         );
+        // …and `kubectl describe` shows why, from the kubelet's events.
+        let described = until("the Failed event", Duration::from_secs(5), || async {
+            let text = kubectl(&lab, &["describe", "pod", "unknown-image"], None)?;
+            Ok(text.contains("Failed to pull image").then_some(text))
+        })
+        .await?;
+        anyhow::ensure!(described.contains("Scheduled"), "{described}");
         let (reason, message) = until("CreateContainerError", Duration::from_secs(10), || async {
             Ok(waiting_reason(
                 &pods(&lab).get("missing-command").await?,

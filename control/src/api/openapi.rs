@@ -41,6 +41,7 @@ fn definition_name(kind: Kind) -> &'static str {
         Kind::ReplicationController => "io.k8s.api.core.v1.ReplicationController",
         Kind::ReplicaSet => "io.k8s.api.apps.v1.ReplicaSet",
         Kind::Deployment => "io.k8s.api.apps.v1.Deployment",
+        Kind::Event => "io.k8s.api.core.v1.Event",
     }
 }
 
@@ -58,6 +59,7 @@ fn definitions(pointer: &str) -> Map<String, Value> {
     generator.subschema_for::<core::Pod>();
     generator.subschema_for::<core::Node>();
     generator.subschema_for::<core::ReplicationController>();
+    generator.subschema_for::<core::Event>();
     generator.subschema_for::<apps::ReplicaSet>();
     generator.subschema_for::<apps::Deployment>();
     let mut defs = generator.take_definitions(true);

@@ -135,7 +135,7 @@ pub fn list_merges(kind: Kind) -> Vec<(String, ListMerge)> {
         Kind::Service => extend(SERVICE, &mut out),
         Kind::Node => extend(NODE, &mut out),
         Kind::Namespace => extend(WORKLOAD_STATUS, &mut out),
-        Kind::Endpoints | Kind::EndpointSlice => {}
+        Kind::Endpoints | Kind::EndpointSlice | Kind::Event => {}
     }
     out
 }

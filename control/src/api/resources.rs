@@ -12,6 +12,7 @@ pub enum Kind {
     ReplicationController,
     ReplicaSet,
     Deployment,
+    Event,
 }
 
 #[derive(Debug)]
@@ -219,6 +220,32 @@ pub static RESOURCES: &[ResourceInfo] = &[
         has_status: true,
         has_spec: true,
         field_selectors: &[],
+    },
+    ResourceInfo {
+        kind: Kind::Event,
+        group: "",
+        version: "v1",
+        kind_name: "Event",
+        plural: "events",
+        singular: "event",
+        short_names: &["ev"],
+        namespaced: true,
+        subresources: &[],
+        categories: &[],
+        has_status: false,
+        has_spec: false,
+        field_selectors: &[
+            "involvedObject.kind",
+            "involvedObject.namespace",
+            "involvedObject.name",
+            "involvedObject.uid",
+            "involvedObject.apiVersion",
+            "involvedObject.resourceVersion",
+            "involvedObject.fieldPath",
+            "reason",
+            "reportingComponent",
+            "type",
+        ],
     },
 ];
 

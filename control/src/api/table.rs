@@ -91,6 +91,16 @@ fn columns(kind: Kind) -> Vec<Column> {
             wide("Images", "Images referenced by each container in the template."),
             wide("Selector", "Label selector for pods. Pods matching the selector are managed by this controller."),
         ],
+        Kind::Event => vec![
+            col("Last Seen", "The time of the event's latest occurrence."),
+            col("Type", "Normal or Warning."),
+            col("Reason", "Why the event happened, in one word."),
+            col("Object", "The object the event is about."),
+            col("Message", "What happened."),
+            wide("Source", "The component that reported it."),
+            Column { kind: "integer", ..wide("Count", "How many times it happened.") },
+            wide("Name", "The event's name."),
+        ],
         Kind::ReplicaSet | Kind::ReplicationController => vec![
             NAME,
             Column { kind: "integer", ..col("Desired", "Number of desired pods.") },
@@ -347,6 +357,38 @@ fn cells(kind: Kind, obj: &Value, age: String) -> Vec<Value> {
         .into_iter()
         .chain(template_cells(obj))
         .collect(),
+        Kind::Event => {
+            let last = [
+                "/lastTimestamp",
+                "/eventTime",
+                "/firstTimestamp",
+                "/metadata/creationTimestamp",
+            ]
+            .iter()
+            .map(|p| text(obj, p))
+            .find(|t| !t.is_empty())
+            .unwrap_or("");
+            let object = format!(
+                "{}/{}",
+                text(obj, "/involvedObject/kind").to_lowercase(),
+                text(obj, "/involvedObject/name")
+            );
+            let source = match (text(obj, "/source/component"), text(obj, "/source/host")) {
+                ("", _) => text(obj, "/reportingComponent").to_string(),
+                (c, "") => c.to_string(),
+                (c, h) => format!("{c}, {h}"),
+            };
+            vec![
+                json!(human_age(last, chrono::Utc::now())),
+                json!(text(obj, "/type")),
+                json!(text(obj, "/reason")),
+                json!(object),
+                json!(text(obj, "/message")),
+                json!(source),
+                json!(int(obj, "/count").max(1)),
+                name,
+            ]
+        }
         Kind::ReplicaSet | Kind::ReplicationController => vec![
             name,
             json!(int(obj, "/spec/replicas")),

@@ -2,6 +2,7 @@
 //! It speaks only the public API, so the same code runs against kpx-control and a real
 //! kube-apiserver.
 
+pub mod events;
 mod kubeconfig;
 mod reflector;
 mod watch;

@@ -5,6 +5,7 @@
 //! conflict.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
@@ -12,6 +13,7 @@ use serde_json::json;
 
 use super::cache::{key_of, Cache, Key};
 use super::deployment::plan;
+use crate::client::events::{Involved, Recorder};
 use crate::client::{reflector, Api, Client, ClientError, Patch, ReflectorOptions};
 
 /// Runs the controller until `shutdown` completes.
@@ -28,6 +30,7 @@ pub async fn run(client: Client, shutdown: impl std::future::Future<Output = ()>
     let mut rs_cache = Cache::<ReplicaSet>::new();
     let mut dirty: BTreeSet<Key> = BTreeSet::new();
     let mut tick = tokio::time::interval(Duration::from_millis(20));
+    let events = Recorder::new(client.clone(), "deployment-controller", None);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -58,7 +61,7 @@ pub async fn run(client: Client, shutdown: impl std::future::Future<Output = ()>
                         .take_while(|((ns, _), _)| *ns == key.0)
                         .map(|(_, rs)| rs)
                         .collect();
-                    if let Err(e) = pass(&client, d, &sets).await {
+                    if let Err(e) = pass(&client, &events, d, &sets).await {
                         tracing::warn!(deployment = %format!("{}/{}", key.0, key.1), error = %e, "sync failed; retrying");
                         dirty.insert(key);
                     }
@@ -68,7 +71,12 @@ pub async fn run(client: Client, shutdown: impl std::future::Future<Output = ()>
     }
 }
 
-async fn pass(client: &Client, d: &Deployment, sets: &[&ReplicaSet]) -> Result<(), ClientError> {
+async fn pass(
+    client: &Client,
+    events: &Arc<Recorder>,
+    d: &Deployment,
+    sets: &[&ReplicaSet],
+) -> Result<(), ClientError> {
     let namespace = d.metadata.namespace.clone().unwrap_or_default();
     let mut step = plan(d, sets);
     let api: Api<ReplicaSet> = Api::namespaced(client.clone(), &namespace);
@@ -77,15 +85,31 @@ async fn pass(client: &Client, d: &Deployment, sets: &[&ReplicaSet]) -> Result<(
         if let (Some(spec), Some(n)) = (rs.spec.as_mut(), step.scale.remove(&name)) {
             spec.replicas = Some(n);
         }
+        let replicas = rs.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
         match api.create(&rs).await {
-            Ok(_) => {}
+            Ok(_) => events.normal(
+                Involved::of(d),
+                "ScalingReplicaSet",
+                format!("Scaled up replica set {name} to {replicas}"),
+            ),
             Err(e) if e.is_conflict() => {}
             Err(e) => return Err(e),
         }
     }
     for (name, replicas) in &step.scale {
+        let before = sets
+            .iter()
+            .find(|rs| rs.metadata.name.as_deref() == Some(name.as_str()))
+            .and_then(|rs| rs.spec.as_ref().and_then(|s| s.replicas))
+            .unwrap_or(0);
         api.patch(name, Patch::Merge, &json!({"spec": {"replicas": replicas}}))
             .await?;
+        let way = if *replicas > before { "up" } else { "down" };
+        events.normal(
+            Involved::of(d),
+            "ScalingReplicaSet",
+            format!("Scaled {way} replica set {name} from {before} to {replicas}"),
+        );
     }
     for name in &step.delete {
         match api.delete(name).await {

@@ -5,6 +5,7 @@
 //! workload again, so a slow watch never makes it create twice.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::ReplicaSet;
@@ -13,6 +14,7 @@ use serde_json::json;
 
 use super::cache::{key_of, Cache, Key};
 use super::replicaset::{decide, owner_reference, Replicated};
+use crate::client::events::{Involved, Recorder};
 use crate::client::{reflector, Api, Client, ClientError, Patch, ReflectorOptions};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -45,6 +47,7 @@ pub async fn run(client: Client, shutdown: impl std::future::Future<Output = ()>
     let mut dirty: BTreeSet<(Kind, Key)> = BTreeSet::new();
     let mut expected: BTreeMap<(Kind, Key), Expectations> = BTreeMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(20));
+    let events = Recorder::new(client.clone(), "replicaset-controller", None);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -102,7 +105,7 @@ pub async fn run(client: Client, shutdown: impl std::future::Future<Output = ()>
                         .take_while(|((ns, _), _)| *ns == item.1.0)
                         .map(|(_, p)| p)
                         .collect();
-                    match pass(&client, &w, item.0, &namespace_pods).await {
+                    match pass(&client, &events, &w, item.0, &namespace_pods).await {
                         Ok(Some(exp)) => { expected.insert(item, exp); }
                         Ok(None) => {}
                         Err(e) => {
@@ -119,6 +122,7 @@ pub async fn run(client: Client, shutdown: impl std::future::Future<Output = ()>
 /// One pass for `w`: adopt, create, delete, write status. Returns what to wait for.
 async fn pass(
     client: &Client,
+    events: &Arc<Recorder>,
     w: &Replicated,
     kind: Kind,
     pods: &[&Pod],
@@ -129,12 +133,30 @@ async fn pass(
         let patch = json!({"metadata": {"ownerReferences": [owner_reference(w)]}});
         pod_api.patch(name, Patch::Merge, &patch).await?;
     }
+    let about = Involved {
+        kind: w.kind.to_string(),
+        api_version: w.api_version.to_string(),
+        namespace: w.namespace.clone(),
+        name: w.name.clone(),
+        uid: w.uid.clone(),
+        field_path: None,
+    };
     for pod in &decision.create {
-        pod_api.create(pod).await?;
+        let created = pod_api.create(pod).await?;
+        let name = created.metadata.name.unwrap_or_default();
+        events.normal(
+            about.clone(),
+            "SuccessfulCreate",
+            format!("Created pod: {name}"),
+        );
     }
     for name in &decision.delete {
         match pod_api.delete(name).await {
-            Ok(_) => {}
+            Ok(_) => events.normal(
+                about.clone(),
+                "SuccessfulDelete",
+                format!("Deleted pod: {name}"),
+            ),
             Err(e) if e.is_not_found() => {}
             Err(e) => return Err(e),
         }

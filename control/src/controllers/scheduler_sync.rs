@@ -5,6 +5,7 @@
 //! reason.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -12,6 +13,8 @@ use serde_json::json;
 
 use super::cache::{Cache, Key};
 use super::scheduler::{pick, NodeState};
+
+use crate::client::events::{Involved, Recorder};
 use crate::client::{reflector, Api, Client, ClientError, Patch, ReflectorOptions};
 
 pub const SCHEDULER_NAME: &str = "default-scheduler";
@@ -51,6 +54,7 @@ pub async fn run(client: Client, shutdown: impl std::future::Future<Output = ()>
     // on their node so the next placement does not ignore them.
     let mut assumed: BTreeMap<Key, (String, Instant)> = BTreeMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(20));
+    let events = Recorder::new(client.clone(), "default-scheduler", None);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -68,7 +72,7 @@ pub async fn run(client: Client, shutdown: impl std::future::Future<Output = ()>
                     let bound = pod_cache.objects.get(key).is_none_or(|p| p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some());
                     !bound && at.elapsed() < Duration::from_secs(30)
                 });
-                if let Err(e) = pass(&client, &pod_cache, &node_cache, &mut assumed).await {
+                if let Err(e) = pass(&client, &events, &pod_cache, &node_cache, &mut assumed).await {
                     tracing::warn!(error = %e, "scheduling pass failed; retrying");
                     changed = true;
                 }
@@ -79,6 +83,7 @@ pub async fn run(client: Client, shutdown: impl std::future::Future<Output = ()>
 
 async fn pass(
     client: &Client,
+    events: &Arc<Recorder>,
     pods: &Cache<Pod>,
     nodes: &Cache<Node>,
     assumed: &mut BTreeMap<Key, (String, Instant)>,
@@ -126,6 +131,11 @@ async fn pass(
                     "target": {"apiVersion": "v1", "kind": "Node", "name": node}});
                 match api.post_subresource(&name, "binding", &binding).await {
                     Ok(_) => {
+                        events.normal(
+                            Involved::of(pod),
+                            "Scheduled",
+                            format!("Successfully assigned {namespace}/{name} to {node}"),
+                        );
                         states[i].add(pod);
                         assumed.insert((namespace.clone(), name.clone()), (node, Instant::now()));
                     }
@@ -138,6 +148,7 @@ async fn pass(
                 if unschedulable_message(pod) == Some(message.as_str()) {
                     continue;
                 }
+                events.warning(Involved::of(pod), "FailedScheduling", message.clone());
                 let status = json!({"status": {"conditions": [{"type": "PodScheduled", "status": "False",
                     "reason": "Unschedulable", "message": message}]}});
                 match api.patch_status(&name, Patch::Merge, &status).await {

@@ -88,6 +88,8 @@ pub struct Shared {
     /// The node's own namespace (the kubelet runs in it): veths and the bridge.
     pub node: Netns,
     pub metrics: Metrics,
+    /// Events about pods, as kubelet records them (`kubectl describe pod`).
+    pub events: Arc<crate::client::events::Recorder>,
     ipam: Mutex<Ipam>,
 }
 
@@ -136,6 +138,11 @@ pub async fn run(
     let shared = Arc::new(Shared {
         client: client.clone(),
         ipam: Mutex::new(Ipam::new(config.pod_cidrs.clone())),
+        events: crate::client::events::Recorder::new(
+            client.clone(),
+            "kubelet",
+            Some(&config.node_name),
+        ),
         config,
         node,
         metrics: Metrics::new(),

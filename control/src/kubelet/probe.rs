@@ -18,6 +18,17 @@ pub enum Check {
     Exec { command: Vec<String> },
 }
 
+impl Check {
+    /// What was checked, for the event saying it failed.
+    pub fn describe(&self) -> String {
+        match self {
+            Check::Http { port, path } => format!("HTTP GET {path} on port {port} did not succeed"),
+            Check::Tcp { port } => format!("dial tcp port {port}: no answer"),
+            Check::Exec { command } => format!("command {command:?} did not exit 0"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProbeSpec {
     pub check: Check,

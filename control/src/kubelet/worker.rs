@@ -21,6 +21,7 @@ use super::probe::{self, ProbeSpec, Tracker};
 use super::runtime::{self, Sandbox};
 use super::Shared;
 use crate::api::meta;
+use crate::client::events::Involved;
 use crate::client::{Api, Patch};
 
 /// What the pod's watcher tells its worker.
@@ -335,6 +336,11 @@ impl Worker {
     fn sandbox_failed(&mut self, error: String) {
         tracing::warn!(pod = %name_of(&self.pod), %error, "creating the pod sandbox failed; retrying");
         self.shared.metrics.sandbox_failures.inc();
+        self.shared.events.warning(
+            Involved::of(&self.pod),
+            "FailedCreatePodSandBox",
+            format!("Failed to create pod sandbox: {error}"),
+        );
         self.sandbox_error = Some(format!("Failed to create pod sandbox: {error}"));
         self.sandbox_retry = Some(Instant::now() + Duration::from_secs(2));
     }
@@ -423,6 +429,23 @@ impl Worker {
                 };
                 let readiness = probing(spec.readiness_probe.as_ref(), false);
                 let liveness = probing(spec.liveness_probe.as_ref(), true);
+                let about = Involved::of(&self.pod).container(&spec.name);
+                let image = spec.image.clone().unwrap_or_default();
+                self.shared.events.normal(
+                    about.clone(),
+                    "Pulled",
+                    format!("Container image {image:?} already present on machine"),
+                );
+                self.shared.events.normal(
+                    about.clone(),
+                    "Created",
+                    format!("Created container {}", spec.name),
+                );
+                self.shared.events.normal(
+                    about,
+                    "Started",
+                    format!("Started container {}", spec.name),
+                );
                 let c = &mut self.list_mut(init)[index];
                 if c.generation > 0 {
                     c.view.restart_count += 1;
@@ -448,12 +471,32 @@ impl Worker {
     /// A container that cannot start: say why and try again after the back-off.
     fn cannot_start(&mut self, init: bool, index: usize, reason: &str, message: String) {
         let pod = name_of(&self.pod);
+        let (container, image) = {
+            let c = &self.list(init)[index];
+            (c.view.name.clone(), c.view.image.clone())
+        };
+        tracing::warn!(%pod, %container, reason, %message, "cannot start the container");
+        let about = Involved::of(&self.pod).container(&container);
+        if reason == "ErrImagePull" {
+            self.shared.events.warning(
+                about.clone(),
+                "Failed",
+                format!("Failed to pull image {image:?}: {message}"),
+            );
+            self.shared.events.normal(
+                about,
+                "BackOff",
+                format!("Back-off pulling image {image:?}"),
+            );
+        } else {
+            self.shared
+                .events
+                .warning(about, "Failed", format!("Error: {message}"));
+        }
         let c = &mut self.list_mut(init)[index];
-        tracing::warn!(%pod, container = %c.view.name, reason, %message, "cannot start the container");
         // As kubelet: the first failure to "pull" is ErrImagePull, the wait before the next
         // attempt ImagePullBackOff.
         c.view.state = if reason == "ErrImagePull" && !c.backoff.is_zero() {
-            let image = c.view.image.clone();
             State::waiting(
                 "ImagePullBackOff",
                 Some(format!("Back-off pulling image {image:?}: {message}")),
@@ -545,6 +588,20 @@ impl Worker {
             };
             c.restart_at = Some(Instant::now() + delay);
             self.shared.metrics.container_restarts.inc();
+            if !delay.is_zero() {
+                let about =
+                    Involved::of(&self.pod).container(&self.list(exit.init)[exit.index].view.name);
+                let name = about.field_path.clone().unwrap_or_default();
+                drop(name);
+                self.shared.events.warning(
+                    about.clone(),
+                    "BackOff",
+                    format!(
+                        "Back-off restarting failed container {} in pod {pod_ref}",
+                        self.list(exit.init)[exit.index].view.name
+                    ),
+                );
+            }
         }
         if self.terminating_since.is_none() {
             self.advance();
@@ -595,12 +652,33 @@ impl Worker {
                     tracing::info!(%pod, container = %c.view.name, ready, "readiness changed");
                     c.view.ready = ready;
                 }
+                if !ok {
+                    self.shared.events.warning(
+                        Involved::of(&self.pod).container(&c.view.name),
+                        "Unhealthy",
+                        format!("Readiness probe failed: {}", p.spec.check.describe()),
+                    );
+                }
             }
             if let Some(p) = c.liveness.as_mut().filter(|p| p.next <= now) {
                 let ok = probe::run(&p.spec.check, ip, &entry, p.spec.timeout).await;
                 p.next = Instant::now() + p.spec.period;
                 if p.tracker.record(ok, &p.spec) == Some(false) {
                     tracing::info!(%pod, container = %c.view.name, "liveness probe failed; restarting the container");
+                    let about = Involved::of(&self.pod).container(&c.view.name);
+                    self.shared.events.warning(
+                        about.clone(),
+                        "Unhealthy",
+                        format!("Liveness probe failed: {}", p.spec.check.describe()),
+                    );
+                    self.shared.events.normal(
+                        about,
+                        "Killing",
+                        format!(
+                            "Container {} failed liveness probe, will be restarted",
+                            c.view.name
+                        ),
+                    );
                     self.shared.metrics.liveness_kills.inc();
                     p.tracker = Tracker::new(true);
                     // Killed; its exit restarts it according to the restart policy.
@@ -633,6 +711,11 @@ impl Worker {
             c.restart_at = None;
             c.view.ready = false;
             if let Some(pid) = c.pid {
+                self.shared.events.normal(
+                    Involved::of(&self.pod).container(&c.view.name),
+                    "Killing",
+                    format!("Stopping container {}", c.view.name),
+                );
                 runtime::signal(pid, Signal::SIGTERM);
             }
         }

@@ -68,6 +68,7 @@ pub fn decode(resource: &ResourceInfo, mut body: Value) -> Result<Value, ApiErro
         Kind::ReplicationController => roundtrip::<core::ReplicationController>(body, kind),
         Kind::ReplicaSet => roundtrip::<apps::ReplicaSet>(body, kind),
         Kind::Deployment => roundtrip::<apps::Deployment>(body, kind),
+        Kind::Event => roundtrip::<core::Event>(body, kind),
     }
 }
 

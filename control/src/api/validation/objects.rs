@@ -136,6 +136,11 @@ pub fn validate_object(kind: Kind, obj: &Value) -> Vec<FieldError> {
                 }
             }
         }
+        Kind::Event => {
+            if obj.get("involvedObject").is_none_or(Value::is_null) {
+                errs.push(FieldError::required("involvedObject", ""));
+            }
+        }
         Kind::Namespace | Kind::Service => {}
     }
     errs
