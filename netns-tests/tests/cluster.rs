@@ -488,7 +488,16 @@ async fn a_stopped_kubelet_makes_its_node_not_ready_and_its_pods_move() {
             replaced.iter().all(|p| !on_node2.contains(p.metadata.name.as_ref().expect("name"))),
             "the node-2 pods were replaced"
         );
-        let after = traffic::http(&entry, target, 60, common::TIMEOUT)?;
+        // The replacements reach the slice and the proxies a moment after they are Ready.
+        let mut after = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            after = traffic::http(&entry, target, 60, common::TIMEOUT)?;
+            if common::all_answer(&after) && common::pods_seen(&after).len() == 4 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         anyhow::ensure!(common::all_answer(&after), "all answered: {:?}", traffic::spread(&after));
         anyhow::ensure!(common::pods_seen(&after).len() == 4, "the 4 replicas answer: {:?}", traffic::spread(&after));
         eprintln!("node-2's endpoints stopped receiving traffic {unready_after:?} after its kubelet stopped (grace 3 s)");
