@@ -687,3 +687,76 @@ async fn pods_that_cannot_run_say_why_and_termination_is_graceful() {
     })
     .await;
 }
+
+fn container_ids(pods: &[Pod]) -> std::collections::BTreeMap<String, (String, i32)> {
+    pods.iter()
+        .map(|p| {
+            let c = &p
+                .status
+                .as_ref()
+                .and_then(|s| s.container_statuses.clone())
+                .unwrap_or_default()[0];
+            (
+                p.metadata.name.clone().unwrap_or_default(),
+                (c.container_id.clone().unwrap_or_default(), c.restart_count),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_kubelet_keeps_its_pods_running() {
+    common::on_one_backend("cluster-kubelet-restart", |backend| async move {
+        let mut lab = Lab::cluster("restart", backend, 1, ClusterOptions::default()).await?;
+        apply(&lab, PROBED)?;
+        let before = ready_pods(&lab, "app=web", 3).await?;
+        let ids = container_ids(&before);
+        let client = client_pod(&lab, "node-1").await?;
+        let entry = lab.pod_entry(&client)?;
+        let target = cluster_ip(&lab, "web").await?;
+        lab.stop_kubelet(0);
+        lab.start_kubelet(0)?;
+        // The same processes, not restarted, still ready and serving.
+        let mut after = Vec::new();
+        for _ in 0..30 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            after = pod_list(&lab, "app=web").await?;
+        }
+        anyhow::ensure!(
+            after.iter().all(is_ready) && container_ids(&after) == ids,
+            "all still ready, the same containers: {ids:?} vs {:?}\n{}",
+            container_ids(&after),
+            std::fs::read_to_string(lab.log_path("kubelet-node-1")).unwrap_or_default()
+        );
+        anyhow::ensure!(
+            container_ids(&after) == ids,
+            "the same containers: {ids:?} vs {:?}",
+            container_ids(&after)
+        );
+        let outcomes = traffic::http(&entry, target, 60, common::TIMEOUT)?;
+        anyhow::ensure!(
+            common::all_answer(&outcomes) && common::pods_seen(&outcomes).len() == 3,
+            "{:?}",
+            traffic::spread(&outcomes)
+        );
+        // The new kubelet still watches the adopted processes: one killed is restarted.
+        let (name, (id, _)) = ids.iter().next().expect("a pod");
+        let pid: i32 = id.trim_start_matches("kpx://").parse()?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )?;
+        until(
+            "the adopted container restarted",
+            Duration::from_secs(20),
+            || async {
+                let p = pods(&lab).get(name).await?;
+                let restarts = container_ids(std::slice::from_ref(&p))[name].1;
+                Ok((restarts == 1 && is_ready(&p)).then_some(()))
+            },
+        )
+        .await?;
+        Ok(())
+    })
+    .await;
+}

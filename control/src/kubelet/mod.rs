@@ -101,6 +101,11 @@ impl Shared {
             .allocate()
     }
 
+    /// Reserves addresses a pod already has (adopted after a kubelet restart).
+    pub fn reserve(&self, ips: &[IpAddr]) -> bool {
+        self.ipam.lock().is_ok_and(|mut ipam| ipam.reserve(ips))
+    }
+
     pub fn release(&self, ips: &[IpAddr]) {
         if let Ok(mut ipam) = self.ipam.lock() {
             ipam.release(ips);
@@ -131,10 +136,6 @@ pub async fn run(
             config.bridge
         )
     })?;
-    let left = runtime::remove_leftovers(&config);
-    if left > 0 {
-        tracing::info!(namespaces = left, "removed pods an earlier kubelet left");
-    }
     let shared = Arc::new(Shared {
         client: client.clone(),
         ipam: Mutex::new(Ipam::new(config.pod_cidrs.clone())),
@@ -185,6 +186,9 @@ pub async fn run(
     );
     let mut workers: HashMap<String, mpsc::Sender<Message>> = HashMap::new();
     let mut listed: Option<BTreeSet<String>> = None;
+    // The first list is held until it is complete: pods an earlier kubelet of this node left
+    // running are adopted, what it left of the others removed, and only then anything started.
+    let mut first: Option<Vec<Pod>> = Some(Vec::new());
     loop {
         let event = tokio::select! {
             _ = &mut shutdown => return Ok(()),
@@ -194,7 +198,22 @@ pub async fn run(
             anyhow::bail!("the pod watch ended");
         };
         match event {
-            ReflectorEvent::Init => listed = Some(BTreeSet::new()),
+            ReflectorEvent::Init => {
+                listed = Some(BTreeSet::new());
+                if let Some(pods) = &mut first {
+                    pods.clear();
+                }
+            }
+            ReflectorEvent::InitApply(pod) if first.is_some() => {
+                if let Some(pods) = &mut first {
+                    pods.push(pod);
+                }
+            }
+            ReflectorEvent::InitDone if first.is_some() => {
+                listed = None;
+                let pods = first.take().unwrap_or_default();
+                start_after_restart(&shared, &mut workers, pods).await;
+            }
             ReflectorEvent::InitApply(pod) | ReflectorEvent::Apply(pod) => {
                 let uid = pod.metadata.uid.clone().unwrap_or_default();
                 if let Some(seen) = &mut listed {
@@ -224,6 +243,59 @@ pub async fn run(
         }
         workers.retain(|_, tx| !tx.is_closed());
         shared.metrics.pods.set(workers.len() as i64);
+    }
+}
+
+/// The pods bound here when the kubelet starts: those whose sandbox an earlier kubelet left
+/// are adopted with their running containers; what is left of any other pod is removed; then
+/// the rest start.
+async fn start_after_restart(
+    shared: &Arc<Shared>,
+    workers: &mut HashMap<String, mpsc::Sender<Message>>,
+    pods: Vec<Pod>,
+) {
+    let mut kept = BTreeSet::new();
+    let mut fresh = Vec::new();
+    for pod in pods {
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let status = pod.status.clone().unwrap_or_default();
+        let finished = matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"));
+        let ips: Vec<IpAddr> = status
+            .pod_ips
+            .iter()
+            .flatten()
+            .filter_map(|p| p.ip.parse().ok())
+            .collect();
+        let sandbox = (!finished && !ips.is_empty())
+            .then(|| runtime::find_sandbox(&shared.config, &uid, &ips))
+            .flatten();
+        let Some(sandbox) = sandbox else {
+            tracing::info!(pod = %pod.metadata.name.as_deref().unwrap_or(""), addresses = ips.len(), finished, "no sandbox to adopt; starting the pod afresh");
+            fresh.push(pod);
+            continue;
+        };
+        let name = sandbox.netns_name.clone();
+        let (tx, rx) = mpsc::channel(16);
+        match Worker::adopt(shared.clone(), pod.clone(), rx, sandbox) {
+            Some(worker) => {
+                tracing::info!(pod = %pod.metadata.name.as_deref().unwrap_or(""), "adopted a pod an earlier kubelet ran");
+                kept.insert(name);
+                workers.insert(uid, tx);
+                tokio::spawn(worker.run());
+            }
+            None => {
+                tracing::info!(pod = %pod.metadata.name.as_deref().unwrap_or(""), "its addresses are taken; starting the pod afresh");
+                fresh.push(pod)
+            }
+        }
+    }
+    let removed = runtime::remove_leftovers(&shared.config, &kept);
+    if removed > 0 {
+        tracing::info!(namespaces = removed, "removed pods an earlier kubelet left");
+    }
+    for pod in fresh {
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        deliver(shared, workers, uid, pod).await;
     }
 }
 

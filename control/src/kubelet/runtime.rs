@@ -5,6 +5,7 @@
 //! All kernel effects of the kubelet are here.
 
 use std::net::IpAddr;
+use std::os::fd::FromRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -233,10 +234,74 @@ fn kill_netns_processes(name: &str) {
     }
 }
 
-/// Removes what an earlier kubelet of this node left: namespaces with the node's prefix and
-/// pod cgroups (their processes killed). Pods still bound here are started again afresh.
-pub fn remove_leftovers(config: &Config) -> usize {
-    let names = crate::netns::list(&config.netns_prefix);
+/// A sandbox an earlier kubelet of this node made for the pod `uid` with `ips`, if its
+/// namespace is still there (a restarted kubelet adopts it instead of starting the pod again).
+pub fn find_sandbox(config: &Config, uid: &str, ips: &[IpAddr]) -> Option<Sandbox> {
+    let name = netns_name(config, uid);
+    let entry = Entry::open(&name).ok()?;
+    let cgroup = config
+        .cgroup_root
+        .as_ref()
+        .map(|root| root.join(format!("pod{}", short_uid(uid))))
+        .filter(|dir| dir.is_dir());
+    Some(Sandbox {
+        netns_name: name,
+        entry,
+        ips: ips.to_vec(),
+        cgroup,
+    })
+}
+
+/// Whether `pid` is a live process in the container's cgroup (so a pid reused by something
+/// else is never taken for the container).
+pub fn is_container_process(pid: u32, cgroup: Option<&Path>) -> bool {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+        return false;
+    };
+    match (cgroup, crate::netns::cgroup2_root()) {
+        (Some(dir), Some(root)) => {
+            let relative = dir.strip_prefix(&root).unwrap_or(dir);
+            text.lines()
+                .filter_map(|l| l.strip_prefix("0::"))
+                .any(|p| Path::new(p.trim_start_matches('/')) == relative)
+        }
+        // Without cgroups nothing can tell a reused pid apart: never adopt.
+        _ => false,
+    }
+}
+
+/// Resolves when the process `pid` (not a child of this one) exits.
+pub async fn wait_for_exit(pid: u32) {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
+    if fd < 0 {
+        return; // already gone
+    }
+    // SAFETY: `fd` was just returned by pidfd_open and is owned by nothing else.
+    let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    // SAFETY: the descriptor is owned by the AsyncFd for as long as it is registered.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE)
+    };
+    match registered {
+        Ok(async_fd) => {
+            let _ = async_fd.readable().await;
+        }
+        Err(_) => {
+            while Path::new(&format!("/proc/{pid}")).exists() {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+/// Removes what an earlier kubelet of this node left and this one does not adopt: pod
+/// namespaces with the node's prefix and pod cgroups (their processes killed).
+pub fn remove_leftovers(config: &Config, keep: &std::collections::BTreeSet<String>) -> usize {
+    let names: Vec<String> = crate::netns::list(&config.netns_prefix)
+        .into_iter()
+        .filter(|n| !keep.contains(n))
+        .collect();
     for name in &names {
         kill_netns_processes(name);
         let _ = crate::netns::delete(name);
@@ -244,7 +309,11 @@ pub fn remove_leftovers(config: &Config) -> usize {
     if let Some(root) = &config.cgroup_root {
         for pod in std::fs::read_dir(root).into_iter().flatten().flatten() {
             let path = pod.path();
-            if !pod.file_name().to_string_lossy().starts_with("pod") || !path.is_dir() {
+            let file = pod.file_name().to_string_lossy().to_string();
+            let kept = file
+                .strip_prefix("pod")
+                .is_some_and(|short| keep.contains(&format!("{}{short}", config.netns_prefix)));
+            if !file.starts_with("pod") || !path.is_dir() || kept {
                 continue;
             }
             let _ = std::fs::write(path.join("cgroup.kill"), "1");

@@ -64,7 +64,8 @@ struct Exit {
     init: bool,
     index: usize,
     generation: u64,
-    status: std::process::ExitStatus,
+    /// None for a process an earlier kubelet started: its exit status cannot be known.
+    status: Option<std::process::ExitStatus>,
 }
 
 pub struct Worker {
@@ -177,6 +178,98 @@ impl Worker {
         }
     }
 
+    /// A worker for a pod an earlier kubelet of this node ran, taking over its sandbox and
+    /// the containers still running in it; None when its addresses cannot be reserved.
+    pub fn adopt(
+        shared: Arc<Shared>,
+        pod: Pod,
+        inbox: mpsc::Receiver<Message>,
+        sandbox: Sandbox,
+    ) -> Option<Self> {
+        if !shared.reserve(&sandbox.ips) {
+            return None;
+        }
+        let mut w = Self::new(shared, pod, inbox);
+        w.ips = sandbox.ips.clone();
+        w.ips_held = true;
+        w.sandbox_retry = None;
+        let status = w.pod.status.clone().unwrap_or_default();
+        w.start_time = status.start_time.as_ref().map(|t| t.0.to_string());
+        let initialized = status
+            .conditions
+            .iter()
+            .flatten()
+            .any(|c| c.type_ == "Initialized" && c.status == "True");
+        if initialized {
+            for c in &mut w.init {
+                c.done = true;
+                c.generation = 1;
+                c.view.state = State::Terminated {
+                    exit_code: 0,
+                    signal: None,
+                    reason: "Completed".into(),
+                    message: None,
+                    started_at: String::new(),
+                    finished_at: String::new(),
+                };
+            }
+        }
+        let now = Instant::now();
+        for (index, c) in w.containers.iter_mut().enumerate() {
+            let Some(seen) = status
+                .container_statuses
+                .iter()
+                .flatten()
+                .find(|s| s.name == c.view.name)
+            else {
+                continue;
+            };
+            let Some(running) = seen.state.as_ref().and_then(|s| s.running.as_ref()) else {
+                continue;
+            };
+            let pid = seen
+                .container_id
+                .as_deref()
+                .and_then(|id| id.strip_prefix("kpx://"))
+                .and_then(|p| p.parse::<u32>().ok());
+            let cgroup = sandbox.cgroup.as_ref().map(|d| d.join(&c.view.name));
+            let Some(pid) = pid.filter(|p| runtime::is_container_process(*p, cgroup.as_deref()))
+            else {
+                continue;
+            };
+            c.pid = Some(pid);
+            c.cgroup = cgroup;
+            c.generation = 1;
+            c.started = Some(now);
+            c.view.restart_count = seen.restart_count;
+            c.view.container_id = seen.container_id.clone();
+            c.view.started = true;
+            c.view.ready = seen.ready;
+            c.view.state = State::Running {
+                started_at: running
+                    .started_at
+                    .as_ref()
+                    .map(|t| t.0.to_string())
+                    .unwrap_or_default(),
+            };
+            // Probes resume where they were: a ready container stays ready until it fails.
+            (c.readiness, c.liveness) = probes(&c.spec, now, seen.ready);
+            let tx = w.exits_tx.clone();
+            tokio::spawn(async move {
+                runtime::wait_for_exit(pid).await;
+                let exit = Exit {
+                    init: false,
+                    index,
+                    generation: 1,
+                    status: None,
+                };
+                let _ = tx.send(exit).await;
+            });
+        }
+        w.sandbox = Some(sandbox);
+        Some(w)
+    }
+
     fn release_ips(&mut self) {
         if std::mem::take(&mut self.ips_held) {
             self.shared.release(&self.ips);
@@ -209,6 +302,9 @@ impl Worker {
     pub async fn run(mut self) {
         if self.pod.metadata.deletion_timestamp.is_some() {
             self.begin_termination();
+        } else if self.sandbox.is_some() {
+            // Adopted: start what is not running any more.
+            self.advance();
         }
         loop {
             self.publish().await;
@@ -220,10 +316,13 @@ impl Worker {
             tokio::select! {
                 message = self.inbox.recv() => match message {
                     Some(Message::Update(pod)) => self.update(*pod),
-                    Some(Message::Gone) | None => {
+                    Some(Message::Gone) => {
                         self.stop_now().await;
                         return;
                     }
+                    // The kubelet is stopping: its pods keep running (a later kubelet adopts
+                    // them), as with kubelet.
+                    None => return,
                 },
                 Some(exit) = self.exits.recv() => self.exited(exit),
                 () = sleep_until(deadline) => self.due().await,
@@ -412,23 +511,13 @@ impl Worker {
                                 init,
                                 index,
                                 generation,
-                                status,
+                                status: Some(status),
                             })
                             .await;
                     }
                 });
                 let now = Instant::now();
-                let ports = spec.ports.clone().unwrap_or_default();
-                let probing = |p: Option<&k8s_openapi::api::core::v1::Probe>, initial| {
-                    p.and_then(|p| probe::spec(p, &ports).ok())
-                        .map(|spec| Probing {
-                            next: now + spec.initial_delay,
-                            spec,
-                            tracker: Tracker::new(initial),
-                        })
-                };
-                let readiness = probing(spec.readiness_probe.as_ref(), false);
-                let liveness = probing(spec.liveness_probe.as_ref(), true);
+                let (readiness, liveness) = probes(&spec, now, false);
                 let about = Involved::of(&self.pod).container(&spec.name);
                 let image = spec.image.clone().unwrap_or_default();
                 self.shared.events.normal(
@@ -526,9 +615,12 @@ impl Worker {
         }
         let (code, signal) = {
             use std::os::unix::process::ExitStatusExt;
-            match (exit.status.code(), exit.status.signal()) {
-                (Some(code), _) => (code, None),
-                (None, Some(sig)) => (128 + sig, Some(sig)),
+            match exit.status.map(|s| (s.code(), s.signal())) {
+                Some((Some(code), _)) => (code, None),
+                Some((None, Some(sig))) => (128 + sig, Some(sig)),
+                // Not our child: the status went to whoever reaped it (kubelet's runtime
+                // reports such a container the same way, as 137).
+                None => (137, None),
                 _ => (1, None),
             }
         };
@@ -536,13 +628,28 @@ impl Worker {
             State::Running { started_at } => started_at.clone(),
             _ => meta::now_rfc3339(),
         };
+        let unknown = exit.status.is_none();
         let terminated = State::Terminated {
             exit_code: code,
             signal,
-            reason: if code == 0 { "Completed" } else { "Error" }.into(),
-            message: (code != 0 && !terminating)
-                .then(|| log_tail.clone())
-                .flatten(),
+            reason: if unknown {
+                "ContainerStatusUnknown"
+            } else if code == 0 {
+                "Completed"
+            } else {
+                "Error"
+            }
+            .into(),
+            message: if unknown {
+                Some(
+                    "the container was started by an earlier kubelet: its exit status is unknown"
+                        .into(),
+                )
+            } else {
+                (code != 0 && !terminating)
+                    .then(|| log_tail.clone())
+                    .flatten()
+            },
             started_at,
             finished_at: meta::now_rfc3339(),
         };
@@ -828,6 +935,24 @@ impl Worker {
             }
         }
     }
+}
+
+/// A started container's readiness and liveness probes, first due after their initial delay;
+/// readiness starts as `ready`.
+fn probes(spec: &Container, now: Instant, ready: bool) -> (Option<Probing>, Option<Probing>) {
+    let ports = spec.ports.clone().unwrap_or_default();
+    let probing = |p: Option<&k8s_openapi::api::core::v1::Probe>, initial| {
+        p.and_then(|p| probe::spec(p, &ports).ok())
+            .map(|spec| Probing {
+                next: now + spec.initial_delay,
+                spec,
+                tracker: Tracker::new(initial),
+            })
+    };
+    (
+        probing(spec.readiness_probe.as_ref(), ready),
+        probing(spec.liveness_probe.as_ref(), true),
+    )
 }
 
 /// The status without transition times, for change detection.
