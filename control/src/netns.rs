@@ -370,6 +370,20 @@ pub fn list(prefix: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Kills every process whose network namespace is `name` (before it is removed).
+pub fn kill_processes(name: &str) {
+    if let Ok(out) = Command::new("ip").args(["netns", "pids", name]).output() {
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            if let Ok(pid) = pid.parse::<i32>() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
 /// Removes namespaces by name (for `kpx-lab down`).
 pub fn delete(name: &str) -> anyhow::Result<()> {
     ip(&["netns", "del", name])

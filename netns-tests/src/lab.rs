@@ -919,16 +919,7 @@ pub fn down(prefix: &str) -> anyhow::Result<usize> {
 fn down_namespaces(prefix: &str) -> anyhow::Result<usize> {
     let names = crate::netns::list(prefix);
     for name in &names {
-        if let Ok(out) = std::process::Command::new("ip")
-            .args(["netns", "pids", name])
-            .output()
-        {
-            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                let _ = std::process::Command::new("kill")
-                    .args(["-KILL", pid])
-                    .status();
-            }
-        }
+        crate::netns::kill_processes(name);
         crate::netns::delete(name)?;
     }
     Ok(names.len())

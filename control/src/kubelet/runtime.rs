@@ -177,15 +177,15 @@ pub fn signal(pid: u32, signal: nix::sys::signal::Signal) {
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal);
 }
 
-/// Kills every process of the container: its whole cgroup (or its process group).
-pub fn kill_all(process: &Process) {
-    if let Some(cg) = &process.cgroup {
+/// Kills every process of the container `pid` leads: its whole cgroup (or its process group).
+pub fn kill(pid: u32, cgroup: Option<&Path>) {
+    if let Some(cg) = cgroup {
         if std::fs::write(cg.join("cgroup.kill"), "1").is_ok() {
             return;
         }
     }
     let _ = nix::sys::signal::killpg(
-        nix::unistd::Pid::from_raw(process.pid as i32),
+        nix::unistd::Pid::from_raw(pid as i32),
         nix::sys::signal::Signal::SIGKILL,
     );
 }
@@ -203,7 +203,7 @@ pub async fn remove_cgroup(dir: &Path) {
 
 /// Removes the pod's namespace (its veth goes with it), after killing anything still in it.
 pub async fn remove_sandbox(sandbox: Sandbox) {
-    kill_netns_processes(&sandbox.netns_name);
+    crate::netns::kill_processes(&sandbox.netns_name);
     if let Some(dir) = &sandbox.cgroup {
         let _ = std::fs::write(dir.join("cgroup.kill"), "1");
         if let Ok(children) = std::fs::read_dir(dir) {
@@ -215,22 +215,6 @@ pub async fn remove_sandbox(sandbox: Sandbox) {
     }
     if let Err(e) = crate::netns::delete(&sandbox.netns_name) {
         tracing::warn!(netns = %sandbox.netns_name, error = %e, "removing a pod's namespace");
-    }
-}
-
-fn kill_netns_processes(name: &str) {
-    if let Ok(out) = std::process::Command::new("ip")
-        .args(["netns", "pids", name])
-        .output()
-    {
-        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-            if let Ok(pid) = pid.parse::<i32>() {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        }
     }
 }
 
@@ -303,7 +287,7 @@ pub fn remove_leftovers(config: &Config, keep: &std::collections::BTreeSet<Strin
         .filter(|n| !keep.contains(n))
         .collect();
     for name in &names {
-        kill_netns_processes(name);
+        crate::netns::kill_processes(name);
         let _ = crate::netns::delete(name);
     }
     if let Some(root) = &config.cgroup_root {

@@ -364,7 +364,7 @@ impl Worker {
             self.kill_at = None;
             for c in self.init.iter().chain(&self.containers) {
                 if let Some(pid) = c.pid {
-                    kill_container(pid, c.cgroup.clone());
+                    runtime::kill(pid, c.cgroup.as_deref());
                 }
             }
         }
@@ -795,7 +795,7 @@ impl Worker {
                         let grace = grace_seconds(&self.pod);
                         tokio::spawn(async move {
                             tokio::time::sleep(Duration::from_secs(grace)).await;
-                            kill_container(pid, cgroup);
+                            runtime::kill(pid, cgroup.as_deref());
                         });
                     }
                 }
@@ -856,7 +856,7 @@ impl Worker {
     async fn stop_now(&mut self) {
         for c in self.init.iter().chain(&self.containers) {
             if let Some(pid) = c.pid {
-                kill_container(pid, c.cgroup.clone());
+                runtime::kill(pid, c.cgroup.as_deref());
             }
         }
         if let Some(sandbox) = self.sandbox.take() {
@@ -989,15 +989,6 @@ fn grace_seconds(pod: &Pod) -> u64 {
         .and_then(|s| s.termination_grace_period_seconds)
         .unwrap_or(30)
         .max(0) as u64
-}
-
-fn kill_container(pid: u32, cgroup: Option<PathBuf>) {
-    if let Some(cg) = &cgroup {
-        if std::fs::write(cg.join("cgroup.kill"), "1").is_ok() {
-            return;
-        }
-    }
-    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
