@@ -82,3 +82,20 @@ pub fn hostname() -> String {
         .map(|h| h.trim().to_string())
         .unwrap_or_default()
 }
+
+/// `/metrics` for `registry`, in Prometheus' OpenMetrics text format (every daemon's).
+pub fn metrics_response(
+    registry: &prometheus_client::registry::Registry,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let mut text = String::new();
+    let _ = prometheus_client::encoding::text::encode(&mut text, registry);
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}

@@ -16,7 +16,9 @@ use kpx_control::client::{Api, ListParams};
 use crate::cluster::ClusterOptions;
 use crate::lab::{Lab, ProxyBackend};
 
-const DEPLOYMENT: &str = "\
+/// The nginx Deployment from the Kubernetes documentation (`controllers/nginx-deployment.yaml`),
+/// unchanged; the cluster tests apply it too.
+pub const DOCS_NGINX_DEPLOYMENT: &str = "\
 apiVersion: apps/v1
 kind: Deployment
 metadata:
@@ -92,6 +94,16 @@ impl Kubectl<'_> {
         Ok(())
     }
 
+    /// `kubectl rollout status` of the demo's Deployment.
+    fn rollout(&self, timeout: &str) -> anyhow::Result<()> {
+        self.run(&[
+            "rollout",
+            "status",
+            "deployment/nginx-deployment",
+            &format!("--timeout={timeout}"),
+        ])
+    }
+
     fn apply(&self, dir: &Path, file: &str, yaml: &str) -> anyhow::Result<()> {
         let path = dir.join(file);
         std::fs::write(&path, yaml)?;
@@ -164,15 +176,10 @@ async fn scenario(lab: &Lab, kubectl: &Kubectl<'_>) -> anyhow::Result<()> {
     kubectl.run(&["get", "nodes", "-o", "wide"])?;
 
     step("the nginx Deployment from the Kubernetes documentation, a Service for it, and a client pod");
-    kubectl.apply(lab.dir(), "nginx-deployment.yaml", DEPLOYMENT)?;
+    kubectl.apply(lab.dir(), "nginx-deployment.yaml", DOCS_NGINX_DEPLOYMENT)?;
     kubectl.apply(lab.dir(), "my-nginx.yaml", SERVICE)?;
     kubectl.apply(lab.dir(), "client.yaml", CLIENT)?;
-    kubectl.run(&[
-        "rollout",
-        "status",
-        "deployment/nginx-deployment",
-        "--timeout=60s",
-    ])?;
+    kubectl.rollout("60s")?;
     wait_running(lab, "client").await?;
     kubectl.run(&["get", "pods", "-o", "wide"])?;
     kubectl.run(&["get", "service", "my-nginx"])?;
@@ -185,12 +192,7 @@ async fn scenario(lab: &Lab, kubectl: &Kubectl<'_>) -> anyhow::Result<()> {
 
     step("scaling to 5 replicas");
     kubectl.run(&["scale", "deployment/nginx-deployment", "--replicas=5"])?;
-    kubectl.run(&[
-        "rollout",
-        "status",
-        "deployment/nginx-deployment",
-        "--timeout=60s",
-    ])?;
+    kubectl.rollout("60s")?;
     spread(lab).await?;
 
     step("a rolling update to nginx:1.16.1 (maxSurge 25%, maxUnavailable 25%)");
@@ -200,12 +202,7 @@ async fn scenario(lab: &Lab, kubectl: &Kubectl<'_>) -> anyhow::Result<()> {
         "deployment/nginx-deployment",
         "nginx=nginx:1.16.1",
     ])?;
-    kubectl.run(&[
-        "rollout",
-        "status",
-        "deployment/nginx-deployment",
-        "--timeout=90s",
-    ])?;
+    kubectl.rollout("90s")?;
     kubectl.run(&["get", "replicasets", "-o", "wide"])?;
     spread(lab).await?;
     Ok(())

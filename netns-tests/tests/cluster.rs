@@ -67,6 +67,19 @@ where
     }
 }
 
+/// SIGKILL to a container's process, named by its `kpx://PID` container id.
+fn kill_container(container_id: &str) -> anyhow::Result<()> {
+    let pid: i32 = container_id
+        .strip_prefix("kpx://")
+        .ok_or_else(|| anyhow::anyhow!("not a kpx container id: {container_id}"))?
+        .parse()?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    Ok(())
+}
+
 fn pods(lab: &Lab) -> Api<Pod> {
     Api::namespaced(lab.client(), "default")
 }
@@ -189,30 +202,6 @@ spec:
         - containerPort: 80
 ";
 
-const DOCS_DEPLOYMENT: &str = "\
-apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: nginx-deployment
-  labels:
-    app: nginx
-spec:
-  replicas: 3
-  selector:
-    matchLabels:
-      app: nginx
-  template:
-    metadata:
-      labels:
-        app: nginx
-    spec:
-      containers:
-      - name: nginx
-        image: nginx:1.14.2
-        ports:
-        - containerPort: 80
-";
-
 const DOCS_SERVICE: &str = "\
 apiVersion: v1
 kind: Service
@@ -231,7 +220,12 @@ spec:
 async fn documentation_examples_are_reachable_from_another_node() {
     on_every_backend("cluster-docs", |backend| async move {
         let lab = Lab::cluster("docs", backend, 2, ClusterOptions::default()).await?;
-        for yaml in [DOCS_POD, DOCS_RC, DOCS_DEPLOYMENT, DOCS_SERVICE] {
+        for yaml in [
+            DOCS_POD,
+            DOCS_RC,
+            kpx_lab::demo::DOCS_NGINX_DEPLOYMENT,
+            DOCS_SERVICE,
+        ] {
             apply(&lab, yaml)?;
         }
         // Three from the ReplicationController, three from the Deployment's ReplicaSet: the
@@ -345,16 +339,14 @@ async fn a_killed_container_is_restarted_and_traffic_keeps_flowing() {
             .as_ref()
             .and_then(|s| s.pod_ip.clone())
             .expect("ip");
-        let pid: i32 = victim
+        let victim_id = victim
             .status
             .as_ref()
             .and_then(|s| s.container_statuses.as_ref())
             .expect("statuses")[0]
             .container_id
-            .as_deref()
-            .and_then(|id| id.strip_prefix("kpx://"))
-            .expect("a kpx:// container id")
-            .parse()?;
+            .clone()
+            .expect("a container id");
 
         // Requests through the Service all along, while the container is killed.
         let load_entry = kpx_lab::netns::Enter::entry(&entry)?;
@@ -362,10 +354,7 @@ async fn a_killed_container_is_restarted_and_traffic_keeps_flowing() {
             traffic::http(&load_entry, target, 400, common::TIMEOUT)
         });
         tokio::time::sleep(Duration::from_millis(300)).await;
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        )?;
+        kill_container(&victim_id)?;
         // Not ready while its readiness probe waits its initial delay: out of the slice.
         until(
             "the killed pod's endpoint to leave",
@@ -741,11 +730,7 @@ async fn a_restarted_kubelet_keeps_its_pods_running() {
         );
         // The new kubelet still watches the adopted processes: one killed is restarted.
         let (name, (id, _)) = ids.iter().next().expect("a pod");
-        let pid: i32 = id.trim_start_matches("kpx://").parse()?;
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        )?;
+        kill_container(id)?;
         until(
             "the adopted container restarted",
             Duration::from_secs(20),

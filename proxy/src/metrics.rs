@@ -125,12 +125,6 @@ impl Metrics {
         );
         Self { registry, ..m }
     }
-
-    pub fn encode(&self) -> String {
-        let mut out = String::new();
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
-    }
 }
 
 impl Default for Metrics {

@@ -37,13 +37,7 @@ async fn healthz(State(health): State<Arc<Health>>) -> impl IntoResponse {
 }
 
 async fn metrics(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        metrics.encode(),
-    )
+    kpx_control::daemon::metrics_response(&metrics.registry)
 }
 
 pub async fn serve_health(address: SocketAddr, health: Arc<Health>) -> std::io::Result<()> {

@@ -182,29 +182,26 @@ async fn apply(
             let remaining: Vec<&OwnerReference> =
                 refs.iter().filter(|o| !uids.contains(&o.uid)).collect();
             let patch = json!({"metadata": {"ownerReferences": remaining}});
-            on_kind(
-                client,
-                &item.kind,
-                &item.namespace,
-                &item.name,
-                Op::Patch(patch),
-            )
-            .await?;
+            patch_metadata(client, &item, patch).await?;
         }
         Action::RemoveFinalizer { item, finalizer } => {
             let rest: Vec<&String> = item.finalizers.iter().filter(|f| *f != finalizer).collect();
-            let patch = json!({"metadata": {"finalizers": rest}});
-            on_kind(
-                client,
-                &item.kind,
-                &item.namespace,
-                &item.name,
-                Op::Patch(patch),
-            )
-            .await?;
+            patch_metadata(client, &item, json!({"metadata": {"finalizers": rest}})).await?;
         }
     }
     Ok(())
+}
+
+async fn patch_metadata(client: &Client, item: &Item, patch: Value) -> Result<(), ClientError> {
+    on_kind(
+        client,
+        &item.kind,
+        &item.namespace,
+        &item.name,
+        Op::Patch(patch),
+    )
+    .await
+    .map(drop)
 }
 
 /// Runs the collector until `shutdown` completes.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
@@ -26,7 +26,7 @@ pub struct Metrics {
     pub api_failures: Counter,
     last_heartbeat: Gauge,
     last_heartbeat_unix: AtomicI64,
-    registry: Registry,
+    pub registry: Registry,
 }
 
 impl Metrics {
@@ -98,12 +98,6 @@ impl Metrics {
         let last = self.last_heartbeat_unix.load(Ordering::Relaxed);
         chrono::Utc::now().timestamp() - last <= (3 * period.as_secs().max(1)) as i64
     }
-
-    pub fn encode(&self) -> String {
-        let mut out = String::new();
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
-    }
 }
 
 impl Default for Metrics {
@@ -124,13 +118,7 @@ async fn healthz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        shared.metrics.encode(),
-    )
+    crate::daemon::metrics_response(&shared.metrics.registry)
 }
 
 /// `/healthz` and `/metrics` on `listener` (kubelet's healthz port is 10248).
