@@ -168,11 +168,11 @@ impl Lab {
             let Ok((200, metrics)) = crate::traffic::local_get(&node.ns, 10249, "/metrics") else {
                 return Ok(false);
             };
-            let synced = metrics.lines().any(|l| {
-                l.strip_prefix("kubeproxy_sync_proxy_rules_last_timestamp_seconds ")
-                    .and_then(|v| v.trim().parse::<f64>().ok())
-                    .is_some_and(|t| t > 0.0)
-            });
+            let synced = crate::traffic::metric_value(
+                &metrics,
+                "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            )
+            .is_some_and(|t| t > 0.0);
             if !synced {
                 return Ok(false);
             }

@@ -216,6 +216,9 @@ pub struct Lab {
     pub(crate) api_args: Vec<String>,
     /// Set when kubelets run the pods (`Lab::cluster`).
     pub(crate) cluster: Option<crate::cluster::ClusterOptions>,
+    /// The proxies' `--sync-period` from their next (re)start: short in tests, so lost rules
+    /// come back quickly; kube-proxy's 30 s in benchmarks.
+    pub proxy_sync_period: String,
 }
 
 /// The binaries built next to this one (target/debug or target/release).
@@ -285,6 +288,7 @@ impl Lab {
             bpffs: None,
             api_args: cluster.as_ref().map(|c| c.api_args()).unwrap_or_default(),
             cluster,
+            proxy_sync_period: "2s".into(),
         };
         if let Some(root) = kpx_control::netns::cgroup2_root() {
             let dir = root.join(&name);
@@ -557,7 +561,12 @@ impl Lab {
                 "--cluster-cidr",
                 &format!("{CLUSTER_CIDR},{CLUSTER_CIDR_V6}"),
             ])
-            .args(["--min-sync-period", "0s", "--sync-period", "2s"])
+            .args([
+                "--min-sync-period",
+                "0s",
+                "--sync-period",
+                &self.proxy_sync_period,
+            ])
             .env("RUST_LOG", "info")
             .env(
                 "PATH",
@@ -575,6 +584,16 @@ impl Lab {
         Ok(())
     }
 
+    /// The process id of node `i`'s proxy, while it runs.
+    pub fn proxy_pid(&self, i: usize) -> Option<u32> {
+        self.nodes[i].proxy.as_ref().map(Child::id)
+    }
+
+    /// The bpffs directory node `i`'s proxy pins its maps in (ebpf labs).
+    pub fn pin_dir(&self, i: usize) -> Option<PathBuf> {
+        self.bpffs.as_ref().map(|d| d.join(&self.nodes[i].name))
+    }
+
     /// `kpx-proxy` in node `i` with the lab's backend flags (for `dump`, `--cleanup`, runs).
     pub fn proxy_command(&self, i: usize) -> anyhow::Result<std::process::Command> {
         let node = &self.nodes[i];
@@ -582,11 +601,7 @@ impl Lab {
         let mut cmd = node.ns.entry()?.command(binary("kpx-proxy")?)?;
         cmd.args(self.backend.args());
         if self.backend == ProxyBackend::Ebpf {
-            let pins = self
-                .bpffs
-                .as_ref()
-                .context("the ebpf lab has no bpffs")?
-                .join(&node.name);
+            let pins = self.pin_dir(i).context("the ebpf lab has no bpffs")?;
             cmd.arg("--bpf-pin-dir").arg(pins);
             match &node.cgroup {
                 Some(cg) => cmd.arg("--cgroup-root").arg(cg),
@@ -604,9 +619,8 @@ impl Lab {
             ProxyBackend::IptablesLegacy => "iptables-legacy",
             ProxyBackend::Ebpf => {
                 let pin = self
-                    .dir()
-                    .join("bpffs")
-                    .join(&self.nodes[i].name)
+                    .pin_dir(i)
+                    .context("the ebpf lab has no bpffs")?
                     .join("kpx_services");
                 let data = aya::maps::MapData::from_pin(&pin)?;
                 let mut map: aya::maps::HashMap<
@@ -810,12 +824,12 @@ impl Drop for Lab {
         if let Some(relay) = self.relay.take() {
             relay.abort();
         }
+        // Namespaces are deleted as their `Netns` values drop, pods first.
+        self.pods.clear();
         // Pods made by kubelets are namespaces no `Netns` value owns.
         for node in &self.nodes {
             let _ = down_namespaces(&format!("{}-n{}-", self.name, node.index));
         }
-        // Namespaces are deleted as their `Netns` values drop, pods first.
-        self.pods.clear();
         self.externals.clear();
         self.nodes.clear();
         // Unmounting the bpffs drops the pinned links and maps with it.

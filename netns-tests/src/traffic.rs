@@ -212,13 +212,17 @@ pub fn udp(
     run(ns, Kind::Udp, target, count, source_port, timeout)
 }
 
-fn udp_once(target: SocketAddr, source_port: Option<u16>, timeout: Duration) -> Outcome {
-    let bind: SocketAddr = if target.is_ipv4() {
-        ([0, 0, 0, 0], source_port.unwrap_or(0)).into()
+/// The unspecified address of `target`'s family, with `port` (0: any), to bind a client to.
+pub(crate) fn any_address(target: SocketAddr, port: u16) -> SocketAddr {
+    if target.is_ipv4() {
+        ([0, 0, 0, 0], port).into()
     } else {
-        (std::net::Ipv6Addr::UNSPECIFIED, source_port.unwrap_or(0)).into()
-    };
-    let socket = match UdpSocket::bind(bind) {
+        (std::net::Ipv6Addr::UNSPECIFIED, port).into()
+    }
+}
+
+fn udp_once(target: SocketAddr, source_port: Option<u16>, timeout: Duration) -> Outcome {
+    let socket = match UdpSocket::bind(any_address(target, source_port.unwrap_or(0))) {
         Ok(s) => s,
         Err(e) => return Outcome::Failed(e.to_string()),
     };
@@ -319,7 +323,7 @@ pub fn http_reset_once(target: SocketAddr, timeout: Duration) -> Outcome {
 }
 
 /// Reads one HTTP response with a Content-Length body.
-fn read_one_response(stream: &mut TcpStream) -> Option<String> {
+pub(crate) fn read_one_response(stream: &mut TcpStream) -> Option<String> {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -368,6 +372,14 @@ pub fn local_get(ns: &impl Enter, port: u16, path: &str) -> anyhow::Result<(u16,
         })?
 }
 
+/// The value of the sample `name` (no labels) in Prometheus text.
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// Connects over TCP and reads the one line the workload sends.
 pub fn tcp(
     ns: &impl Enter,
@@ -388,5 +400,30 @@ fn tcp_once(target: SocketAddr, timeout: Duration) -> Outcome {
     match stream.read_to_string(&mut line) {
         Ok(_) => Outcome::parse(&line),
         Err(e) => Outcome::from_error(&e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_values_are_read_by_exact_name() {
+        let text = "# HELP x\nkubeproxy_sync_full_proxy_rules_duration_seconds_sum 1.25\nkubeproxy_sync_full_proxy_rules_duration_seconds_count 2\nkubeproxy_sync_full_proxy_rules_duration_seconds_bucket{le=\"0.001\"} 0\n";
+        assert_eq!(
+            metric_value(text, "kubeproxy_sync_full_proxy_rules_duration_seconds_sum"),
+            Some(1.25)
+        );
+        assert_eq!(
+            metric_value(
+                text,
+                "kubeproxy_sync_full_proxy_rules_duration_seconds_count"
+            ),
+            Some(2.0)
+        );
+        assert_eq!(
+            metric_value(text, "kubeproxy_sync_full_proxy_rules_duration_seconds"),
+            None
+        );
     }
 }
