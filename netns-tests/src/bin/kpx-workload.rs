@@ -28,11 +28,13 @@ struct Args {
     #[arg(long)]
     port: Option<u16>,
     /// Be a client instead: send `--count` requests of this kind (http, tcp, udp) to
-    /// `--target`, print one outcome per line, exit.
+    /// `--target`, print one outcome per line, exit. With `--latency` also http-keepalive
+    /// (one connection) and udp-flow (one socket), the benchmark's loads.
     #[arg(long, value_name = "KIND")]
     client: Option<String>,
-    #[arg(long)]
-    target: Option<SocketAddr>,
+    /// ADDRESS:PORT; with `--latency --client http` a comma-separated list, taken in turn.
+    #[arg(long, value_delimiter = ',')]
+    target: Vec<SocketAddr>,
     #[arg(long, default_value_t = 1)]
     count: usize,
     #[arg(long, default_value_t = 2000)]
@@ -45,36 +47,45 @@ struct Args {
     /// client after the response, so no TIME_WAIT is left to collide with later ones.
     #[arg(long)]
     latency: bool,
+    /// With `--latency --client http`: this many connections at a time.
+    #[arg(long, default_value_t = 1)]
+    concurrency: usize,
+    /// With `--client http`: new connections until this pod answers (or `--timeout-ms`
+    /// passes); prints `answered_at_us` with the wall-clock time of its answer.
+    #[arg(long, value_name = "POD")]
+    until: Option<String>,
 }
 
 fn client(args: &Args, kind: &str) -> anyhow::Result<()> {
-    let kind = kpx_lab::traffic::Kind::parse(kind)
-        .ok_or_else(|| anyhow::anyhow!("--client {kind:?}: allowed values: http, tcp, udp"))?;
-    let target = args
+    use kpx_lab::bench::client;
+    let target = *args
         .target
+        .first()
         .ok_or_else(|| anyhow::anyhow!("--client needs --target ADDRESS:PORT"))?;
     let timeout = std::time::Duration::from_millis(args.timeout_ms);
-    if args.latency {
-        let samples: Vec<String> = (0..args.count)
-            .map(|_| {
-                let start = std::time::Instant::now();
-                let outcome = match kind {
-                    kpx_lab::traffic::Kind::Http => {
-                        vec![kpx_lab::traffic::http_reset_once(target, timeout)]
-                    }
-                    _ => kpx_lab::traffic::requests(kind, target, 1, args.source_port, timeout),
-                };
-                match outcome.first() {
-                    Some(kpx_lab::traffic::Outcome::Answer { .. }) => {
-                        start.elapsed().as_micros().to_string()
-                    }
-                    _ => "-1".into(),
-                }
-            })
-            .collect();
-        println!("{}", samples.join(" "));
+    if let Some(pod) = &args.until {
+        anyhow::ensure!(kind == "http", "--until works with --client http only");
+        let at = client::until_answered_by(target, pod, timeout).ok_or_else(|| {
+            anyhow::anyhow!("{pod} did not answer at {target} within {timeout:?}")
+        })?;
+        let micros = at.duration_since(std::time::UNIX_EPOCH)?.as_micros();
+        println!("answered_at_us {micros}");
         return Ok(());
     }
+    if args.latency {
+        let run = match kind {
+            "http" => client::new_connections(&args.target, args.count, args.concurrency, timeout),
+            "http-keepalive" => client::keepalive(target, args.count, timeout),
+            "udp-flow" => client::udp_flow(target, args.count, timeout),
+            other => anyhow::bail!(
+                "--client {other:?} with --latency: allowed values: http, http-keepalive, udp-flow"
+            ),
+        };
+        run.print();
+        return Ok(());
+    }
+    let kind = kpx_lab::traffic::Kind::parse(kind)
+        .ok_or_else(|| anyhow::anyhow!("--client {kind:?}: allowed values: http, tcp, udp"))?;
     let outcomes = kpx_lab::traffic::requests(kind, target, args.count, args.source_port, timeout);
     for o in outcomes {
         println!("{}", o.to_line());
