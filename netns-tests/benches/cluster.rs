@@ -92,12 +92,7 @@ async fn rollout(lab: &Lab, replicas: usize) -> anyhow::Result<(f64, f64)> {
 }
 
 fn rss_mib(pid: u32) -> anyhow::Result<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
+    let kib = kpx_lab::bench::setup::status_kib(pid, "VmRSS:")
         .ok_or_else(|| anyhow::anyhow!("no VmRSS for pid {pid}"))?;
     Ok(kib / 1024.0)
 }

@@ -171,14 +171,7 @@ fn binary(name: &str) -> std::path::PathBuf {
 }
 
 fn rss_mb(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or(0.0)
-        / 1024.0
+    kpx_lab::bench::setup::status_kib(pid, "VmRSS:").unwrap_or(0.0) / 1024.0
 }
 
 /// Inside a namespace: kpx-control and kpx-proxy for real, over loopback.

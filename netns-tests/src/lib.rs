@@ -1,9 +1,10 @@
 //! kpx-lab: a kpx cluster on one machine.
 //!
 //! [`lab`] builds the network namespaces, [`cluster`] runs kpx-control, kpx-kubelets and
-//! kpx-proxies in them, [`cli`] is `kpx-lab up/status/exec/down`, [`demo`] the main job, and
-//! [`traffic`] the clients the tests and benchmarks send requests with.
+//! kpx-proxies in them, [`cli`] is `kpx-lab up/status/exec/down`, [`demo`] the main job, [`bench`]
+//! every backend side by side, and [`traffic`] the clients the tests and benchmarks send requests with.
 
+pub mod bench;
 pub mod cli;
 pub mod cluster;
 pub mod demo;

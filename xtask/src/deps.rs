@@ -47,6 +47,12 @@ const PACKAGES: &[(&str, &str)] = &[
     ("conntrack", "conntrack"),
     ("clang-19", "clang-19"),
     ("/usr/include/bpf/bpf_helpers.h", "libbpf-dev"),
+    // kpx-lab bench: TCP throughput, and the font its PNG plots are drawn with.
+    ("iperf3", "iperf3"),
+    (
+        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+        "fonts-dejavu-core",
+    ),
 ];
 
 fn on_path(command: &str) -> bool {
@@ -67,7 +73,7 @@ pub fn install() -> anyhow::Result<Tools> {
     missing.dedup();
     let mut apt_updated = false;
     if missing.is_empty() {
-        say("system packages: present (iproute2, iptables, conntrack, clang-19, libbpf-dev)");
+        say("system packages: present (iproute2, iptables, conntrack, clang-19, libbpf-dev, iperf3, fonts-dejavu-core)");
     } else {
         if !is_root() {
             bail!("missing packages {missing:?}; installing them needs root (apt-get install)");

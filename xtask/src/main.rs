@@ -30,7 +30,7 @@ enum Cmd {
         #[arg(long)]
         no_lint: bool,
     },
-    /// Run the benchmarks (release build) and print the figures the README quotes.
+    /// `kpx-lab bench` with its default matrix (release build), into target/kpx-bench.
     Bench,
 }
 
@@ -48,6 +48,10 @@ pub fn say(text: &str) {
 fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(workspace_root());
+    // A CI run builds once from a fresh clone: incremental state would only take disk.
+    if std::env::var_os("CI").is_some() {
+        cmd.env("CARGO_INCREMENTAL", "0");
+    }
     cmd
 }
 
@@ -190,17 +194,24 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Bench => {
-            say("running the API server benchmark (release build)");
-            run(cargo().args(["bench", "-p", "kpx-control", "--bench", "apiserver"]))?;
-            say("running the iptables backend benchmark (root, network namespaces)");
-            run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
-            run(cargo().args(["bench", "-p", "kpx-lab", "--bench", "iptables_sync"]))?;
-            say("running the eBPF backend benchmark (root: BPF maps)");
-            run(cargo().args(["bench", "-p", "kpx-lab", "--bench", "ebpf_sync"]))?;
-            say("running the data-plane benchmark (root, a lab per backend)");
-            run(cargo().args(["bench", "-p", "kpx-lab", "--bench", "dataplane"]))?;
-            say("running the cluster benchmark (root: lab up, a 100-replica rollout, kubelet memory)");
-            run(cargo().args(["bench", "-p", "kpx-lab", "--bench", "cluster"]))
+            deps::install()?;
+            say("building kpx (release)");
+            run(cargo().args(["build", "--quiet", "--release", "--workspace", "--bins"]))?;
+            let out = workspace_root().join("target/kpx-bench");
+            say(&format!(
+                "running kpx-lab bench, the default matrix (every backend × 1, 1,000 and 10,000 Services); results in {}",
+                out.display()
+            ));
+            let mut cmd = Command::new(workspace_root().join("target/release/kpx-lab"));
+            cmd.arg("bench").arg("--out").arg(&out);
+            // An earlier run there is the baseline the new one is compared with.
+            let previous = out.join("report.json");
+            let kept = out.with_file_name("kpx-bench-previous.json");
+            if previous.exists() {
+                std::fs::copy(&previous, &kept)?;
+                cmd.arg("--compare").arg(&kept);
+            }
+            run(&mut cmd)
         }
     }
 }

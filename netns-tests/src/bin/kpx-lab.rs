@@ -60,6 +60,10 @@ enum Command {
         #[arg(long)]
         kubectl: Option<String>,
     },
+    /// Every backend side by side on identical traffic: control plane (syncs, programming
+    /// latency, CPU, memory, beside the loader alone) and data plane (latency, connection
+    /// rate, throughput, UDP) against the pod IP directly; a table, JSON, CSV and plots.
+    Bench(kpx_lab::bench::Options),
     /// Stop the running lab (`--all`: remove every lab, also what crashed labs left).
     Down {
         #[arg(long)]
@@ -101,6 +105,16 @@ async fn main() -> anyhow::Result<()> {
             proxy_mode,
             kubectl,
         } => kpx_lab::demo::run(proxy_mode.as_deref(), kubectl).await,
+        Command::Bench(options) => {
+            tokio::select! {
+                result = kpx_lab::bench::main(options) => result,
+                _ = tokio::signal::ctrl_c() => {
+                    // Dropping the benchmark removed its labs.
+                    eprintln!("kpx-lab bench: interrupted; its labs are removed");
+                    std::process::exit(130);
+                }
+            }
+        }
         Command::Down { all, lab } => {
             if all {
                 kpx_lab::cli::stop_all_labs();

@@ -1,0 +1,634 @@
+//! `kpx-lab bench`: every backend side by side on identical traffic.
+//!
+//! One lab per backend (a node, a client pod, the server pods), all alive at once so runs
+//! interleave between backends: for each scale, the Services are filled in every lab, then
+//! each round measures every backend's control plane and then every backend's data plane
+//! (A B C A B C …). Each data-plane round runs the direct target (the first server's pod IP)
+//! and the first, middle and last Service in the table, back to back, so every Service run
+//! has a direct run beside it to be divided by.
+
+pub mod client;
+pub mod loader;
+pub mod loads;
+pub mod machine;
+pub mod plot;
+pub mod progress;
+pub mod promises;
+pub mod report;
+pub mod setup;
+pub mod stats;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use crate::lab::{ProxyBackend, ALL_BACKENDS};
+use crate::traffic::metric_value;
+use progress::Progress;
+use report::{BackendResult, Report, ScaleResult, Settings, TargetResult};
+use setup::{BenchLab, HTTP_PORT, IPERF_PORT, UDP_PORT};
+use stats::{paired_ratio, percentile, Spread};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct Options {
+    /// Numbers of Services to measure at (each with `--endpoints-per-service` endpoints).
+    #[arg(long, value_delimiter = ',', default_value = "1,1000,10000")]
+    pub services: Vec<usize>,
+    #[arg(long, default_value_t = 10)]
+    pub endpoints_per_service: usize,
+    /// Backends to measure: iptables-nft, iptables-legacy, ebpf, ipvs, nftables (default:
+    /// all; one this kernel or kpx cannot run is a row saying why).
+    #[arg(long, value_delimiter = ',')]
+    pub backends: Vec<String>,
+    /// Measurement rounds per scale, interleaved between backends.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// New connections per latency run (and per connection-rate run).
+    #[arg(long, default_value_t = 1000)]
+    pub connections: usize,
+    /// Connections at a time in the connection-rate run.
+    #[arg(long, default_value_t = 4)]
+    pub concurrency: usize,
+    /// Requests per keep-alive run.
+    #[arg(long, default_value_t = 2000)]
+    pub keepalive_requests: usize,
+    /// Request/response exchanges per UDP run.
+    #[arg(long, default_value_t = 5000)]
+    pub udp_requests: usize,
+    /// Seconds per iperf3 run.
+    #[arg(long, default_value_t = 1)]
+    pub tcp_seconds: u32,
+    /// Where report.json, report.csv and the plots go.
+    #[arg(long, default_value = "kpx-bench")]
+    pub out: PathBuf,
+    /// An earlier report.json to print the change against.
+    #[arg(long)]
+    pub compare: Option<PathBuf>,
+    /// Measure nothing: render this report.json again (table, CSV, plots into `--out`).
+    #[arg(long, value_name = "REPORT")]
+    pub from: Option<PathBuf>,
+}
+
+/// Backends kpx does not have yet: rows saying so (and what the kernel would offer).
+fn planned() -> Vec<(&'static str, String)> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let deps = std::fs::read_to_string(format!("/lib/modules/{}/modules.dep", release.trim()))
+        .unwrap_or_default();
+    let builtin =
+        std::fs::read_to_string(format!("/lib/modules/{}/modules.builtin", release.trim()))
+            .unwrap_or_default();
+    let ipvs = if std::path::Path::new("/proc/net/ip_vs").exists()
+        || deps.contains("/ip_vs.ko")
+        || builtin.contains("/ip_vs.ko")
+    {
+        "the kernel has IP_VS"
+    } else {
+        "nor does this kernel have IP_VS (no ip_vs module)"
+    };
+    vec![
+        ("ipvs", format!("kpx has no ipvs backend yet, {ipvs}")),
+        ("nftables", "kpx has no nftables backend yet".to_string()),
+    ]
+}
+
+impl Options {
+    /// Checks every option before anything is built; errors name the option and what it takes.
+    pub fn validate(&mut self) -> anyhow::Result<Choices> {
+        self.services.sort_unstable();
+        self.services.dedup();
+        if self.services.is_empty()
+            || self.services[0] == 0
+            || self.services[self.services.len() - 1] > 30_000
+        {
+            bail!(
+                "--services {:?}: allowed values: numbers from 1 to 30000, comma-separated",
+                self.services
+            );
+        }
+        if !(1..=50).contains(&self.endpoints_per_service) {
+            bail!(
+                "--endpoints-per-service {}: allowed values: 1 to 50",
+                self.endpoints_per_service
+            );
+        }
+        if !(1..=20).contains(&self.rounds) {
+            bail!("--rounds {}: allowed values: 1 to 20", self.rounds);
+        }
+        for (flag, v, lo, hi) in [
+            ("--connections", self.connections, 10, 1_000_000),
+            ("--concurrency", self.concurrency, 1, 64),
+            (
+                "--keepalive-requests",
+                self.keepalive_requests,
+                10,
+                1_000_000,
+            ),
+            ("--udp-requests", self.udp_requests, 10, 1_000_000),
+            ("--tcp-seconds", self.tcp_seconds as usize, 1, 60),
+        ] {
+            if !(lo..=hi).contains(&v) {
+                bail!("{flag} {v}: allowed values: {lo} to {hi}");
+            }
+        }
+        let known: Vec<&str> = ALL_BACKENDS
+            .iter()
+            .map(|b| b.name())
+            .chain(["ipvs", "nftables"])
+            .collect();
+        let wanted: Vec<String> = if self.backends.is_empty() {
+            known.iter().map(|s| s.to_string()).collect()
+        } else {
+            self.backends.clone()
+        };
+        let mut out = Vec::new();
+        for name in wanted {
+            if let Some(b) = ALL_BACKENDS.iter().find(|b| b.name() == name) {
+                out.push((name, b.unsupported().map_or(Ok(*b), Err)));
+            } else if let Some((_, why)) = planned().into_iter().find(|(n, _)| *n == name) {
+                out.push((name, Err(why)));
+            } else {
+                bail!("--backends {name:?}: allowed values: {}", known.join(", "));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Each figure's value in every run, by key.
+type Runs = BTreeMap<&'static str, Vec<f64>>;
+
+/// What one backend's runs at one scale gathered, run by run.
+#[derive(Default)]
+struct Gathered {
+    control: Runs,
+    programmed: u64,
+    /// Per target, in the order measured: its address and figures.
+    targets: Vec<(String, String, Runs)>,
+}
+
+impl Gathered {
+    fn push(&mut self, key: &'static str, v: f64) {
+        self.control.entry(key).or_default().push(v);
+    }
+
+    fn target(&mut self, name: &str, address: String) -> &mut Runs {
+        if let Some(i) = self.targets.iter().position(|t| t.0 == name) {
+            return &mut self.targets[i].2;
+        }
+        self.targets
+            .push((name.to_string(), address, BTreeMap::new()));
+        &mut self.targets.last_mut().expect("just pushed").2
+    }
+
+    fn result(&self, services: usize) -> ScaleResult {
+        let spreads = |m: &Runs| -> BTreeMap<String, Spread> {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.to_string(), Spread::of(v)?)))
+                .collect()
+        };
+        let direct = self.targets.iter().find(|t| t.0 == "direct").map(|t| &t.2);
+        let targets = self
+            .targets
+            .iter()
+            .map(|(name, address, m)| TargetResult {
+                target: name.clone(),
+                address: address.clone(),
+                metrics: spreads(m),
+                vs_direct: match direct {
+                    Some(d) if name != "direct" => m
+                        .iter()
+                        .filter(|(k, _)| **k != "failed_requests")
+                        .filter_map(|(k, v)| Some((k.to_string(), paired_ratio(v, d.get(k)?)?)))
+                        .collect(),
+                    _ => BTreeMap::new(),
+                },
+            })
+            .collect();
+        let full_vs_loader = match (
+            self.control.get("full_sync_ms"),
+            self.control.get("loader_ms"),
+        ) {
+            (Some(f), Some(l)) => paired_ratio(f, l),
+            _ => None,
+        };
+        ScaleResult {
+            services,
+            programmed: self.programmed,
+            control: spreads(&self.control),
+            full_vs_loader,
+            targets,
+        }
+    }
+}
+
+/// A place measured: the direct pod IP or a Service, with its HTTP, iperf3 and UDP addresses.
+struct Target {
+    name: &'static str,
+    /// New connections go to these in turn (every server directly, or the ClusterIP).
+    http: Vec<SocketAddr>,
+    tcp: SocketAddr,
+    udp: SocketAddr,
+}
+
+async fn targets(b: &mut BenchLab, services: usize) -> anyhow::Result<Vec<Target>> {
+    let mut out = vec![Target {
+        name: "direct",
+        http: b.direct_all(),
+        tcp: b.direct(IPERF_PORT),
+        udp: b.direct(UDP_PORT),
+    }];
+    let mut places = vec![
+        ("first", 0),
+        ("middle", services / 2),
+        ("last", services - 1),
+    ];
+    places.dedup_by_key(|p| p.1);
+    for (name, i) in places {
+        b.ensure_twin(i).await?;
+        let vip = b.vip(&setup::service_name(i)).await?;
+        let twin = b.vip(&format!("{}-s", setup::service_name(i))).await?;
+        out.push(Target {
+            name,
+            http: vec![SocketAddr::new(vip, HTTP_PORT)],
+            tcp: SocketAddr::new(twin, IPERF_PORT),
+            udp: SocketAddr::new(twin, UDP_PORT),
+        });
+    }
+    Ok(out)
+}
+
+/// Rough seconds each step takes, for the time-left estimate.
+struct Estimate<'a>(&'a Options);
+
+impl Estimate<'_> {
+    fn fill(&self, services: usize) -> f64 {
+        services as f64 * 0.004
+    }
+
+    fn control(&self, backend: ProxyBackend, services: usize) -> f64 {
+        let per_service = match backend {
+            ProxyBackend::IptablesNft => 0.0012,
+            ProxyBackend::IptablesLegacy => 0.0003,
+            ProxyBackend::Ebpf => 0.0001,
+        };
+        3.0 + 2.0 * per_service * services as f64
+    }
+
+    fn data_target(&self) -> f64 {
+        let o = self.0;
+        let requests = (2 * o.connections) as f64 * 200e-6
+            + o.keepalive_requests as f64 * 60e-6
+            + o.udp_requests as f64 * 50e-6;
+        requests + f64::from(o.tcp_seconds) + 0.8
+    }
+}
+
+/// One backend's control plane, one round: a full sync from empty (time, CPU, memory), the
+/// loader alone with the same rules, and an endpoint change (its sync, and the time until a
+/// request reaches the new endpoint).
+async fn control_round(b: &mut BenchLab, g: &mut Gathered) -> anyhow::Result<()> {
+    const FULL_SUM: &str = "kubeproxy_sync_full_proxy_rules_duration_seconds_sum";
+    const FULL_COUNT: &str = "kubeproxy_sync_full_proxy_rules_duration_seconds_count";
+    const PARTIAL_SUM: &str = "kubeproxy_sync_partial_proxy_rules_duration_seconds_sum";
+    const PARTIAL_COUNT: &str = "kubeproxy_sync_partial_proxy_rules_duration_seconds_count";
+    b.restart_proxy_from_empty()?;
+    let pid = b.lab.proxy_pid(0).context("the proxy did not start")?;
+    let started = Instant::now();
+    let text = loop {
+        if let Ok(text) = b.metrics() {
+            if metric_value(&text, FULL_COUNT).unwrap_or(0.0) >= 1.0 {
+                break text;
+            }
+        }
+        if started.elapsed() > Duration::from_secs(900) {
+            bail!("no full sync within 15 min\n{}", b.lab.proxy_logs());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    g.push(
+        "full_sync_ms",
+        metric_value(&text, FULL_SUM).unwrap_or(0.0) * 1000.0,
+    );
+    let (cpu, rss) = setup::process_usage(pid).context("reading the proxy's usage")?;
+    g.push("proxy_cpu_s", cpu);
+    g.push("peak_rss_mib", rss);
+
+    let programmed = loader::Programmed::read(b)?;
+    g.programmed = programmed.size() as u64;
+    let scratch = format!("{}-ld", b.lab.name);
+    let alone = programmed.load_alone(&scratch).await?;
+    g.push("loader_ms", alone.as_secs_f64() * 1000.0);
+
+    let probe = SocketAddr::new(b.vip("svc-probe").await?, HTTP_PORT);
+    b.wait_answering(probe, Duration::from_secs(60)).await?;
+    for _ in 0..2 {
+        let text = b.metrics()?;
+        let (sum0, count0) = (
+            metric_value(&text, PARTIAL_SUM).unwrap_or(0.0),
+            metric_value(&text, PARTIAL_COUNT).unwrap_or(0.0),
+        );
+        let poller = loads::poll_until(
+            &b.client()?,
+            probe,
+            &b.next_probe_spare(),
+            Duration::from_secs(60),
+        )?;
+        // The poller is up and hitting the old endpoints before the write.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let written = b.swap_probe_endpoint().await?;
+        let answered = poller.answered().await?;
+        let latency = answered.duration_since(written).unwrap_or_default();
+        g.push("programming_ms", latency.as_secs_f64() * 1000.0);
+        let waited = Instant::now();
+        loop {
+            let text = b.metrics()?;
+            let count = metric_value(&text, PARTIAL_COUNT).unwrap_or(0.0);
+            if count > count0 {
+                let sum = metric_value(&text, PARTIAL_SUM).unwrap_or(0.0);
+                g.push("change_sync_ms", (sum - sum0) / (count - count0) * 1000.0);
+                break;
+            }
+            anyhow::ensure!(
+                waited.elapsed() < Duration::from_secs(30),
+                "the endpoint change was served but no partial sync was counted"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    Ok(())
+}
+
+fn some_answered(run: &client::Run, what: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !run.latencies_us.is_empty(),
+        "{what}: every request failed ({} of them)",
+        run.failed
+    );
+    Ok(())
+}
+
+/// One backend's data plane, one round: every target, each load after a conntrack flush.
+async fn data_round(
+    b: &BenchLab,
+    targets: &[Target],
+    o: &Options,
+    g: &mut Gathered,
+    progress: &mut Progress,
+    est: &Estimate<'_>,
+    label: &str,
+) -> anyhow::Result<()> {
+    let client = b.client()?;
+    let node = b.node()?;
+    for t in targets {
+        progress.step(&format!(
+            "{label}: {} traffic to {}",
+            b.backend.name(),
+            t.name
+        ));
+        let address = t
+            .http
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let m = g.target(t.name, address);
+        loads::flush_conntrack(&[&node, &client]).await?;
+        let run = loads::new_connections(&client, &t.http, o.connections, 1).await?;
+        some_answered(&run, &format!("new connections to {}", t.name))?;
+        for (key, p) in [
+            ("newconn_p50_us", 50.0),
+            ("newconn_p90_us", 90.0),
+            ("newconn_p99_us", 99.0),
+        ] {
+            m.entry(key)
+                .or_default()
+                .push(percentile(&run.latencies_us, p).unwrap_or(0.0));
+        }
+        let mut failed = run.failed;
+        loads::flush_conntrack(&[&node, &client]).await?;
+        let run = loads::new_connections(&client, &t.http, o.connections, o.concurrency).await?;
+        some_answered(&run, &format!("concurrent connections to {}", t.name))?;
+        m.entry("conns_per_s").or_default().push(run.rate());
+        failed += run.failed;
+        let run = loads::keepalive(&client, t.http[0], o.keepalive_requests).await?;
+        some_answered(&run, &format!("keep-alive requests to {}", t.name))?;
+        m.entry("keepalive_p50_us")
+            .or_default()
+            .push(percentile(&run.latencies_us, 50.0).unwrap_or(0.0));
+        m.entry("keepalive_p99_us")
+            .or_default()
+            .push(percentile(&run.latencies_us, 99.0).unwrap_or(0.0));
+        failed += run.failed;
+        let gbit = loads::iperf(&client, t.tcp, o.tcp_seconds).await?;
+        m.entry("tcp_gbit_s").or_default().push(gbit);
+        let run = loads::udp_flow(&client, t.udp, o.udp_requests).await?;
+        some_answered(&run, &format!("UDP exchanges with {}", t.udp))?;
+        m.entry("udp_rr_per_s").or_default().push(run.rate());
+        failed += run.failed;
+        m.entry("failed_requests").or_default().push(failed as f64);
+        progress.done(est.data_target());
+    }
+    Ok(())
+}
+
+/// A short pass of every load to every target, not recorded: caches, neighbour entries, the
+/// clients' pages, the first connection tracking entries.
+async fn warm_up(b: &BenchLab, targets: &[Target], o: &Options) -> anyhow::Result<()> {
+    let client = b.client()?;
+    for t in targets {
+        loads::new_connections(&client, &t.http, (o.connections / 4).max(10), 1).await?;
+        loads::keepalive(&client, t.http[0], (o.keepalive_requests / 4).max(10)).await?;
+        loads::udp_flow(&client, t.udp, (o.udp_requests / 4).max(10)).await?;
+    }
+    Ok(())
+}
+
+/// The backends to measure, each runnable or the reason it is not.
+pub type Choices = Vec<(String, Result<ProxyBackend, String>)>;
+
+/// Measures everything; returns the report (nothing written yet).
+pub async fn run(o: &Options, choices: Choices) -> anyhow::Result<Report> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("kpx-lab bench needs root: it builds network namespaces and loads rules");
+    }
+    for tool in ["iperf3", "conntrack"] {
+        which(tool).with_context(|| {
+            format!("kpx-lab bench needs {tool} (apt-get install {tool}; `cargo xtask deps` installs it)")
+        })?;
+    }
+    let started_at = chrono::Utc::now();
+    let started = Instant::now();
+    let est = Estimate(o);
+    let mut labs: Vec<BenchLab> = Vec::new();
+    let mut results: Vec<BackendResult> = Vec::new();
+    for (name, choice) in &choices {
+        match choice {
+            Ok(backend) => {
+                eprintln!("starting the {name} lab");
+                labs.push(BenchLab::start(*backend, o.endpoints_per_service).await?);
+            }
+            Err(why) => results.push(BackendResult {
+                backend: name.clone(),
+                not_run: Some(why.clone()),
+                scales: vec![],
+            }),
+        }
+    }
+    let mut total = 0.0;
+    let mut previous = 0;
+    for &n in &o.services {
+        for b in &labs {
+            total += est.fill(n - previous) + o.rounds as f64 * est.control(b.backend, n);
+            total += (o.rounds + 1) as f64 * 4.0 * est.data_target();
+        }
+        previous = n;
+    }
+    let mut progress = Progress::new(total);
+    let mut gathered: Vec<Vec<(usize, Gathered)>> = labs.iter().map(|_| Vec::new()).collect();
+    for &n in &o.services {
+        progress.step(&format!("{n} Services: creating them in every lab"));
+        let fills: Vec<_> = labs.iter_mut().map(|b| b.fill(n)).collect();
+        for r in futures::future::join_all(fills).await {
+            r?;
+        }
+        let mut places = Vec::new();
+        let share = est.fill(n) / labs.len().max(1) as f64;
+        for b in &mut labs {
+            let t = targets(b, n).await?;
+            for target in &t {
+                b.wait_answering(target.http[0], Duration::from_secs(900))
+                    .await?;
+            }
+            places.push(t);
+            progress.done(share);
+        }
+        for (i, b) in labs.iter().enumerate() {
+            progress.step(&format!("{n} Services: warming up {}", b.backend.name()));
+            warm_up(b, &places[i], o).await?;
+        }
+        let mut at_scale: Vec<Gathered> = labs.iter().map(|_| Gathered::default()).collect();
+        for round in 1..=o.rounds {
+            let label = format!("{n} Services, round {round}/{}", o.rounds);
+            for (i, b) in labs.iter_mut().enumerate() {
+                progress.step(&format!(
+                    "{label}: {} full sync, loader alone, endpoint change",
+                    b.backend.name()
+                ));
+                control_round(b, &mut at_scale[i]).await?;
+                // The restarted proxy has programmed everything; traffic flows again.
+                for t in &places[i] {
+                    b.wait_answering(t.http[0], Duration::from_secs(60)).await?;
+                }
+                progress.done(est.control(b.backend, n));
+            }
+            for (i, b) in labs.iter().enumerate() {
+                data_round(
+                    b,
+                    &places[i],
+                    o,
+                    &mut at_scale[i],
+                    &mut progress,
+                    &est,
+                    &label,
+                )
+                .await?;
+            }
+        }
+        for (i, g) in at_scale.into_iter().enumerate() {
+            gathered[i].push((n, g));
+        }
+    }
+    progress.finish();
+    for (b, scales) in labs.iter().zip(gathered) {
+        results.push(BackendResult {
+            backend: b.backend.name().to_string(),
+            not_run: None,
+            scales: scales.iter().map(|(n, g)| g.result(*n)).collect(),
+        });
+    }
+    // Rows in a stable order: the backends kpx has, then the planned ones.
+    let order: Vec<&str> = ALL_BACKENDS
+        .iter()
+        .map(|b| b.name())
+        .chain(["ipvs", "nftables"])
+        .collect();
+    results.sort_by_key(|r| order.iter().position(|n| *n == r.backend));
+    drop(labs);
+    Ok(Report {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        started: started_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        seconds: started.elapsed().as_secs_f64(),
+        machine: machine::describe(),
+        settings: Settings {
+            services: o.services.clone(),
+            endpoints_per_service: o.endpoints_per_service,
+            rounds: o.rounds,
+            connections: o.connections,
+            concurrency: o.concurrency,
+            keepalive_requests: o.keepalive_requests,
+            udp_requests: o.udp_requests,
+            tcp_seconds: o.tcp_seconds,
+        },
+        backends: results,
+    })
+}
+
+fn which(tool: &str) -> anyhow::Result<PathBuf> {
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join(tool))
+                .find(|p| p.is_file())
+        })
+        .with_context(|| format!("{tool} is not on PATH"))
+}
+
+fn read_report(flag: &str, path: &std::path::Path) -> anyhow::Result<Report> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{flag} {}: cannot read it", path.display()))?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{flag} {}: not a kpx-lab bench report.json", path.display()))
+}
+
+/// `kpx-lab bench`: measures, writes report.json, report.csv and the plots into `--out`,
+/// prints the table (and the change against `--compare`).
+pub async fn main(mut o: Options) -> anyhow::Result<()> {
+    // Bad input changes nothing: the earlier report is read before anything is built.
+    let choices = o.validate()?;
+    let old = o
+        .compare
+        .as_deref()
+        .map(|p| read_report("--compare", p))
+        .transpose()?;
+    let earlier = o
+        .from
+        .as_deref()
+        .map(|p| read_report("--from", p))
+        .transpose()?;
+    std::fs::create_dir_all(&o.out)
+        .with_context(|| format!("--out {}: cannot create it", o.out.display()))?;
+    let report = match earlier {
+        Some(report) => report,
+        None => run(&o, choices).await?,
+    };
+    let json = o.out.join("report.json");
+    std::fs::write(&json, serde_json::to_string_pretty(&report)?)?;
+    std::fs::write(o.out.join("report.csv"), report::csv(&report))?;
+    let plots = plot::write_all(&report, &o.out)?;
+    print!("{}", report::table(&report));
+    if let Some(old) = old {
+        println!();
+        print!("{}", report::compare(&old, &report));
+    }
+    println!(
+        "\nwrote {}, report.csv and {} plots in {} ({:.0} s)",
+        json.display(),
+        plots.len(),
+        o.out.display(),
+        report.seconds
+    );
+    Ok(())
+}

@@ -1,0 +1,694 @@
+//! What a benchmark run produced, and its renderings: the table on stdout, JSON (the whole
+//! report, every run's value), CSV (one row per figure), and the change against an earlier run.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use super::stats::{change, Spread};
+
+/// One figure the benchmark reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Metric {
+    pub key: &'static str,
+    pub label: &'static str,
+    pub unit: &'static str,
+    pub higher_is_better: bool,
+}
+
+const fn metric(key: &'static str, label: &'static str, unit: &'static str, up: bool) -> Metric {
+    Metric {
+        key,
+        label,
+        unit,
+        higher_is_better: up,
+    }
+}
+
+/// Per backend and scale: the proxy's work.
+pub const CONTROL: &[Metric] = &[
+    metric("full_sync_ms", "full sync", "ms", false),
+    metric("loader_ms", "loader alone", "ms", false),
+    metric("change_sync_ms", "1-endpoint sync", "ms", false),
+    metric("programming_ms", "programming", "ms", false),
+    metric("proxy_cpu_s", "proxy CPU", "s", false),
+    metric("peak_rss_mib", "peak RSS", "MiB", false),
+];
+
+/// Per backend, scale and target: the traffic's.
+pub const DATA: &[Metric] = &[
+    metric("newconn_p50_us", "new-conn p50", "µs", false),
+    metric("newconn_p90_us", "p90", "µs", false),
+    metric("newconn_p99_us", "p99", "µs", false),
+    metric("keepalive_p50_us", "keep-alive p50", "µs", false),
+    metric("keepalive_p99_us", "p99", "µs", false),
+    metric("conns_per_s", "conns/s", "1/s", true),
+    metric("tcp_gbit_s", "TCP", "Gbit/s", true),
+    metric("udp_rr_per_s", "UDP req/resp", "1/s", true),
+    metric("failed_requests", "failed", "requests", false),
+];
+
+pub fn lookup(key: &str) -> Option<&'static Metric> {
+    CONTROL.iter().chain(DATA).find(|m| m.key == key)
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Machine {
+    pub kernel: String,
+    pub cpu: String,
+    pub cores: usize,
+    pub memory_gib: f64,
+    pub iptables: String,
+    pub iperf3: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Settings {
+    pub services: Vec<usize>,
+    pub endpoints_per_service: usize,
+    pub rounds: usize,
+    pub connections: usize,
+    pub concurrency: usize,
+    pub keepalive_requests: usize,
+    pub udp_requests: usize,
+    pub tcp_seconds: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// kpx-lab's version.
+    pub version: String,
+    /// When the run started (RFC 3339) and how long it took.
+    pub started: String,
+    pub seconds: f64,
+    pub machine: Machine,
+    pub settings: Settings,
+    pub backends: Vec<BackendResult>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackendResult {
+    pub backend: String,
+    /// Why the backend was not measured (this kernel cannot run it, it is not built yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_run: Option<String>,
+    #[serde(default)]
+    pub scales: Vec<ScaleResult>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScaleResult {
+    pub services: usize,
+    /// Rules (iptables, both families) or map entries (eBPF) the proxy programmed.
+    pub programmed: u64,
+    /// `CONTROL` figures by key.
+    pub control: BTreeMap<String, Spread>,
+    /// Full sync against the loader alone, round by round.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full_vs_loader: Option<Spread>,
+    pub targets: Vec<TargetResult>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TargetResult {
+    /// first, middle or last (a Service by its place in the table), or direct (the pod IP).
+    pub target: String,
+    pub address: String,
+    /// `DATA` figures by key.
+    pub metrics: BTreeMap<String, Spread>,
+    /// Each figure against the direct run of the same round.
+    #[serde(default)]
+    pub vs_direct: BTreeMap<String, Spread>,
+}
+
+impl ScaleResult {
+    pub fn target(&self, name: &str) -> Option<&TargetResult> {
+        self.targets.iter().find(|t| t.target == name)
+    }
+}
+
+impl Report {
+    pub fn backend(&self, name: &str) -> Option<&BackendResult> {
+        self.backends.iter().find(|b| b.backend == name)
+    }
+}
+
+/// A number with the precision its size deserves: 1,234 / 123 / 12.3 / 1.23 / 0.123.
+pub fn number(v: f64) -> String {
+    let a = v.abs();
+    if a >= 10_000.0 {
+        let s = format!("{:.0}", v);
+        let (sign, digits) = s.split_at(usize::from(s.starts_with('-')));
+        let mut out = String::new();
+        for (i, c) in digits.chars().enumerate() {
+            if i > 0 && (digits.len() - i) % 3 == 0 {
+                out.push(',');
+            }
+            out.push(c);
+        }
+        format!("{sign}{out}")
+    } else if a >= 100.0 {
+        format!("{v:.0}")
+    } else if a >= 10.0 {
+        format!("{v:.1}")
+    } else if a >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+/// A count with thousands separators: 1 / 1,000 / 10,000.
+pub fn count(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn with_range(s: Option<&Spread>) -> String {
+    match s {
+        Some(s) if s.samples.len() > 1 => {
+            format!("{} ({}–{})", number(s.median), number(s.min), number(s.max))
+        }
+        Some(s) => number(s.median),
+        None => "-".into(),
+    }
+}
+
+fn ratio(s: Option<&Spread>) -> String {
+    s.map_or_else(|| "-".into(), |s| format!("{:.2}×", s.median))
+}
+
+fn median(s: Option<&Spread>) -> String {
+    s.map_or_else(|| "-".into(), |s| number(s.median))
+}
+
+/// Left-aligned first columns, right-aligned numbers, widths from the content.
+fn render_table(header: &[String], rows: &[Vec<String>], left: usize) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    // Two-cell rows (a backend that did not run, and why) span the table.
+    for row in rows.iter().filter(|r| r.len() > 2) {
+        for (i, cell) in row.iter().enumerate().take(widths.len()) {
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in std::iter::once(header).chain(rows.iter().map(Vec::as_slice)) {
+        let mut line = String::new();
+        if row.len() == 2 {
+            let fill = " ".repeat(widths[0].saturating_sub(row[0].chars().count()));
+            out.push_str(&format!("{}{fill}  {}\n", row[0], row[1]));
+            continue;
+        }
+        for (i, cell) in row.iter().enumerate() {
+            let pad = widths.get(i).copied().unwrap_or(0);
+            if i > 0 {
+                line.push_str("  ");
+            }
+            let fill = " ".repeat(pad.saturating_sub(cell.chars().count()));
+            if i < left {
+                line.push_str(cell);
+                line.push_str(&fill);
+            } else {
+                line.push_str(&fill);
+                line.push_str(cell);
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn header(cells: &[&str]) -> Vec<String> {
+    cells.iter().map(|c| c.to_string()).collect()
+}
+
+/// A table's rows: `each` adds a scale's rows; a backend that did not run is one row saying
+/// why.
+fn backend_rows(
+    report: &Report,
+    each: impl Fn(&str, &ScaleResult, &mut Vec<Vec<String>>),
+) -> Vec<Vec<String>> {
+    let mut rows = Vec::new();
+    for b in &report.backends {
+        match &b.not_run {
+            Some(why) => rows.push(vec![b.backend.clone(), format!("not run: {why}")]),
+            None => b
+                .scales
+                .iter()
+                .for_each(|sc| each(&b.backend, sc, &mut rows)),
+        }
+    }
+    rows
+}
+
+/// The two tables and the promises, as printed at the end of a run.
+pub fn table(report: &Report) -> String {
+    let mut out = String::new();
+    let s = &report.settings;
+    let _ = writeln!(
+        out,
+        "control plane: medians (min–max) of {} rounds; {} endpoints per Service",
+        s.rounds, s.endpoints_per_service
+    );
+    let head = header(&[
+        "backend",
+        "Services",
+        "full sync ms",
+        "loader alone ms",
+        "×loader",
+        "1-endpoint sync ms",
+        "programming ms",
+        "proxy CPU s",
+        "peak RSS MiB",
+        "programmed",
+    ]);
+    let rows = backend_rows(report, |backend, sc, rows| {
+        let c = |k: &str| with_range(sc.control.get(k));
+        rows.push(vec![
+            backend.to_string(),
+            count(sc.services),
+            c("full_sync_ms"),
+            c("loader_ms"),
+            ratio(sc.full_vs_loader.as_ref()),
+            c("change_sync_ms"),
+            c("programming_ms"),
+            c("proxy_cpu_s"),
+            c("peak_rss_mib"),
+            count(sc.programmed as usize),
+        ]);
+    });
+    out.push_str(&render_table(&head, &rows, 1));
+    let _ = writeln!(
+        out,
+        "\ndata plane: medians of {} rounds; ×direct = against the pod IP in the same round, pair \
+         by pair; min–max of every figure in report.csv",
+        s.rounds
+    );
+    let head = header(&[
+        "backend",
+        "Services",
+        "target",
+        "new-conn p50 µs",
+        "×direct",
+        "p90",
+        "p99",
+        "keep-alive p50",
+        "p99",
+        "conns/s",
+        "×direct",
+        "TCP Gbit/s",
+        "UDP req/s",
+        "failed",
+    ]);
+    let rows = backend_rows(report, |backend, sc, rows| {
+        for t in &sc.targets {
+            let m = |k: &str| median(t.metrics.get(k));
+            let r = |k: &str| {
+                if t.target == "direct" {
+                    String::new()
+                } else {
+                    ratio(t.vs_direct.get(k))
+                }
+            };
+            rows.push(vec![
+                backend.to_string(),
+                count(sc.services),
+                t.target.clone(),
+                with_range(t.metrics.get("newconn_p50_us")),
+                r("newconn_p50_us"),
+                m("newconn_p90_us"),
+                m("newconn_p99_us"),
+                m("keepalive_p50_us"),
+                m("keepalive_p99_us"),
+                m("conns_per_s"),
+                r("conns_per_s"),
+                m("tcp_gbit_s"),
+                m("udp_rr_per_s"),
+                t.metrics
+                    .get("failed_requests")
+                    .map_or("-".into(), |s| number(s.samples.iter().sum())),
+            ]);
+        }
+    });
+    out.push_str(&render_table(&head, &rows, 3));
+    let promises = super::promises::check(report);
+    if !promises.is_empty() {
+        out.push_str("\nthe figures earlier issues promise:\n");
+        for p in promises {
+            let _ = writeln!(
+                out,
+                "  [{}] {}: {}",
+                if p.holds { "holds" } else { "NOT MET" },
+                p.promise,
+                p.measured
+            );
+        }
+    }
+    out
+}
+
+fn csv_field(text: &str) -> String {
+    if text.contains([',', '"', '\n']) {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text.to_string()
+    }
+}
+
+pub const CSV_HEADER: &str = "backend,status,services,target,metric,unit,median,min,max,runs,samples,vs_direct_median,vs_direct_min,vs_direct_max";
+
+/// One row per figure, every run's value in `samples` (`;`-separated); the machine and the
+/// settings as `#` lines first.
+pub fn csv(report: &Report) -> String {
+    let mut out = String::new();
+    let m = &report.machine;
+    let _ = writeln!(
+        out,
+        "# kpx-lab {} started {} ({:.0} s); kernel {}; cpu {} ({} cores); memory {:.1} GiB; {}; {}",
+        report.version,
+        report.started,
+        report.seconds,
+        m.kernel,
+        m.cpu,
+        m.cores,
+        m.memory_gib,
+        m.iptables,
+        m.iperf3
+    );
+    let _ = writeln!(
+        out,
+        "# settings {}",
+        serde_json::to_string(&report.settings).unwrap_or_default()
+    );
+    out.push_str(CSV_HEADER);
+    out.push('\n');
+    let row = |out: &mut String,
+               backend: &str,
+               services: usize,
+               target: &str,
+               key: &str,
+               s: &Spread,
+               r: Option<&Spread>| {
+        let unit = lookup(key).map_or("", |m| m.unit);
+        let samples: Vec<String> = s.samples.iter().map(|v| format!("{v}")).collect();
+        let (rm, rmin, rmax) = r.map_or((String::new(), String::new(), String::new()), |r| {
+            (r.median.to_string(), r.min.to_string(), r.max.to_string())
+        });
+        let _ = writeln!(
+            out,
+            "{},ran,{services},{target},{key},{unit},{},{},{},{},{},{rm},{rmin},{rmax}",
+            csv_field(backend),
+            s.median,
+            s.min,
+            s.max,
+            s.samples.len(),
+            samples.join(";")
+        );
+    };
+    for b in &report.backends {
+        if let Some(why) = &b.not_run {
+            let _ = writeln!(
+                out,
+                "{},{},,,,,,,,,,,,",
+                csv_field(&b.backend),
+                csv_field(&format!("not run: {why}"))
+            );
+            continue;
+        }
+        for sc in &b.scales {
+            for (key, s) in &sc.control {
+                let r = (key == "full_sync_ms")
+                    .then_some(sc.full_vs_loader.as_ref())
+                    .flatten();
+                row(&mut out, &b.backend, sc.services, "control", key, s, r);
+            }
+            for t in &sc.targets {
+                for (key, s) in &t.metrics {
+                    row(
+                        &mut out,
+                        &b.backend,
+                        sc.services,
+                        &t.target,
+                        key,
+                        s,
+                        t.vs_direct.get(key),
+                    );
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Every figure both runs have, old median → new median, with the change; changes beyond
+/// ±10% in the worse direction are flagged.
+pub fn compare(old: &Report, new: &Report) -> String {
+    let mut rows = Vec::new();
+    let mut worse = 0;
+    for b in &new.backends {
+        let Some(ob) = old.backend(&b.backend) else {
+            continue;
+        };
+        for sc in &b.scales {
+            let Some(osc) = ob.scales.iter().find(|o| o.services == sc.services) else {
+                continue;
+            };
+            let mut pairs: Vec<(&str, &str, &Spread, &Spread)> = Vec::new();
+            for (k, s) in &sc.control {
+                if let Some(o) = osc.control.get(k) {
+                    pairs.push(("control", k, o, s));
+                }
+            }
+            for t in &sc.targets {
+                if let Some(ot) = osc.target(&t.target) {
+                    for (k, s) in &t.metrics {
+                        if let Some(o) = ot.metrics.get(k) {
+                            pairs.push((&t.target, k, o, s));
+                        }
+                    }
+                }
+            }
+            for (target, key, o, s) in pairs {
+                let Some(delta) = change(o.median, s.median) else {
+                    continue;
+                };
+                let up = lookup(key).is_some_and(|m| m.higher_is_better);
+                let flag = if (up && delta < -0.10) || (!up && delta > 0.10) {
+                    worse += 1;
+                    "worse"
+                } else if delta.abs() > 0.10 {
+                    "better"
+                } else {
+                    ""
+                };
+                rows.push(vec![
+                    b.backend.clone(),
+                    count(sc.services),
+                    target.to_string(),
+                    key.to_string(),
+                    number(o.median),
+                    number(s.median),
+                    format!("{:+.1}%", delta * 100.0),
+                    flag.to_string(),
+                ]);
+            }
+        }
+    }
+    let within = rows.iter().filter(|r| r[7].is_empty()).count();
+    let head = header(&[
+        "backend", "Services", "target", "figure", "old", "new", "change", "",
+    ]);
+    let mut out = format!(
+        "change against the run of {} ({} figures; {within} within ±10%, {worse} worse):\n",
+        old.started,
+        rows.len()
+    );
+    out.push_str(&render_table(&head, &rows, 4));
+    out
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    fn spread(v: &[f64]) -> Spread {
+        Spread::of(v).expect("spread")
+    }
+
+    /// A small report with every figure, for the renderers' tests.
+    pub(crate) fn sample() -> Report {
+        let control: BTreeMap<String, Spread> = CONTROL
+            .iter()
+            .map(|m| (m.key.to_string(), spread(&[10.0, 12.0, 11.0])))
+            .collect();
+        let target = |name: &str, scale: f64| TargetResult {
+            target: name.into(),
+            address: "198.18.128.10:80".into(),
+            metrics: DATA
+                .iter()
+                .map(|m| (m.key.to_string(), spread(&[100.0 * scale, 110.0 * scale])))
+                .collect(),
+            vs_direct: if name == "direct" {
+                BTreeMap::new()
+            } else {
+                DATA.iter()
+                    .map(|m| (m.key.to_string(), spread(&[scale, scale])))
+                    .collect()
+            },
+        };
+        Report {
+            version: "0.1.0".into(),
+            started: "2026-11-23T10:00:00Z".into(),
+            seconds: 600.0,
+            machine: Machine {
+                kernel: "6.18.0".into(),
+                cpu: "Test CPU".into(),
+                cores: 2,
+                memory_gib: 24.0,
+                iptables: "iptables v1.8.9".into(),
+                iperf3: "iperf 3.12".into(),
+            },
+            settings: Settings {
+                services: vec![1, 1000],
+                endpoints_per_service: 10,
+                rounds: 2,
+                connections: 1000,
+                concurrency: 4,
+                keepalive_requests: 2000,
+                udp_requests: 5000,
+                tcp_seconds: 1,
+            },
+            backends: vec![
+                BackendResult {
+                    backend: "ebpf".into(),
+                    not_run: None,
+                    scales: [1, 1000]
+                        .iter()
+                        .map(|&n| ScaleResult {
+                            services: n,
+                            programmed: 18 * n as u64,
+                            control: control.clone(),
+                            full_vs_loader: Some(spread(&[1.2, 1.3])),
+                            targets: vec![target("first", 1.02), target("direct", 1.0)],
+                        })
+                        .collect(),
+                },
+                BackendResult {
+                    backend: "ipvs".into(),
+                    not_run: Some("the kernel has no IP_VS".into()),
+                    scales: vec![],
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn the_table_has_every_column_and_says_why_a_backend_did_not_run() {
+        let text = table(&sample());
+        for column in [
+            "full sync ms",
+            "loader alone ms",
+            "×loader",
+            "1-endpoint sync ms",
+            "programming ms",
+            "proxy CPU s",
+            "peak RSS MiB",
+            "new-conn p50 µs",
+            "keep-alive p50",
+            "conns/s",
+            "TCP Gbit/s",
+            "UDP req/s",
+        ] {
+            assert!(text.contains(column), "{column} missing from\n{text}");
+        }
+        assert!(
+            text.lines().any(
+                |l| l.starts_with("ipvs ") && l.ends_with("  not run: the kernel has no IP_VS")
+            ),
+            "{text}"
+        );
+        // Medians with their range, and the pairwise ratio.
+        assert!(text.contains("11.0 (10.0–12.0)"), "{text}");
+        assert!(text.contains("1.02×"), "{text}");
+    }
+
+    #[test]
+    fn csv_has_a_row_per_figure_and_the_machine() {
+        let text = csv(&sample());
+        let mut lines = text.lines();
+        assert!(lines.next().is_some_and(|l| l.contains("kernel 6.18.0")));
+        assert!(lines.next().is_some_and(|l| l.starts_with("# settings")));
+        assert_eq!(lines.next(), Some(CSV_HEADER));
+        let rows: Vec<&str> = lines.collect();
+        // 2 scales × (6 control + 2 targets × 8 data) + the row saying ipvs did not run.
+        assert_eq!(rows.len(), 2 * (CONTROL.len() + 2 * DATA.len()) + 1);
+        let columns = CSV_HEADER.split(',').count();
+        assert!(
+            rows.iter().all(|r| r.split(',').count() == columns),
+            "{text}"
+        );
+        assert!(
+            rows.contains(
+                &"ebpf,ran,1,first,newconn_p50_us,µs,107.1,102,112.2,2,102;112.2,1.02,1.02,1.02"
+            ),
+            "{text}"
+        );
+        assert!(rows.contains(&"ipvs,not run: the kernel has no IP_VS,,,,,,,,,,,,"));
+    }
+
+    #[test]
+    fn json_round_trips() {
+        let report = sample();
+        let text = serde_json::to_string_pretty(&report).expect("json");
+        let back: Report = serde_json::from_str(&text).expect("parse");
+        assert_eq!(back, report);
+    }
+
+    #[test]
+    fn compare_flags_changes_beyond_ten_percent_by_direction() {
+        let old = sample();
+        let mut new = sample();
+        let ebpf = &mut new.backends[0].scales[0];
+        // Latency 20% higher: worse. Connection rate 20% higher: better.
+        ebpf.targets[0]
+            .metrics
+            .insert("newconn_p50_us".into(), spread(&[126.0, 131.0]));
+        ebpf.targets[0]
+            .metrics
+            .insert("conns_per_s".into(), spread(&[126.0, 131.0]));
+        let text = compare(&old, &new);
+        let line = |key: &str| {
+            text.lines()
+                .find(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    f.len() > 3 && f[..4] == ["ebpf", "1", "first", key]
+                })
+                .unwrap_or_else(|| panic!("{key} missing from\n{text}"))
+                .to_string()
+        };
+        assert!(line("newconn_p50_us").ends_with("+20.0%   worse"), "{text}");
+        assert!(line("conns_per_s").ends_with("better"), "{text}");
+        assert!(line("tcp_gbit_s").contains("+0.0%"), "{text}");
+        assert!(text.contains("1 worse"), "{text}");
+    }
+
+    #[test]
+    fn numbers_are_readable() {
+        assert_eq!(number(123456.0), "123,456");
+        assert_eq!(number(1234.4), "1234");
+        assert_eq!(number(12.34), "12.3");
+        assert_eq!(number(1.234), "1.23");
+        assert_eq!(number(0.1234), "0.123");
+        assert_eq!(count(1), "1");
+        assert_eq!(count(10000), "10,000");
+    }
+}

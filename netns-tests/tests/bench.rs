@@ -1,0 +1,188 @@
+//! `kpx-lab bench` end to end at a tiny scale (a few seconds per cell): every backend this
+//! kernel runs is measured, the others are rows saying why; every column is in the JSON and
+//! the CSV, and the plots are written. Bad options are refused before anything is built.
+
+use std::process::Command;
+
+use kpx_lab::bench::report::{Report, CONTROL, CSV_HEADER, DATA};
+use kpx_lab::lab::{binary, ALL_BACKENDS};
+
+fn root_or_skip(tag: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var("KPX_REQUIRE_NETNS").map_or(true, |v| v != "1"),
+        "{tag} needs root (KPX_REQUIRE_NETNS=1)"
+    );
+    eprintln!("SKIPPED {tag}: kpx-lab bench needs root");
+    false
+}
+
+#[test]
+fn a_tiny_bench_measures_every_backend_and_writes_every_output() {
+    if !root_or_skip("bench smoke run") {
+        return;
+    }
+    let out = tempfile::tempdir().expect("tempdir");
+    let run = Command::new(binary("kpx-lab").expect("kpx-lab built"))
+        .args(["bench", "--services", "1,3", "--endpoints-per-service", "2"])
+        .args([
+            "--rounds",
+            "2",
+            "--connections",
+            "50",
+            "--keepalive-requests",
+            "50",
+        ])
+        .args(["--udp-requests", "50", "--tcp-seconds", "1"])
+        .arg("--out")
+        .arg(out.path())
+        .output()
+        .expect("kpx-lab bench runs");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "kpx-lab bench failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    for column in [
+        "full sync ms",
+        "loader alone ms",
+        "new-conn p50 µs",
+        "UDP req/s",
+    ] {
+        assert!(stdout.contains(column), "{column} missing from\n{stdout}");
+    }
+    let report: Report = serde_json::from_str(
+        &std::fs::read_to_string(out.path().join("report.json")).expect("report.json"),
+    )
+    .expect("a report");
+    let mut expected_rows = 0;
+    for name in ALL_BACKENDS
+        .iter()
+        .map(|b| b.name())
+        .chain(["ipvs", "nftables"])
+    {
+        let b = report
+            .backend(name)
+            .unwrap_or_else(|| panic!("no row for {name}"));
+        let supported = ALL_BACKENDS
+            .iter()
+            .find(|x| x.name() == name)
+            .is_some_and(|x| x.unsupported().is_none());
+        if !supported {
+            let why = b.not_run.as_deref().unwrap_or_default();
+            assert!(!why.is_empty(), "{name} neither ran nor says why");
+            assert!(stdout.contains(&format!("not run: {why}")), "{stdout}");
+            expected_rows += 1;
+            continue;
+        }
+        assert_eq!(b.not_run, None, "{name}");
+        let scales: Vec<usize> = b.scales.iter().map(|s| s.services).collect();
+        assert_eq!(scales, vec![1, 3], "{name}");
+        for sc in &b.scales {
+            for m in CONTROL {
+                let s = sc
+                    .control
+                    .get(m.key)
+                    .unwrap_or_else(|| panic!("{name} at {}: no {}", sc.services, m.key));
+                // Two endpoint changes per round, one of everything else.
+                let per_round = if matches!(m.key, "change_sync_ms" | "programming_ms") {
+                    2
+                } else {
+                    1
+                };
+                assert_eq!(
+                    s.samples.len(),
+                    2 * per_round,
+                    "{name} {}: values per round",
+                    m.key
+                );
+                assert!(s.median > 0.0, "{name} {}: {s:?}", m.key);
+                expected_rows += 1;
+            }
+            assert!(
+                sc.full_vs_loader.is_some(),
+                "{name}: no ratio to the loader"
+            );
+            assert!(sc.programmed > 0, "{name}: nothing programmed");
+            let targets: Vec<&str> = sc.targets.iter().map(|t| t.target.as_str()).collect();
+            let want: &[&str] = if sc.services == 1 {
+                &["direct", "first"]
+            } else {
+                &["direct", "first", "middle", "last"]
+            };
+            assert_eq!(targets, want, "{name} at {}", sc.services);
+            for t in &sc.targets {
+                for m in DATA {
+                    let s = t.metrics.get(m.key).unwrap_or_else(|| {
+                        panic!("{name} {} at {}: no {}", t.target, sc.services, m.key)
+                    });
+                    assert_eq!(s.samples.len(), 2, "{name} {} {}", t.target, m.key);
+                    if m.key != "failed_requests" {
+                        assert!(s.median > 0.0, "{name} {} {}: {s:?}", t.target, m.key);
+                    }
+                    if t.target != "direct" && m.key != "failed_requests" {
+                        assert!(
+                            t.vs_direct.contains_key(m.key),
+                            "{name} {} {}",
+                            t.target,
+                            m.key
+                        );
+                    }
+                    expected_rows += 1;
+                }
+            }
+        }
+    }
+    let csv = std::fs::read_to_string(out.path().join("report.csv")).expect("report.csv");
+    let rows: Vec<&str> = csv.lines().filter(|l| !l.starts_with('#')).collect();
+    assert_eq!(rows[0], CSV_HEADER);
+    assert_eq!(rows.len() - 1, expected_rows, "{csv}");
+    assert!(
+        csv.starts_with("# kpx-lab") && csv.contains("kernel "),
+        "{csv}"
+    );
+    for plot in ["latency", "conn-rate", "sync"] {
+        for ext in ["svg", "png"] {
+            let path = out.path().join(format!("{plot}.{ext}"));
+            let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            assert!(len > 1000, "{} missing or empty", path.display());
+        }
+    }
+}
+
+#[test]
+fn bad_options_name_the_option_and_change_nothing() {
+    let out = tempfile::tempdir().expect("tempdir");
+    let target = out.path().join("never");
+    for (args, says) in [
+        (vec!["--services", "0"], "--services"),
+        (
+            vec!["--backends", "ipvs,bogus"],
+            "allowed values: iptables-nft, iptables-legacy, ebpf, ipvs, nftables",
+        ),
+        (vec!["--rounds", "0"], "--rounds 0: allowed values: 1 to 20"),
+        (
+            vec!["--endpoints-per-service", "500"],
+            "--endpoints-per-service",
+        ),
+        (
+            vec!["--compare", "/nonexistent/report.json"],
+            "--compare /nonexistent/report.json",
+        ),
+    ] {
+        let run = Command::new(binary("kpx-lab").expect("kpx-lab built"))
+            .arg("bench")
+            .args(&args)
+            .arg("--out")
+            .arg(&target)
+            .output()
+            .expect("runs");
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(!run.status.success(), "{args:?} was accepted");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+        assert!(!target.exists(), "{args:?} created {}", target.display());
+    }
+}
