@@ -180,9 +180,8 @@ impl<B: Backend> Runner<B> {
         );
         let _enter = span.enter();
         let started = Instant::now();
-        let (state, changes) = self.tracker.snapshot(&self.state);
-        // The snapshot is what we want programmed, whether or not this apply succeeds.
-        self.state = state;
+        // The new state is what we want programmed, whether or not this apply succeeds.
+        let changes = self.tracker.advance(&mut self.state);
         for skipped in &changes.skipped {
             tracing::warn!(kind = skipped.kind, object = %skipped.object, field = %skipped.field, reason = %skipped.reason, "skipping unusable input");
             self.metrics

@@ -8,6 +8,7 @@
 //! has a direct run beside it to be divided by.
 
 pub mod client;
+pub mod cpus;
 pub mod loader;
 pub mod loads;
 pub mod machine;
@@ -24,6 +25,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use cpus::Placement;
 
 use crate::lab::{ProxyBackend, ALL_BACKENDS};
 use crate::traffic::metric_value;
@@ -61,6 +63,10 @@ pub struct Options {
     /// Seconds per iperf3 run.
     #[arg(long, default_value_t = 1)]
     pub tcp_seconds: u32,
+    /// The core the traffic's clients and servers share, the rest of the bench keeping off it
+    /// (default: the last core; `none`: wherever the scheduler puts them).
+    #[arg(long, value_name = "CORE|none")]
+    pub cpu: Option<String>,
     /// Where report.json, report.csv and the plots go.
     #[arg(long, default_value = "kpx-bench")]
     pub out: PathBuf,
@@ -96,7 +102,7 @@ fn planned() -> Vec<(&'static str, String)> {
 
 impl Options {
     /// Checks every option before anything is built; errors name the option and what it takes.
-    pub fn validate(&mut self) -> anyhow::Result<Choices> {
+    pub fn validate(&mut self) -> anyhow::Result<(Choices, Placement)> {
         self.services.sort_unstable();
         self.services.dedup();
         if self.services.is_empty()
@@ -153,7 +159,7 @@ impl Options {
                 bail!("--backends {name:?}: allowed values: {}", known.join(", "));
             }
         }
-        Ok(out)
+        Ok((out, Placement::choose(self.cpu.as_deref())?))
     }
 }
 
@@ -395,7 +401,7 @@ async fn data_round(
             .collect::<Vec<_>>()
             .join(",");
         let m = g.target(t.name, address);
-        loads::flush_conntrack(&[&node, &client]).await?;
+        loads::flush_conntrack(&[&node, &client.entry]).await?;
         let run = loads::new_connections(&client, &t.http, o.connections, 1).await?;
         some_answered(&run, &format!("new connections to {}", t.name))?;
         for (key, p) in [
@@ -408,7 +414,7 @@ async fn data_round(
                 .push(percentile(&run.latencies_us, p).unwrap_or(0.0));
         }
         let mut failed = run.failed;
-        loads::flush_conntrack(&[&node, &client]).await?;
+        loads::flush_conntrack(&[&node, &client.entry]).await?;
         let run = loads::new_connections(&client, &t.http, o.connections, o.concurrency).await?;
         some_answered(&run, &format!("concurrent connections to {}", t.name))?;
         m.entry("conns_per_s").or_default().push(run.rate());
@@ -436,21 +442,26 @@ async fn data_round(
 
 /// A short pass of every load to every target, not recorded: caches, neighbour entries, the
 /// clients' pages, the first connection tracking entries.
-async fn warm_up(b: &BenchLab, targets: &[Target], o: &Options) -> anyhow::Result<()> {
+async fn warm_up(b: &BenchLab, targets: &[Target], o: &Options, whole: bool) -> anyhow::Result<()> {
     let client = b.client()?;
+    let part = |n: usize| if whole { n } else { (n / 4).max(10) };
     for t in targets {
-        loads::new_connections(&client, &t.http, (o.connections / 4).max(10), 1).await?;
-        loads::keepalive(&client, t.http[0], (o.keepalive_requests / 4).max(10)).await?;
-        loads::udp_flow(&client, t.udp, (o.udp_requests / 4).max(10)).await?;
+        loads::new_connections(&client, &t.http, part(o.connections), 1).await?;
+        loads::new_connections(&client, &t.http, part(o.connections), o.concurrency).await?;
+        loads::keepalive(&client, t.http[0], part(o.keepalive_requests)).await?;
+        loads::udp_flow(&client, t.udp, part(o.udp_requests)).await?;
     }
     Ok(())
 }
+
+/// How long a data round waits for the load core to go quiet.
+const SETTLE_WITHIN: Duration = Duration::from_secs(10);
 
 /// The backends to measure, each runnable or the reason it is not.
 pub type Choices = Vec<(String, Result<ProxyBackend, String>)>;
 
 /// Measures everything; returns the report (nothing written yet).
-pub async fn run(o: &Options, choices: Choices) -> anyhow::Result<Report> {
+pub async fn run(o: &Options, choices: Choices, placement: Placement) -> anyhow::Result<Report> {
     if !nix::unistd::geteuid().is_root() {
         bail!("kpx-lab bench needs root: it builds network namespaces and loads rules");
     }
@@ -459,6 +470,7 @@ pub async fn run(o: &Options, choices: Choices) -> anyhow::Result<Report> {
             format!("kpx-lab bench needs {tool} (apt-get install {tool}; `cargo xtask deps` installs it)")
         })?;
     }
+    placement.keep_self_off()?;
     let started_at = chrono::Utc::now();
     let started = Instant::now();
     let est = Estimate(o);
@@ -468,7 +480,7 @@ pub async fn run(o: &Options, choices: Choices) -> anyhow::Result<Report> {
         match choice {
             Ok(backend) => {
                 eprintln!("starting the {name} lab");
-                labs.push(BenchLab::start(*backend, o.endpoints_per_service).await?);
+                labs.push(BenchLab::start(*backend, o.endpoints_per_service, placement).await?);
             }
             Err(why) => results.push(BackendResult {
                 backend: name.clone(),
@@ -488,11 +500,20 @@ pub async fn run(o: &Options, choices: Choices) -> anyhow::Result<Report> {
     }
     let mut progress = Progress::new(total);
     let mut gathered: Vec<Vec<(usize, Gathered)>> = labs.iter().map(|_| Vec::new()).collect();
+    let mut notes = Vec::new();
     for &n in &o.services {
         progress.step(&format!("{n} Services: creating them in every lab"));
+        // Proxies stopped meanwhile: thousands of syncs of a growing table would take the
+        // API servers' core (each round restarts them from empty anyway).
+        for b in &mut labs {
+            b.lab.stop_proxy(0);
+        }
         let fills: Vec<_> = labs.iter_mut().map(|b| b.fill(n)).collect();
         for r in futures::future::join_all(fills).await {
             r?;
+        }
+        for b in &mut labs {
+            b.lab.start_proxy(0)?;
         }
         let mut places = Vec::new();
         let share = est.fill(n) / labs.len().max(1) as f64;
@@ -507,7 +528,10 @@ pub async fn run(o: &Options, choices: Choices) -> anyhow::Result<Report> {
         }
         for (i, b) in labs.iter().enumerate() {
             progress.step(&format!("{n} Services: warming up {}", b.backend.name()));
-            warm_up(b, &places[i], o).await?;
+            // The first scale's loads are the first the kernel sees: socket and conntrack
+            // caches grow during them, so it warms up with a whole round's worth.
+            let whole = n == o.services[0];
+            warm_up(b, &places[i], o, whole).await?;
         }
         let mut at_scale: Vec<Gathered> = labs.iter().map(|_| Gathered::default()).collect();
         for round in 1..=o.rounds {
@@ -525,6 +549,13 @@ pub async fn run(o: &Options, choices: Choices) -> anyhow::Result<Report> {
                 progress.done(est.control(b.backend, n));
             }
             for (i, b) in labs.iter().enumerate() {
+                if placement.settle(SETTLE_WITHIN).await?.is_none() {
+                    notes.push(format!(
+                        "{label}: the load core was still busy {} s before {}'s traffic; measured anyway",
+                        SETTLE_WITHIN.as_secs(),
+                        b.backend.name()
+                    ));
+                }
                 data_round(
                     b,
                     &places[i],
@@ -571,8 +602,10 @@ pub async fn run(o: &Options, choices: Choices) -> anyhow::Result<Report> {
             keepalive_requests: o.keepalive_requests,
             udp_requests: o.udp_requests,
             tcp_seconds: o.tcp_seconds,
+            cpu: placement.describe(),
         },
         backends: results,
+        notes,
     })
 }
 
@@ -597,7 +630,7 @@ fn read_report(flag: &str, path: &std::path::Path) -> anyhow::Result<Report> {
 /// prints the table (and the change against `--compare`).
 pub async fn main(mut o: Options) -> anyhow::Result<()> {
     // Bad input changes nothing: the earlier report is read before anything is built.
-    let choices = o.validate()?;
+    let (choices, placement) = o.validate()?;
     let old = o
         .compare
         .as_deref()
@@ -612,7 +645,7 @@ pub async fn main(mut o: Options) -> anyhow::Result<()> {
         .with_context(|| format!("--out {}: cannot create it", o.out.display()))?;
     let report = match earlier {
         Some(report) => report,
-        None => run(&o, choices).await?,
+        None => run(&o, choices, placement).await?,
     };
     let json = o.out.join("report.json");
     std::fs::write(&json, serde_json::to_string_pretty(&report)?)?;

@@ -221,6 +221,14 @@ impl ChangeTracker {
     /// The next snapshot: `previous` with the changed Services recomputed.
     pub fn snapshot(&mut self, previous: &ProxyState) -> (ProxyState, Changes) {
         let mut state = previous.clone();
+        let changes = self.advance(&mut state);
+        (state, changes)
+    }
+
+    /// [`snapshot`](Self::snapshot) in place, for the proxy that keeps only the latest state:
+    /// copying a 10,000-Service state (and dropping the old one) every sync cost more than
+    /// planning and writing one changed Service.
+    pub fn advance(&mut self, state: &mut ProxyState) -> Changes {
         let mut changes = Changes::default();
         let dirty = std::mem::take(&mut self.dirty);
         for service in &dirty {
@@ -259,7 +267,7 @@ impl ChangeTracker {
             }
         }
         changes.skipped = std::mem::take(&mut self.skipped);
-        (state, changes)
+        changes
     }
 }
 
