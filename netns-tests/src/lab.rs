@@ -195,6 +195,13 @@ pub struct Pod {
     workload: Option<Child>,
 }
 
+impl Pod {
+    /// The process id of the pod's workload, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.workload.as_ref().map(Child::id)
+    }
+}
+
 pub struct Lab {
     pub name: String,
     pub backend: ProxyBackend,

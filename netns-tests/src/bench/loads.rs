@@ -1,24 +1,36 @@
-//! The loads, each a bounded process started from a client entry (a pod's namespace and its
-//! node's cgroup): `kpx-workload --client …` for HTTP and UDP, iperf3 for TCP throughput.
-//! Every one is killed if it outlives its deadline.
+//! The loads, each a bounded process started as a [`Client`] (a pod's namespace, its
+//! node's cgroup, the load core): `kpx-workload --client …` for HTTP and UDP, iperf3 for TCP
+//! throughput. Every one is killed if it outlives its deadline.
 
 use std::net::SocketAddr;
+use std::process::Command;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 
 use super::client::Run;
+use super::cpus::Placement;
 use crate::lab::binary;
 use crate::netns::Entry;
+
+/// Where a load's processes start: the client pod's namespace and cgroup, on the load core.
+pub struct Client {
+    pub entry: Entry,
+    pub placement: Placement,
+}
+
+impl Client {
+    fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> anyhow::Result<Command> {
+        let mut cmd = self.entry.command(program)?;
+        self.placement.pin_command(&mut cmd)?;
+        Ok(cmd)
+    }
+}
 
 /// How long a request may take before it counts as failed.
 const REQUEST_TIMEOUT_MS: u64 = 2000;
 
-async fn output(
-    mut cmd: std::process::Command,
-    deadline: Duration,
-    what: &str,
-) -> anyhow::Result<String> {
+async fn output(mut cmd: Command, deadline: Duration, what: &str) -> anyhow::Result<String> {
     cmd.stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     let mut cmd = tokio::process::Command::from(cmd);
@@ -36,7 +48,7 @@ async fn output(
 }
 
 async fn workload(
-    entry: &Entry,
+    client: &Client,
     kind: &str,
     targets: &[SocketAddr],
     count: usize,
@@ -44,7 +56,7 @@ async fn workload(
 ) -> anyhow::Result<Run> {
     let target: Vec<String> = targets.iter().map(ToString::to_string).collect();
     let target = target.join(",");
-    let mut cmd = entry.command(binary("kpx-workload")?)?;
+    let mut cmd = client.command(binary("kpx-workload")?)?;
     cmd.args(["--client", kind, "--latency", "--target", &target])
         .args(["--count", &count.to_string()])
         .args(["--timeout-ms", &REQUEST_TIMEOUT_MS.to_string()])
@@ -64,13 +76,13 @@ async fn workload(
 /// New connections, one HTTP request each, reset after the answer; `concurrency` at a time,
 /// over `targets` in turn.
 pub async fn new_connections(
-    entry: &Entry,
+    client: &Client,
     targets: &[SocketAddr],
     count: usize,
     concurrency: usize,
 ) -> anyhow::Result<Run> {
     workload(
-        entry,
+        client,
         "http",
         targets,
         count,
@@ -80,18 +92,18 @@ pub async fn new_connections(
 }
 
 /// HTTP requests on one kept-alive connection.
-pub async fn keepalive(entry: &Entry, target: SocketAddr, count: usize) -> anyhow::Result<Run> {
-    workload(entry, "http-keepalive", &[target], count, &[]).await
+pub async fn keepalive(client: &Client, target: SocketAddr, count: usize) -> anyhow::Result<Run> {
+    workload(client, "http-keepalive", &[target], count, &[]).await
 }
 
 /// UDP request/response over one flow.
-pub async fn udp_flow(entry: &Entry, target: SocketAddr, count: usize) -> anyhow::Result<Run> {
-    workload(entry, "udp-flow", &[target], count, &[]).await
+pub async fn udp_flow(client: &Client, target: SocketAddr, count: usize) -> anyhow::Result<Run> {
+    workload(client, "udp-flow", &[target], count, &[]).await
 }
 
 /// TCP throughput of one iperf3 stream for `seconds`, in Gbit/s received.
-pub async fn iperf(entry: &Entry, target: SocketAddr, seconds: u32) -> anyhow::Result<f64> {
-    let mut cmd = entry.command("iperf3")?;
+pub async fn iperf(client: &Client, target: SocketAddr, seconds: u32) -> anyhow::Result<f64> {
+    let mut cmd = client.command("iperf3")?;
     cmd.args([
         "-c",
         &target.ip().to_string(),
@@ -121,12 +133,12 @@ pub async fn iperf(entry: &Entry, target: SocketAddr, seconds: u32) -> anyhow::R
 pub struct Poller(tokio::task::JoinHandle<anyhow::Result<String>>);
 
 pub fn poll_until(
-    entry: &Entry,
+    client: &Client,
     target: SocketAddr,
     pod: &str,
     within: Duration,
 ) -> anyhow::Result<Poller> {
-    let mut cmd = entry.command(binary("kpx-workload")?)?;
+    let mut cmd = client.command(binary("kpx-workload")?)?;
     cmd.args(["--client", "http", "--target", &target.to_string()])
         .args([
             "--until",

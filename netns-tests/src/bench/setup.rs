@@ -22,6 +22,8 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kpx_control::client::Api;
 use serde_json::{json, Value};
 
+use super::cpus::Placement;
+use super::loads::Client;
 use crate::lab::{Lab, ProxyBackend};
 use crate::netns::{Enter, Entry};
 
@@ -40,6 +42,8 @@ pub struct BenchLab {
     /// Which spare the probe Service points at now (0 or 1).
     probe_spare: usize,
     iperf: Option<Child>,
+    /// Where the clients and servers run.
+    pub placement: Placement,
 }
 
 pub fn service_name(i: usize) -> String {
@@ -55,7 +59,11 @@ fn spare_name(k: usize) -> String {
 }
 
 impl BenchLab {
-    pub async fn start(backend: ProxyBackend, endpoints: usize) -> anyhow::Result<Self> {
+    pub async fn start(
+        backend: ProxyBackend,
+        endpoints: usize,
+        placement: Placement,
+    ) -> anyhow::Result<Self> {
         let tag = match backend {
             ProxyBackend::IptablesNft => "bench-nft",
             ProxyBackend::IptablesLegacy => "bench-legacy",
@@ -76,8 +84,14 @@ impl BenchLab {
             // With the pod's other processes, so the lab's cgroup kill takes it too.
             server = server.in_cgroup(cg.clone());
         }
-        let iperf = server
-            .command("iperf3")?
+        for pod in lab.pods.iter() {
+            if let Some(pid) = pod.pid() {
+                placement.pin_process(pid)?;
+            }
+        }
+        let mut iperf = server.command("iperf3")?;
+        placement.pin_command(&mut iperf)?;
+        let iperf = iperf
             .args(["-s", "-p", &IPERF_PORT.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -91,17 +105,22 @@ impl BenchLab {
             twins: BTreeSet::new(),
             probe_spare: 0,
             iperf: Some(iperf),
+            placement,
         };
         bench.create_probe().await?;
         Ok(bench)
     }
 
     /// Where clients run: the client pod's namespace, in the node's cgroup like any pod.
-    pub fn client(&self) -> anyhow::Result<Entry> {
+    pub fn client(&self) -> anyhow::Result<Client> {
         let entry = self.lab.pod("client").ns.entry()?;
-        Ok(match &self.lab.nodes[0].cgroup {
+        let entry = match &self.lab.nodes[0].cgroup {
             Some(cg) => entry.in_cgroup(cg.clone()),
             None => entry,
+        };
+        Ok(Client {
+            entry,
+            placement: self.placement,
         })
     }
 
