@@ -18,6 +18,15 @@ fn clock(d: Duration) -> String {
     format!("{}:{:02}", s / 60, s % 60)
 }
 
+/// Seconds left: the work not done yet at the pace seen so far, that pace starting from the
+/// expected one (a second per expected second) and trusting what is measured as it adds up —
+/// one quick first step alone would otherwise promise hours or seconds.
+fn seconds_left(elapsed: f64, done: f64, total: f64) -> f64 {
+    let prior = (total / 10.0).min(30.0);
+    let pace = (elapsed + prior) / (done + prior);
+    (total - done).max(0.0) * pace
+}
+
 impl Progress {
     /// `total` in expected seconds. Drawn on stderr when it is a terminal; otherwise a line
     /// per step, so CI logs show progress too.
@@ -36,12 +45,8 @@ impl Progress {
     }
 
     fn left(&self) -> String {
-        if self.done <= 0.0 {
-            return "estimating".into();
-        }
-        let rate = self.started.elapsed().as_secs_f64() / self.done;
-        let left = ((self.total - self.done).max(0.0) * rate) as u64;
-        format!("~{} left", clock(Duration::from_secs(left)))
+        let left = seconds_left(self.started.elapsed().as_secs_f64(), self.done, self.total);
+        format!("~{} left", clock(Duration::from_secs(left as u64)))
     }
 
     /// Starts a step: what it is.
@@ -64,5 +69,24 @@ impl Progress {
 
     pub fn finish(&self) {
         self.bar.finish_and_clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::seconds_left;
+
+    #[test]
+    fn the_estimate_starts_from_the_plan_and_follows_the_measured_pace() {
+        // Nothing done: the plan itself.
+        assert_eq!(seconds_left(0.0, 0.0, 600.0), 600.0);
+        // A tiny first step that took long does not promise hours.
+        let early = seconds_left(1.0, 0.004, 600.0);
+        assert!((590.0..630.0).contains(&early), "{early}");
+        // Half done in twice the expected time: about twice the plan for the rest.
+        let late = seconds_left(600.0, 300.0, 600.0);
+        assert!((560.0..600.0).contains(&late), "{late}");
+        // Finished.
+        assert_eq!(seconds_left(700.0, 600.0, 600.0), 0.0);
     }
 }

@@ -73,6 +73,9 @@ pub struct Settings {
     pub keepalive_requests: usize,
     pub udp_requests: usize,
     pub tcp_seconds: u32,
+    /// Where the traffic's clients and servers ran (`--cpu`); reports from before it say "".
+    #[serde(default)]
+    pub cpu: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -85,6 +88,9 @@ pub struct Report {
     pub machine: Machine,
     pub settings: Settings,
     pub backends: Vec<BackendResult>,
+    /// What the run noticed about itself (a load core that never went quiet, say).
+    #[serde(default)]
+    pub notes: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -290,8 +296,13 @@ pub fn table(report: &Report) -> String {
     let _ = writeln!(
         out,
         "\ndata plane: medians of {} rounds; ×direct = against the pod IP in the same round, pair \
-         by pair; min–max of every figure in report.csv",
-        s.rounds
+         by pair; min–max of every figure in report.csv{}",
+        s.rounds,
+        if s.cpu.is_empty() {
+            String::new()
+        } else {
+            format!("; {}", s.cpu)
+        }
     );
     let head = header(&[
         "backend",
@@ -351,6 +362,12 @@ pub fn table(report: &Report) -> String {
                 p.promise,
                 p.measured
             );
+        }
+    }
+    if !report.notes.is_empty() {
+        out.push_str("\nnotes:\n");
+        for note in &report.notes {
+            let _ = writeln!(out, "  {note}");
         }
     }
     out
@@ -504,6 +521,7 @@ pub fn compare(old: &Report, new: &Report) -> String {
         }
     }
     let within = rows.iter().filter(|r| r[7].is_empty()).count();
+    let agreement = agreement_by_figure(&rows);
     let head = header(&[
         "backend", "Services", "target", "figure", "old", "new", "change", "",
     ]);
@@ -513,7 +531,44 @@ pub fn compare(old: &Report, new: &Report) -> String {
         rows.len()
     );
     out.push_str(&render_table(&head, &rows, 4));
+    out.push_str(
+        "\nagreement by figure (medians within ±10% of the earlier run's, largest change):\n",
+    );
+    out.push_str(&agreement);
     out
+}
+
+/// Per figure, in the report's order: how many of its medians stayed within ±10%, of how
+/// many, and the largest change either way — tails (p99) move more than medians, and a
+/// reader should see which.
+fn agreement_by_figure(rows: &[Vec<String>]) -> String {
+    let mut by_key: BTreeMap<&str, (usize, usize, f64)> = BTreeMap::new();
+    for r in rows {
+        let change: f64 = r[6].trim_end_matches('%').parse().unwrap_or(0.0);
+        let e = by_key.entry(r[3].as_str()).or_insert((0, 0, 0.0));
+        e.1 += 1;
+        if change.abs() <= 10.0 {
+            e.0 += 1;
+        }
+        if change.abs() > e.2.abs() {
+            e.2 = change;
+        }
+    }
+    let order = |k: &str| CONTROL.iter().chain(DATA).position(|m| m.key == k);
+    let mut keys: Vec<&str> = by_key.keys().copied().collect();
+    keys.sort_by_key(|k| order(k));
+    let rows: Vec<Vec<String>> = keys
+        .iter()
+        .map(|k| {
+            let (within, of, largest) = by_key[k];
+            vec![
+                k.to_string(),
+                format!("{within}/{of}"),
+                format!("{largest:+.1}%"),
+            ]
+        })
+        .collect();
+    render_table(&header(&["figure", "within", "largest"]), &rows, 1)
 }
 
 #[cfg(test)]
@@ -558,6 +613,7 @@ pub(crate) mod tests {
                 iperf3: "iperf 3.12".into(),
             },
             settings: Settings {
+                cpu: "clients and servers on core 1, the rest on the others".into(),
                 services: vec![1, 1000],
                 endpoints_per_service: 10,
                 rounds: 2,
@@ -567,6 +623,7 @@ pub(crate) mod tests {
                 udp_requests: 5000,
                 tcp_seconds: 1,
             },
+            notes: vec!["1 Services, round 1/2: the load core was still busy".into()],
             backends: vec![
                 BackendResult {
                     backend: "ebpf".into(),
@@ -619,6 +676,12 @@ pub(crate) mod tests {
         // Medians with their range, and the pairwise ratio.
         assert!(text.contains("11.0 (10.0–12.0)"), "{text}");
         assert!(text.contains("1.02×"), "{text}");
+        // Where the traffic ran, and what the run noticed.
+        assert!(text.contains("; clients and servers on core 1"), "{text}");
+        assert!(
+            text.contains("notes:\n  1 Services, round 1/2: the load core was still busy"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -679,6 +742,33 @@ pub(crate) mod tests {
         assert!(line("conns_per_s").ends_with("better"), "{text}");
         assert!(line("tcp_gbit_s").contains("+0.0%"), "{text}");
         assert!(text.contains("1 worse"), "{text}");
+        // The per-figure summary: two Services' worth of each figure, one moved by 20%.
+        let agreement = text
+            .split("agreement by figure")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no agreement summary in\n{text}"));
+        let summary = |key: &str| {
+            agreement
+                .lines()
+                .find(|l| l.split_whitespace().next() == Some(key))
+                .unwrap_or_else(|| panic!("{key} missing from\n{agreement}"))
+                .split_whitespace()
+                .skip(1)
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let moved = summary("newconn_p50_us");
+        assert!(moved.ends_with("+20.0%"), "{moved}");
+        let (within, of) = moved
+            .split_whitespace()
+            .next()
+            .and_then(|f| f.split_once('/'))
+            .expect("within/of");
+        assert_eq!(
+            within.parse::<usize>().expect("n") + 1,
+            of.parse::<usize>().expect("n")
+        );
+        assert!(summary("tcp_gbit_s").ends_with("+0.0%"), "{agreement}");
     }
 
     #[test]
