@@ -10,6 +10,7 @@ use crate::traffic::{any_address, http_reset_once, read_one_response, Outcome};
 
 /// What a latency run prints: each request's latency in µs (-1 for a failure) on one line,
 /// then the run's wall time.
+#[derive(Debug, Clone, Default)]
 pub struct Run {
     pub latencies_us: Vec<f64>,
     pub failed: usize,
@@ -46,6 +47,13 @@ impl Run {
             latencies_us: samples.into_iter().filter(|s| *s >= 0.0).collect(),
             elapsed: Duration::from_micros(elapsed_us),
         })
+    }
+
+    /// Adds another slice of the same load: its samples, failures and time.
+    pub fn absorb(&mut self, slice: Run) {
+        self.latencies_us.extend(slice.latencies_us);
+        self.failed += slice.failed;
+        self.elapsed += slice.elapsed;
     }
 
     /// Successful requests per second of wall time.
