@@ -275,9 +275,10 @@ impl Lab {
         fabric.add_address("br0", API_ADDRESS.into(), 24).await?;
         fabric.add_address("br0", FABRIC_V6.into(), 64).await?;
 
-        let host_port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
+        // Kept bound until the relay takes it: a port picked free and bound again later could
+        // be taken meanwhile (another lab, or any client's ephemeral port).
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let host_port = listener.local_addr()?.port();
         let api_url = format!("http://127.0.0.1:{host_port}");
         let mut lab = Self {
             name: name.clone(),
@@ -318,10 +319,7 @@ impl Lab {
             );
             lab.bpffs = Some(dir);
         }
-        lab.relay = Some(tokio::spawn(relay(
-            std::net::TcpListener::bind(("127.0.0.1", host_port))?,
-            lab.fabric.entry()?,
-        )));
+        lab.relay = Some(tokio::spawn(relay(listener, lab.fabric.entry()?)));
         lab.start_api().await?;
         for i in 1..=nodes {
             lab.add_node(i as u8).await?;
