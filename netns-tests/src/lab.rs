@@ -589,6 +589,11 @@ impl Lab {
         Ok(())
     }
 
+    /// How node `i`'s proxy ended, if it has.
+    pub fn proxy_exit(&mut self, i: usize) -> Option<std::process::ExitStatus> {
+        self.nodes[i].proxy.as_mut()?.try_wait().ok().flatten()
+    }
+
     /// The process id of node `i`'s proxy, while it runs.
     pub fn proxy_pid(&self, i: usize) -> Option<u32> {
         self.nodes[i].proxy.as_ref().map(Child::id)

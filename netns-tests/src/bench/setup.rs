@@ -260,12 +260,24 @@ impl BenchLab {
 
     /// Waits until an HTTP request to `target` is answered from the client (the proxy has
     /// programmed it).
-    pub async fn wait_answering(&self, target: SocketAddr, within: Duration) -> anyhow::Result<()> {
+    pub async fn wait_answering(
+        &mut self,
+        target: SocketAddr,
+        within: Duration,
+    ) -> anyhow::Result<()> {
         let started = Instant::now();
         loop {
             let run = super::loads::new_connections(&self.client()?, &[target], 3, 1).await;
             if run.is_ok_and(|r| r.failed == 0) {
                 return Ok(());
+            }
+            // A proxy that died will not program anything: say so now, not after `within`.
+            if let Some(status) = self.lab.proxy_exit(0) {
+                anyhow::bail!(
+                    "kpx-proxy ({} backend) exited ({status}) before {target} answered\n{}",
+                    self.backend.name(),
+                    self.lab.proxy_logs()
+                );
             }
             anyhow::ensure!(
                 started.elapsed() < within,

@@ -108,8 +108,9 @@ async fn main() -> anyhow::Result<()> {
         Command::Bench(options) => {
             tokio::select! {
                 result = kpx_lab::bench::main(options) => result,
-                _ = tokio::signal::ctrl_c() => {
-                    // Dropping the benchmark removed its labs.
+                _ = kpx_control::daemon::shutdown() => {
+                    // Dropping the benchmark removed its labs (Ctrl-C, or SIGTERM from a
+                    // `timeout` or a test harness).
                     eprintln!("kpx-lab bench: interrupted; its labs are removed");
                     std::process::exit(130);
                 }
