@@ -5,6 +5,7 @@
 use std::process::Command;
 
 use kpx_lab::bench::report::{Report, CONTROL, CSV_HEADER, DATA};
+use kpx_lab::bench::ENDPOINT_CHANGES;
 use kpx_lab::lab::{binary, ALL_BACKENDS};
 
 fn root_or_skip(tag: &str) -> bool {
@@ -87,9 +88,9 @@ fn a_tiny_bench_measures_every_backend_and_writes_every_output() {
                     .control
                     .get(m.key)
                     .unwrap_or_else(|| panic!("{name} at {}: no {}", sc.services, m.key));
-                // Two endpoint changes per round, one of everything else.
+                // Several endpoint changes per round, one of everything else.
                 let per_round = if matches!(m.key, "change_sync_ms" | "programming_ms") {
-                    2
+                    ENDPOINT_CHANGES
                 } else {
                     1
                 };
@@ -151,6 +152,35 @@ fn a_tiny_bench_measures_every_backend_and_writes_every_output() {
             assert!(len > 1000, "{} missing or empty", path.display());
         }
     }
+    // The run rendered again and compared with itself: every figure agrees.
+    let json = out.path().join("report.json");
+    let again = Command::new(binary("kpx-lab").expect("kpx-lab built"))
+        .arg("bench")
+        .arg("--from")
+        .arg(&json)
+        .arg("--compare")
+        .arg(&json)
+        .arg("--out")
+        .arg(out.path().join("again"))
+        .output()
+        .expect("kpx-lab bench --from runs");
+    let text = String::from_utf8_lossy(&again.stdout);
+    assert!(again.status.success(), "{text}");
+    let all = text
+        .lines()
+        .find(|l| l.starts_with("all figures"))
+        .unwrap_or_else(|| panic!("no agreement total in\n{text}"));
+    let (within, of) = all
+        .split_whitespace()
+        .nth(2)
+        .and_then(|f| f.split_once('/'))
+        .unwrap_or_else(|| panic!("{all}"));
+    assert!(of.parse::<usize>().is_ok_and(|n| n > 0), "{all}");
+    assert_eq!(within, of, "{text}");
+    assert!(
+        text.contains("×direct") && text.contains("×loader"),
+        "{text}"
+    );
 }
 
 #[test]

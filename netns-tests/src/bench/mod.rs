@@ -278,7 +278,7 @@ impl Estimate<'_> {
 
     fn control(&self, backend: ProxyBackend, services: usize) -> f64 {
         let per_service = match backend {
-            ProxyBackend::IptablesNft => 0.0012,
+            ProxyBackend::IptablesNft => 0.0009,
             ProxyBackend::IptablesLegacy => 0.0003,
             ProxyBackend::Ebpf => 0.0001,
         };
@@ -293,6 +293,11 @@ impl Estimate<'_> {
         requests + f64::from(o.tcp_seconds) + 0.8
     }
 }
+
+/// Endpoint changes per control round: a one-endpoint sync of a small table takes a few
+/// milliseconds and varies by half from one change to the next (an nftables commit, a map
+/// write), so medians need more of them than the five rounds give.
+pub const ENDPOINT_CHANGES: usize = 4;
 
 /// One backend's control plane, one round: a full sync from empty (time, CPU, memory), the
 /// loader alone with the same rules, and an endpoint change (its sync, and the time until a
@@ -332,7 +337,7 @@ async fn control_round(b: &mut BenchLab, g: &mut Gathered) -> anyhow::Result<()>
 
     let probe = SocketAddr::new(b.vip("svc-probe").await?, HTTP_PORT);
     b.wait_answering(probe, Duration::from_secs(60)).await?;
-    for _ in 0..2 {
+    for _ in 0..ENDPOINT_CHANGES {
         let text = b.metrics()?;
         let (sum0, count0) = (
             metric_value(&text, PARTIAL_SUM).unwrap_or(0.0),

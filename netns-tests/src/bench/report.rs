@@ -466,11 +466,31 @@ pub fn csv(report: &Report) -> String {
     out
 }
 
-/// Every figure both runs have, old median → new median, with the change; changes beyond
-/// ±10% in the worse direction are flagged.
-pub fn compare(old: &Report, new: &Report) -> String {
-    let mut rows = Vec::new();
-    let mut worse = 0;
+/// How far apart two medians may be and still agree: within ±10%, or within what the figure
+/// can resolve (proxy CPU time is counted in clock ticks, 10 ms: 0.01 s against 0.02 s is one
+/// tick, not a doubling).
+fn agrees(key: &str, old: f64, new: f64) -> bool {
+    let resolution = if key == "proxy_cpu_s" { 0.01 } else { 0.0 };
+    (new - old).abs() <= resolution + 1e-9 || change(old, new).is_some_and(|d| d.abs() <= 0.10)
+}
+
+/// One figure of both runs, side by side.
+struct Pair<'a> {
+    backend: &'a str,
+    services: usize,
+    target: &'a str,
+    /// The figure's key, or `key ×direct` / `full_sync_ms ×loader` for a ratio.
+    figure: String,
+    /// The key the direction (higher or lower is better) comes from.
+    key: &'a str,
+    old: f64,
+    new: f64,
+}
+
+/// Every figure both runs have: the absolute medians, and the ratios (×direct, ×loader),
+/// which are taken round by round and so move less with the host.
+fn pairs<'a>(old: &'a Report, new: &'a Report) -> Vec<Pair<'a>> {
+    let mut out = Vec::new();
     for b in &new.backends {
         let Some(ob) = old.backend(&b.backend) else {
             continue;
@@ -479,95 +499,144 @@ pub fn compare(old: &Report, new: &Report) -> String {
             let Some(osc) = ob.scales.iter().find(|o| o.services == sc.services) else {
                 continue;
             };
-            let mut pairs: Vec<(&str, &str, &Spread, &Spread)> = Vec::new();
+            let mut push =
+                |target: &'a str, figure: String, key: &'a str, o: &Spread, s: &Spread| {
+                    out.push(Pair {
+                        backend: &b.backend,
+                        services: sc.services,
+                        target,
+                        figure,
+                        key,
+                        old: o.median,
+                        new: s.median,
+                    });
+                };
             for (k, s) in &sc.control {
                 if let Some(o) = osc.control.get(k) {
-                    pairs.push(("control", k, o, s));
+                    push("control", k.clone(), k, o, s);
                 }
             }
+            if let (Some(o), Some(s)) = (&osc.full_vs_loader, &sc.full_vs_loader) {
+                push(
+                    "control",
+                    "full_sync_ms ×loader".into(),
+                    "full_sync_ms",
+                    o,
+                    s,
+                );
+            }
             for t in &sc.targets {
-                if let Some(ot) = osc.target(&t.target) {
-                    for (k, s) in &t.metrics {
-                        if let Some(o) = ot.metrics.get(k) {
-                            pairs.push((&t.target, k, o, s));
-                        }
+                let Some(ot) = osc.target(&t.target) else {
+                    continue;
+                };
+                for (k, s) in &t.metrics {
+                    if let Some(o) = ot.metrics.get(k) {
+                        push(&t.target, k.clone(), k, o, s);
+                    }
+                }
+                for (k, s) in &t.vs_direct {
+                    if let Some(o) = ot.vs_direct.get(k) {
+                        push(&t.target, format!("{k} ×direct"), k, o, s);
                     }
                 }
             }
-            for (target, key, o, s) in pairs {
-                let Some(delta) = change(o.median, s.median) else {
-                    continue;
-                };
-                let up = lookup(key).is_some_and(|m| m.higher_is_better);
-                let flag = if (up && delta < -0.10) || (!up && delta > 0.10) {
-                    worse += 1;
-                    "worse"
-                } else if delta.abs() > 0.10 {
-                    "better"
-                } else {
-                    ""
-                };
-                rows.push(vec![
-                    b.backend.clone(),
-                    count(sc.services),
-                    target.to_string(),
-                    key.to_string(),
-                    number(o.median),
-                    number(s.median),
-                    format!("{:+.1}%", delta * 100.0),
-                    flag.to_string(),
-                ]);
-            }
         }
     }
+    out
+}
+
+/// Every figure both runs have, old median → new median, with the change; changes beyond
+/// ±10% in the worse direction are flagged. Ends with how many agreed, per figure.
+pub fn compare(old: &Report, new: &Report) -> String {
+    let mut rows = Vec::new();
+    let mut worse = 0;
+    let mut agreed: BTreeMap<String, (usize, usize, f64)> = BTreeMap::new();
+    for p in pairs(old, new) {
+        let Some(delta) = change(p.old, p.new) else {
+            continue;
+        };
+        let up = lookup(p.key).is_some_and(|m| m.higher_is_better);
+        let ok = agrees(p.key, p.old, p.new);
+        let flag = if ok {
+            ""
+        } else if (up && delta < 0.0) || (!up && delta > 0.0) {
+            worse += 1;
+            "worse"
+        } else {
+            "better"
+        };
+        let e = agreed.entry(p.figure.clone()).or_insert((0, 0, 0.0));
+        e.1 += 1;
+        e.0 += usize::from(ok);
+        if delta.abs() > e.2.abs() {
+            e.2 = delta;
+        }
+        rows.push(vec![
+            p.backend.to_string(),
+            count(p.services),
+            p.target.to_string(),
+            p.figure,
+            number(p.old),
+            number(p.new),
+            format!("{:+.1}%", delta * 100.0),
+            flag.to_string(),
+        ]);
+    }
     let within = rows.iter().filter(|r| r[7].is_empty()).count();
-    let agreement = agreement_by_figure(&rows);
     let head = header(&[
         "backend", "Services", "target", "figure", "old", "new", "change", "",
     ]);
     let mut out = format!(
-        "change against the run of {} ({} figures; {within} within ±10%, {worse} worse):\n",
+        "change against the run of {} ({} figures; {within} agree within ±10%, {worse} worse, {} better):\n",
         old.started,
-        rows.len()
+        rows.len(),
+        rows.len() - within - worse
     );
     out.push_str(&render_table(&head, &rows, 4));
     out.push_str(
-        "\nagreement by figure (medians within ±10% of the earlier run's, largest change):\n",
+        "\nagreement by figure (medians within ±10% of the earlier run's, or within the figure's \
+         resolution; largest change):\n",
     );
-    out.push_str(&agreement);
+    out.push_str(&agreement_by_figure(&agreed));
     out
 }
 
-/// Per figure, in the report's order: how many of its medians stayed within ±10%, of how
-/// many, and the largest change either way — tails (p99) move more than medians, and a
-/// reader should see which.
-fn agreement_by_figure(rows: &[Vec<String>]) -> String {
-    let mut by_key: BTreeMap<&str, (usize, usize, f64)> = BTreeMap::new();
-    for r in rows {
-        let change: f64 = r[6].trim_end_matches('%').parse().unwrap_or(0.0);
-        let e = by_key.entry(r[3].as_str()).or_insert((0, 0, 0.0));
-        e.1 += 1;
-        if change.abs() <= 10.0 {
-            e.0 += 1;
-        }
-        if change.abs() > e.2.abs() {
-            e.2 = change;
-        }
-    }
-    let order = |k: &str| CONTROL.iter().chain(DATA).position(|m| m.key == k);
-    let mut keys: Vec<&str> = by_key.keys().copied().collect();
-    keys.sort_by_key(|k| order(k));
-    let rows: Vec<Vec<String>> = keys
+/// Per figure, in the report's order (each absolute figure, then its ratio): how many of its
+/// medians agreed, of how many, and the largest change either way — tails (p99) move more
+/// than medians, and a reader should see which.
+fn agreement_by_figure(agreed: &BTreeMap<String, (usize, usize, f64)>) -> String {
+    let order = |figure: &str| {
+        let (key, ratio) = figure
+            .split_once(' ')
+            .map_or((figure, false), |(k, _)| (k, true));
+        let at = CONTROL
+            .iter()
+            .chain(DATA)
+            .position(|m| m.key == key)
+            .unwrap_or(usize::MAX);
+        (at, ratio)
+    };
+    let mut figures: Vec<&String> = agreed.keys().collect();
+    figures.sort_by_key(|f| order(f));
+    let (mut all_within, mut all) = (0, 0);
+    let mut rows: Vec<Vec<String>> = figures
         .iter()
-        .map(|k| {
-            let (within, of, largest) = by_key[k];
+        .map(|f| {
+            let (within, of, largest) = agreed[*f];
+            all_within += within;
+            all += of;
             vec![
-                k.to_string(),
+                f.to_string(),
                 format!("{within}/{of}"),
-                format!("{largest:+.1}%"),
+                format!("{:+.1}%", largest * 100.0),
             ]
         })
         .collect();
+    rows.push(vec![
+        "all figures".into(),
+        format!("{all_within}/{all}"),
+        String::new(),
+    ]);
     render_table(&header(&["figure", "within", "largest"]), &rows, 1)
 }
 
@@ -714,6 +783,51 @@ pub(crate) mod tests {
         let text = serde_json::to_string_pretty(&report).expect("json");
         let back: Report = serde_json::from_str(&text).expect("parse");
         assert_eq!(back, report);
+    }
+
+    #[test]
+    fn compare_reads_ratios_too_and_forgives_a_cpu_tick() {
+        let mut old = sample();
+        old.backends[0].scales[0]
+            .control
+            .insert("proxy_cpu_s".into(), spread(&[0.01, 0.01, 0.01]));
+        let mut new = sample();
+        let ebpf = &mut new.backends[0].scales[0];
+        // Proxy CPU counted in 10 ms ticks: 0.01 s → 0.02 s is one tick, not +100%.
+        ebpf.control
+            .insert("proxy_cpu_s".into(), spread(&[0.01, 0.02, 0.02]));
+        // The first Service 30% slower against direct: a ratio row of its own, worse.
+        ebpf.targets[0]
+            .vs_direct
+            .insert("newconn_p50_us".into(), spread(&[1.33, 1.33]));
+        ebpf.full_vs_loader = Some(spread(&[1.25, 1.26]));
+        let text = compare(&old, &new);
+        let row = |figure: &str| {
+            text.lines()
+                .find(|l| l.contains(figure))
+                .unwrap_or_else(|| panic!("{figure} missing from\n{text}"))
+                .to_string()
+        };
+        assert!(row("newconn_p50_us ×direct").ends_with("worse"), "{text}");
+        assert!(!row("full_sync_ms ×loader").ends_with("worse"), "{text}");
+        let cpu = text
+            .lines()
+            .find(|l| l.split_whitespace().nth(3) == Some("proxy_cpu_s"))
+            .expect("a proxy_cpu_s row");
+        assert!(cpu.contains("+100.0%") && !cpu.ends_with("worse"), "{text}");
+        // Every figure of both scales: CONTROL, ×loader, DATA and DATA ×direct for the
+        // Service target, DATA for direct; one of them moved beyond ±10%.
+        let per_scale = CONTROL.len() + 1 + DATA.len() * 3;
+        let all = text
+            .lines()
+            .find(|l| l.starts_with("all figures"))
+            .unwrap_or_else(|| panic!("no total in\n{text}"));
+        let total = 2 * per_scale;
+        assert_eq!(
+            all.split_whitespace().nth(2),
+            Some(format!("{}/{}", total - 1, total).as_str()),
+            "{text}"
+        );
     }
 
     #[test]
