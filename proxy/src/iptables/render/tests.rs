@@ -61,6 +61,21 @@ fn cluster() -> ChangeTracker {
     t
 }
 
+/// The full plan of everything `t` holds, from empty tables, and the state it renders.
+fn full_plan_from_empty(t: &mut ChangeTracker) -> (Plan, ProxyState) {
+    let (state, changes) = t.snapshot(&ProxyState::default());
+    let plan = plan(
+        &cfg(),
+        &state,
+        &changes,
+        &Fragments::new(),
+        true,
+        &BTreeSet::new(),
+        &[],
+    );
+    (plan, state)
+}
+
 #[test]
 fn full_plan() {
     let mut t = cluster();
@@ -131,16 +146,7 @@ fn full_plan() {
 #[test]
 fn one_endpoint_change_rewrites_only_that_chain() {
     let mut t = cluster();
-    let (state, changes) = t.snapshot(&ProxyState::default());
-    let first = plan(
-        &cfg(),
-        &state,
-        &changes,
-        &Fragments::new(),
-        true,
-        &BTreeSet::new(),
-        &[],
-    );
+    let (first, state) = full_plan_from_empty(&mut t);
     t.apply_slice(slice(
         "web",
         &[("198.18.128.2", "n1"), ("198.18.129.9", "n2")],
@@ -210,18 +216,7 @@ fn traced(restore: &str, src: &str, dst: &str, protocol: &str, dport: u16) -> Ve
 
 #[test]
 fn packets_through_the_full_plan() {
-    let mut t = cluster();
-    let (state, changes) = t.snapshot(&ProxyState::default());
-    let restore = plan(
-        &cfg(),
-        &state,
-        &changes,
-        &Fragments::new(),
-        true,
-        &BTreeSet::new(),
-        &[],
-    )
-    .restore;
+    let restore = full_plan_from_empty(&mut cluster()).0.restore;
     // From a pod to a ClusterIP: either endpoint, evenly, keeping the pod's address.
     assert_eq!(
         traced(&restore, "198.18.128.9", "10.96.0.10", "tcp", 80),
@@ -376,16 +371,7 @@ fn chains_are_declared_and_written_in_name_order() {
             json!({"name": "http", "port": 8080}),
         ));
     }
-    let (state, changes) = t.snapshot(&ProxyState::default());
-    let plan = plan(
-        &cfg(),
-        &state,
-        &changes,
-        &Fragments::new(),
-        true,
-        &BTreeSet::new(),
-        &[],
-    );
+    let (plan, _) = full_plan_from_empty(&mut t);
     let nat = plan.restore.split("*nat\n").nth(1).expect("a nat table");
     let declared: Vec<&str> = nat
         .lines()
