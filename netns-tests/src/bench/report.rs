@@ -9,12 +9,14 @@ use serde::{Deserialize, Serialize};
 use super::stats::{change, Spread};
 
 /// One figure the benchmark reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Metric {
     pub key: &'static str,
     pub label: &'static str,
     pub unit: &'static str,
     pub higher_is_better: bool,
+    /// The smallest step the figure is measured in (0: continuous); two runs a step apart agree.
+    pub resolution: f64,
 }
 
 const fn metric(key: &'static str, label: &'static str, unit: &'static str, up: bool) -> Metric {
@@ -23,7 +25,13 @@ const fn metric(key: &'static str, label: &'static str, unit: &'static str, up: 
         label,
         unit,
         higher_is_better: up,
+        resolution: 0.0,
     }
+}
+
+/// A figure counted in steps of `resolution`.
+const fn stepped(m: Metric, resolution: f64) -> Metric {
+    Metric { resolution, ..m }
 }
 
 /// Per backend and scale: the proxy's work.
@@ -32,7 +40,8 @@ pub const CONTROL: &[Metric] = &[
     metric("loader_ms", "loader alone", "ms", false),
     metric("change_sync_ms", "1-endpoint sync", "ms", false),
     metric("programming_ms", "programming", "ms", false),
-    metric("proxy_cpu_s", "proxy CPU", "s", false),
+    // From /proc, in clock ticks of 10 ms.
+    stepped(metric("proxy_cpu_s", "proxy CPU", "s", false), 0.01),
     metric("peak_rss_mib", "peak RSS", "MiB", false),
 ];
 
@@ -466,12 +475,13 @@ pub fn csv(report: &Report) -> String {
     out
 }
 
-/// How far apart two medians may be and still agree: within ±10%, or within what the figure
-/// can resolve (proxy CPU time is counted in clock ticks, 10 ms: 0.01 s against 0.02 s is one
-/// tick, not a doubling).
+/// How far apart two medians may be and still agree: within ±10%, or within one step of what
+/// the figure can resolve (0.01 s of proxy CPU against 0.02 s is one clock tick, not a
+/// doubling).
 fn agrees(key: &str, old: f64, new: f64) -> bool {
-    let resolution = if key == "proxy_cpu_s" { 0.01 } else { 0.0 };
-    (new - old).abs() <= resolution + 1e-9 || change(old, new).is_some_and(|d| d.abs() <= 0.10)
+    let resolution = lookup(key).map_or(0.0, |m| m.resolution);
+    (new - old).abs() <= resolution * (1.0 + 1e-9)
+        || change(old, new).is_some_and(|d| d.abs() <= 0.10)
 }
 
 /// One figure of both runs, side by side.
