@@ -61,19 +61,23 @@ fn cluster() -> ChangeTracker {
     t
 }
 
-/// The full plan of everything `t` holds, from empty tables, and the state it renders.
-fn full_plan_from_empty(t: &mut ChangeTracker) -> (Plan, ProxyState) {
-    let (state, changes) = t.snapshot(&ProxyState::default());
-    let plan = plan(
-        &cfg(),
-        &state,
-        &changes,
+/// The full plan of `state` with `cfg`, into tables holding nothing of kpx's.
+fn full_plan_with(cfg: &RenderConfig, state: &ProxyState, changes: &Changes) -> Plan {
+    plan(
+        cfg,
+        state,
+        changes,
         &Fragments::new(),
         true,
         &BTreeSet::new(),
         &[],
-    );
-    (plan, state)
+    )
+}
+
+/// The full plan of everything `t` holds, from empty tables, and the state it renders.
+fn full_plan_from_empty(t: &mut ChangeTracker) -> (Plan, ProxyState) {
+    let (state, changes) = t.snapshot(&ProxyState::default());
+    (full_plan_with(&cfg(), &state, &changes), state)
 }
 
 #[test]
@@ -290,15 +294,7 @@ fn each_family_renders_only_its_own_addresses() {
         cluster_cidr: Some("fd00:10::/64".into()),
         ..Default::default()
     };
-    let plan6 = plan(
-        &v6,
-        &state,
-        &changes,
-        &Fragments::new(),
-        true,
-        &BTreeSet::new(),
-        &[],
-    );
+    let plan6 = full_plan_with(&v6, &state, &changes);
     expect![[r#"
         *filter
         :KPX-SERVICES - [0:0]
@@ -336,15 +332,7 @@ fn each_family_renders_only_its_own_addresses() {
         COMMIT
     "#]]
     .assert_eq(&plan6.restore);
-    let plan4 = plan(
-        &cfg(),
-        &state,
-        &changes,
-        &Fragments::new(),
-        true,
-        &BTreeSet::new(),
-        &[],
-    );
+    let plan4 = full_plan_with(&cfg(), &state, &changes);
     assert!(
         plan4.restore.contains("-d 10.96.0.20/32"),
         "{}",
