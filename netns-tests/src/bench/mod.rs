@@ -352,7 +352,13 @@ async fn control_round(b: &mut BenchLab, g: &mut Gathered) -> anyhow::Result<()>
         // The poller is up and hitting the old endpoints before the write.
         tokio::time::sleep(Duration::from_millis(150)).await;
         let written = b.swap_probe_endpoint().await?;
-        let answered = poller.answered().await?;
+        let answered = poller.answered().await.with_context(|| {
+            format!(
+                "{} backend: the endpoint change was not served\n{}",
+                b.backend.name(),
+                b.lab.proxy_logs()
+            )
+        })?;
         let latency = answered.duration_since(written).unwrap_or_default();
         g.push("programming_ms", latency.as_secs_f64() * 1000.0);
         let waited = Instant::now();
