@@ -5,8 +5,10 @@
 use std::process::Command;
 
 use kpx_lab::bench::report::{Report, CONTROL, CSV_HEADER, DATA};
-use kpx_lab::bench::ENDPOINT_CHANGES;
 use kpx_lab::lab::{binary, ALL_BACKENDS};
+
+/// Endpoint changes per control round in the smoke run (the default's 12 would only add time).
+const ENDPOINT_CHANGES: usize = 3;
 
 fn root_or_skip(tag: &str) -> bool {
     if nix::unistd::geteuid().is_root() {
@@ -37,6 +39,7 @@ fn a_tiny_bench_measures_every_backend_and_writes_every_output() {
             "50",
         ])
         .args(["--udp-requests", "50", "--tcp-seconds", "1"])
+        .args(["--endpoint-changes", &ENDPOINT_CHANGES.to_string()])
         .arg("--out")
         .arg(out.path())
         .output()
@@ -120,9 +123,9 @@ fn a_tiny_bench_measures_every_backend_and_writes_every_output() {
             assert!(sc.programmed > 0, "{name}: nothing programmed");
             let targets: Vec<&str> = sc.targets.iter().map(|t| t.target.as_str()).collect();
             let want: &[&str] = if sc.services == 1 {
-                &["direct", "first"]
+                &["loopback", "direct", "first"]
             } else {
-                &["direct", "first", "middle", "last"]
+                &["loopback", "direct", "first", "middle", "last"]
             };
             assert_eq!(targets, want, "{name} at {}", sc.services);
             for t in &sc.targets {
@@ -134,10 +137,21 @@ fn a_tiny_bench_measures_every_backend_and_writes_every_output() {
                     if m.key != "failed_requests" {
                         assert!(s.median > 0.0, "{name} {} {}: {s:?}", t.target, m.key);
                     }
-                    if t.target != "direct" && m.key != "failed_requests" {
-                        assert!(
+                    // Services against direct; everything but the host reference itself
+                    // against the loopback.
+                    if m.key != "failed_requests" {
+                        let service = !matches!(t.target.as_str(), "direct" | "loopback");
+                        assert_eq!(
                             t.vs_direct.contains_key(m.key),
-                            "{name} {} {}",
+                            service,
+                            "{name} {} {} ×direct",
+                            t.target,
+                            m.key
+                        );
+                        assert_eq!(
+                            t.vs_loopback.contains_key(m.key),
+                            t.target != "loopback",
+                            "{name} {} {} ×loopback",
                             t.target,
                             m.key
                         );
@@ -187,8 +201,14 @@ fn a_tiny_bench_measures_every_backend_and_writes_every_output() {
         .unwrap_or_else(|| panic!("{all}"));
     assert!(of.parse::<usize>().is_ok_and(|n| n > 0), "{all}");
     assert_eq!(within, of, "{text}");
+    let after_host = all
+        .split_whitespace()
+        .nth(3)
+        .and_then(|f| f.split_once('/'))
+        .unwrap_or_else(|| panic!("no after-host total in {all}"));
+    assert_eq!(after_host.0, after_host.1, "{text}");
     assert!(
-        text.contains("×direct") && text.contains("×loader"),
+        text.contains("×direct") && text.contains("×loader") && text.contains("after host"),
         "{text}"
     );
 }
@@ -204,6 +224,10 @@ fn bad_options_name_the_option_and_change_nothing() {
             "allowed values: iptables-nft, iptables-legacy, ebpf, ipvs, nftables",
         ),
         (vec!["--rounds", "0"], "--rounds 0: allowed values: 1 to 20"),
+        (
+            vec!["--endpoint-changes", "0"],
+            "--endpoint-changes 0: allowed values: 1 to 100",
+        ),
         (
             vec!["--endpoints-per-service", "500"],
             "--endpoints-per-service",

@@ -3,11 +3,13 @@
 //! One lab per backend (a node, a client pod, the server pods), all alive at once so runs
 //! interleave between backends: for each scale, the Services are filled in every lab, then
 //! each round measures every backend's control plane and then every backend's data plane
-//! (A B C A B C …). Each data-plane round runs the direct target (the server pods' IPs) and
-//! the first, middle and last Service in the table in slices, the targets in turn slice by
+//! (A B C A B C …). Each data-plane round runs the loopback target (the client pod's own
+//! loopback: the host alone, no backend on its path), the direct target (the server pods' IPs)
+//! and the first, middle and last Service in the table in slices, the targets in turn slice by
 //! slice, so every Service run has a direct run from the same stretch of time to be divided
-//! by. The traffic's clients and servers share one core; everything else keeps off it
-//! ([`cpus`]).
+//! by, and every run of the round a host reference to tell the host's speed from the
+//! dataplane's when two runs are compared. The traffic's clients and servers share one core;
+//! everything else keeps off it ([`cpus`]).
 
 pub mod client;
 pub mod cpus;
@@ -33,7 +35,7 @@ use crate::lab::{ProxyBackend, ALL_BACKENDS};
 use crate::traffic::metric_value;
 use progress::Progress;
 use report::{BackendResult, Report, ScaleResult, Settings, TargetResult};
-use setup::{BenchLab, HTTP_PORT, IPERF_PORT, UDP_PORT};
+use setup::{BenchLab, HTTP_PORT, IPERF_PORT, LOOPBACK, POD_HTTP_PORT, UDP_PORT};
 use stats::{paired_ratio, percentile, Spread};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -50,6 +52,11 @@ pub struct Options {
     /// Measurement rounds per scale, interleaved between backends.
     #[arg(long, default_value_t = 5)]
     pub rounds: usize,
+    /// Endpoint changes per control round (each a one-endpoint sync and a network programming
+    /// latency): a small table's sync takes a few milliseconds and varies by half from one
+    /// change to the next, so its median needs many.
+    #[arg(long, default_value_t = ENDPOINT_CHANGES)]
+    pub endpoint_changes: usize,
     /// New connections per latency run (and per connection-rate run).
     #[arg(long, default_value_t = 1000)]
     pub connections: usize,
@@ -136,6 +143,7 @@ impl Options {
             ),
             ("--udp-requests", self.udp_requests, 10, 1_000_000),
             ("--tcp-seconds", self.tcp_seconds as usize, 1, 60),
+            ("--endpoint-changes", self.endpoint_changes, 1, 100),
         ] {
             if !(lo..=hi).contains(&v) {
                 bail!("{flag} {v}: allowed values: {lo} to {hi}");
@@ -197,7 +205,15 @@ impl Gathered {
                 .filter_map(|(k, v)| Some((k.to_string(), Spread::of(v)?)))
                 .collect()
         };
-        let direct = self.targets.iter().find(|t| t.0 == "direct").map(|t| &t.2);
+        let find = |name: &str| self.targets.iter().find(|t| t.0 == name).map(|t| &t.2);
+        let (direct, loopback) = (find("direct"), find("loopback"));
+        // Each figure against `base`'s in the same round, pair by pair.
+        let against = |m: &Runs, base: &Runs| -> BTreeMap<String, Spread> {
+            m.iter()
+                .filter(|(k, _)| **k != "failed_requests")
+                .filter_map(|(k, v)| Some((k.to_string(), paired_ratio(v, base.get(k)?)?)))
+                .collect()
+        };
         let targets = self
             .targets
             .iter()
@@ -206,11 +222,11 @@ impl Gathered {
                 address: address.clone(),
                 metrics: spreads(m),
                 vs_direct: match direct {
-                    Some(d) if name != "direct" => m
-                        .iter()
-                        .filter(|(k, _)| **k != "failed_requests")
-                        .filter_map(|(k, v)| Some((k.to_string(), paired_ratio(v, d.get(k)?)?)))
-                        .collect(),
+                    Some(d) if name != "direct" && name != "loopback" => against(m, d),
+                    _ => BTreeMap::new(),
+                },
+                vs_loopback: match loopback {
+                    Some(l) if name != "loopback" => against(m, l),
                     _ => BTreeMap::new(),
                 },
             })
@@ -232,7 +248,8 @@ impl Gathered {
     }
 }
 
-/// A place measured: the direct pod IP or a Service, with its HTTP, iperf3 and UDP addresses.
+/// A place measured: the client pod's loopback (the host reference), the direct pod IP or a
+/// Service, with its HTTP, iperf3 and UDP addresses.
 struct Target {
     name: &'static str,
     /// New connections go to these in turn (every server directly, or the ClusterIP).
@@ -241,20 +258,34 @@ struct Target {
     udp: SocketAddr,
 }
 
-async fn targets(b: &mut BenchLab, services: usize) -> anyhow::Result<Vec<Target>> {
-    let mut out = vec![Target {
-        name: "direct",
-        http: b.direct_all(),
-        tcp: b.direct(IPERF_PORT),
-        udp: b.direct(UDP_PORT),
-    }];
+/// The Services measured among `services`, by their place in the table (one Service is first,
+/// middle and last at once, so it is measured once).
+fn places(services: usize) -> Vec<(&'static str, usize)> {
     let mut places = vec![
         ("first", 0),
         ("middle", services / 2),
-        ("last", services - 1),
+        ("last", services.saturating_sub(1)),
     ];
     places.dedup_by_key(|p| p.1);
-    for (name, i) in places {
+    places
+}
+
+async fn targets(b: &mut BenchLab, services: usize) -> anyhow::Result<Vec<Target>> {
+    let mut out = vec![
+        Target {
+            name: "loopback",
+            http: vec![SocketAddr::new(LOOPBACK, POD_HTTP_PORT)],
+            tcp: SocketAddr::new(LOOPBACK, IPERF_PORT),
+            udp: SocketAddr::new(LOOPBACK, UDP_PORT),
+        },
+        Target {
+            name: "direct",
+            http: b.direct_all(),
+            tcp: b.direct(IPERF_PORT),
+            udp: b.direct(UDP_PORT),
+        },
+    ];
+    for (name, i) in places(services) {
         b.ensure_twin(i).await?;
         let vip = b.vip(&setup::service_name(i)).await?;
         let twin = b.vip(&format!("{}-s", setup::service_name(i))).await?;
@@ -273,16 +304,32 @@ struct Estimate<'a>(&'a Options);
 
 impl Estimate<'_> {
     fn fill(&self, services: usize) -> f64 {
-        services as f64 * 0.004
+        services as f64 * 0.0045
     }
 
     fn control(&self, backend: ProxyBackend, services: usize) -> f64 {
-        let per_service = match backend {
-            ProxyBackend::IptablesNft => 0.0009,
-            ProxyBackend::IptablesLegacy => 0.0003,
-            ProxyBackend::Ebpf => 0.0001,
+        // Per Service: the full sync and the loader alone; each endpoint change.
+        let (per_service, per_change) = match backend {
+            ProxyBackend::IptablesNft => (0.0009, 0.00003),
+            ProxyBackend::IptablesLegacy => (0.0003, 0.00006),
+            ProxyBackend::Ebpf => (0.0001, 0.0),
         };
-        3.0 + 2.0 * per_service * services as f64
+        let n = services as f64;
+        1.0 + 2.0 * per_service * n + self.0.endpoint_changes as f64 * (0.2 + per_change * n)
+    }
+
+    /// Targets measured at `services`: loopback, direct and the Services' places.
+    fn targets(&self, services: usize) -> usize {
+        2 + places(services).len()
+    }
+
+    /// A warm-up's share of a data round.
+    fn warm_up(&self, whole: bool) -> f64 {
+        if whole {
+            1.0
+        } else {
+            0.25
+        }
     }
 
     fn data_target(&self) -> f64 {
@@ -294,16 +341,17 @@ impl Estimate<'_> {
     }
 }
 
-/// Endpoint changes per control round: a one-endpoint sync of a small table takes a few
-/// milliseconds and varies by half from one change to the next (an nftables commit, a map
-/// write), so medians need more of them than the five rounds give.
-pub const ENDPOINT_CHANGES: usize = 4;
+/// `--endpoint-changes`' default: 12 per round, 60 samples per median over 5 rounds. With 20,
+/// two back-to-back runs on a quiet host still put iptables-nft's one-Service sync 32% apart
+/// (its samples spread from 8 to 27 ms).
+pub const ENDPOINT_CHANGES: usize = 12;
 
 /// One backend's control plane, one round: a full sync from empty (time, CPU, memory), the
 /// loader alone with the same rules, and an endpoint change (its sync, and the time until a
 /// request reaches the new endpoint).
 async fn control_round(
     b: &mut BenchLab,
+    changes: usize,
     g: &mut Gathered,
     notes: &mut Vec<String>,
 ) -> anyhow::Result<()> {
@@ -345,7 +393,7 @@ async fn control_round(
     // made again, a few times at most, so one lost sample does not end the whole run.
     let mut measured = 0;
     let mut attempts = 0;
-    while measured < ENDPOINT_CHANGES {
+    while measured < changes {
         attempts += 1;
         let text = b.metrics()?;
         let (sum0, count0) = (
@@ -364,13 +412,22 @@ async fn control_round(
         let answered = match poller.answered().await {
             Ok(answered) => answered,
             Err(e) => {
+                let partial_syncs = b
+                    .metrics()
+                    .ok()
+                    .and_then(|t| metric_value(&t, PARTIAL_COUNT))
+                    .unwrap_or(0.0);
                 let why = format!(
-                    "{} backend, {} Services: an endpoint change was not served: {e:#}\n{}",
+                    "{} backend, {} Services: an endpoint change (to {}) was not served: {e:#}\n\
+                     partial syncs since the write: {}; the proxy's view: {}\n{}",
                     b.backend.name(),
                     b.filled,
+                    b.current_probe_spare(),
+                    partial_syncs - count0,
+                    b.programmed_row("svc-probe"),
                     b.lab.proxy_logs()
                 );
-                anyhow::ensure!(attempts < ENDPOINT_CHANGES + 2, "{why}");
+                anyhow::ensure!(attempts < changes + 2, "{why}");
                 eprintln!("{why}");
                 notes.push(why);
                 continue;
@@ -554,13 +611,16 @@ pub async fn run(o: &Options, choices: Choices, placement: Placement) -> anyhow:
     for &n in &o.services {
         for b in &labs {
             total += est.fill(n - previous) + o.rounds as f64 * est.control(b.backend, n);
-            total += (o.rounds + 1) as f64 * 4.0 * est.data_target();
+            total += (o.rounds as f64 + est.warm_up(n == o.services[0]))
+                * est.targets(n) as f64
+                * est.data_target();
         }
         previous = n;
     }
     let mut progress = Progress::new(total);
     let mut gathered: Vec<Vec<(usize, Gathered)>> = labs.iter().map(|_| Vec::new()).collect();
     let mut notes = Vec::new();
+    let mut previous = 0;
     for &n in &o.services {
         progress.step(&format!("{n} Services: creating them in every lab"));
         // Proxies stopped meanwhile: thousands of syncs of a growing table would take the
@@ -576,7 +636,7 @@ pub async fn run(o: &Options, choices: Choices, placement: Placement) -> anyhow:
             b.lab.start_proxy(0)?;
         }
         let mut places = Vec::new();
-        let share = est.fill(n) / labs.len().max(1) as f64;
+        let share = est.fill(n - previous);
         for b in &mut labs {
             let t = targets(b, n).await?;
             for target in &t {
@@ -586,12 +646,14 @@ pub async fn run(o: &Options, choices: Choices, placement: Placement) -> anyhow:
             places.push(t);
             progress.done(share);
         }
+        previous = n;
         for (i, b) in labs.iter().enumerate() {
             progress.step(&format!("{n} Services: warming up {}", b.backend.name()));
             // The first scale's loads are the first the kernel sees: socket and conntrack
             // caches grow during them, so it warms up with a whole round's worth.
             let whole = n == o.services[0];
             warm_up(b, &places[i], o, whole).await?;
+            progress.done(est.warm_up(whole) * places[i].len() as f64 * est.data_target());
         }
         let mut at_scale: Vec<Gathered> = labs.iter().map(|_| Gathered::default()).collect();
         for round in 1..=o.rounds {
@@ -601,7 +663,7 @@ pub async fn run(o: &Options, choices: Choices, placement: Placement) -> anyhow:
                     "{label}: {} full sync, loader alone, endpoint change",
                     b.backend.name()
                 ));
-                control_round(b, &mut at_scale[i], &mut notes).await?;
+                control_round(b, o.endpoint_changes, &mut at_scale[i], &mut notes).await?;
                 // The restarted proxy has programmed everything; traffic flows again.
                 for t in &places[i] {
                     b.wait_answering(t.http[0], Duration::from_secs(60)).await?;
@@ -662,6 +724,7 @@ pub async fn run(o: &Options, choices: Choices, placement: Placement) -> anyhow:
             keepalive_requests: o.keepalive_requests,
             udp_requests: o.udp_requests,
             tcp_seconds: o.tcp_seconds,
+            endpoint_changes: o.endpoint_changes,
             cpu: placement.describe(),
         },
         backends: results,
@@ -724,4 +787,20 @@ pub async fn main(mut o: Options) -> anyhow::Result<()> {
         report.seconds
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::places;
+
+    #[test]
+    fn each_service_place_is_measured_once() {
+        let names = |n: usize| -> Vec<(&str, usize)> { places(n) };
+        assert_eq!(names(1), [("first", 0)]);
+        assert_eq!(names(2), [("first", 0), ("middle", 1)]);
+        assert_eq!(
+            names(10_000),
+            [("first", 0), ("middle", 5000), ("last", 9999)]
+        );
+    }
 }

@@ -1,6 +1,7 @@
 //! One backend's bench lab: a node running kpx-proxy with that backend, a client pod, the
 //! server pods every Service's endpoints point at (plus two spares for network programming),
-//! iperf3 beside the first server, and the Services themselves:
+//! iperf3 beside the first server and on the client pod's loopback (the host reference), and the
+//! Services themselves:
 //!
 //! - `svc-NNNNN`: port 80 → 8080 over `endpoints` servers; the benchmark fills N of them, so
 //!   `svc-00000` is first in the proxy's table and `svc-{N-1}` last;
@@ -31,6 +32,11 @@ const NAMESPACE: &str = "default";
 pub const HTTP_PORT: u16 = 80;
 pub const IPERF_PORT: u16 = 5201;
 pub const UDP_PORT: u16 = 9000;
+/// The client pod's loopback: the host reference's traffic stays inside the client pod, where
+/// no backend has a rule, a map or a hook on its path.
+pub const LOOPBACK: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+/// The pods' HTTP port (kpx-workload's default), which Services' port 80 targets.
+pub const POD_HTTP_PORT: u16 = 8080;
 
 pub struct BenchLab {
     pub backend: ProxyBackend,
@@ -41,7 +47,8 @@ pub struct BenchLab {
     twins: BTreeSet<usize>,
     /// Which spare the probe Service points at now (0 or 1).
     probe_spare: usize,
-    iperf: Option<Child>,
+    /// iperf3 servers: beside the first server, and on the client pod's loopback.
+    iperf: Vec<Child>,
     /// Where the clients and servers run.
     pub placement: Placement,
 }
@@ -89,14 +96,26 @@ impl BenchLab {
                 placement.pin_process(pid)?;
             }
         }
-        let mut iperf = server.command("iperf3")?;
-        placement.pin_command(&mut iperf)?;
-        let iperf = iperf
-            .args(["-s", "-p", &IPERF_PORT.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting iperf3 -s (apt-get install iperf3)")?;
+        let client = lab.pod("client").ns.entry()?;
+        let client = match &lab.nodes[0].cgroup {
+            Some(cg) => client.in_cgroup(cg.clone()),
+            None => client,
+        };
+        let mut iperf = Vec::new();
+        for (entry, bind) in [(server, None), (client, Some(LOOPBACK))] {
+            let mut cmd = entry.command("iperf3")?;
+            placement.pin_command(&mut cmd)?;
+            cmd.args(["-s", "-p", &IPERF_PORT.to_string()]);
+            if let Some(address) = bind {
+                cmd.args(["-B", &address.to_string()]);
+            }
+            iperf.push(
+                cmd.stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .context("starting iperf3 -s (apt-get install iperf3)")?,
+            );
+        }
         let mut bench = Self {
             backend,
             lab,
@@ -104,7 +123,7 @@ impl BenchLab {
             filled: 0,
             twins: BTreeSet::new(),
             probe_spare: 0,
-            iperf: Some(iperf),
+            iperf,
             placement,
         };
         bench.create_probe().await?;
@@ -142,7 +161,7 @@ impl BenchLab {
     pub fn direct_all(&self) -> Vec<SocketAddr> {
         self.servers()
             .iter()
-            .map(|p| SocketAddr::new(self.ip(p), 8080))
+            .map(|p| SocketAddr::new(self.ip(p), POD_HTTP_PORT))
             .collect()
     }
 
@@ -193,11 +212,11 @@ impl BenchLab {
                     let slice = this.slice(
                         &name,
                         &servers,
-                        json!([{"name": "http", "port": 8080, "protocol": "TCP"}]),
+                        json!([{"name": "http", "port": POD_HTTP_PORT, "protocol": "TCP"}]),
                     )?;
                     this.create_service(
                         &name,
-                        json!([{"name": "http", "port": HTTP_PORT, "targetPort": 8080}]),
+                        json!([{"name": "http", "port": HTTP_PORT, "targetPort": POD_HTTP_PORT}]),
                         slice,
                     )
                     .await
@@ -240,11 +259,11 @@ impl BenchLab {
         let slice = self.slice(
             "svc-probe",
             &self.probe_pods(0),
-            json!([{"name": "http", "port": 8080, "protocol": "TCP"}]),
+            json!([{"name": "http", "port": POD_HTTP_PORT, "protocol": "TCP"}]),
         )?;
         self.create_service(
             "svc-probe",
-            json!([{"name": "http", "port": HTTP_PORT, "targetPort": 8080}]),
+            json!([{"name": "http", "port": HTTP_PORT, "targetPort": POD_HTTP_PORT}]),
             slice,
         )
         .await
@@ -301,6 +320,12 @@ impl BenchLab {
         spare_name(1 - self.probe_spare)
     }
 
+    /// The spare the probe Service points at now, with its address.
+    pub fn current_probe_spare(&self) -> String {
+        let name = spare_name(self.probe_spare);
+        format!("{name} at {}", self.ip(&name))
+    }
+
     /// Points the probe Service at the other spare (one endpoint replaced); returns the
     /// write's wall-clock time.
     pub async fn swap_probe_endpoint(&mut self) -> anyhow::Result<SystemTime> {
@@ -308,7 +333,7 @@ impl BenchLab {
         let mut slice = self.slice(
             "svc-probe",
             &self.probe_pods(next),
-            json!([{"name": "http", "port": 8080, "protocol": "TCP"}]),
+            json!([{"name": "http", "port": POD_HTTP_PORT, "protocol": "TCP"}]),
         )?;
         let slices: Api<EndpointSlice> = Api::namespaced(self.lab.client(), NAMESPACE);
         let current = slices.get("svc-probe-1").await?;
@@ -317,6 +342,32 @@ impl BenchLab {
         slices.replace("svc-probe-1", &slice).await?;
         self.probe_spare = next;
         Ok(written)
+    }
+
+    /// What the proxy has programmed for `service` (`kpx-proxy dump`, its row only), for the
+    /// note when an endpoint change is not served: it tells a change the proxy never applied
+    /// from one applied but not reached.
+    pub fn programmed_row(&self, service: &str) -> String {
+        let out = match self.lab.proxy_command(0).and_then(|mut c| {
+            c.arg("dump")
+                .stderr(Stdio::piped())
+                .output()
+                .map_err(Into::into)
+        }) {
+            Ok(out) => out,
+            Err(e) => return format!("kpx-proxy dump could not run: {e:#}"),
+        };
+        let text = String::from_utf8_lossy(&out.stdout);
+        let rows: Vec<&str> = text.lines().filter(|l| l.contains(service)).collect();
+        if rows.is_empty() {
+            format!(
+                "kpx-proxy dump shows no {service} ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )
+        } else {
+            rows.join("\n")
+        }
     }
 
     /// `kpx-proxy --cleanup` then a fresh start: the next sync is a full one from empty tables
@@ -340,7 +391,7 @@ impl BenchLab {
 
 impl Drop for BenchLab {
     fn drop(&mut self) {
-        if let Some(mut child) = self.iperf.take() {
+        for mut child in self.iperf.drain(..) {
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -383,9 +434,11 @@ mod tests {
 
     #[test]
     fn this_process_has_usage() {
+        // The resident set now, then the peak: the peak only grows, so it is read second (the
+        // test harness's other threads allocate meanwhile).
+        let now = status_kib(std::process::id(), "VmRSS:").expect("VmRSS");
         let (cpu, rss) = process_usage(std::process::id()).expect("usage");
         assert!(cpu >= 0.0 && rss > 0.0);
-        let now = status_kib(std::process::id(), "VmRSS:").expect("VmRSS");
         assert!(now > 0.0 && now <= rss * 1024.0);
     }
 }
