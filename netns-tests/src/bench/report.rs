@@ -729,6 +729,31 @@ fn agreement_by_figure(agreed: &BTreeMap<String, Agreement>) -> String {
 pub(crate) mod tests {
     use super::*;
 
+    /// The compare row of `figure` for ebpf's first Service at one Service, cell by cell.
+    fn first_service_row(text: &str, figure: &str) -> Vec<String> {
+        text.lines()
+            .map(|l| l.split_whitespace().map(String::from).collect::<Vec<_>>())
+            .find(|f| f.len() > 3 && f[..4] == ["ebpf", "1", "first", figure])
+            .unwrap_or_else(|| panic!("{figure} missing from\n{text}"))
+    }
+
+    /// The "all figures" totals of a comparison: (within, of), then the same after the host.
+    fn totals(text: &str) -> [(usize, usize); 2] {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("all figures"))
+            .unwrap_or_else(|| panic!("no total in\n{text}"));
+        let cells: Vec<(usize, usize)> = line
+            .split_whitespace()
+            .skip(2)
+            .map(|c| {
+                let (within, of) = c.split_once('/').expect("within/of");
+                (within.parse().expect("n"), of.parse().expect("n"))
+            })
+            .collect();
+        [cells[0], cells[1]]
+    }
+
     fn spread(v: &[f64]) -> Spread {
         Spread::of(v).expect("spread")
     }
@@ -916,19 +941,11 @@ pub(crate) mod tests {
         // Service target, DATA for direct and loopback; one of them moved beyond ±10%. After
         // the host: the same but for the loopback's own figures.
         let per_scale = CONTROL.len() + 1 + DATA.len() * 4;
-        let all: Vec<String> = text
-            .lines()
-            .find(|l| l.starts_with("all figures"))
-            .unwrap_or_else(|| panic!("no total in\n{text}"))
-            .split_whitespace()
-            .map(String::from)
-            .collect();
         let total = 2 * per_scale;
-        assert_eq!(all[2], format!("{}/{}", total - 1, total), "{text}");
         let host_total = total - 2 * DATA.len();
         assert_eq!(
-            all[3],
-            format!("{}/{}", host_total - 1, host_total),
+            totals(&text),
+            [(total - 1, total), (host_total - 1, host_total)],
             "{text}"
         );
     }
@@ -946,24 +963,17 @@ pub(crate) mod tests {
             .metrics
             .insert("conns_per_s".into(), spread(&[126.0, 131.0]));
         let text = compare(&old, &new);
-        let line = |key: &str| {
-            text.lines()
-                .find(|l| {
-                    let f: Vec<&str> = l.split_whitespace().collect();
-                    f.len() > 3 && f[..4] == ["ebpf", "1", "first", key]
-                })
-                .unwrap_or_else(|| panic!("{key} missing from\n{text}"))
-                .to_string()
-        };
-        let fields =
-            |key: &str| -> Vec<String> { line(key).split_whitespace().map(String::from).collect() };
         assert_eq!(
-            fields("newconn_p50_us")[6..8],
+            first_service_row(&text, "newconn_p50_us")[6..8],
             ["+20.0%", "worse"],
             "{text}"
         );
-        assert_eq!(fields("conns_per_s")[7], "better", "{text}");
-        assert!(line("tcp_gbit_s").contains("+0.0%"), "{text}");
+        assert_eq!(
+            first_service_row(&text, "conns_per_s")[7],
+            "better",
+            "{text}"
+        );
+        assert_eq!(first_service_row(&text, "tcp_gbit_s")[6], "+0.0%", "{text}");
         assert!(text.contains("1 worse"), "{text}");
         // The per-figure summary: two Services' worth of each figure, one moved by 20%.
         let agreement = text
@@ -1017,25 +1027,14 @@ pub(crate) mod tests {
             }
         }
         let text = compare(&old, &new);
-        let row = text
-            .lines()
-            .find(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                f.len() > 3 && f[..4] == ["ebpf", "1", "first", "newconn_p50_us"]
-            })
-            .unwrap_or_else(|| panic!("no row in\n{text}"));
-        assert!(row.contains("+20.0%  worse"), "{row}");
-        assert!(row.ends_with("+0.0%"), "{row}");
-        let all: Vec<&str> = text
-            .lines()
-            .find(|l| l.starts_with("all figures"))
-            .unwrap_or_else(|| panic!("no total in\n{text}"))
-            .split_whitespace()
-            .collect();
-        let (within, of) = all[2].split_once('/').expect("within/of");
+        assert_eq!(
+            first_service_row(&text, "newconn_p50_us")[6..],
+            ["+20.0%", "worse", "+0.0%"],
+            "{text}"
+        );
+        let [(within, of), (host_within, host_of)] = totals(&text);
         assert!(within < of, "{text}");
-        let (within, of) = all[3].split_once('/').expect("within/of");
-        assert_eq!(within, of, "{text}");
+        assert_eq!(host_within, host_of, "{text}");
     }
 
     #[test]
