@@ -4,6 +4,7 @@
 
 use std::process::Command;
 
+use kpx_lab::bench::full_syncs_per_round;
 use kpx_lab::bench::report::{Report, CONTROL, CSV_HEADER, DATA};
 use kpx_lab::lab::{binary, ALL_BACKENDS};
 
@@ -91,11 +92,12 @@ fn a_tiny_bench_measures_every_backend_and_writes_every_output() {
                     .control
                     .get(m.key)
                     .unwrap_or_else(|| panic!("{name} at {}: no {}", sc.services, m.key));
-                // Several endpoint changes per round, one of everything else.
+                // Several endpoint changes per round; several full syncs (with their loader
+                // run, CPU and memory) at these small scales.
                 let per_round = if matches!(m.key, "change_sync_ms" | "programming_ms") {
                     ENDPOINT_CHANGES
                 } else {
-                    1
+                    full_syncs_per_round(sc.services)
                 };
                 assert_eq!(
                     s.samples.len(),

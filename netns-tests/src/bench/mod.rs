@@ -315,7 +315,9 @@ impl Estimate<'_> {
             ProxyBackend::Ebpf => (0.0001, 0.0),
         };
         let n = services as f64;
-        1.0 + 2.0 * per_service * n + self.0.endpoint_changes as f64 * (0.2 + per_change * n)
+        let full = 0.3 + 2.0 * per_service * n;
+        0.7 + full * full_syncs_per_round(services) as f64
+            + self.0.endpoint_changes as f64 * (0.2 + per_change * n)
     }
 
     /// Targets measured at `services`: loopback, direct and the Services' places.
@@ -346,19 +348,24 @@ impl Estimate<'_> {
 /// (its samples spread from 8 to 27 ms).
 pub const ENDPOINT_CHANGES: usize = 12;
 
-/// One backend's control plane, one round: a full sync from empty (time, CPU, memory), the
-/// loader alone with the same rules, and an endpoint change (its sync, and the time until a
-/// request reaches the new endpoint).
-async fn control_round(
-    b: &mut BenchLab,
-    changes: usize,
-    g: &mut Gathered,
-    notes: &mut Vec<String>,
-) -> anyhow::Result<()> {
+/// Full syncs per control round: each is a proxy restart from empty, one sample. A table of up
+/// to 100 Services syncs in a few milliseconds, and those vary by a third from one restart to
+/// the next (a 1-Service legacy sync read 13.2 and 14.8 ms in back-to-back runs of one sample
+/// a round); three a round there cost a few seconds in all. Larger tables take 0.1–4 s a sync
+/// and agree within a few percent with one.
+pub fn full_syncs_per_round(services: usize) -> usize {
+    if services <= 100 {
+        3
+    } else {
+        1
+    }
+}
+
+/// A full sync from empty (its time, the proxy's CPU and peak memory after it) and the loader
+/// alone with the same rules.
+async fn full_sync(b: &mut BenchLab, g: &mut Gathered) -> anyhow::Result<()> {
     const FULL_SUM: &str = "kubeproxy_sync_full_proxy_rules_duration_seconds_sum";
     const FULL_COUNT: &str = "kubeproxy_sync_full_proxy_rules_duration_seconds_count";
-    const PARTIAL_SUM: &str = "kubeproxy_sync_partial_proxy_rules_duration_seconds_sum";
-    const PARTIAL_COUNT: &str = "kubeproxy_sync_partial_proxy_rules_duration_seconds_count";
     b.restart_proxy_from_empty()?;
     let pid = b.lab.proxy_pid(0).context("the proxy did not start")?;
     let started = Instant::now();
@@ -386,6 +393,23 @@ async fn control_round(
     let scratch = format!("{}-ld", b.lab.name);
     let alone = programmed.load_alone(&scratch).await?;
     g.push("loader_ms", alone.as_secs_f64() * 1000.0);
+    Ok(())
+}
+
+/// One backend's control plane, one round: full syncs from empty (time, CPU, memory) with the
+/// loader alone beside each, then endpoint changes (each one's sync, and the time until a
+/// request reaches the new endpoint).
+async fn control_round(
+    b: &mut BenchLab,
+    changes: usize,
+    g: &mut Gathered,
+    notes: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    const PARTIAL_SUM: &str = "kubeproxy_sync_partial_proxy_rules_duration_seconds_sum";
+    const PARTIAL_COUNT: &str = "kubeproxy_sync_partial_proxy_rules_duration_seconds_count";
+    for _ in 0..full_syncs_per_round(b.filled) {
+        full_sync(b, g).await?;
+    }
 
     let probe = SocketAddr::new(b.vip("svc-probe").await?, HTTP_PORT);
     b.wait_answering(probe, Duration::from_secs(60)).await?;
