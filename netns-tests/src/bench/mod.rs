@@ -4,7 +4,7 @@
 //! interleave between backends: for each scale, the Services are filled in every lab, then
 //! each round measures every backend's control plane and then every backend's data plane
 //! (A B C A B C …). Each data-plane round runs the loopback target (the client pod's own
-//! loopback: the host alone, no backend on its path), the direct target (the server pods' IPs)
+//! loopback: the host alone, no proxy rule or map entry on its path), the direct target (the server pods' IPs)
 //! and the first, middle and last Service in the table in slices, the targets in turn slice by
 //! slice, so every Service run has a direct run from the same stretch of time to be divided
 //! by, and every run of the round a host reference to tell the host's speed from the

@@ -40,8 +40,10 @@ pub const CONTROL: &[Metric] = &[
     metric("loader_ms", "loader alone", "ms", false),
     metric("change_sync_ms", "1-endpoint sync", "ms", false),
     metric("programming_ms", "programming", "ms", false),
-    // From /proc, in clock ticks of 10 ms.
-    stepped(metric("proxy_cpu_s", "proxy CPU", "s", false), 0.01),
+    // From /proc/PID/stat: its user and system time and its children's, four counters each
+    // rounded down to a 10 ms clock tick, so the same work can read up to three ticks apart
+    // (a one-Service full sync read 0.00 and 0.02 s in back-to-back runs).
+    stepped(metric("proxy_cpu_s", "proxy CPU", "s", false), 0.03),
     metric("peak_rss_mib", "peak RSS", "MiB", false),
 ];
 
@@ -135,7 +137,7 @@ pub struct ScaleResult {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TargetResult {
     /// first, middle or last (a Service by its place in the table), direct (the pod IP), or
-    /// loopback (the client pod's own loopback: the host reference, no backend on its path).
+    /// loopback (the client pod's own loopback: the host reference, no proxy rule or map entry on its path).
     pub target: String,
     pub address: String,
     /// `DATA` figures by key.
@@ -318,7 +320,7 @@ pub fn table(report: &Report) -> String {
         out,
         "\ndata plane: medians of {} rounds; ×direct = against the pod IP in the same round, pair \
          by pair; loopback = the same loads inside the client pod, the host's own speed (no \
-         backend on its path); min–max of every figure in report.csv{}",
+         Service on its path); min–max of every figure in report.csv{}",
         s.rounds,
         if s.cpu.is_empty() {
             String::new()
@@ -498,8 +500,8 @@ pub fn csv(report: &Report) -> String {
     out
 }
 
-/// How far apart two medians may be and still agree: within ±10%, or within one step of what
-/// the figure can resolve (0.01 s of proxy CPU against 0.02 s is one clock tick, not a
+/// How far apart two medians may be and still agree: within ±10%, or within what the figure
+/// can resolve (0.01 s of proxy CPU against 0.02 s is the rounding of its tick counters, not a
 /// doubling).
 fn agrees(key: &str, old: f64, new: f64) -> bool {
     let resolution = lookup(key).map_or(0.0, |m| m.resolution);
@@ -915,7 +917,7 @@ pub(crate) mod tests {
             .insert("proxy_cpu_s".into(), spread(&[0.01, 0.01, 0.01]));
         let mut new = sample();
         let ebpf = &mut new.backends[0].scales[0];
-        // Proxy CPU counted in 10 ms ticks: 0.01 s → 0.02 s is one tick, not +100%.
+        // Proxy CPU counted in 10 ms ticks: 0.01 s → 0.02 s is their rounding, not +100%.
         ebpf.control
             .insert("proxy_cpu_s".into(), spread(&[0.01, 0.02, 0.02]));
         // The first Service 30% slower against direct: a ratio row of its own, worse.

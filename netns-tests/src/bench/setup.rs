@@ -33,7 +33,8 @@ pub const HTTP_PORT: u16 = 80;
 pub const IPERF_PORT: u16 = 5201;
 pub const UDP_PORT: u16 = 9000;
 /// The client pod's loopback: the host reference's traffic stays inside the client pod, where
-/// no backend has a rule, a map or a hook on its path.
+/// no backend has a rule or a map entry on its path (eBPF's connect hook looks and finds no
+/// Service).
 pub const LOOPBACK: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 /// The pods' HTTP port (kpx-workload's default), which Services' port 80 targets.
 pub const POD_HTTP_PORT: u16 = 8080;
