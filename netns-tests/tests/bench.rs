@@ -5,11 +5,11 @@
 use std::process::Command;
 
 use kpx_lab::bench::full_syncs_per_round;
-use kpx_lab::bench::report::{Report, CONTROL, CSV_HEADER, DATA};
+use kpx_lab::bench::report::{is_service, Report, CONTROL, CSV_HEADER, DATA, LOOPBACK};
 use kpx_lab::lab::{binary, ALL_BACKENDS};
 
 /// Endpoint changes per control round in the smoke run (the default's 12 would only add time).
-const ENDPOINT_CHANGES: usize = 3;
+const CHANGES_PER_ROUND: usize = 3;
 
 fn root_or_skip(tag: &str) -> bool {
     if nix::unistd::geteuid().is_root() {
@@ -40,7 +40,7 @@ fn a_tiny_bench_measures_every_backend_and_writes_every_output() {
             "50",
         ])
         .args(["--udp-requests", "50", "--tcp-seconds", "1"])
-        .args(["--endpoint-changes", &ENDPOINT_CHANGES.to_string()])
+        .args(["--endpoint-changes", &CHANGES_PER_ROUND.to_string()])
         .arg("--out")
         .arg(out.path())
         .output()
@@ -95,7 +95,7 @@ fn a_tiny_bench_measures_every_backend_and_writes_every_output() {
                 // Several endpoint changes per round; several full syncs (with their loader
                 // run, CPU and memory) at these small scales.
                 let per_round = if matches!(m.key, "change_sync_ms" | "programming_ms") {
-                    ENDPOINT_CHANGES
+                    CHANGES_PER_ROUND
                 } else {
                     full_syncs_per_round(sc.services)
                 };
@@ -142,7 +142,7 @@ fn a_tiny_bench_measures_every_backend_and_writes_every_output() {
                     // Services against direct; everything but the host reference itself
                     // against the loopback.
                     if m.key != "failed_requests" {
-                        let service = !matches!(t.target.as_str(), "direct" | "loopback");
+                        let service = is_service(&t.target);
                         assert_eq!(
                             t.vs_direct.contains_key(m.key),
                             service,
@@ -152,7 +152,7 @@ fn a_tiny_bench_measures_every_backend_and_writes_every_output() {
                         );
                         assert_eq!(
                             t.vs_loopback.contains_key(m.key),
-                            t.target != "loopback",
+                            t.target != LOOPBACK,
                             "{name} {} {} ×loopback",
                             t.target,
                             m.key

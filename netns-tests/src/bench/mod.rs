@@ -4,8 +4,9 @@
 //! interleave between backends: for each scale, the Services are filled in every lab, then
 //! each round measures every backend's control plane and then every backend's data plane
 //! (A B C A B C …). Each data-plane round runs the loopback target (the client pod's own
-//! loopback: the host alone, no proxy rule or map entry on its path), the direct target (the server pods' IPs)
-//! and the first, middle and last Service in the table in slices, the targets in turn slice by
+//! loopback: the host alone, no proxy rule or map entry on its path), the direct target (the
+//! server pods' IPs) and the first, middle and last Service in the table in slices, the
+//! targets in turn slice by
 //! slice, so every Service run has a direct run from the same stretch of time to be divided
 //! by, and every run of the round a host reference to tell the host's speed from the
 //! dataplane's when two runs are compared. The traffic's clients and servers share one core;
@@ -35,7 +36,7 @@ use crate::lab::{ProxyBackend, ALL_BACKENDS};
 use crate::traffic::metric_value;
 use progress::Progress;
 use report::{BackendResult, Report, ScaleResult, Settings, TargetResult};
-use setup::{BenchLab, HTTP_PORT, IPERF_PORT, LOOPBACK, POD_HTTP_PORT, UDP_PORT};
+use setup::{BenchLab, HTTP_PORT, IPERF_PORT, LOOPBACK_IP, POD_HTTP_PORT, UDP_PORT};
 use stats::{paired_ratio, percentile, Spread};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -206,7 +207,7 @@ impl Gathered {
                 .collect()
         };
         let find = |name: &str| self.targets.iter().find(|t| t.0 == name).map(|t| &t.2);
-        let (direct, loopback) = (find("direct"), find("loopback"));
+        let (direct, loopback) = (find(report::DIRECT), find(report::LOOPBACK));
         // Each figure against `base`'s in the same round, pair by pair.
         let against = |m: &Runs, base: &Runs| -> BTreeMap<String, Spread> {
             m.iter()
@@ -222,11 +223,11 @@ impl Gathered {
                 address: address.clone(),
                 metrics: spreads(m),
                 vs_direct: match direct {
-                    Some(d) if name != "direct" && name != "loopback" => against(m, d),
+                    Some(d) if report::is_service(name) => against(m, d),
                     _ => BTreeMap::new(),
                 },
                 vs_loopback: match loopback {
-                    Some(l) if name != "loopback" => against(m, l),
+                    Some(l) if name != report::LOOPBACK => against(m, l),
                     _ => BTreeMap::new(),
                 },
             })
@@ -273,13 +274,13 @@ fn places(services: usize) -> Vec<(&'static str, usize)> {
 async fn targets(b: &mut BenchLab, services: usize) -> anyhow::Result<Vec<Target>> {
     let mut out = vec![
         Target {
-            name: "loopback",
-            http: vec![SocketAddr::new(LOOPBACK, POD_HTTP_PORT)],
-            tcp: SocketAddr::new(LOOPBACK, IPERF_PORT),
-            udp: SocketAddr::new(LOOPBACK, UDP_PORT),
+            name: report::LOOPBACK,
+            http: vec![SocketAddr::new(LOOPBACK_IP, POD_HTTP_PORT)],
+            tcp: SocketAddr::new(LOOPBACK_IP, IPERF_PORT),
+            udp: SocketAddr::new(LOOPBACK_IP, UDP_PORT),
         },
         Target {
-            name: "direct",
+            name: report::DIRECT,
             http: b.direct_all(),
             tcp: b.direct(IPERF_PORT),
             udp: b.direct(UDP_PORT),
@@ -330,7 +331,7 @@ impl Estimate<'_> {
         if whole {
             1.0
         } else {
-            0.25
+            1.0 / WARM_UP_SHARE as f64
         }
     }
 
@@ -440,14 +441,14 @@ async fn control_round(
                     .metrics()
                     .ok()
                     .and_then(|t| metric_value(&t, PARTIAL_COUNT))
-                    .unwrap_or(0.0);
+                    .map_or("unknown (no metrics)".into(), |c| (c - count0).to_string());
                 let why = format!(
                     "{} backend, {} Services: an endpoint change (to {}) was not served: {e:#}\n\
                      partial syncs since the write: {}; the proxy's view: {}\n{}",
                     b.backend.name(),
                     b.filled,
                     b.current_probe_spare(),
-                    partial_syncs - count0,
+                    partial_syncs,
                     b.programmed_row("svc-probe"),
                     b.lab.proxy_logs()
                 );
@@ -583,9 +584,18 @@ async fn data_round(
 
 /// A short pass of every load to every target, not recorded: caches, neighbour entries, the
 /// clients' pages, the first connection tracking entries.
+/// Warm-ups after the first scale run this fraction (1/N) of a round's loads.
+const WARM_UP_SHARE: usize = 4;
+
 async fn warm_up(b: &BenchLab, targets: &[Target], o: &Options, whole: bool) -> anyhow::Result<()> {
     let client = b.client()?;
-    let part = |n: usize| if whole { n } else { (n / 4).max(10) };
+    let part = |n: usize| {
+        if whole {
+            n
+        } else {
+            (n / WARM_UP_SHARE).max(10)
+        }
+    };
     for t in targets {
         loads::new_connections(&client, &t.http, part(o.connections), 1).await?;
         loads::new_connections(&client, &t.http, part(o.connections), o.concurrency).await?;

@@ -15,7 +15,8 @@ pub struct Metric {
     pub label: &'static str,
     pub unit: &'static str,
     pub higher_is_better: bool,
-    /// The smallest step the figure is measured in (0: continuous); two runs a step apart agree.
+    /// How far apart two readings of the same work can be, from how the figure is counted (0:
+    /// continuous); two runs that far apart agree.
     pub resolution: f64,
 }
 
@@ -29,7 +30,7 @@ const fn metric(key: &'static str, label: &'static str, unit: &'static str, up: 
     }
 }
 
-/// A figure counted in steps of `resolution`.
+/// A figure read only to within `resolution`.
 const fn stepped(m: Metric, resolution: f64) -> Metric {
     Metric { resolution, ..m }
 }
@@ -137,7 +138,8 @@ pub struct ScaleResult {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TargetResult {
     /// first, middle or last (a Service by its place in the table), direct (the pod IP), or
-    /// loopback (the client pod's own loopback: the host reference, no proxy rule or map entry on its path).
+    /// loopback (the client pod's own loopback: the host reference, no proxy rule or map entry
+    /// on its path).
     pub target: String,
     pub address: String,
     /// `DATA` figures by key.
@@ -149,6 +151,15 @@ pub struct TargetResult {
     /// out, so two runs on a host that sped up or slowed down between them can be compared.
     #[serde(default)]
     pub vs_loopback: BTreeMap<String, Spread>,
+}
+
+/// The targets that are no Service: the host reference and the pods' IPs.
+pub const LOOPBACK: &str = "loopback";
+pub const DIRECT: &str = "direct";
+
+/// Whether `target` is a Service (first, middle, last), which is taken against direct.
+pub fn is_service(target: &str) -> bool {
+    target != LOOPBACK && target != DIRECT
 }
 
 impl ScaleResult {
@@ -348,10 +359,10 @@ pub fn table(report: &Report) -> String {
         for t in &sc.targets {
             let m = |k: &str| median(t.metrics.get(k));
             let r = |k: &str| {
-                if t.target == "direct" || t.target == "loopback" {
-                    String::new()
-                } else {
+                if is_service(&t.target) {
                     ratio(t.vs_direct.get(k))
+                } else {
+                    String::new()
                 }
             };
             rows.push(vec![
@@ -461,9 +472,11 @@ pub fn csv(report: &Report) -> String {
         if let Some(why) = &b.not_run {
             let _ = writeln!(
                 out,
-                "{},{},,,,,,,,,,,,,,,",
+                "{},{}{}",
                 csv_field(&b.backend),
-                csv_field(&format!("not run: {why}"))
+                csv_field(&format!("not run: {why}")),
+                // Every other column empty.
+                ",".repeat(CSV_HEADER.split(',').count() - 2)
             );
             continue;
         }
@@ -634,7 +647,7 @@ pub fn compare(old: &Report, new: &Report) -> String {
         if delta.abs() > e.largest.abs() {
             e.largest = delta;
         }
-        if p.target != "loopback" {
+        if p.target != LOOPBACK {
             e.host_of += 1;
             e.host_within += usize::from(after_host.map_or(ok, |a| a.1));
         }

@@ -35,7 +35,7 @@ pub const UDP_PORT: u16 = 9000;
 /// The client pod's loopback: the host reference's traffic stays inside the client pod, where
 /// no backend has a rule or a map entry on its path (eBPF's connect hook looks and finds no
 /// Service).
-pub const LOOPBACK: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+pub const LOOPBACK_IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 /// The pods' HTTP port (kpx-workload's default), which Services' port 80 targets.
 pub const POD_HTTP_PORT: u16 = 8080;
 
@@ -103,7 +103,7 @@ impl BenchLab {
             None => client,
         };
         let mut iperf = Vec::new();
-        for (entry, bind) in [(server, None), (client, Some(LOOPBACK))] {
+        for (entry, bind) in [(server, None), (client, Some(LOOPBACK_IP))] {
             let mut cmd = entry.command("iperf3")?;
             placement.pin_command(&mut cmd)?;
             cmd.args(["-s", "-p", &IPERF_PORT.to_string()]);
@@ -349,12 +349,11 @@ impl BenchLab {
     /// note when an endpoint change is not served: it tells a change the proxy never applied
     /// from one applied but not reached.
     pub fn programmed_row(&self, service: &str) -> String {
-        let out = match self.lab.proxy_command(0).and_then(|mut c| {
-            c.arg("dump")
-                .stderr(Stdio::piped())
-                .output()
-                .map_err(Into::into)
-        }) {
+        let out = match self
+            .lab
+            .proxy_command(0)
+            .and_then(|mut c| Ok(c.arg("dump").output()?))
+        {
             Ok(out) => out,
             Err(e) => return format!("kpx-proxy dump could not run: {e:#}"),
         };
