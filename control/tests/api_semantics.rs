@@ -206,7 +206,7 @@ async fn next<K>(events: &mut tokio::sync::mpsc::Receiver<ReflectorEvent<K>>) ->
 async fn the_reflector_lists_then_watches_and_loses_nothing_in_a_burst() {
     let history = EmbeddedStoreOptions {
         history_limit: 3,
-        watch_buffer: 16,
+        ..Default::default()
     };
     let server = TestServer::start_with(history, Options::default()).await;
     let api: Api<Service> = Api::namespaced(server.client(), "default");

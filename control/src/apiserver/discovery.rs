@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
@@ -185,6 +185,104 @@ pub async fn openapi_v3_doc(
     }
 }
 
-pub async fn health() -> &'static str {
-    "ok"
+/// `/livez`: the process serves. The store's state is not part of it: a store that cannot
+/// write recovers by itself (it is reopened with backoff), so restarting would not help.
+pub async fn livez(query: RawQuery) -> Response {
+    checks(&query, "livez", &[("ping", Ok(()))])
+}
+
+/// `/readyz` and `/healthz`: as kube-apiserver's, a list of checks, `ok` (200) when all pass,
+/// otherwise 500 with each check as `[+]name ok` / `[-]name failed: reason withheld`
+/// (staging/src/k8s.io/apiserver/pkg/server/healthz/healthz.go, `handleRootHealth`). The
+/// `etcd` check is named as upstream's and fails while the store cannot write (e.g. a full
+/// disk). `?verbose` lists the checks on success too; `?exclude=NAME` skips one.
+pub async fn readyz(State(server): State<Arc<ApiServer>>, query: RawQuery) -> Response {
+    let etcd = match server.store.health().write_error {
+        None => Ok(()),
+        Some(reason) => Err(reason),
+    };
+    checks(&query, "readyz", &[("ping", Ok(())), ("etcd", etcd)])
+}
+
+pub async fn healthz(State(server): State<Arc<ApiServer>>, query: RawQuery) -> Response {
+    let etcd = match server.store.health().write_error {
+        None => Ok(()),
+        Some(reason) => Err(reason),
+    };
+    checks(&query, "healthz", &[("ping", Ok(())), ("etcd", etcd)])
+}
+
+fn checks(query: &RawQuery, name: &str, results: &[(&str, Result<(), String>)]) -> Response {
+    let pairs: Vec<(String, String)> = query
+        .0
+        .as_deref()
+        .and_then(|q| serde_urlencoded::from_str(q).ok())
+        .unwrap_or_default();
+    let verbose = pairs.iter().any(|(k, _)| k == "verbose");
+    let excluded: Vec<&str> = pairs
+        .iter()
+        .filter(|(k, _)| k == "exclude")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    let mut failed = false;
+    let mut text = String::new();
+    for (check, result) in results {
+        if excluded.contains(check) {
+            text.push_str(&format!("[+]{check} excluded: ok\n"));
+            continue;
+        }
+        match result {
+            Ok(()) => text.push_str(&format!("[+]{check} ok\n")),
+            Err(_) => {
+                failed = true;
+                // Upstream withholds the reason from the response (it may say more than an
+                // anonymous caller should learn); /metrics and the log have it.
+                text.push_str(&format!("[-]{check} failed: reason withheld\n"));
+            }
+        }
+    }
+    let status = if failed {
+        text.push_str(&format!("{name} check failed\n"));
+        StatusCode::INTERNAL_SERVER_ERROR
+    } else if verbose {
+        text.push_str(&format!("{name} check passed\n"));
+        StatusCode::OK
+    } else {
+        text = "ok".into();
+        StatusCode::OK
+    };
+    let mut response = (status, text).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response.headers_mut().insert(
+        header::HeaderName::from_static("x-content-type-options"),
+        HeaderValue::from_static("nosniff"),
+    );
+    response
+}
+
+/// `/metrics`: the store's write health (kpx's own names; kube-apiserver's storage metrics
+/// are per etcd request, which this store does not have).
+pub async fn metrics(State(server): State<Arc<ApiServer>>) -> Response {
+    use prometheus_client::metrics::{counter::ConstCounter, gauge::ConstGauge};
+    let health = server.store.health();
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register(
+        "kpx_store_write_failures",
+        "Store commits and reopen attempts that failed (e.g. on a full disk)",
+        ConstCounter::new(health.write_failures),
+    );
+    registry.register(
+        "kpx_store_reopens",
+        "Times the store's database was reopened after a failed commit",
+        ConstCounter::new(health.reopens),
+    );
+    registry.register(
+        "kpx_store_writable",
+        "1 while the store can write, 0 while it is recovering",
+        ConstGauge::new(i64::from(health.write_error.is_none())),
+    );
+    crate::daemon::metrics_response(&registry)
 }

@@ -11,6 +11,8 @@ mod request;
 mod response;
 mod watch;
 
+pub use watch::WATCH_BUFFER_BYTES;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -45,6 +47,9 @@ pub struct Options {
     pub default_watch_timeout: Duration,
     /// The address clients are told to use in `/api` (`serverAddressByClientCIDRs`).
     pub advertise_address: Option<SocketAddr>,
+    /// Bytes of encoded events one watch may have waiting for its client (see
+    /// `watch::WATCH_BUFFER_BYTES`).
+    pub watch_buffer_bytes: usize,
 }
 
 impl Default for Options {
@@ -54,6 +59,7 @@ impl Default for Options {
             bookmark_interval: Duration::from_secs(10),
             default_watch_timeout: Duration::from_secs(1800),
             advertise_address: None,
+            watch_buffer_bytes: watch::WATCH_BUFFER_BYTES,
         }
     }
 }
@@ -136,9 +142,10 @@ impl ApiServer {
             .route("/openapi/v2", get(discovery::openapi_v2))
             .route("/openapi/v3", get(discovery::openapi_v3_index))
             .route("/openapi/v3/{*path}", get(discovery::openapi_v3_doc))
-            .route("/healthz", get(discovery::health))
-            .route("/livez", get(discovery::health))
-            .route("/readyz", get(discovery::health))
+            .route("/healthz", get(discovery::healthz))
+            .route("/livez", get(discovery::livez))
+            .route("/readyz", get(discovery::readyz))
+            .route("/metrics", get(discovery::metrics))
             .fallback(dispatch)
             .with_state(self.clone())
     }
@@ -194,7 +201,12 @@ pub(crate) fn store_error(err: StoreError) -> ApiError {
             e.details.retry_after_seconds = Some(1);
             e
         }
+        StoreError::WatcherBehind { .. } => ApiError::gone(err.to_string()),
         StoreError::Closed => ApiError::unavailable("the store is shutting down"),
+        // kube-apiserver answers storage failures with 500 (and etcd's full quota as
+        // "etcdserver: mvcc: database space exceeded"); a store that is recovering is
+        // unavailable for a moment, which a client may retry.
+        StoreError::Unavailable { .. } => ApiError::unavailable(err.to_string()),
         other => ApiError::internal(other.to_string()),
     }
 }

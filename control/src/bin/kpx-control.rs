@@ -38,6 +38,17 @@ struct Args {
     /// Watch events kept in memory for watchers resuming from an older resourceVersion.
     #[arg(long, default_value_t = 20_000)]
     watch_history: usize,
+    /// Bytes of keys and values the watch history may hold (events older than the budget are
+    /// dropped, and resuming from them gets 410 Expired). Watchers read this history in place,
+    /// so it bounds what every watcher together keeps. The default holds 20,000 ordinary
+    /// objects and over 40 of the largest (3 MiB).
+    #[arg(long, default_value_t = kpx_control::store::DEFAULT_HISTORY_BYTES)]
+    watch_history_bytes: usize,
+    /// Bytes of encoded events one watch may have waiting for a client that does not read.
+    /// While it is full the watcher waits; once the history drops an event it has not read, it
+    /// gets an ERROR (410 Expired) and the stream ends, and the client re-lists.
+    #[arg(long, default_value_t = apiserver::WATCH_BUFFER_BYTES)]
+    watch_buffer_bytes: usize,
     /// Seconds between BOOKMARK events on idle watches that asked for them.
     #[arg(long, default_value_t = 10)]
     bookmark_interval_seconds: u64,
@@ -81,7 +92,7 @@ async fn main() -> anyhow::Result<()> {
             &db,
             EmbeddedStoreOptions {
                 history_limit: args.watch_history,
-                ..Default::default()
+                history_bytes: args.watch_history_bytes,
             },
         )
         .with_context(|| format!("opening the store at {}", db.display()))?,
@@ -114,6 +125,7 @@ async fn main() -> anyhow::Result<()> {
         service_network: network,
         bookmark_interval: Duration::from_secs(args.bookmark_interval_seconds.max(1)),
         advertise_address: Some(address),
+        watch_buffer_bytes: args.watch_buffer_bytes.max(1),
         ..Default::default()
     };
     let server = ApiServer::new(store, options)

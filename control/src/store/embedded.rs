@@ -6,40 +6,59 @@
 //! and acknowledges the callers. So a caller never sees success for a write a crash can lose,
 //! and concurrent writers share one fsync.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self as std_mpsc, RecvTimeoutError};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{oneshot, watch};
 
-use super::history::{History, WatchStream};
+use super::history::{Feed, History, Step, WatchStream};
 use super::{
     Event, EventKind, KeyValue, ListResult, Op, OpResult, Precondition, Store, StoreError,
-    StoreResult,
+    StoreHealth, StoreResult,
 };
 
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
 const META: TableDefinition<&str, i64> = TableDefinition::new("meta");
+/// Written and removed again after a reopen, to prove the disk takes writes before the store
+/// says it is ready.
+const PROBE: TableDefinition<&str, &[u8]> = TableDefinition::new("probe");
 const REVISION_KEY: &str = "revision";
 /// Transactions folded into one commit at most.
 const MAX_BATCH: usize = 512;
+/// The probe's size: a recovered store should hold at least an ordinary object again (a full
+/// disk often still has room for a few pages, which would make readiness flap).
+const PROBE_BYTES: usize = 1024 * 1024;
+/// Backoff between reopen attempts after a failed commit, doubling up to the maximum.
+const RETRY_FIRST: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub struct EmbeddedStoreOptions {
-    /// Events kept for watchers that start from an older revision.
+    /// Events kept for watchers that start from an older revision, and for live watchers to
+    /// read at their own pace: at most this many...
     pub history_limit: usize,
-    /// Events a live watcher may fall behind before it must re-list.
-    pub watch_buffer: usize,
+    /// ...and at most this many bytes of keys and values (see `history::event_bytes`).
+    pub history_bytes: usize,
 }
+
+/// The default history byte budget. kube-apiserver sizes its watch cache by event count (and
+/// a 75 s freshness window); a byte bound is what keeps memory predictable when objects are
+/// large. 256 MiB holds the default 20,000 events of objects up to ~6 KB (Services, Pods and
+/// EndpointSlices of ordinary size, so the count binds first), and still over 40 of the
+/// largest objects the API accepts (3 MiB, each counted with its previous version).
+pub const DEFAULT_HISTORY_BYTES: usize = 256 * 1024 * 1024;
 
 impl Default for EmbeddedStoreOptions {
     fn default() -> Self {
         Self {
             history_limit: 20_000,
-            watch_buffer: 65_536,
+            history_bytes: DEFAULT_HISTORY_BYTES,
         }
     }
 }
@@ -52,7 +71,30 @@ struct State {
 
 struct Shared {
     state: RwLock<State>,
-    events: broadcast::Sender<Arc<Event>>,
+    health: Mutex<StoreHealth>,
+}
+
+impl Shared {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        // A writer panicking while holding the lock leaves consistent data (it only swaps in
+        // committed changes), so a poisoned lock is still safe to read.
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn health(&self) -> std::sync::MutexGuard<'_, StoreHealth> {
+        self.health.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Feed for Shared {
+    fn step(&self, prefix: &str, seq: u64) -> Step {
+        let state = self.read();
+        state.history.step(prefix, seq, state.revision)
+    }
+
+    fn evicted(&self, seq: u64) -> bool {
+        self.read().history.evicted(seq)
+    }
 }
 
 struct Request {
@@ -62,7 +104,9 @@ struct Request {
 
 pub struct EmbeddedStore {
     shared: Arc<Shared>,
-    writer: mpsc::UnboundedSender<Request>,
+    writer: std_mpsc::Sender<Request>,
+    /// A receiver of the revision the writer announces after each commit; watchers clone it.
+    commits: watch::Receiver<i64>,
 }
 
 impl EmbeddedStore {
@@ -70,28 +114,38 @@ impl EmbeddedStore {
     pub fn open(path: &Path, options: EmbeddedStoreOptions) -> StoreResult<Self> {
         let db = Database::create(path).map_err(|e| StoreError::io("open", e))?;
         let (revision, kvs) = load(&db)?;
-        let (events, _) = broadcast::channel(options.watch_buffer.max(16));
         let shared = Arc::new(Shared {
             state: RwLock::new(State {
                 revision,
                 kvs,
-                history: History::new(options.history_limit, revision),
+                history: History::new(options.history_limit, options.history_bytes, revision),
             }),
-            events,
+            health: Mutex::new(StoreHealth::default()),
         });
-        let (writer, queue) = mpsc::unbounded_channel();
-        let writer_shared = shared.clone();
+        let (commits_tx, commits) = watch::channel(revision);
+        let (writer, queue) = std_mpsc::channel();
+        let state = Writer {
+            path: path.to_path_buf(),
+            db: Some(db),
+            shared: shared.clone(),
+            commits: commits_tx,
+            pending: HashSet::new(),
+            retry: RETRY_FIRST,
+            next_attempt: Instant::now(),
+        };
         std::thread::Builder::new()
             .name("kpx-store-writer".into())
-            .spawn(move || writer_loop(db, writer_shared, queue))
+            .spawn(move || state.run(queue))
             .map_err(|e| StoreError::io("spawn writer", e))?;
-        Ok(Self { shared, writer })
+        Ok(Self {
+            shared,
+            writer,
+            commits,
+        })
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
-        // A writer panicking while holding the lock leaves consistent data (it only swaps in
-        // committed changes), so a poisoned lock is still safe to read.
-        self.shared.state.read().unwrap_or_else(|e| e.into_inner())
+        self.shared.read()
     }
 }
 
@@ -151,77 +205,214 @@ fn decode(key: &str, raw: &[u8]) -> StoreResult<KeyValue> {
     })
 }
 
-fn writer_loop(db: Database, shared: Arc<Shared>, mut queue: mpsc::UnboundedReceiver<Request>) {
-    while let Some(first) = queue.blocking_recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match queue.try_recv() {
-                Ok(request) => batch.push(request),
-                Err(_) => break,
-            }
-        }
-        commit_batch(&db, &shared, batch);
-    }
-}
-
 /// The outcome of one transaction inside a batch, before the batch commits.
 struct Staged {
     reply: oneshot::Sender<StoreResult<Vec<OpResult>>>,
     outcome: StoreResult<Vec<OpResult>>,
 }
 
-fn commit_batch(db: &Database, shared: &Shared, batch: Vec<Request>) {
-    // Keys changed by this batch: the newest value, or None when deleted.
-    let mut overlay: HashMap<String, Option<Arc<KeyValue>>> = HashMap::new();
-    let mut events: Vec<Arc<Event>> = Vec::new();
-    let mut staged = Vec::with_capacity(batch.len());
-    let revision = {
-        let state = shared.state.read().unwrap_or_else(|e| e.into_inner());
-        let mut revision = state.revision;
-        for request in batch {
-            let outcome = stage(
-                &state.kvs,
-                &mut overlay,
-                &mut events,
-                &request.ops,
-                revision + 1,
-            );
-            if outcome.is_ok() {
-                revision += 1;
-            }
-            staged.push(Staged {
-                reply: request.reply,
-                outcome,
-            });
-        }
-        revision
-    };
+/// The writer thread: the only user of the database.
+///
+/// A failed commit (a full disk, an I/O error) leaves redb refusing every later transaction
+/// (`StorageError::PreviousIo`) until the database is reopened. So the writer drops the
+/// database, refuses writes with [`StoreError::Unavailable`] (nothing is written), and reopens
+/// it from the file with backoff; once reopened and a probe write went through, writes work
+/// again without a restart. Like an etcd member with its `NOSPACE` alarm, the server reports
+/// itself not ready meanwhile (`/readyz`'s `etcd` check).
+struct Writer {
+    path: PathBuf,
+    /// `None` while the database needs reopening.
+    db: Option<Database>,
+    shared: Arc<Shared>,
+    commits: watch::Sender<i64>,
+    /// Keys of the batch whose commit failed: if that commit reached the file after all, the
+    /// reopen puts their acknowledged values back.
+    pending: HashSet<String>,
+    retry: Duration,
+    next_attempt: Instant,
+}
 
-    if !overlay.is_empty() {
-        if let Err(err) = persist(db, &overlay, revision) {
-            tracing::error!(error = %err, "store commit failed; the batch is refused");
-            for s in staged {
-                let _ = s.reply.send(Err(StoreError::io("commit", &err)));
+impl Writer {
+    fn run(mut self, queue: std_mpsc::Receiver<Request>) {
+        loop {
+            let first = if self.db.is_some() {
+                match queue.recv() {
+                    Ok(request) => Some(request),
+                    Err(_) => return,
+                }
+            } else {
+                let wait = self.next_attempt.saturating_duration_since(Instant::now());
+                match queue.recv_timeout(wait) {
+                    Ok(request) => Some(request),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            };
+            if self.db.is_none() && Instant::now() >= self.next_attempt {
+                self.recover();
+            }
+            let Some(first) = first else { continue };
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match queue.try_recv() {
+                    Ok(request) => batch.push(request),
+                    Err(_) => break,
+                }
+            }
+            self.commit_batch(batch);
+        }
+    }
+
+    fn commit_batch(&mut self, batch: Vec<Request>) {
+        let Some(db) = &self.db else {
+            let message = self
+                .shared
+                .health()
+                .write_error
+                .clone()
+                .unwrap_or_else(|| "the database is being reopened".into());
+            for request in batch {
+                let _ = request.reply.send(Err(StoreError::Unavailable {
+                    message: format!("{message}; retrying in the background"),
+                }));
             }
             return;
+        };
+        // Keys changed by this batch: the newest value, or None when deleted.
+        let mut overlay: HashMap<String, Option<Arc<KeyValue>>> = HashMap::new();
+        let mut events: Vec<Arc<Event>> = Vec::new();
+        let mut staged = Vec::with_capacity(batch.len());
+        let revision = {
+            let state = self.shared.read();
+            let mut revision = state.revision;
+            for request in batch {
+                let outcome = stage(
+                    &state.kvs,
+                    &mut overlay,
+                    &mut events,
+                    &request.ops,
+                    revision + 1,
+                );
+                if outcome.is_ok() {
+                    revision += 1;
+                }
+                staged.push(Staged {
+                    reply: request.reply,
+                    outcome,
+                });
+            }
+            revision
+        };
+
+        if !overlay.is_empty() {
+            if let Err(err) = persist(db, &overlay, revision) {
+                tracing::error!(error = %err, "store commit failed; the batch is refused and the database will be reopened");
+                self.failed(&err.to_string(), overlay.into_keys());
+                for s in staged {
+                    let _ = s.reply.send(Err(StoreError::io("commit", &err)));
+                }
+                return;
+            }
+            let mut state = self.shared.state.write().unwrap_or_else(|e| e.into_inner());
+            for (key, value) in overlay {
+                match value {
+                    Some(kv) => state.kvs.insert(key, kv),
+                    None => state.kvs.remove(&key),
+                };
+            }
+            state.revision = revision;
+            for event in events {
+                state.history.push(event);
+            }
+            drop(state);
+            // Watchers read the history themselves; this only wakes them.
+            self.commits.send_replace(revision);
         }
-        let mut state = shared.state.write().unwrap_or_else(|e| e.into_inner());
-        for (key, value) in overlay {
-            match value {
-                Some(kv) => state.kvs.insert(key, kv),
-                None => state.kvs.remove(&key),
-            };
-        }
-        state.revision = revision;
-        for event in events {
-            state.history.push(event.clone());
-            // No receiver is not an error: nobody is watching.
-            let _ = shared.events.send(event);
+        for s in staged {
+            let _ = s.reply.send(s.outcome);
         }
     }
-    for s in staged {
-        let _ = s.reply.send(s.outcome);
+
+    fn failed(&mut self, error: &str, keys: impl Iterator<Item = String>) {
+        self.pending.extend(keys);
+        // Closing it is what lets the next open see the file as it is on disk.
+        self.db = None;
+        {
+            let mut health = self.shared.health();
+            health.write_failures += 1;
+            health.write_error = Some(error.to_string());
+        }
+        self.next_attempt = Instant::now() + self.retry;
+        self.retry = (self.retry * 2).min(RETRY_MAX);
     }
+
+    /// Reopens the database; on failure, tries again after the backoff.
+    fn recover(&mut self) {
+        match self.reopen() {
+            Ok(db) => {
+                tracing::info!(path = %self.path.display(), "store reopened; writes work again");
+                self.db = Some(db);
+                self.pending.clear();
+                self.retry = RETRY_FIRST;
+                let mut health = self.shared.health();
+                health.write_error = None;
+                health.reopens += 1;
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, retry_in = ?self.retry, "store still cannot write");
+                let mut health = self.shared.health();
+                health.write_failures += 1;
+                health.write_error = Some(err.to_string());
+                drop(health);
+                self.next_attempt = Instant::now() + self.retry;
+                self.retry = (self.retry * 2).min(RETRY_MAX);
+            }
+        }
+    }
+
+    fn reopen(&self) -> Result<Database, redb::Error> {
+        let db = Database::create(&self.path)?;
+        let stored = {
+            let read = db.begin_read()?;
+            let meta = read.open_table(META)?;
+            let stored = meta.get(REVISION_KEY)?.map(|v| v.value()).unwrap_or(0);
+            stored
+        };
+        let (revision, restore) = {
+            let state = self.shared.read();
+            let restore: HashMap<String, Option<Arc<KeyValue>>> = self
+                .pending
+                .iter()
+                .map(|key| (key.clone(), state.kvs.get(key).cloned()))
+                .collect();
+            (state.revision, restore)
+        };
+        if stored != revision {
+            // The failed commit reached the file after all (its error came late, e.g. from
+            // the final fsync). Its callers were told it failed and nobody saw it, so it is
+            // undone: its keys get back the values readers see, and the revision goes back.
+            tracing::warn!(
+                stored,
+                acknowledged = revision,
+                "undoing a commit that was reported failed"
+            );
+            persist(&db, &restore, revision)?;
+        }
+        probe(&db)?;
+        Ok(db)
+    }
+}
+
+/// Writes and removes [`PROBE_BYTES`], each durably.
+fn probe(db: &Database) -> Result<(), redb::Error> {
+    let blob = vec![0u8; PROBE_BYTES];
+    let txn = db.begin_write()?;
+    txn.open_table(PROBE)?.insert("probe", blob.as_slice())?;
+    txn.commit()?;
+    let txn = db.begin_write()?;
+    txn.open_table(PROBE)?.remove("probe")?;
+    txn.commit()?;
+    Ok(())
 }
 
 fn current<'a>(
@@ -402,13 +593,22 @@ impl Store for EmbeddedStore {
     fn watch(&self, prefix: &str, after_revision: i64) -> StoreResult<WatchStream> {
         let state = self.read();
         state.history.check(after_revision, state.revision)?;
-        let backlog = state.history.since(prefix, after_revision);
-        let live = self.shared.events.subscribe();
-        Ok(WatchStream::new(prefix, backlog, live, after_revision))
+        let seq = state.history.position(after_revision);
+        Ok(WatchStream::new(
+            prefix,
+            self.shared.clone(),
+            self.commits.clone(),
+            seq,
+            after_revision,
+        ))
     }
 
     fn current_revision(&self) -> i64 {
         self.read().revision
+    }
+
+    fn health(&self) -> StoreHealth {
+        self.shared.health().clone()
     }
 
     async fn count(&self, prefix: &str) -> StoreResult<usize> {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-pub use embedded::{EmbeddedStore, EmbeddedStoreOptions};
+pub use embedded::{EmbeddedStore, EmbeddedStoreOptions, DEFAULT_HISTORY_BYTES};
 pub use history::WatchStream;
 
 /// A stored value with its revisions.
@@ -121,8 +121,17 @@ pub enum StoreError {
     Compacted { requested: i64, oldest: i64 },
     #[error("revision {requested} is in the future; the current revision is {current}")]
     FutureRevision { requested: i64, current: i64 },
+    #[error(
+        "the watcher fell behind: events after revision {revision} are no longer kept \
+         (the oldest kept is {oldest}); re-list and watch again"
+    )]
+    WatcherBehind { revision: i64, oldest: i64 },
     #[error("store i/o on {op}: {message}")]
     Io { op: &'static str, message: String },
+    /// The store cannot write at the moment (its last commit failed, e.g. a full disk) and is
+    /// recovering in the background; nothing was written.
+    #[error("the store cannot write: {message}")]
+    Unavailable { message: String },
     #[error("store is closed")]
     Closed,
 }
@@ -137,6 +146,17 @@ impl StoreError {
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Whether the store can write, for `/readyz` and `/metrics`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreHealth {
+    /// `None` while writes work; otherwise why they do not (the last commit's error).
+    pub write_error: Option<String>,
+    /// Commits that failed since start.
+    pub write_failures: u64,
+    /// Times the database was reopened after a failed commit.
+    pub reopens: u64,
+}
 
 /// The store the API server runs on. Only the API server uses it.
 #[async_trait]
@@ -161,6 +181,11 @@ pub trait Store: Send + Sync + 'static {
     fn watch(&self, prefix: &str, after_revision: i64) -> StoreResult<WatchStream>;
 
     fn current_revision(&self) -> i64;
+
+    /// Whether writes currently work (a store that cannot tell says they do).
+    fn health(&self) -> StoreHealth {
+        StoreHealth::default()
+    }
 
     /// Number of keys under `prefix` (used for quick counts, such as allocator sizing).
     async fn count(&self, prefix: &str) -> StoreResult<usize> {
@@ -206,5 +231,7 @@ impl dyn Store {
     }
 }
 
+#[cfg(test)]
+mod bounds_tests;
 #[cfg(test)]
 mod tests;
