@@ -5,7 +5,8 @@
 //! - how long a change takes to reach 100 concurrent watchers (p50/p99);
 //! - resident memory with 10,000 Services and 100,000 endpoints in 1,000 EndpointSlices.
 //!
-//! Run: `cargo bench -p kpx-control --bench apiserver` (or `cargo xtask bench`). Results are
+//! Run: `cargo bench -p kpx-control --bench apiserver` (or `cargo xtask bench`);
+//! `KPX_CONTROL_BIN=/path/to/kpx-control` measures another build. Results are
 //! printed and written to `target/bench-results/apiserver.json`.
 
 use std::collections::HashMap;
@@ -37,7 +38,10 @@ impl Drop for Server {
 }
 
 fn start(dir: &std::path::Path) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kpx-control"))
+    // KPX_CONTROL_BIN measures another build (e.g. an older commit's) with the same bench.
+    let binary = std::env::var("KPX_CONTROL_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_kpx-control").to_string());
+    let mut child = Command::new(binary)
         .args(["--port", "0", "--data-dir"])
         .arg(dir)
         .env("RUST_LOG", "warn")

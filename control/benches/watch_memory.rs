@@ -2,7 +2,8 @@
 //! read from `/proc/<pid>/status` of the real `kpx-control` binary:
 //! - `initial-list`: 100 watches without a resourceVersion (each starts with the whole list as
 //!   ADDED events) on a ~2 MB list, from clients that never read;
-//! - `slow-watchers`: 500 watchers that never read while 2,000 updates of a 10 KB object go on;
+//! - `slow-watchers`: 500 watchers that never read while 2,000 updates of a 10 KB object go on
+//!   (with `--watch-history 200`, so the history moves past them);
 //! - `history`: after 300 updates of a 1 MiB object (every version passes through the watch
 //!   history).
 //!
@@ -36,13 +37,21 @@ impl Drop for Server {
 }
 
 impl Server {
-    fn start() -> Server {
+    /// Starts the server with `extra` flags, then those in `KPX_CONTROL_ARGS` (space-separated,
+    /// e.g. `--watch-history-bytes 67108864`).
+    fn start(extra: &[&str]) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let binary = std::env::var("KPX_CONTROL_BIN")
             .unwrap_or_else(|_| env!("CARGO_BIN_EXE_kpx-control").to_string());
         let mut child = Command::new(binary)
             .args(["--port", "0", "--controllers", "none", "--data-dir"])
             .arg(dir.path())
+            .args(extra)
+            .args(
+                std::env::var("KPX_CONTROL_ARGS")
+                    .unwrap_or_default()
+                    .split_whitespace(),
+            )
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .spawn()
@@ -85,7 +94,7 @@ impl Server {
         let mut socket = TcpStream::connect(&self.address).expect("connect");
         write!(
             socket,
-            "GET {path} HTTP/1.1\r\nHost: {}\r\nAccept: application/json\r\n\r\n",
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nAccept: application/json\r\nConnection: close\r\n\r\n",
             self.address
         )
         .expect("request");
@@ -173,6 +182,8 @@ fn closed_by_server(sockets: &mut [TcpStream]) -> (usize, usize) {
                 Err(_) => break true,
             }
         };
+        // The last chunk ends the response even where the connection stays open.
+        let ended = ended || tail.ends_with(b"\r\n0\r\n\r\n");
         if ended {
             closed += 1;
             if String::from_utf8_lossy(&tail).contains("\"type\":\"ERROR\"") {
@@ -187,7 +198,7 @@ async fn initial_list(http: &reqwest::Client) {
     const OBJECTS: usize = 200;
     const BYTES: usize = 10 * 1024;
     const WATCHES: usize = 100;
-    let server = Server::start();
+    let server = Server::start(&[]);
     for i in 0..OBJECTS {
         put(http, &server.url, &format!("ev-{i:04}"), BYTES, 0).await;
     }
@@ -218,7 +229,9 @@ async fn slow_watchers(http: &reqwest::Client) {
     const WATCHERS: usize = 500;
     const UPDATES: usize = 2_000;
     const BYTES: usize = 10 * 1024;
-    let server = Server::start();
+    // A history of 200 events (the default is 20,000), so that 2,000 updates move it past
+    // the watchers and the run shows what happens to them then.
+    let server = Server::start(&["--watch-history", "200"]);
     put(http, &server.url, "hot", BYTES, 0).await;
     let rv = resource_version(http, &server.url).await;
     let before = server.settle(Duration::from_secs(2));
@@ -246,7 +259,7 @@ async fn slow_watchers(http: &reqwest::Client) {
 async fn history(http: &reqwest::Client) {
     const UPDATES: usize = 300;
     const BYTES: usize = 1024 * 1024;
-    let server = Server::start();
+    let server = Server::start(&[]);
     let before = server.settle(Duration::from_secs(1));
     for generation in 0..=UPDATES {
         put(http, &server.url, "big", BYTES, generation).await;

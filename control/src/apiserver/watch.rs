@@ -96,8 +96,11 @@ fn error_line(err: &ApiError) -> Bytes {
 /// are shared in the store's history; this bounds only what is encoded for one client and not
 /// yet taken by the connection (hyper adds at most its own write buffer, ~400 KB). A client
 /// that reads keeps this nearly empty; one that does not stops here, and is cut off once the
-/// history evicts what it has not read (see `deliver`).
-pub const WATCH_BUFFER_BYTES: usize = 256 * 1024;
+/// history evicts what it has not read (see `deliver`). 64 KiB is a few ordinary events and
+/// one large one (a line larger than the budget goes alone); hyper's own buffer (up to 16
+/// lines) and the socket keep a reading client's stream full, so more buys no speed and costs
+/// this much per watcher that does not read.
+pub const WATCH_BUFFER_BYTES: usize = 64 * 1024;
 
 /// The lines of one watch response, bounded in bytes: the producer waits for room, the HTTP
 /// body takes lines out.
@@ -376,6 +379,8 @@ impl Watch {
     /// (cache_watcher.go `add`), and the client re-lists. False when the watch is over.
     async fn deliver(&mut self, line: Bytes) -> bool {
         tokio::select! {
+            // A client keeping up never makes the history lookup below happen.
+            biased;
             sent = self.out.0.send(line) => sent.is_ok(),
             _ = self.stream.fell_behind() => {
                 let err = self.stream.behind_error();
