@@ -69,6 +69,18 @@ fn hex_decimal(n: u16) -> u16 {
 }
 const API_PORT: u16 = 6443;
 
+/// How long kpx-control may take to answer after its start. It answers in milliseconds on an
+/// idle machine; at load 7-9 on 2 cores it took over 5 s (issue 15), so this is a deadline for
+/// a process that is making no progress at all, not an expectation.
+const API_START_DEADLINE: Duration = Duration::from_secs(60);
+
+/// The last `lines` lines of a log file, for error messages (empty if it cannot be read).
+pub fn log_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let tail: Vec<&str> = text.lines().rev().take(lines).collect();
+    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+}
+
 /// The API server's address inside a lab (nodes reach it over the fabric).
 pub fn api_address() -> String {
     format!("{API_ADDRESS}:{API_PORT}")
@@ -226,6 +238,8 @@ pub struct Lab {
     /// The proxies' `--sync-period` from their next (re)start: short in tests, so lost rules
     /// come back quickly; kube-proxy's 30 s in benchmarks.
     pub proxy_sync_period: String,
+    /// Restarts of crashed components (`supervise.rs`), while the lab is supervised.
+    pub(crate) supervisor: crate::supervise::Supervisor,
 }
 
 /// The binaries built next to this one (target/debug or target/release).
@@ -254,6 +268,17 @@ impl Lab {
         Self::build(tag, backend, nodes, externals, None).await
     }
 
+    /// `start` with extra kpx-control flags: for tests of what a failing start reports.
+    pub async fn start_with_api_args(
+        tag: &str,
+        backend: ProxyBackend,
+        nodes: usize,
+        externals: usize,
+        api_args: Vec<String>,
+    ) -> anyhow::Result<Self> {
+        Self::build_with(tag, backend, nodes, externals, None, api_args).await
+    }
+
     /// The fabric, the API server, the nodes and their proxies (and kubelets in a cluster).
     pub(crate) async fn build(
         tag: &str,
@@ -261,6 +286,17 @@ impl Lab {
         nodes: usize,
         externals: usize,
         cluster: Option<crate::cluster::ClusterOptions>,
+    ) -> anyhow::Result<Self> {
+        Self::build_with(tag, backend, nodes, externals, cluster, Vec::new()).await
+    }
+
+    async fn build_with(
+        tag: &str,
+        backend: ProxyBackend,
+        nodes: usize,
+        externals: usize,
+        cluster: Option<crate::cluster::ClusterOptions>,
+        extra_api_args: Vec<String>,
     ) -> anyhow::Result<Self> {
         let name = format!(
             "{LAB_PREFIX}{tag}-{}-{}",
@@ -294,17 +330,39 @@ impl Lab {
             pod_counts: Vec::new(),
             cgroup: None,
             bpffs: None,
-            api_args: cluster.as_ref().map(|c| c.api_args()).unwrap_or_default(),
+            api_args: cluster
+                .as_ref()
+                .map(|c| c.api_args())
+                .unwrap_or_default()
+                .into_iter()
+                .chain(extra_api_args)
+                .collect(),
             cluster,
             proxy_sync_period: "2s".into(),
+            supervisor: crate::supervise::Supervisor::default(),
         };
+        match lab.bring_up(listener, nodes, externals).await {
+            Ok(()) => Ok(lab),
+            Err(e) => Err(lab.failed_start(e)),
+        }
+    }
+
+    /// Everything `build` starts once the lab value exists (so a failure drops it).
+    async fn bring_up(
+        &mut self,
+        listener: std::net::TcpListener,
+        nodes: usize,
+        externals: usize,
+    ) -> anyhow::Result<()> {
+        let lab = self;
+        let name = lab.name.clone();
         if let Some(root) = kpx_control::netns::cgroup2_root() {
             let dir = root.join(&name);
             std::fs::create_dir(&dir)
                 .with_context(|| format!("creating the lab's cgroup {}", dir.display()))?;
             lab.cgroup = Some(dir);
         }
-        if backend == ProxyBackend::Ebpf {
+        if lab.backend == ProxyBackend::Ebpf {
             let dir = lab.dir.path().join("bpffs");
             std::fs::create_dir(&dir)?;
             let out = std::process::Command::new("mount")
@@ -334,7 +392,20 @@ impl Lab {
             }
             lab.start_proxy(i)?;
         }
-        Ok(lab)
+        Ok(())
+    }
+
+    /// A start that failed: the lab's directory (its logs) is kept, everything else
+    /// (processes, namespaces, cgroups, mounts) is removed as the lab drops, and the error
+    /// says where the logs are.
+    pub(crate) fn failed_start(mut self, error: anyhow::Error) -> anyhow::Error {
+        self.dir.disable_cleanup(true);
+        let dir = self.dir.path().to_path_buf();
+        drop(self);
+        error.context(format!(
+            "the lab did not start; its logs are kept in {} (`kpx-lab down --all` removes it)",
+            dir.display()
+        ))
     }
 
     /// The store directory of the lab's kpx-control.
@@ -374,25 +445,62 @@ impl Lab {
             .spawn()
             .context("starting kpx-control")?;
         self.api = Some(child);
+        self.wait_api().await
+    }
+
+    /// Waits for kpx-control to answer: a generous deadline (a busy machine may take seconds
+    /// to start it), but at once an error with its exit status and log when it has exited.
+    async fn wait_api(&mut self) -> anyhow::Result<()> {
         let client = self.client();
-        for _ in 0..250 {
+        let deadline = tokio::time::Instant::now() + API_START_DEADLINE;
+        loop {
             if client.version().await.is_ok() {
                 return Ok(());
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            let log = self.log_path("kpx-control");
+            let exited = match self.api.as_mut() {
+                Some(child) => child.try_wait().ok().flatten(),
+                None => bail!("kpx-control was stopped while starting"),
+            };
+            if let Some(status) = exited {
+                self.api = None;
+                bail!(
+                    "kpx-control exited while starting ({status}); the end of {}:\n{}",
+                    log.display(),
+                    log_tail(&log, 20)
+                );
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "kpx-control did not answer within {API_START_DEADLINE:?} (still running); \
+                     the end of {}:\n{}",
+                    log.display(),
+                    log_tail(&log, 20)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        bail!(
-            "kpx-control did not answer; see {}",
-            self.log_path("kpx-control").display()
-        )
     }
 
-    /// `kill -9` of the API server: its watches break as in a crash.
+    /// `kill -9` of the API server: its watches break as in a crash. On purpose: it is not
+    /// restarted by supervision until `start_api`.
     pub fn kill_api(&mut self) {
+        self.supervisor.stopped(crate::supervise::Component::Api);
         if let Some(mut child) = self.api.take() {
+            // std's kill does nothing once the child was reaped (its pid may be reused).
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// The API server's process handle, for supervision.
+    pub(crate) fn api_slot(&mut self) -> &mut Option<Child> {
+        &mut self.api
+    }
+
+    /// Node `i`'s proxy's process handle, for supervision.
+    pub(crate) fn proxy_slot(&mut self, i: usize) -> &mut Option<Child> {
+        &mut self.nodes[i].proxy
     }
 
     pub fn client(&self) -> Client {
@@ -656,20 +764,23 @@ impl Lab {
         Ok(())
     }
 
-    /// `kill -9` of node `i`'s proxy: nothing of it runs its exit path.
+    /// `kill -9` of node `i`'s proxy: nothing of it runs its exit path. On purpose: it is not
+    /// restarted by supervision until `start_proxy`.
     pub fn kill_proxy(&mut self, i: usize) {
+        self.supervisor
+            .stopped(crate::supervise::Component::Proxy(i));
         if let Some(mut child) = self.nodes[i].proxy.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
     }
 
+    /// Stops node `i`'s proxy (SIGTERM); on purpose, as `kill_proxy`.
     pub fn stop_proxy(&mut self, i: usize) {
-        if let Some(mut child) = self.nodes[i].proxy.take() {
-            let _ = std::process::Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-            let _ = child.wait();
+        self.supervisor
+            .stopped(crate::supervise::Component::Proxy(i));
+        if let Some(child) = self.nodes[i].proxy.take() {
+            terminate(child);
         }
     }
 
@@ -857,6 +968,20 @@ impl Drop for Lab {
             }
         }
     }
+}
+
+/// SIGTERM to a child, then reaps it; nothing is signalled if it has already exited and been
+/// reaped (its process id may belong to another process by now).
+pub(crate) fn terminate(mut child: Child) {
+    if let Ok(None) = child.try_wait() {
+        if let Ok(pid) = i32::try_from(child.id()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+    }
+    let _ = child.wait();
 }
 
 /// Relays loopback connections on the host to the API server inside the fabric: the outbound
