@@ -342,7 +342,11 @@ impl Lab {
             supervisor: crate::supervise::Supervisor::default(),
         };
         match lab.bring_up(listener, nodes, externals).await {
-            Ok(()) => Ok(lab),
+            Ok(()) => {
+                // Supervision counts each component's run from here.
+                let _ = lab.components();
+                Ok(lab)
+            }
             Err(e) => Err(lab.failed_start(e)),
         }
     }

@@ -66,6 +66,18 @@ struct Tracked {
     due: Option<Instant>,
 }
 
+impl Tracked {
+    /// `pid` is running: if it is a new process (started by the lab, a test or a restart),
+    /// a new run begins now.
+    fn observe(&mut self, pid: u32, now: Instant) {
+        if self.pid != Some(pid) {
+            self.pid = Some(pid);
+            self.started = Some(now);
+            self.due = None;
+        }
+    }
+}
+
 /// The supervision state of a lab (kept in the `Lab`).
 #[derive(Debug, Default)]
 pub struct Supervisor {
@@ -176,25 +188,24 @@ impl Lab {
             let t = self.supervisor.tracked.entry(component).or_default();
             match (pid, exited) {
                 (Some(pid), None) => {
-                    if t.pid != Some(pid) {
-                        // Started (by the lab, a test, or a restart): a new run begins.
-                        t.pid = Some(pid);
-                        t.started = Some(now);
-                        t.due = None;
-                    }
+                    t.observe(pid, now);
                     continue;
                 }
-                (Some(_), Some(status)) if t.due.is_none() => {
-                    let ran_for = t.started.map_or(Duration::ZERO, |s| now - s);
-                    let delay = next_backoff(t.backoff, ran_for);
+                (Some(pid), Some(status)) if t.due.is_none() => {
+                    // Its run began when it was first seen (by a pass or `components`).
+                    let ran_for = t.started.filter(|_| t.pid == Some(pid)).map(|s| now - s);
+                    let delay = next_backoff(t.backoff, ran_for.unwrap_or(Duration::ZERO));
                     t.backoff = Some(delay);
                     t.due = Some(now + delay);
                     t.last_exit = Some((describe(status), SystemTime::now()));
+                    let ran = match ran_for {
+                        Some(d) => format!("after {:.1} s", d.as_secs_f64()),
+                        None => "before supervision first saw it run".into(),
+                    };
                     let line = format!(
-                        "{name} exited by itself ({}) after {:.1} s; restarting it in {delay:?} \
-                         (it has been restarted {} time(s))",
+                        "{name} exited by itself ({}) {ran}; restarting it in {delay:?} \
+                         (restarts so far: {})",
                         describe(status),
-                        ran_for.as_secs_f64(),
                         t.restarts
                     );
                     changed = true;
@@ -257,6 +268,9 @@ impl Lab {
                 None => (None, false),
             };
             let t = self.supervisor.tracked.entry(component).or_default();
+            if let (Some(pid), false) = (pid, exited) {
+                t.observe(pid, Instant::now());
+            }
             let state = match (pid, exited) {
                 (Some(_), false) => "running",
                 _ if t.due.is_some() || exited => "restarting",

@@ -160,3 +160,83 @@ async fn a_failed_start_keeps_its_logs_and_says_why() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_9ed_kubelet_and_api_server_are_restarted_and_pods_still_start() {
+    use k8s_openapi::api::core::v1::Pod;
+    use kpx_control::client::Api;
+    on_one_backend("supervised-cluster", |backend| async move {
+        let mut lab = Lab::cluster(
+            "supcl",
+            backend,
+            1,
+            kpx_lab::cluster::ClusterOptions::default(),
+        )
+        .await?;
+        let before = lab.components();
+        let pid_of = |name: &str| {
+            before
+                .iter()
+                .find(|c| c.name == name)
+                .and_then(|c| c.pid)
+                .ok_or_else(|| anyhow::anyhow!("{name} is not running: {before:?}"))
+        };
+        for name in ["node-1/kpx-kubelet", "kpx-control"] {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid_of(name)? as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            )?;
+        }
+        let pod: Pod = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "after-crash"},
+            "spec": {"containers": [{"name": "web", "image": "nginx"}]}}))?;
+        let pods = Api::<Pod>::namespaced(lab.client(), "default");
+        // Only waiting: the API comes back, the pod is created, the kubelet runs it.
+        let running = lab
+            .supervise_while(async move {
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+                let mut created = false;
+                loop {
+                    if !created {
+                        created = pods.create(&pod).await.is_ok();
+                    }
+                    let phase = match pods.get("after-crash").await {
+                        Ok(p) => p.status.and_then(|s| s.phase),
+                        Err(_) => None,
+                    };
+                    if phase.as_deref() == Some("Running") {
+                        return Ok(());
+                    }
+                    if tokio::time::Instant::now() > deadline {
+                        anyhow::bail!("the pod is not Running (created: {created}, {phase:?})");
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            })
+            .await;
+        let after = lab.components();
+        running.map_err(|e| {
+            anyhow::anyhow!(
+                "{e:#}\n{after:?}\n{}",
+                std::fs::read_to_string(lab.log_path("supervisor")).unwrap_or_default()
+            )
+        })?;
+        for name in ["node-1/kpx-kubelet", "kpx-control"] {
+            let c = after
+                .iter()
+                .find(|c| c.name == name)
+                .ok_or_else(|| anyhow::anyhow!("no {name}"))?;
+            anyhow::ensure!(
+                c.state == "running" && c.restarts == 1,
+                "{name}: one restart: {c:?}"
+            );
+        }
+        let proxy = after
+            .iter()
+            .find(|c| c.name == "node-1/kpx-proxy")
+            .ok_or_else(|| anyhow::anyhow!("no proxy"))?;
+        anyhow::ensure!(proxy.restarts == 0, "the proxy kept running: {proxy:?}");
+        Ok(())
+    })
+    .await;
+}
