@@ -236,6 +236,22 @@ async fn a_kill_9ed_kubelet_and_api_server_are_restarted_and_pods_still_start() 
             .find(|c| c.name == "node-1/kpx-proxy")
             .ok_or_else(|| anyhow::anyhow!("no proxy"))?;
         anyhow::ensure!(proxy.restarts == 0, "the proxy kept running: {proxy:?}");
+
+        // Unsupervised, a dead proxy is what readiness reports, with how it ended.
+        let pid = proxy.pid.ok_or_else(|| anyhow::anyhow!("no proxy pid"))?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )?;
+        // The deadline only bounds how long the (certain) failure takes to report.
+        let error = match lab.wait_ready(Duration::from_secs(2)).await {
+            Ok(()) => anyhow::bail!("ready without a proxy"),
+            Err(e) => format!("{e:#}"),
+        };
+        anyhow::ensure!(
+            error.contains("node-1: kpx-proxy exited (signal: 9 (SIGKILL))"),
+            "names the node and how its proxy ended: {error}"
+        );
         Ok(())
     })
     .await;
