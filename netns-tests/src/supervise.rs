@@ -100,7 +100,8 @@ impl Supervisor {
 pub struct ComponentStatus {
     /// `kpx-control`, `node-1/kpx-proxy`, `node-1/kpx-kubelet`.
     pub name: String,
-    /// `running`, `restarting` (exited, restart pending), or `stopped` (by the lab, on purpose).
+    /// `running`, `restarting` (exited, restart pending), `exited` (not yet seen by
+    /// supervision), or `stopped` (by the lab, on purpose).
     pub state: String,
     pub pid: Option<u32>,
     /// Restarts the supervisor made.
@@ -273,7 +274,9 @@ impl Lab {
             }
             let state = match (pid, exited) {
                 (Some(_), false) => "running",
-                _ if t.due.is_some() || exited => "restarting",
+                _ if t.due.is_some() => "restarting",
+                // Exited, and no supervision pass has seen it yet (or none runs).
+                (Some(_), true) => "exited",
                 _ => "stopped",
             };
             out.push(ComponentStatus {
