@@ -422,3 +422,43 @@ async fn new_replica_sets_and_controllers_have_status_replicas() {
     assert_eq!(code, 201, "{created}");
     assert_eq!(created["status"], json!({}));
 }
+
+/// The official Python client, which found both: its watches send `watch=True`, and its
+/// ReplicaSet model requires `status.replicas`. Skipped (saying so) without it.
+#[tokio::test]
+async fn the_python_client_watches_and_lists_replica_sets() {
+    use std::process::{Command, Stdio};
+    let found = Command::new("python3")
+        .args(["-c", "import kubernetes"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    let Some(python) = common::require_tool(
+        "python3 with the kubernetes package",
+        found.then(|| std::path::PathBuf::from("python3")),
+        "pip install kubernetes",
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server =
+        common::ServerProcess::start(&dir.path().join("data"), 0, &["--controllers", "none"]);
+    let kubeconfig = server.kubeconfig(dir.path());
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/python/watch_true_and_replicasets.py");
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(python)
+            .arg(script)
+            .arg(kubeconfig)
+            .output()
+            .expect("run python")
+    })
+    .await
+    .expect("join");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("OK"),
+        "stdout: {stdout}\nstderr: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
