@@ -462,3 +462,31 @@ async fn the_python_client_watches_and_lists_replica_sets() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// A patch may not grow an object past the 3 MiB a PUT may carry: two 2 MiB merge patches
+/// each fit in a request, but their sum is refused (413) and nothing is stored.
+#[tokio::test]
+async fn a_patch_cannot_grow_an_object_past_the_body_limit() {
+    let server = TestServer::start().await;
+    let events = format!("{}/api/v1/namespaces/default/events", server.url());
+    let event = json!({"apiVersion": "v1", "kind": "Event", "metadata": {"name": "e"},
+                       "involvedObject": {"kind": "Pod", "name": "p", "namespace": "default"},
+                       "reason": "Test", "message": "small"});
+    let (code, created) = send("POST", &events, JSON, event.to_string()).await;
+    assert_eq!(code, 201, "{created}");
+    let url = format!("{events}/e");
+    let merge = "application/merge-patch+json";
+    let big = |key: &str| json!({key: "x".repeat(2 << 20)}).to_string();
+    let (code, first) = send("PATCH", &url, merge, big("message")).await;
+    assert_eq!(code, 200, "{}", first["message"]);
+    let (code, status) = send("PATCH", &url, merge, big("action")).await;
+    assert_eq!(code, 413, "{}", status["message"]);
+    assert_eq!(status["reason"], "RequestEntityTooLarge");
+    let (code, now) = get(&url).await;
+    assert_eq!(code, 200);
+    assert_eq!(
+        now["metadata"]["resourceVersion"],
+        first["metadata"]["resourceVersion"]
+    );
+    assert!(now.get("action").is_none());
+}

@@ -248,7 +248,7 @@ fn apply_json_patch(original: &Value, patch: Value) -> Result<Value, ApiError> {
 
 /// The length of `value` written as compact JSON, or None as soon as it exceeds `budget`: the
 /// walk stops early, so sizing a huge value costs at most `budget` steps.
-fn json_size_within(value: &Value, budget: usize) -> Option<usize> {
+pub fn json_size_within(value: &Value, budget: usize) -> Option<usize> {
     fn walk(value: &Value, used: &mut usize, budget: usize) -> bool {
         let add = |used: &mut usize, n: usize| {
             *used = used.saturating_add(n);

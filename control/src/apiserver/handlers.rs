@@ -567,6 +567,12 @@ impl Ctx<'_> {
                 (_, Some(body)) => body.clone(),
                 (Change::Patch(patch_type, patch), _) => {
                     let patched = patch::apply(resource.kind, *patch_type, &current, patch)?;
+                    // The patched object is bounded like a PUT body: a patch may not grow an
+                    // object past what no client could have sent (kube: etcd's request limit
+                    // answered as 413 RequestEntityTooLarge).
+                    if patch::json_size_within(&patched, MAX_BODY_BYTES).is_none() {
+                        return Err(ApiError::too_large(MAX_BODY_BYTES));
+                    }
                     validation::decode(resource, patched)?
                 }
                 (Change::Replace(body), None) => validation::decode(resource, body.clone())?,
