@@ -53,8 +53,9 @@ pub struct Limits {
     pub idle_timeout: Duration,
     pub request_timeout: Duration,
     pub max_header_bytes: usize,
-    /// How long a shutdown waits for requests in flight before dropping them (kube's
-    /// `ShutdownTimeout`, 60 s).
+    /// How long a shutdown waits for handlers still working on a response before dropping
+    /// them (kube's `ShutdownTimeout`, 60 s). Streams already under way (watches) are not
+    /// waited for: they get one more second, as kube closes watches when it stops.
     pub shutdown_timeout: Duration,
 }
 
@@ -104,7 +105,8 @@ pub fn connections_for_fd_limit(fds: usize) -> usize {
 }
 
 /// Serves `router` on `listener` within `limits` until `shutdown` resolves; then stops
-/// accepting, lets requests in flight finish (up to `shutdown_timeout`) and returns.
+/// accepting, closes idle connections, waits for handlers working on a response (up to
+/// `shutdown_timeout`), gives responses being written a second more, and returns.
 pub async fn serve_http(
     listener: TcpListener,
     router: Router,
@@ -114,6 +116,7 @@ pub async fn serve_http(
     let limits = Arc::new(limits);
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let registry = Arc::new(Registry::default());
+    let handlers = Arc::new(Handlers::default());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -124,10 +127,13 @@ pub async fn serve_http(
         .max_buf_size(limits.max_header_bytes.max(8192))
         .keep_alive(true);
     let builder = Arc::new(builder);
+    // Owning the connection tasks lets a finished serve_http end them all.
+    let mut tasks = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
             _ = &mut shutdown => break,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
@@ -155,24 +161,29 @@ pub async fn serve_http(
         let builder = builder.clone();
         let registry = registry.clone();
         let stop = stop_rx.clone();
-        tokio::spawn(async move {
-            serve_connection(stream, router, &builder, &limits, state.clone(), stop).await;
+        let handlers = handlers.clone();
+        tasks.spawn(async move {
+            let conn = state.clone();
+            serve_connection(stream, router, &builder, &limits, conn, handlers, stop).await;
             registry.remove(state.id);
             drop(permit);
         });
     }
     let _ = stop_tx.send(true);
-    // Every connection holds a permit until it ends: all of them back means all are done.
-    let total = u32::try_from(limits.max_connections.max(1)).unwrap_or(u32::MAX);
-    if tokio::time::timeout(limits.shutdown_timeout, permits.acquire_many(total))
+    if tokio::time::timeout(limits.shutdown_timeout, handlers.idle())
         .await
         .is_err()
     {
         tracing::warn!(
             timeout = ?limits.shutdown_timeout,
-            "requests still in flight at shutdown are dropped"
+            "handlers still running at shutdown are dropped"
         );
     }
+    // Every connection holds a permit until it ends: all of them back means all are done.
+    // Watches never end by themselves, so this wait is short.
+    let total = u32::try_from(limits.max_connections.max(1)).unwrap_or(u32::MAX);
+    let _ = tokio::time::timeout(Duration::from_secs(1), permits.acquire_many(total)).await;
+    tasks.shutdown().await;
     Ok(())
 }
 
@@ -203,6 +214,7 @@ async fn serve_connection(
     builder: &hyper::server::conn::http1::Builder,
     limits: &Arc<Limits>,
     state: Arc<ConnState>,
+    handlers: Arc<Handlers>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let io = TokioIo::new(Tracked {
@@ -214,10 +226,13 @@ async fn serve_connection(
         let limits = limits.clone();
         tower::service_fn(move |request: Request<hyper::body::Incoming>| {
             let in_flight = InFlight::begin(state.clone());
+            let handling = handlers.begin();
             let router = router.clone();
             let timeout = limits.request_timeout;
             async move {
-                let response = match tokio::time::timeout(timeout, router.oneshot(request)).await {
+                let response = tokio::time::timeout(timeout, router.oneshot(request)).await;
+                drop(handling);
+                let response = match response {
                     Ok(Ok(response)) => response,
                     Ok(Err(never)) => match never {},
                     Err(_) => request_timed_out(),
@@ -271,6 +286,41 @@ async fn serve_connection(
                 draining = true;
                 conn.as_mut().graceful_shutdown();
             }
+        }
+    }
+}
+
+/// Handlers working on a response head, across connections: what a shutdown waits for.
+#[derive(Default)]
+struct Handlers {
+    running: std::sync::atomic::AtomicUsize,
+    done: Notify,
+}
+
+impl Handlers {
+    fn begin(self: &Arc<Self>) -> Handling {
+        self.running.fetch_add(1, Ordering::SeqCst);
+        Handling(self.clone())
+    }
+
+    async fn idle(&self) {
+        loop {
+            let done = self.done.notified();
+            if self.running.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            done.await;
+        }
+    }
+}
+
+/// One running handler; dropped when its head is ready or its future is dropped.
+struct Handling(Arc<Handlers>);
+
+impl Drop for Handling {
+    fn drop(&mut self) {
+        if self.0.running.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.done.notify_waiters();
         }
     }
 }

@@ -312,3 +312,57 @@ async fn headers_over_one_mebibyte_are_refused() {
         .expect("GET");
     assert_eq!(ok.status(), 200);
 }
+
+/// A shutdown does not wait for watches (kpx-control never exited on SIGTERM while its own
+/// controllers watched it): with a ten-minute shutdown timeout and a watch open, serving ends
+/// within a minute, and the watch ends with it.
+#[tokio::test]
+async fn shutdown_does_not_wait_for_watches() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store: std::sync::Arc<dyn kpx_control::store::Store> = std::sync::Arc::new(
+        kpx_control::store::EmbeddedStore::open(
+            &dir.path().join("db"),
+            EmbeddedStoreOptions::default(),
+        )
+        .expect("store"),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("address");
+    let options = Options {
+        limits: Limits {
+            shutdown_timeout: Duration::from_secs(600),
+            ..limits(600, 600)
+        },
+        ..Options::default()
+    };
+    let server = kpx_control::apiserver::ApiServer::new(store, options)
+        .await
+        .expect("server");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(kpx_control::apiserver::serve(listener, server, async {
+        let _ = stopped.await;
+    }));
+    let mut watch = reqwest::get(format!(
+        "http://{address}/api/v1/namespaces/default/services?watch=true"
+    ))
+    .await
+    .expect("watch");
+    assert_eq!(watch.status(), 200);
+    let _ = stop.send(());
+    tokio::time::timeout(GENEROUS, serving)
+        .await
+        .expect("serving ends within a minute despite the watch")
+        .expect("join")
+        .expect("serve");
+    // Its connection is closed with it: the stream ends (or breaks) instead of hanging.
+    let ended = tokio::time::timeout(GENEROUS, async {
+        while let Ok(Some(_)) = watch.chunk().await {}
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the watch was left open after serve() returned"
+    );
+}
