@@ -43,6 +43,9 @@ pub async fn handle(
     let write_options = match method {
         Method::POST => Some(WriteOptions::Create),
         Method::PUT => Some(WriteOptions::Update),
+        Method::PATCH if content_type.starts_with("application/apply-patch") => {
+            Some(WriteOptions::ApplyPatch)
+        }
         Method::PATCH => Some(WriteOptions::Patch),
         Method::DELETE => Some(WriteOptions::Delete),
         _ => None,

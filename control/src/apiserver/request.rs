@@ -191,6 +191,8 @@ pub enum WriteOptions {
     Create,
     Update,
     Patch,
+    /// A server-side apply patch: `force` is allowed (kpx then refuses the patch type, 415).
+    ApplyPatch,
     Delete,
 }
 
@@ -199,7 +201,7 @@ impl WriteOptions {
         match self {
             WriteOptions::Create => "CreateOptions",
             WriteOptions::Update => "UpdateOptions",
-            WriteOptions::Patch => "PatchOptions",
+            WriteOptions::Patch | WriteOptions::ApplyPatch => "PatchOptions",
             WriteOptions::Delete => "DeleteOptions",
         }
     }
