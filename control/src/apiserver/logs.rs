@@ -72,8 +72,16 @@ pub async fn pod_log(
     target: &Target,
     raw_query: Option<&str>,
 ) -> Result<Response, ApiError> {
-    let query: LogQuery = serde_urlencoded::from_str(raw_query.unwrap_or(""))
+    let mut query: LogQuery = serde_urlencoded::from_str(raw_query.unwrap_or(""))
         .map_err(|e| ApiError::bad_request(format!("invalid query string: {e}")))?;
+    // Booleans as kube converts PodLogOptions (`follow=True` from the Python client is true).
+    for value in [
+        &mut query.follow,
+        &mut query.previous,
+        &mut query.timestamps,
+    ] {
+        super::request::normalize_bool(value);
+    }
     let name = target.name.as_deref().unwrap_or_default();
     let namespace = target.namespace.as_deref();
     let pod = object(server, Kind::Pod, namespace, name)

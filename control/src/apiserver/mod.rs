@@ -45,6 +45,8 @@ pub struct Options {
     pub default_watch_timeout: Duration,
     /// The address clients are told to use in `/api` (`serverAddressByClientCIDRs`).
     pub advertise_address: Option<SocketAddr>,
+    /// Connection bounds of the HTTP server (kube-apiserver's by default).
+    pub limits: crate::serve::Limits,
 }
 
 impl Default for Options {
@@ -54,6 +56,7 @@ impl Default for Options {
             bookmark_interval: Duration::from_secs(10),
             default_watch_timeout: Duration::from_secs(1800),
             advertise_address: None,
+            limits: crate::serve::Limits::default(),
         }
     }
 }
@@ -144,15 +147,15 @@ impl ApiServer {
     }
 }
 
-/// Serves until `shutdown` resolves.
+/// Serves until `shutdown` resolves, within `Options::limits` (header, idle and request
+/// timeouts, header size, connection limit: see [`crate::serve`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     server: Arc<ApiServer>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, server.router())
-        .with_graceful_shutdown(shutdown)
-        .await
+    let limits = server.options.limits.clone();
+    crate::serve::serve_http(listener, server.router(), limits, shutdown).await
 }
 
 /// Every `/api` and `/apis` request.

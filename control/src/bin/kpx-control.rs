@@ -55,6 +55,25 @@ struct Args {
     /// Seconds after that before the silent node's pods are evicted.
     #[arg(long, default_value_t = 300)]
     pod_eviction_timeout_seconds: u64,
+    /// Most client connections open at once (kube-apiserver has no such flag). At the limit a
+    /// new connection closes the longest-idle one; if all are busy, it is closed. 0: the fd
+    /// limit (RLIMIT_NOFILE) minus a reserve of an eighth (at least 64), e.g. 896 for 1,024.
+    #[arg(long, default_value_t = 0)]
+    max_connections: usize,
+    /// How long a client may take to send a request's header, from its first byte (from the
+    /// accept for a connection's first request); kube-apiserver's ReadHeaderTimeout.
+    #[arg(long, default_value = "32s", value_parser = kpx_control::daemon::parse_duration)]
+    header_read_timeout: Duration,
+    /// How long a keep-alive connection may wait with no request in flight before it is
+    /// closed; kube-apiserver's IdleTimeout. Streams (watches, followed logs) are requests in
+    /// flight and are not cut by it.
+    #[arg(long, default_value = "90s", value_parser = kpx_control::daemon::parse_duration)]
+    idle_connection_timeout: Duration,
+    /// How long a request may take until its response starts (reading its body included);
+    /// then 504 Timeout. kube-apiserver's --request-timeout; streams are bounded only until
+    /// their first byte.
+    #[arg(long, default_value = "1m", value_parser = kpx_control::daemon::parse_duration)]
+    request_timeout: Duration,
 }
 
 #[tokio::main]
@@ -67,6 +86,15 @@ async fn main() -> anyhow::Result<()> {
              pass --insecure-bind-any to allow it",
             args.bind_address
         );
+    }
+    for (flag, value) in [
+        ("--header-read-timeout", args.header_read_timeout),
+        ("--idle-connection-timeout", args.idle_connection_timeout),
+        ("--request-timeout", args.request_timeout),
+    ] {
+        if value.is_zero() {
+            bail!("{flag} 0: must be a positive duration such as 30s");
+        }
     }
     let network = ServiceNetwork::parse(
         &args.service_cluster_ip_range,
@@ -114,6 +142,16 @@ async fn main() -> anyhow::Result<()> {
         service_network: network,
         bookmark_interval: Duration::from_secs(args.bookmark_interval_seconds.max(1)),
         advertise_address: Some(address),
+        limits: kpx_control::serve::Limits {
+            max_connections: match args.max_connections {
+                0 => kpx_control::serve::default_max_connections(),
+                n => n,
+            },
+            header_read_timeout: args.header_read_timeout,
+            idle_timeout: args.idle_connection_timeout,
+            request_timeout: args.request_timeout,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let server = ApiServer::new(store, options)
