@@ -213,6 +213,46 @@ impl TokenAuthenticator {
     }
 }
 
+/// Creates `path` holding `text`, readable by its owner only. The mode is given at creation
+/// (never a chmod after, which would leave a window where others could open it); an existing
+/// file is replaced through a fresh temporary one, so an old file's looser mode is not kept.
+pub fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// A kubeconfig for `server` (trusting the PEM `ca_pem`) as `user` with a bearer token.
+pub fn kubeconfig_yaml(
+    cluster: &str,
+    server: &str,
+    ca_pem: &str,
+    user: &str,
+    token: &str,
+    namespace: Option<&str>,
+) -> String {
+    use base64::Engine;
+    let ca = base64::engine::general_purpose::STANDARD.encode(ca_pem);
+    let namespace = namespace
+        .map(|n| format!("    namespace: {n}\n"))
+        .unwrap_or_default();
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: {cluster}\n  cluster:\n    server: {server}\n\
+         \x20   certificate-authority-data: {ca}\ncontexts:\n- name: {cluster}\n  context:\n\
+         \x20   cluster: {cluster}\n    user: {user}\n{namespace}current-context: {cluster}\n\
+         users:\n- name: {user}\n  user:\n    token: {token}\n"
+    )
+}
+
 /// A random token: 32 bytes from the OS-seeded generator, as hex.
 pub fn random_token() -> String {
     let bytes: [u8; 32] = rand::random();

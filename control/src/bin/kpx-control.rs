@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Parser;
 use kpx_control::api::allocator::ServiceNetwork;
-use kpx_control::apiserver::auth::{random_token, TokenAuthenticator, UserInfo};
+use kpx_control::apiserver::auth::{kubeconfig_yaml, random_token, TokenAuthenticator, UserInfo};
 use kpx_control::apiserver::{self, ApiServer, Options};
 use kpx_control::store::{EmbeddedStore, EmbeddedStoreOptions, Store};
 
@@ -83,37 +83,9 @@ struct Args {
 /// The generated admin identity (kube's `system:masters` group: everything is allowed).
 const ADMIN_USER: &str = "kpx-admin";
 
-/// Creates `path` holding `text`, readable by its owner only. The mode is given at creation
-/// (never a chmod after, which would leave a window where others could open it); an existing
-/// file is replaced through a fresh temporary one, so an old file's looser mode is not kept.
 fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    file.write_all(text.as_bytes())
-        .and_then(|()| file.sync_all())
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
-}
-
-/// A kubeconfig for `server` (trusting `ca_pem`) with a bearer token.
-fn kubeconfig(server: &str, ca_pem: &str, user: &str, token: &str) -> String {
-    use base64::Engine;
-    let ca = base64::engine::general_purpose::STANDARD.encode(ca_pem);
-    format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: kpx\n  cluster:\n    server: {server}\n\
-         \x20   certificate-authority-data: {ca}\n\
-         contexts:\n- name: kpx\n  context:\n    cluster: kpx\n    user: {user}\n\
-         current-context: kpx\nusers:\n- name: {user}\n  user:\n    token: {token}\n"
-    )
+    kpx_control::apiserver::auth::write_private(path, text)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// The API's authenticator: `--token-auth-file`, or the data directory's generated token file
@@ -147,7 +119,10 @@ fn authenticator(args: &Args, server: &str, ca_pem: &str) -> anyhow::Result<Toke
     match admin {
         Some(token) => {
             let config = args.data_dir.join("admin.kubeconfig");
-            write_private(&config, &kubeconfig(server, ca_pem, ADMIN_USER, &token))?;
+            write_private(
+                &config,
+                &kubeconfig_yaml("kpx", server, ca_pem, ADMIN_USER, &token, None),
+            )?;
             tracing::info!(kubeconfig = %config.display(), "the admin kubeconfig (kubectl --kubeconfig {})", config.display());
         }
         None => {
