@@ -391,6 +391,40 @@ mod tests {
     }
 
     #[test]
+    fn private_files_are_0600_even_over_a_looser_one() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("kubeconfig");
+        std::fs::write(&path, "old").expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        write_private(&path, "new").expect("write_private");
+        let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), "new");
+    }
+
+    #[test]
+    fn generated_kubeconfigs_read_back() {
+        let text = kubeconfig_yaml(
+            "lab",
+            "https://127.0.0.1:6443",
+            "-----BEGIN CERTIFICATE-----\n",
+            "system:node:node-1",
+            "abc",
+            Some("default"),
+        );
+        let config =
+            crate::client::ClientConfig::parse_kubeconfig(&text, std::path::Path::new("."), None)
+                .expect("parse");
+        assert_eq!(config.server, "https://127.0.0.1:6443");
+        assert_eq!(config.token.as_deref(), Some("abc"));
+        assert_eq!(
+            config.ca_pem.as_deref(),
+            Some(&b"-----BEGIN CERTIFICATE-----\n"[..])
+        );
+    }
+
+    #[test]
     fn only_health_and_version_are_public() {
         for p in [
             "/healthz",
