@@ -113,6 +113,29 @@ pub async fn serve_http(
     limits: Limits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_on(listener, None, router, limits, shutdown).await
+}
+
+/// [`serve_http`] over TLS: each connection's handshake runs on its own task, within the
+/// header timeout (Go's server bounds a handshake by its read-header timeout), and counts
+/// against the connection limit like any waiting connection.
+pub async fn serve_https(
+    listener: TcpListener,
+    tls: tokio_rustls::TlsAcceptor,
+    router: Router,
+    limits: Limits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    serve_on(listener, Some(tls), router, limits, shutdown).await
+}
+
+async fn serve_on(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    router: Router,
+    limits: Limits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let limits = Arc::new(limits);
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let registry = Arc::new(Registry::default());
@@ -162,9 +185,20 @@ pub async fn serve_http(
         let registry = registry.clone();
         let stop = stop_rx.clone();
         let handlers = handlers.clone();
+        let tls = tls.clone();
         tasks.spawn(async move {
             let conn = state.clone();
-            serve_connection(stream, router, &builder, &limits, conn, handlers, stop).await;
+            match tls {
+                None => {
+                    serve_connection(stream, router, &builder, &limits, conn, handlers, stop).await
+                }
+                Some(tls) => {
+                    if let Some(stream) = handshake(&tls, stream, &limits, &state, peer).await {
+                        serve_connection(stream, router, &builder, &limits, conn, handlers, stop)
+                            .await;
+                    }
+                }
+            }
             registry.remove(state.id);
             drop(permit);
         });
@@ -185,6 +219,40 @@ pub async fn serve_http(
     let _ = tokio::time::timeout(Duration::from_secs(1), permits.acquire_many(total)).await;
     tasks.shutdown().await;
     Ok(())
+}
+
+/// The TLS handshake of a new connection, bounded by the header timeout; a connection still
+/// shaking hands is waiting, so it may be evicted for a new one at the limit.
+async fn handshake(
+    tls: &tokio_rustls::TlsAcceptor,
+    stream: TcpStream,
+    limits: &Limits,
+    state: &ConnState,
+    peer: std::net::SocketAddr,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    let accept = tokio::time::timeout(limits.header_read_timeout, tls.accept(stream));
+    tokio::pin!(accept);
+    loop {
+        tokio::select! {
+            done = &mut accept => return match done {
+                Ok(Ok(stream)) => Some(stream),
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    None
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    None
+                }
+            },
+            _ = state.changed.notified() => {
+                if state.evicted.swap(false, Ordering::SeqCst) {
+                    tracing::debug!(%peer, "closing a connection still in its TLS handshake for a new one at the limit");
+                    return None;
+                }
+            }
+        }
+    }
 }
 
 /// A permit for a new connection: a free one, or the one an evicted idle connection gives
@@ -208,15 +276,17 @@ async fn admit(permits: &Arc<Semaphore>, registry: &Registry) -> Option<OwnedSem
     None
 }
 
-async fn serve_connection(
-    stream: TcpStream,
+async fn serve_connection<S>(
+    stream: S,
     router: Router,
     builder: &hyper::server::conn::http1::Builder,
     limits: &Arc<Limits>,
     state: Arc<ConnState>,
     handlers: Arc<Handlers>,
     mut stop: tokio::sync::watch::Receiver<bool>,
-) {
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let io = TokioIo::new(Tracked {
         inner: stream,
         state: state.clone(),
@@ -467,12 +537,12 @@ impl HttpBody for GuardedBody {
 }
 
 /// The socket, noting when bytes of a next request arrive.
-struct Tracked {
-    inner: TcpStream,
+struct Tracked<S> {
+    inner: S,
     state: Arc<ConnState>,
 }
 
-impl AsyncRead for Tracked {
+impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -487,7 +557,7 @@ impl AsyncRead for Tracked {
     }
 }
 
-impl AsyncWrite for Tracked {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -99,11 +99,15 @@ fn pick(name: Option<&str>) -> anyhow::Result<Value> {
     }
 }
 
+/// A client as the lab's admin: its kubeconfig (mode 0600, so only the lab's owner can).
 fn client_of(state: &Value) -> anyhow::Result<Client> {
-    let url = state["apiUrl"]
+    let kubeconfig = state["kubeconfig"]
         .as_str()
-        .context("the lab's state has no apiUrl")?;
-    Ok(Client::new(&ClientConfig::from_url(url))?)
+        .context("the lab's state has no kubeconfig")?;
+    Ok(Client::new(&ClientConfig::from_kubeconfig(
+        Path::new(kubeconfig),
+        None,
+    )?)?)
 }
 
 /// `kpx-lab up`: builds the cluster, says how to use it, and keeps it until Ctrl-C/SIGTERM.
@@ -126,7 +130,10 @@ pub async fn up(nodes: usize, mode: &str, options: ClusterOptions) -> anyhow::Re
         backend.name(),
         took.as_secs_f64()
     );
-    println!("  export KUBECONFIG={}", lab.kubeconfig().display());
+    println!(
+        "  export KUBECONFIG={}   # the admin's token; mode 0600",
+        lab.kubeconfig().display()
+    );
     println!("  kubectl get nodes -o wide");
     println!("  kpx-lab status | kpx-lab exec POD -- CMD | kpx-lab down   (or Ctrl-C here)");
     println!("  logs: {}", lab.dir().display());

@@ -2,7 +2,6 @@
 //! scheduler and a kpx-kubelet per node running the pods (each node's pod CIDR is its `cbr0`
 //! network), so Deployments and Services applied with kubectl run as they would on a cluster.
 
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -71,31 +70,10 @@ impl Lab {
         options: ClusterOptions,
     ) -> anyhow::Result<Self> {
         let mut lab = Self::build(tag, backend, nodes, 0, Some(options)).await?;
-        let ready = match lab.write_kubeconfig() {
-            Ok(()) => lab.wait_ready(READY_DEADLINE).await,
-            Err(e) => Err(e),
-        };
-        match ready {
+        match lab.wait_ready(READY_DEADLINE).await {
             Ok(()) => Ok(lab),
             Err(e) => Err(lab.failed_start(e)),
         }
-    }
-
-    /// A kubeconfig for the host's kubectl (the API through the lab's loopback relay).
-    pub fn kubeconfig(&self) -> PathBuf {
-        self.dir().join("kubeconfig")
-    }
-
-    fn write_kubeconfig(&self) -> anyhow::Result<()> {
-        let text = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: {name}\n  cluster:\n    server: {url}\n\
-             contexts:\n- name: {name}\n  context:\n    cluster: {name}\n    user: {name}\n    namespace: default\n\
-             current-context: {name}\nusers:\n- name: {name}\n  user: {{}}\n",
-            name = self.name,
-            url = self.api_url
-        );
-        std::fs::write(self.kubeconfig(), text)?;
-        Ok(())
     }
 
     /// (Re)starts node `i`'s kubelet, in the node's namespace and cgroup.
@@ -112,7 +90,11 @@ impl Lab {
             entry = entry.in_cgroup(cg.clone());
         }
         let mut cmd = entry.command(binary("kpx-kubelet")?)?;
-        cmd.args(["--master", &format!("http://{}", self.api_address())])
+        cmd.arg("--kubeconfig")
+            .arg(self.secret_path(&format!("kubelet-{}.kubeconfig", node.name)))
+            .args(["--master", &format!("https://{}", self.api_address())])
+            .arg("--authentication-token-file")
+            .arg(self.secret_path("kubelet-tokens.csv"))
             .args(["--hostname-override", &node.name])
             .args([
                 "--node-ip",

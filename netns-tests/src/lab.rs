@@ -240,6 +240,46 @@ pub struct Lab {
     pub proxy_sync_period: String,
     /// Restarts of crashed components (`supervise.rs`), while the lab is supervised.
     pub(crate) supervisor: crate::supervise::Supervisor,
+    /// Every component's identity (written into the lab's directory by `write_credentials`).
+    pub(crate) credentials: Credentials,
+}
+
+/// The lab's identities, one bearer token each (kube-apiserver's static token file), and the
+/// CA of the API server's certificate. The lab never serves anything unauthenticated: a local
+/// user without the admin kubeconfig (mode 0600) gets only health and version.
+pub(crate) struct Credentials {
+    pub(crate) admin: String,
+    pub(crate) proxy: String,
+    /// (node name, token) per node's kubelet.
+    pub(crate) kubelets: Vec<(String, String)>,
+    /// What kpx-control presents to kubelets for `pods/log`.
+    pub(crate) kubelet_client: String,
+    pub(crate) ca_pem: String,
+    cert_pem: String,
+    key_pem: String,
+}
+
+impl Credentials {
+    fn generate(nodes: usize) -> anyhow::Result<Self> {
+        use kpx_control::apiserver::auth::random_token;
+        let hosts = [
+            API_ADDRESS.to_string(),
+            "127.0.0.1".into(),
+            "localhost".into(),
+        ];
+        let cert = kpx_control::apiserver::tls::self_signed(&hosts)?;
+        Ok(Self {
+            admin: random_token(),
+            proxy: random_token(),
+            kubelets: (1..=nodes)
+                .map(|i| (format!("node-{i}"), random_token()))
+                .collect(),
+            kubelet_client: random_token(),
+            ca_pem: cert.ca_pem,
+            cert_pem: cert.cert_pem,
+            key_pem: cert.key_pem,
+        })
+    }
 }
 
 /// The binaries built next to this one (target/debug or target/release).
@@ -315,7 +355,7 @@ impl Lab {
         // be taken meanwhile (another lab, or any client's ephemeral port).
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         let host_port = listener.local_addr()?.port();
-        let api_url = format!("http://127.0.0.1:{host_port}");
+        let api_url = format!("https://127.0.0.1:{host_port}");
         let mut lab = Self {
             name: name.clone(),
             backend,
@@ -340,7 +380,9 @@ impl Lab {
             cluster,
             proxy_sync_period: "2s".into(),
             supervisor: crate::supervise::Supervisor::default(),
+            credentials: Credentials::generate(nodes)?,
         };
+        lab.write_credentials()?;
         match lab.bring_up(listener, nodes, externals).await {
             Ok(()) => {
                 // Supervision counts each component's run from here.
@@ -417,6 +459,76 @@ impl Lab {
         self.dir.path().join("store")
     }
 
+    /// A file of the lab's credentials, in its directory.
+    pub(crate) fn secret_path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The admin kubeconfig for the host (the API through the loopback relay): what users and
+    /// tests' kubectl use. Mode 0600, as every credential file of the lab.
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.secret_path("kubeconfig")
+    }
+
+    /// Writes the token files, the API server's certificate and every component's kubeconfig,
+    /// each created 0600: kube-apiserver's `--token-auth-file` (`tokens.csv`: the admin in
+    /// system:masters, `system:kube-proxy`, `system:node:<node>` in system:nodes per kubelet),
+    /// the token kpx-control shows kubelets and the kubelets' accepted-token file.
+    fn write_credentials(&self) -> anyhow::Result<()> {
+        use kpx_control::apiserver::auth::{kubeconfig_yaml, write_private};
+        let c = &self.credentials;
+        let mut tokens = format!(
+            "{},kpx-lab-admin,kpx-lab-admin,system:masters\n{},system:kube-proxy,system:kube-proxy\n",
+            c.admin, c.proxy
+        );
+        for (node, token) in &c.kubelets {
+            tokens.push_str(&format!(
+                "{token},system:node:{node},system:node:{node},system:nodes\n"
+            ));
+        }
+        let write = |name: &str, text: &str| {
+            let path = self.secret_path(name);
+            write_private(&path, text).with_context(|| format!("writing {}", path.display()))
+        };
+        write("tokens.csv", &tokens)?;
+        write("kubelet-client.token", &format!("{}\n", c.kubelet_client))?;
+        write(
+            "kubelet-tokens.csv",
+            &format!(
+                "{},kube-apiserver-kubelet-client,kube-apiserver-kubelet-client\n",
+                c.kubelet_client
+            ),
+        )?;
+        write("apiserver.crt", &c.cert_pem)?;
+        write("apiserver.key", &c.key_pem)?;
+        write("ca.crt", &c.ca_pem)?;
+        let fabric = format!("https://{API_ADDRESS}:{API_PORT}");
+        let admin = kubeconfig_yaml(
+            &self.name,
+            &self.api_url,
+            &c.ca_pem,
+            "kpx-lab-admin",
+            &c.admin,
+            Some("default"),
+        );
+        write("kubeconfig", &admin)?;
+        let proxy = kubeconfig_yaml(
+            &self.name,
+            &fabric,
+            &c.ca_pem,
+            "system:kube-proxy",
+            &c.proxy,
+            None,
+        );
+        write("proxy.kubeconfig", &proxy)?;
+        for (node, token) in &c.kubelets {
+            let user = format!("system:node:{node}");
+            let text = kubeconfig_yaml(&self.name, &fabric, &c.ca_pem, &user, token, None);
+            write(&format!("kubelet-{node}.kubeconfig"), &text)?;
+        }
+        Ok(())
+    }
+
     /// Starts kpx-control inside the fabric namespace and waits until it answers.
     pub async fn start_api(&mut self) -> anyhow::Result<()> {
         let log = std::fs::OpenOptions::new()
@@ -429,12 +541,19 @@ impl Lab {
             .args([
                 "--bind-address",
                 &API_ADDRESS.to_string(),
-                "--insecure-bind-any",
                 "--port",
                 &API_PORT.to_string(),
             ])
             .arg("--data-dir")
             .arg(self.store_dir())
+            .arg("--token-auth-file")
+            .arg(self.secret_path("tokens.csv"))
+            .arg("--kubelet-client-token-file")
+            .arg(self.secret_path("kubelet-client.token"))
+            .arg("--tls-cert-file")
+            .arg(self.secret_path("apiserver.crt"))
+            .arg("--tls-private-key-file")
+            .arg(self.secret_path("apiserver.key"))
             .args([
                 "--service-cluster-ip-range",
                 &format!(
@@ -507,9 +626,16 @@ impl Lab {
         &mut self.nodes[i].proxy
     }
 
+    /// A client of the lab's API as its admin (through the loopback relay).
     pub fn client(&self) -> Client {
-        Client::new(&ClientConfig::from_url(&self.api_url))
-            .expect("a loopback URL is a valid client config")
+        let config = ClientConfig {
+            server: self.api_url.clone(),
+            ca_pem: Some(self.credentials.ca_pem.clone().into_bytes()),
+            token: Some(self.credentials.admin.clone()),
+            ..Default::default()
+        };
+        Client::new(&config)
+            .expect("a loopback URL, a generated CA and a hex token are a valid client config")
     }
 
     async fn add_node(&mut self, i: u8) -> anyhow::Result<()> {
@@ -671,7 +797,9 @@ impl Lab {
         let err = log.try_clone()?;
         let child = self
             .proxy_command(i)?
-            .args(["--master", &format!("http://{API_ADDRESS}:{API_PORT}")])
+            .arg("--kubeconfig")
+            .arg(self.secret_path("proxy.kubeconfig"))
+            .args(["--master", &format!("https://{API_ADDRESS}:{API_PORT}")])
             .args([
                 "--hostname-override",
                 &node.name,
