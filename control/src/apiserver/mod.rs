@@ -45,6 +45,9 @@ pub struct Options {
     pub default_watch_timeout: Duration,
     /// The address clients are told to use in `/api` (`serverAddressByClientCIDRs`).
     pub advertise_address: Option<SocketAddr>,
+    /// Where a Service's new `spec.externalIPs` may come from (`--service-external-ip-cidrs`);
+    /// empty: none (kube-apiserver's DenyServiceExternalIPs).
+    pub service_external_ip_cidrs: Vec<ipnet::IpNet>,
 }
 
 impl Default for Options {
@@ -54,6 +57,7 @@ impl Default for Options {
             bookmark_interval: Duration::from_secs(10),
             default_watch_timeout: Duration::from_secs(1800),
             advertise_address: None,
+            service_external_ip_cidrs: Vec::new(),
         }
     }
 }
