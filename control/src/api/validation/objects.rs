@@ -382,10 +382,14 @@ fn validate_endpoint_slice(obj: &Value, old: Option<&Value>, errs: &mut Vec<Fiel
             }
         }
     }
+    // 20,000 since kubernetes/kubernetes#99795 (it was 100, and the EndpointSlice controller
+    // then could not publish a Service with more ports: kubernetes/kubernetes#99382). A
+    // Service's ports are not bounded, so a slice is refused only past this.
+    const MAX_PORTS: usize = 20_000;
     let ports = obj.get("ports").and_then(Value::as_array);
     let count = ports.map_or(0, Vec::len);
-    if count > 100 {
-        errs.push(FieldError::too_many("ports", count, 100));
+    if count > MAX_PORTS {
+        errs.push(FieldError::too_many("ports", count, MAX_PORTS));
     }
     for (i, p) in ports.into_iter().flatten().enumerate() {
         if let Some(port) = p.get("port") {
