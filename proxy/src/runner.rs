@@ -21,6 +21,11 @@ pub async fn protected_addresses(server: &str, extra: &[std::net::IpAddr]) -> Pr
     let mut node: Vec<std::net::IpAddr> = extra.to_vec();
     if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
         for a in addrs {
+            // kube-proxy's IPVS mode binds every Service address to this dummy interface:
+            // those are Service addresses, not the node's.
+            if a.interface_name == "kube-ipvs0" {
+                continue;
+            }
             let Some(storage) = a.address else { continue };
             let ip = if let Some(v4) = storage.as_sockaddr_in() {
                 std::net::IpAddr::V4(v4.ip())
