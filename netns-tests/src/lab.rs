@@ -370,13 +370,16 @@ impl Lab {
             pod_counts: Vec::new(),
             cgroup: None,
             bpffs: None,
-            api_args: cluster
-                .as_ref()
-                .map(|c| c.api_args())
-                .unwrap_or_default()
-                .into_iter()
-                .chain(extra_api_args)
-                .collect(),
+            // External IPs only from the lab's external range (kpx-control allows none by
+            // default); the cluster lab's controller timings and the caller's flags after that.
+            api_args: [format!(
+                "--service-external-ip-cidrs={}/{}",
+                EXTERNAL_RANGE.0, EXTERNAL_RANGE.1
+            )]
+            .into_iter()
+            .chain(cluster.as_ref().map(|c| c.api_args()).unwrap_or_default())
+            .chain(extra_api_args)
+            .collect(),
             cluster,
             proxy_sync_period: "2s".into(),
             supervisor: crate::supervise::Supervisor::default(),

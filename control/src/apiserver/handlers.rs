@@ -461,7 +461,7 @@ impl Ctx<'_> {
         validation::default_object(resource.kind, obj);
         let mut errs: Vec<FieldError> = validation::validate_metadata(resource, obj);
         if resource.kind != Kind::Service {
-            errs.extend(validation::validate_object(resource.kind, obj));
+            errs.extend(validation::validate_object(resource.kind, obj, old));
             if errs.is_empty() {
                 return Ok(Held::default());
             }
@@ -492,6 +492,14 @@ impl Ctx<'_> {
         if !errs.is_empty() {
             return Err(invalid(errs));
         }
+        let allowed = &self.server.options.service_external_ip_cidrs;
+        svc_rules::admit_external_ips(&service, old_service.as_ref(), allowed).map_err(|why| {
+            ApiError::new(
+                403,
+                "Forbidden",
+                format!("services {name:?} is forbidden: {why}"),
+            )
+        })?;
         let held = {
             let mut allocator = self.server.allocator();
             svc_rules::allocate(&mut service, old_service.as_ref(), &mut allocator)

@@ -58,6 +58,9 @@ pub struct Options {
     /// The API server's own addresses: `pods/log` never connects to them (kube's
     /// `proxyutil.IsProxyableIP` refuses loopback and link-local; these are refused too).
     pub own_addresses: Vec<std::net::IpAddr>,
+    /// Where a Service's new `spec.externalIPs` may come from (`--service-external-ip-cidrs`);
+    /// empty: none (kube-apiserver's DenyServiceExternalIPs).
+    pub service_external_ip_cidrs: Vec<ipnet::IpNet>,
 }
 
 impl Default for Options {
@@ -71,6 +74,7 @@ impl Default for Options {
             authenticator: None,
             kubelet_client_token: None,
             own_addresses: Vec::new(),
+            service_external_ip_cidrs: Vec::new(),
         }
     }
 }

@@ -49,6 +49,12 @@ struct Args {
     /// Port range NodePorts are allocated from.
     #[arg(long, default_value = "30000-32767")]
     service_node_port_range: String,
+    /// CIDR(s) a Service's spec.externalIPs may come from (comma-separated). Empty (the
+    /// default): no new external IP is accepted, as kube-apiserver's DenyServiceExternalIPs
+    /// admission plugin — an external IP makes every node capture traffic to that address
+    /// (CVE-2020-8554).
+    #[arg(long, default_value = "", value_parser = parse_cidrs)]
+    service_external_ip_cidrs: Cidrs,
     /// Watch events kept in memory for watchers resuming from an older resourceVersion.
     #[arg(long, default_value_t = 20_000)]
     watch_history: usize,
@@ -198,6 +204,23 @@ fn serving_tls(
     Ok((acceptor, ca_pem))
 }
 
+/// A comma-separated CIDR list (clap needs one type for the whole flag value).
+#[derive(Debug, Clone)]
+struct Cidrs(Vec<ipnet::IpNet>);
+
+fn parse_cidrs(text: &str) -> Result<Cidrs, String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(|c| {
+            c.parse::<ipnet::IpNet>()
+                .map(|net| net.trunc())
+                .map_err(|_| format!("{c:?} is not a CIDR (e.g. 192.0.2.0/24 or 2001:db8::/64)"))
+        })
+        .collect::<Result<_, _>>()
+        .map(Cidrs)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     kpx_control::daemon::init_logging("info");
@@ -322,6 +345,7 @@ async fn main() -> anyhow::Result<()> {
         authenticator: Some(Arc::new(authenticator)),
         kubelet_client_token,
         own_addresses: vec![address.ip()],
+        service_external_ip_cidrs: args.service_external_ip_cidrs.0.clone(),
         ..Default::default()
     };
     let server = ApiServer::new(store, options)
