@@ -254,7 +254,19 @@ fn main() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
     let server = start(dir.path());
     let pid = server.child.id();
+    // kpx-control requires a token: the admin one it generated in its data directory.
+    let tokens = std::fs::read_to_string(dir.path().join("tokens.csv")).expect("tokens.csv");
+    let token = tokens.split(',').next().expect("a token").to_string();
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}").parse().expect("header"),
+    );
+    // Served over TLS with a generated CA (`<data-dir>/ca.crt`).
+    let ca = std::fs::read(dir.path().join("ca.crt")).expect("ca.crt");
     let http = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).expect("CA"))
+        .default_headers(headers)
         .pool_max_idle_per_host(256)
         .build()
         .expect("http");

@@ -12,20 +12,33 @@
 //!
 //! Run: `cargo bench -p kpx-control --bench watch_memory` (the release build), or
 //! `cargo bench --profile dev -p kpx-control --bench watch_memory` to reuse the debug build.
-//! `KPX_CONTROL_BIN=/path/to/kpx-control` measures another build (e.g. an older commit's);
+//! `KPX_CONTROL_BIN=/path/to/kpx-control` measures another build (one that serves TLS and takes
+//! `--token-auth-file`/`--cert-dir`, as every build since the hardening issue does);
 //! `KPX_WATCH_MEMORY=history` runs one scenario.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio_rustls::rustls;
+
 use serde_json::{json, Value};
+
+/// A watch connection (TLS over TCP) whose client decides when, if ever, to read.
+type Watch = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
 
 struct Server {
     child: Child,
     url: String,
     address: String,
+    /// The server's CA and a token it accepts, for the HTTP client and the raw watches.
+    http: reqwest::Client,
+    tls: Arc<rustls::ClientConfig>,
+    token: String,
     _dir: tempfile::TempDir,
 }
 
@@ -41,10 +54,21 @@ impl Server {
     /// e.g. `--watch-history-bytes 67108864`).
     fn start(extra: &[&str]) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
+        let token = kpx_control::apiserver::auth::random_token();
+        let tokens = dir.path().join("tokens.csv");
+        kpx_control::apiserver::auth::write_private(
+            &tokens,
+            &format!("{token},bench,bench,system:masters\n"),
+        )
+        .expect("token file");
         let binary = std::env::var("KPX_CONTROL_BIN")
             .unwrap_or_else(|_| env!("CARGO_BIN_EXE_kpx-control").to_string());
         let mut child = Command::new(binary)
             .args(["--port", "0", "--controllers", "none", "--data-dir"])
+            .arg(dir.path().join("store"))
+            .arg("--token-auth-file")
+            .arg(&tokens)
+            .arg("--cert-dir")
             .arg(dir.path())
             .args(extra)
             .args(
@@ -61,11 +85,38 @@ impl Server {
             .read_line(&mut line)
             .expect("address");
         let url = line.trim().rsplit(' ').next().expect("url").to_string();
-        let address = url.trim_start_matches("http://").to_string();
+        let address = url.trim_start_matches("https://").to_string();
+        let ca = std::fs::read(dir.path().join("ca.crt")).expect("ca.crt");
+        let http = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca).expect("CA"))
+            .default_headers(
+                [(
+                    reqwest::header::AUTHORIZATION,
+                    format!("Bearer {token}").parse().expect("header"),
+                )]
+                .into_iter()
+                .collect(),
+            )
+            .build()
+            .expect("http client");
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(&ca).expect("CA PEM"))
+            .expect("CA");
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
         Server {
             child,
             url,
             address,
+            http,
+            tls: Arc::new(tls),
+            token,
             _dir: dir,
         }
     }
@@ -90,15 +141,22 @@ impl Server {
     }
 
     /// A watch whose client never reads a byte after sending the request.
-    fn idle_watch(&self, path: &str) -> TcpStream {
-        let mut socket = TcpStream::connect(&self.address).expect("connect");
+    fn idle_watch(&self, path: &str) -> Watch {
+        let socket = TcpStream::connect(&self.address).expect("connect");
+        let host = self.address.rsplit_once(':').map_or("", |(h, _)| h);
+        let name =
+            ServerName::try_from(host.trim_matches(['[', ']']).to_string()).expect("server name");
+        let tls = rustls::ClientConnection::new(self.tls.clone(), name).expect("TLS client");
+        let mut watch = rustls::StreamOwned::new(tls, socket);
         write!(
-            socket,
-            "GET {path} HTTP/1.1\r\nHost: {}\r\nAccept: application/json\r\nConnection: close\r\n\r\n",
-            self.address
+            watch,
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\n\
+             Accept: application/json\r\nConnection: close\r\n\r\n",
+            self.address, self.token
         )
         .expect("request");
-        socket
+        watch.flush().expect("request");
+        watch
     }
 
     /// Samples RSS for `period` (the server settles after the requests land) and returns the
@@ -163,10 +221,12 @@ async fn resource_version(http: &reqwest::Client, base: &str) -> String {
 
 /// How many of `sockets` the server has closed (EOF or reset), and how many of those ended with
 /// an ERROR event (read what is buffered, without waiting for more).
-fn closed_by_server(sockets: &mut [TcpStream]) -> (usize, usize) {
+fn closed_by_server(sockets: &mut [Watch]) -> (usize, usize) {
     let (mut closed, mut with_error) = (0, 0);
     for socket in sockets {
-        let _ = socket.set_read_timeout(Some(Duration::from_millis(50)));
+        let _ = socket
+            .sock
+            .set_read_timeout(Some(Duration::from_millis(50)));
         let mut tail = Vec::new();
         let mut buffer = vec![0u8; 1 << 20];
         let ended = loop {
@@ -194,11 +254,12 @@ fn closed_by_server(sockets: &mut [TcpStream]) -> (usize, usize) {
     (closed, with_error)
 }
 
-async fn initial_list(http: &reqwest::Client) {
+async fn initial_list() {
     const OBJECTS: usize = 200;
     const BYTES: usize = 10 * 1024;
     const WATCHES: usize = 100;
     let server = Server::start(&[]);
+    let http = &server.http;
     for i in 0..OBJECTS {
         put(http, &server.url, &format!("ev-{i:04}"), BYTES, 0).await;
     }
@@ -225,13 +286,14 @@ async fn initial_list(http: &reqwest::Client) {
     drop(sockets);
 }
 
-async fn slow_watchers(http: &reqwest::Client) {
+async fn slow_watchers() {
     const WATCHERS: usize = 500;
     const UPDATES: usize = 2_000;
     const BYTES: usize = 10 * 1024;
     // A history of 200 events (the default is 20,000), so that 2,000 updates move it past
     // the watchers and the run shows what happens to them then.
     let server = Server::start(&["--watch-history", "200"]);
+    let http = &server.http;
     put(http, &server.url, "hot", BYTES, 0).await;
     let rv = resource_version(http, &server.url).await;
     let before = server.settle(Duration::from_secs(2));
@@ -256,10 +318,11 @@ async fn slow_watchers(http: &reqwest::Client) {
     );
 }
 
-async fn history(http: &reqwest::Client) {
+async fn history() {
     const UPDATES: usize = 300;
     const BYTES: usize = 1024 * 1024;
     let server = Server::start(&[]);
+    let http = &server.http;
     let before = server.settle(Duration::from_secs(1));
     for generation in 0..=UPDATES {
         put(http, &server.url, "big", BYTES, generation).await;
@@ -276,15 +339,14 @@ async fn history(http: &reqwest::Client) {
 async fn main() {
     // `cargo bench` passes `--bench`; nothing else is read from the command line.
     let only = std::env::var("KPX_WATCH_MEMORY").ok();
-    let http = reqwest::Client::new();
     let wanted = |name: &str| only.as_deref().is_none_or(|o| o == name);
     if wanted("initial-list") {
-        initial_list(&http).await;
+        initial_list().await;
     }
     if wanted("slow-watchers") {
-        slow_watchers(&http).await;
+        slow_watchers().await;
     }
     if wanted("history") {
-        history(&http).await;
+        history().await;
     }
 }

@@ -4,6 +4,7 @@
 //! - [`api`]: the served resources, validation and defaulting, selectors, patches, OpenAPI.
 //! - [`apiserver`]: the HTTP API (axum): CRUD, watch, discovery, errors as `Status`.
 //! - [`client`]: a typed client, a kubeconfig reader and a reflector.
+//! - [`serve`]: the HTTP serving loop with kube-apiserver's connection bounds.
 
 pub mod api;
 pub mod apiserver;
@@ -12,4 +13,5 @@ pub mod controllers;
 pub mod daemon;
 pub mod kubelet;
 pub mod netns;
+pub mod serve;
 pub mod store;

@@ -109,7 +109,7 @@ async fn watch_delivers_changes_after_the_version_with_bookmarks_and_selector_tr
     let mut seen = Vec::new();
     let mut bookmark = None;
     while seen.len() < 3 || bookmark.is_none() {
-        match tokio::time::timeout(Duration::from_secs(10), watch.next())
+        match tokio::time::timeout(common::patience(), watch.next())
             .await
             .expect("event in time")
             .expect("open")
@@ -196,7 +196,7 @@ async fn list_pages_are_a_consistent_snapshot_and_selectors_filter() {
 }
 
 async fn next<K>(events: &mut tokio::sync::mpsc::Receiver<ReflectorEvent<K>>) -> ReflectorEvent<K> {
-    tokio::time::timeout(Duration::from_secs(10), events.recv())
+    tokio::time::timeout(common::patience(), events.recv())
         .await
         .expect("event in time")
         .expect("open")

@@ -17,6 +17,7 @@ struct Server {
     child: Child,
     url: String,
     http: reqwest::Client,
+    token: String,
 }
 
 impl Drop for Server {
@@ -29,30 +30,48 @@ impl Drop for Server {
 impl Server {
     /// kpx-control with `--data-dir` on a tmpfs of `size` mounted over `dir` in a mount
     /// namespace of its own. `None` when this machine cannot do that (not root, no unshare).
-    fn start_on_tmpfs(dir: &Path, size: &str) -> Option<Server> {
+    /// Its token file and certificates live in `creds`, outside the tmpfs (which only the
+    /// server's mount namespace sees), so the test can read them.
+    fn start_on_tmpfs(dir: &Path, creds: &Path, size: &str) -> Option<Server> {
+        let token = kpx_control::apiserver::auth::random_token();
+        let tokens = creds.join("tokens.csv");
+        kpx_control::apiserver::auth::write_private(
+            &tokens,
+            &format!("{token},test-admin,test-admin,system:masters\n"),
+        )
+        .ok()?;
         let script = "mount -t tmpfs -o size=\"$1\" kpx-disk-full \"$0\" && \
-                      exec \"$2\" --port 0 --controllers none --data-dir \"$0\"";
+                      exec \"$2\" --port 0 --controllers none --data-dir \"$0\" \
+                      --token-auth-file \"$3\" --cert-dir \"$4\"";
         let mut child = Command::new("unshare")
             .args(["--mount", "--propagation", "private", "sh", "-c", script])
             .arg(dir)
             .arg(size)
             .arg(env!("CARGO_BIN_EXE_kpx-control"))
+            .arg(&tokens)
+            .arg(creds)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .spawn()
             .ok()?;
         let mut line = String::new();
         let read = BufReader::new(child.stdout.take()?).read_line(&mut line);
-        if read.is_err() || !line.contains("http://") {
+        if read.is_err() || !line.contains("https://") {
             let _ = child.kill();
             let _ = child.wait();
             return None;
         }
         let url = line.trim().rsplit(' ').next()?.to_string();
+        let ca = std::fs::read(creds.join("ca.crt")).ok()?;
+        let http = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca).ok()?)
+            .build()
+            .ok()?;
         Some(Server {
             child,
             url,
-            http: reqwest::Client::new(),
+            http,
+            token,
         })
     }
 
@@ -73,7 +92,10 @@ impl Server {
         path: &str,
         body: Option<&Value>,
     ) -> (u16, String) {
-        let mut request = self.http.request(method, format!("{}{path}", self.url));
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(&self.token);
         if let Some(body) = body {
             request = request.json(body);
         }
@@ -113,7 +135,8 @@ async fn wait_for(server: &Server, path: &str, want: u16) -> String {
 #[tokio::test]
 async fn a_full_disk_fails_writes_and_readiness_and_freeing_it_recovers_without_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let Some(server) = Server::start_on_tmpfs(dir.path(), "16m") else {
+    let creds = tempfile::tempdir().expect("tempdir");
+    let Some(server) = Server::start_on_tmpfs(dir.path(), creds.path(), "16m") else {
         eprintln!("skipped: needs root, unshare and tmpfs to give kpx-control a small disk");
         return;
     };

@@ -32,7 +32,7 @@ fn state_path(name: &str) -> PathBuf {
     Path::new(STATE_DIR).join(format!("{name}.json"))
 }
 
-fn write_state(lab: &Lab) -> anyhow::Result<PathBuf> {
+fn write_state(lab: &mut Lab) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(STATE_DIR)?;
     let nodes: Vec<Value> = lab
         .nodes
@@ -47,6 +47,8 @@ fn write_state(lab: &Lab) -> anyhow::Result<PathBuf> {
         "apiUrl": lab.api_url,
         "kubeconfig": lab.kubeconfig(),
         "nodes": nodes,
+        // Published again whenever supervision sees an exit or makes a restart.
+        "components": lab.components(),
     });
     let path = state_path(&lab.name);
     std::fs::write(&path, serde_json::to_string_pretty(&state)?)?;
@@ -97,11 +99,15 @@ fn pick(name: Option<&str>) -> anyhow::Result<Value> {
     }
 }
 
+/// A client as the lab's admin: its kubeconfig (mode 0600, so only the lab's owner can).
 fn client_of(state: &Value) -> anyhow::Result<Client> {
-    let url = state["apiUrl"]
+    let kubeconfig = state["kubeconfig"]
         .as_str()
-        .context("the lab's state has no apiUrl")?;
-    Ok(Client::new(&ClientConfig::from_url(url))?)
+        .context("the lab's state has no kubeconfig")?;
+    Ok(Client::new(&ClientConfig::from_kubeconfig(
+        Path::new(kubeconfig),
+        None,
+    )?)?)
 }
 
 /// `kpx-lab up`: builds the cluster, says how to use it, and keeps it until Ctrl-C/SIGTERM.
@@ -115,20 +121,38 @@ pub async fn up(nodes: usize, mode: &str, options: ClusterOptions) -> anyhow::Re
         bail!("--proxy-mode {mode}: this machine cannot run it: {reason}");
     }
     let started = Instant::now();
-    let lab = Lab::cluster("lab", backend, nodes, options).await?;
+    let mut lab = Lab::cluster("lab", backend, nodes, options).await?;
     let took = started.elapsed();
-    let state = write_state(&lab)?;
+    let state = write_state(&mut lab)?;
     println!(
         "lab {} is up: {nodes} node(s), proxy mode {}, ready for traffic in {:.2} s",
         lab.name,
         backend.name(),
         took.as_secs_f64()
     );
-    println!("  export KUBECONFIG={}", lab.kubeconfig().display());
+    println!(
+        "  export KUBECONFIG={}   # the admin's token; mode 0600",
+        lab.kubeconfig().display()
+    );
     println!("  kubectl get nodes -o wide");
     println!("  kpx-lab status | kpx-lab exec POD -- CMD | kpx-lab down   (or Ctrl-C here)");
     println!("  logs: {}", lab.dir().display());
-    kpx_control::daemon::shutdown().await;
+    // Until Ctrl-C/SIGTERM, crashed components are restarted (supervise.rs) and the state
+    // `kpx-lab status` reads is kept current.
+    let shutdown = kpx_control::daemon::shutdown();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {
+                if lab.supervise_once().await {
+                    if let Err(e) = write_state(&mut lab) {
+                        eprintln!("kpx-lab: updating {}: {e:#}", state.display());
+                    }
+                }
+            }
+        }
+    }
     println!("tearing down {}", lab.name);
     drop(lab);
     let _ = std::fs::remove_file(state);
@@ -156,11 +180,28 @@ pub async fn status() -> anyhow::Result<()> {
             state["apiUrl"].as_str().unwrap_or("?"),
             state["kubeconfig"].as_str().unwrap_or("?")
         );
+        if let Some(components) = state["components"].as_array() {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            print!("{}", crate::supervise::render_components(components, now));
+        }
         let client = client_of(&state)?;
-        let nodes = Api::<NodeObject>::all(client.clone())
-            .list(&ListParams::default())
-            .await?;
-        let pods = Api::<Pod>::all(client).list(&ListParams::default()).await?;
+        // A crashed API server is what the components table above explains: say so, not fail.
+        let listed = async {
+            let nodes = Api::<NodeObject>::all(client.clone())
+                .list(&ListParams::default())
+                .await?;
+            let pods = Api::<Pod>::all(client).list(&ListParams::default()).await?;
+            anyhow::Ok((nodes, pods))
+        };
+        let (nodes, pods) = match listed.await {
+            Ok(both) => both,
+            Err(e) => {
+                println!("  the API does not answer: {e:#}");
+                continue;
+            }
+        };
         println!("  {:<10} {:<9} {:>5}", "NODE", "STATUS", "PODS");
         for n in &nodes.items {
             let node_name = n.metadata.name.as_deref().unwrap_or("");

@@ -2,7 +2,6 @@
 //! scheduler and a kpx-kubelet per node running the pods (each node's pod CIDR is its `cbr0`
 //! network), so Deployments and Services applied with kubectl run as they would on a cluster.
 
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -13,23 +12,34 @@ use kpx_control::client::{Api, ListParams};
 use crate::lab::{binary, node_ip6, pod_net6, Lab, ProxyBackend};
 use crate::netns::Entry;
 
-/// Timings of a cluster lab: faster than Kubernetes' defaults, so a lab reacts in seconds.
+/// Timings of a cluster lab: Kubernetes' defaults, so a busy machine (issue 15: load 7-9 on
+/// 2 cores) does not make nodes `Unknown` and evict their pods mid-test. Tests of the node
+/// lifecycle (a stopped kubelet → Unknown → evicted) set short timings themselves.
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {
-    /// The kubelets' `--node-status-update-frequency`.
+    /// The kubelets' `--node-status-update-frequency` (kubelet's `nodeStatusUpdateFrequency`,
+    /// default 10 s).
     pub heartbeat: Duration,
-    /// kpx-control's `--node-monitor-grace-period-seconds`.
+    /// kpx-control's `--node-monitor-grace-period-seconds` (kube-controller-manager's
+    /// `--node-monitor-grace-period`, 40 s).
     pub grace_seconds: u32,
-    /// kpx-control's `--pod-eviction-timeout-seconds`.
+    /// kpx-control's `--pod-eviction-timeout-seconds` (kube-controller-manager's former
+    /// `--pod-eviction-timeout`, and the taint-based `tolerationSeconds` the
+    /// DefaultTolerationSeconds admission plugin adds: 300 s).
     pub eviction_seconds: u32,
 }
+
+/// [`ClusterOptions`]' defaults, also `kpx-lab up`'s flag defaults.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
+pub const DEFAULT_GRACE_SECONDS: u32 = 40;
+pub const DEFAULT_EVICTION_SECONDS: u32 = 300;
 
 impl Default for ClusterOptions {
     fn default() -> Self {
         Self {
-            heartbeat: Duration::from_secs(2),
-            grace_seconds: 10,
-            eviction_seconds: 30,
+            heartbeat: DEFAULT_HEARTBEAT,
+            grace_seconds: DEFAULT_GRACE_SECONDS,
+            eviction_seconds: DEFAULT_EVICTION_SECONDS,
         }
     }
 }
@@ -59,27 +69,11 @@ impl Lab {
         nodes: usize,
         options: ClusterOptions,
     ) -> anyhow::Result<Self> {
-        let lab = Self::build(tag, backend, nodes, 0, Some(options)).await?;
-        lab.write_kubeconfig()?;
-        lab.wait_ready(Duration::from_secs(30)).await?;
-        Ok(lab)
-    }
-
-    /// A kubeconfig for the host's kubectl (the API through the lab's loopback relay).
-    pub fn kubeconfig(&self) -> PathBuf {
-        self.dir().join("kubeconfig")
-    }
-
-    fn write_kubeconfig(&self) -> anyhow::Result<()> {
-        let text = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: {name}\n  cluster:\n    server: {url}\n\
-             contexts:\n- name: {name}\n  context:\n    cluster: {name}\n    user: {name}\n    namespace: default\n\
-             current-context: {name}\nusers:\n- name: {name}\n  user: {{}}\n",
-            name = self.name,
-            url = self.api_url
-        );
-        std::fs::write(self.kubeconfig(), text)?;
-        Ok(())
+        let mut lab = Self::build(tag, backend, nodes, 0, Some(options)).await?;
+        match lab.wait_ready(READY_DEADLINE).await {
+            Ok(()) => Ok(lab),
+            Err(e) => Err(lab.failed_start(e)),
+        }
     }
 
     /// (Re)starts node `i`'s kubelet, in the node's namespace and cgroup.
@@ -96,7 +90,11 @@ impl Lab {
             entry = entry.in_cgroup(cg.clone());
         }
         let mut cmd = entry.command(binary("kpx-kubelet")?)?;
-        cmd.args(["--master", &format!("http://{}", self.api_address())])
+        cmd.arg("--kubeconfig")
+            .arg(self.secret_path(&format!("kubelet-{}.kubeconfig", node.name)))
+            .args(["--master", &format!("https://{}", self.api_address())])
+            .arg("--authentication-token-file")
+            .arg(self.secret_path("kubelet-tokens.csv"))
             .args(["--hostname-override", &node.name])
             .args([
                 "--node-ip",
@@ -130,54 +128,95 @@ impl Lab {
         self.nodes[i].kubelet.as_ref().map(std::process::Child::id)
     }
 
-    /// Stops node `i`'s kubelet (SIGTERM); its pods keep running, as with kubelet.
+    /// Stops node `i`'s kubelet (SIGTERM); its pods keep running, as with kubelet. On purpose:
+    /// supervision does not restart it until `start_kubelet`.
     pub fn stop_kubelet(&mut self, i: usize) {
-        if let Some(mut child) = self.nodes[i].kubelet.take() {
-            let _ = std::process::Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-            let _ = child.wait();
+        self.supervisor
+            .stopped(crate::supervise::Component::Kubelet(i));
+        if let Some(child) = self.nodes[i].kubelet.take() {
+            crate::lab::terminate(child);
         }
     }
 
-    /// Waits until every node is registered and Ready and every proxy has synced.
-    pub async fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+    /// Waits until every node is registered and Ready and every proxy has synced; on time-out
+    /// the error names each node, kubelet and proxy that was not ready, and why if known.
+    pub async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         let nodes = Api::<NodeObject>::all(self.client());
         loop {
-            let ready = match nodes.list(&ListParams::default()).await {
-                Ok(list) => list.items.iter().filter(|n| node_ready(n)).count() == self.nodes.len(),
-                Err(_) => false,
-            };
-            if ready && self.proxies_healthy()? {
+            let not_ready = self.not_ready(&nodes).await;
+            if not_ready.is_empty() {
                 return Ok(());
             }
             if Instant::now() > deadline {
                 bail!(
-                    "the lab's nodes did not all become Ready within {timeout:?}; see the logs in {}",
-                    self.dir().display()
+                    "the lab's nodes did not all become Ready within {timeout:?}:\n  {}",
+                    not_ready.join("\n  ")
                 );
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
-    /// Every proxy has programmed the kernel at least once (its last-sync metric is set).
-    fn proxies_healthy(&self) -> anyhow::Result<bool> {
-        for node in &self.nodes {
-            let Ok((200, metrics)) = crate::traffic::local_get(&node.ns, 10249, "/metrics") else {
-                return Ok(false);
-            };
-            let synced = crate::traffic::metric_value(
-                &metrics,
-                "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
-            )
-            .is_some_and(|t| t > 0.0);
-            if !synced {
-                return Ok(false);
+    /// What is not ready yet, one line each: unregistered or not-Ready nodes (with the Ready
+    /// condition's reason and message), exited kubelets and proxies (with their exit status),
+    /// proxies that do not answer or have not synced.
+    async fn not_ready(&mut self, nodes: &Api<NodeObject>) -> Vec<String> {
+        let mut out = Vec::new();
+        let listed = nodes.list(&ListParams::default()).await;
+        for i in 0..self.nodes.len() {
+            let name = self.nodes[i].name.clone();
+            match &listed {
+                Err(e) => {
+                    if i == 0 {
+                        out.push(format!("the API does not list nodes: {e}"));
+                    }
+                }
+                Ok(list) => {
+                    let node = list
+                        .items
+                        .iter()
+                        .find(|n| n.metadata.name.as_deref() == Some(name.as_str()));
+                    match node {
+                        None => out.push(format!("{name}: not registered by its kubelet")),
+                        Some(n) if !node_ready(n) => {
+                            out.push(format!("{name}: {}", ready_condition(n)));
+                        }
+                        Some(_) => {}
+                    }
+                }
+            }
+            if let Some(child) = self.nodes[i].kubelet.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    out.push(format!(
+                        "{name}: kpx-kubelet exited ({status}); the end of its log:\n{}",
+                        crate::lab::log_tail(&self.log_path(&format!("kubelet-{name}")), 10)
+                    ));
+                }
+            }
+            if let Some(status) = self.proxy_exit(i) {
+                out.push(format!(
+                    "{name}: kpx-proxy exited ({status}); the end of its log:\n{}",
+                    crate::lab::log_tail(&self.log_path(&format!("proxy-{name}")), 10)
+                ));
+                continue;
+            }
+            match crate::traffic::local_get(&self.nodes[i].ns, 10249, "/metrics") {
+                Ok((200, metrics)) => {
+                    let synced = crate::traffic::metric_value(
+                        &metrics,
+                        "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+                    )
+                    .is_some_and(|t| t > 0.0);
+                    if !synced {
+                        out.push(format!("{name}: kpx-proxy has not synced yet"));
+                    }
+                }
+                Ok((code, _)) => out.push(format!("{name}: kpx-proxy /metrics answered {code}")),
+                Err(e) => out.push(format!("{name}: kpx-proxy /metrics does not answer: {e:#}")),
             }
         }
-        Ok(true)
+        out
     }
 
     /// Enters a pod the kubelets run (its network namespace, and its node's cgroup so socket
@@ -210,6 +249,29 @@ impl Lab {
     /// The API server's address inside the lab.
     pub fn api_address(&self) -> String {
         crate::lab::api_address()
+    }
+}
+
+/// How long a cluster lab may take to have every node Ready and every proxy synced. Seconds
+/// on an idle machine; generous so a busy one (or an eBPF lab right after another's teardown)
+/// is not mistaken for a broken start.
+const READY_DEADLINE: Duration = Duration::from_secs(120);
+
+/// The node's Ready condition as a line: status, reason and message.
+fn ready_condition(node: &NodeObject) -> String {
+    let ready = node
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"));
+    match ready {
+        None => "no Ready condition yet".into(),
+        Some(c) => format!(
+            "Ready={} ({}: {})",
+            c.status,
+            c.reason.as_deref().unwrap_or("no reason"),
+            c.message.as_deref().unwrap_or("no message")
+        ),
     }
 }
 

@@ -69,6 +69,18 @@ fn hex_decimal(n: u16) -> u16 {
 }
 const API_PORT: u16 = 6443;
 
+/// How long kpx-control may take to answer after its start. It answers in milliseconds on an
+/// idle machine; at load 7-9 on 2 cores it took over 5 s (issue 15), so this is a deadline for
+/// a process that is making no progress at all, not an expectation.
+const API_START_DEADLINE: Duration = Duration::from_secs(60);
+
+/// The last `lines` lines of a log file, for error messages (empty if it cannot be read).
+pub fn log_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let tail: Vec<&str> = text.lines().rev().take(lines).collect();
+    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+}
+
 /// The API server's address inside a lab (nodes reach it over the fabric).
 pub fn api_address() -> String {
     format!("{API_ADDRESS}:{API_PORT}")
@@ -226,6 +238,48 @@ pub struct Lab {
     /// The proxies' `--sync-period` from their next (re)start: short in tests, so lost rules
     /// come back quickly; kube-proxy's 30 s in benchmarks.
     pub proxy_sync_period: String,
+    /// Restarts of crashed components (`supervise.rs`), while the lab is supervised.
+    pub(crate) supervisor: crate::supervise::Supervisor,
+    /// Every component's identity (written into the lab's directory by `write_credentials`).
+    pub(crate) credentials: Credentials,
+}
+
+/// The lab's identities, one bearer token each (kube-apiserver's static token file), and the
+/// CA of the API server's certificate. The lab never serves anything unauthenticated: a local
+/// user without the admin kubeconfig (mode 0600) gets only health and version.
+pub(crate) struct Credentials {
+    pub(crate) admin: String,
+    pub(crate) proxy: String,
+    /// (node name, token) per node's kubelet.
+    pub(crate) kubelets: Vec<(String, String)>,
+    /// What kpx-control presents to kubelets for `pods/log`.
+    pub(crate) kubelet_client: String,
+    pub(crate) ca_pem: String,
+    cert_pem: String,
+    key_pem: String,
+}
+
+impl Credentials {
+    fn generate(nodes: usize) -> anyhow::Result<Self> {
+        use kpx_control::apiserver::auth::random_token;
+        let hosts = [
+            API_ADDRESS.to_string(),
+            "127.0.0.1".into(),
+            "localhost".into(),
+        ];
+        let cert = kpx_control::apiserver::tls::self_signed(&hosts)?;
+        Ok(Self {
+            admin: random_token(),
+            proxy: random_token(),
+            kubelets: (1..=nodes)
+                .map(|i| (format!("node-{i}"), random_token()))
+                .collect(),
+            kubelet_client: random_token(),
+            ca_pem: cert.ca_pem,
+            cert_pem: cert.cert_pem,
+            key_pem: cert.key_pem,
+        })
+    }
 }
 
 /// The binaries built next to this one (target/debug or target/release).
@@ -254,6 +308,17 @@ impl Lab {
         Self::build(tag, backend, nodes, externals, None).await
     }
 
+    /// `start` with extra kpx-control flags: for tests of what a failing start reports.
+    pub async fn start_with_api_args(
+        tag: &str,
+        backend: ProxyBackend,
+        nodes: usize,
+        externals: usize,
+        api_args: Vec<String>,
+    ) -> anyhow::Result<Self> {
+        Self::build_with(tag, backend, nodes, externals, None, api_args).await
+    }
+
     /// The fabric, the API server, the nodes and their proxies (and kubelets in a cluster).
     pub(crate) async fn build(
         tag: &str,
@@ -261,6 +326,17 @@ impl Lab {
         nodes: usize,
         externals: usize,
         cluster: Option<crate::cluster::ClusterOptions>,
+    ) -> anyhow::Result<Self> {
+        Self::build_with(tag, backend, nodes, externals, cluster, Vec::new()).await
+    }
+
+    async fn build_with(
+        tag: &str,
+        backend: ProxyBackend,
+        nodes: usize,
+        externals: usize,
+        cluster: Option<crate::cluster::ClusterOptions>,
+        extra_api_args: Vec<String>,
     ) -> anyhow::Result<Self> {
         let name = format!(
             "{LAB_PREFIX}{tag}-{}-{}",
@@ -279,7 +355,7 @@ impl Lab {
         // be taken meanwhile (another lab, or any client's ephemeral port).
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         let host_port = listener.local_addr()?.port();
-        let api_url = format!("http://127.0.0.1:{host_port}");
+        let api_url = format!("https://127.0.0.1:{host_port}");
         let mut lab = Self {
             name: name.clone(),
             backend,
@@ -294,17 +370,48 @@ impl Lab {
             pod_counts: Vec::new(),
             cgroup: None,
             bpffs: None,
-            api_args: cluster.as_ref().map(|c| c.api_args()).unwrap_or_default(),
+            // External IPs only from the lab's external range (kpx-control allows none by
+            // default); the cluster lab's controller timings and the caller's flags after that.
+            api_args: [format!(
+                "--service-external-ip-cidrs={}/{}",
+                EXTERNAL_RANGE.0, EXTERNAL_RANGE.1
+            )]
+            .into_iter()
+            .chain(cluster.as_ref().map(|c| c.api_args()).unwrap_or_default())
+            .chain(extra_api_args)
+            .collect(),
             cluster,
             proxy_sync_period: "2s".into(),
+            supervisor: crate::supervise::Supervisor::default(),
+            credentials: Credentials::generate(nodes)?,
         };
+        lab.write_credentials()?;
+        match lab.bring_up(listener, nodes, externals).await {
+            Ok(()) => {
+                // Supervision counts each component's run from here.
+                let _ = lab.components();
+                Ok(lab)
+            }
+            Err(e) => Err(lab.failed_start(e)),
+        }
+    }
+
+    /// Everything `build` starts once the lab value exists (so a failure drops it).
+    async fn bring_up(
+        &mut self,
+        listener: std::net::TcpListener,
+        nodes: usize,
+        externals: usize,
+    ) -> anyhow::Result<()> {
+        let lab = self;
+        let name = lab.name.clone();
         if let Some(root) = kpx_control::netns::cgroup2_root() {
             let dir = root.join(&name);
             std::fs::create_dir(&dir)
                 .with_context(|| format!("creating the lab's cgroup {}", dir.display()))?;
             lab.cgroup = Some(dir);
         }
-        if backend == ProxyBackend::Ebpf {
+        if lab.backend == ProxyBackend::Ebpf {
             let dir = lab.dir.path().join("bpffs");
             std::fs::create_dir(&dir)?;
             let out = std::process::Command::new("mount")
@@ -334,12 +441,95 @@ impl Lab {
             }
             lab.start_proxy(i)?;
         }
-        Ok(lab)
+        Ok(())
+    }
+
+    /// A start that failed: the lab's directory (its logs) is kept, everything else
+    /// (processes, namespaces, cgroups, mounts) is removed as the lab drops, and the error
+    /// says where the logs are.
+    pub(crate) fn failed_start(mut self, error: anyhow::Error) -> anyhow::Error {
+        self.dir.disable_cleanup(true);
+        let dir = self.dir.path().to_path_buf();
+        drop(self);
+        error.context(format!(
+            "the lab did not start; its logs are kept in {} (`kpx-lab down --all` removes it)",
+            dir.display()
+        ))
     }
 
     /// The store directory of the lab's kpx-control.
     pub fn store_dir(&self) -> PathBuf {
         self.dir.path().join("store")
+    }
+
+    /// A file of the lab's credentials, in its directory.
+    pub(crate) fn secret_path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The admin kubeconfig for the host (the API through the loopback relay): what users and
+    /// tests' kubectl use. Mode 0600, as every credential file of the lab.
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.secret_path("kubeconfig")
+    }
+
+    /// Writes the token files, the API server's certificate and every component's kubeconfig,
+    /// each created 0600: kube-apiserver's `--token-auth-file` (`tokens.csv`: the admin in
+    /// system:masters, `system:kube-proxy`, `system:node:<node>` in system:nodes per kubelet),
+    /// the token kpx-control shows kubelets and the kubelets' accepted-token file.
+    fn write_credentials(&self) -> anyhow::Result<()> {
+        use kpx_control::apiserver::auth::{kubeconfig_yaml, write_private};
+        let c = &self.credentials;
+        let mut tokens = format!(
+            "{},kpx-lab-admin,kpx-lab-admin,system:masters\n{},system:kube-proxy,system:kube-proxy\n",
+            c.admin, c.proxy
+        );
+        for (node, token) in &c.kubelets {
+            tokens.push_str(&format!(
+                "{token},system:node:{node},system:node:{node},system:nodes\n"
+            ));
+        }
+        let write = |name: &str, text: &str| {
+            let path = self.secret_path(name);
+            write_private(&path, text).with_context(|| format!("writing {}", path.display()))
+        };
+        write("tokens.csv", &tokens)?;
+        write("kubelet-client.token", &format!("{}\n", c.kubelet_client))?;
+        write(
+            "kubelet-tokens.csv",
+            &format!(
+                "{},kube-apiserver-kubelet-client,kube-apiserver-kubelet-client\n",
+                c.kubelet_client
+            ),
+        )?;
+        write("apiserver.crt", &c.cert_pem)?;
+        write("apiserver.key", &c.key_pem)?;
+        write("ca.crt", &c.ca_pem)?;
+        let fabric = format!("https://{API_ADDRESS}:{API_PORT}");
+        let admin = kubeconfig_yaml(
+            &self.name,
+            &self.api_url,
+            &c.ca_pem,
+            "kpx-lab-admin",
+            &c.admin,
+            Some("default"),
+        );
+        write("kubeconfig", &admin)?;
+        let proxy = kubeconfig_yaml(
+            &self.name,
+            &fabric,
+            &c.ca_pem,
+            "system:kube-proxy",
+            &c.proxy,
+            None,
+        );
+        write("proxy.kubeconfig", &proxy)?;
+        for (node, token) in &c.kubelets {
+            let user = format!("system:node:{node}");
+            let text = kubeconfig_yaml(&self.name, &fabric, &c.ca_pem, &user, token, None);
+            write(&format!("kubelet-{node}.kubeconfig"), &text)?;
+        }
+        Ok(())
     }
 
     /// Starts kpx-control inside the fabric namespace and waits until it answers.
@@ -354,12 +544,19 @@ impl Lab {
             .args([
                 "--bind-address",
                 &API_ADDRESS.to_string(),
-                "--insecure-bind-any",
                 "--port",
                 &API_PORT.to_string(),
             ])
             .arg("--data-dir")
             .arg(self.store_dir())
+            .arg("--token-auth-file")
+            .arg(self.secret_path("tokens.csv"))
+            .arg("--kubelet-client-token-file")
+            .arg(self.secret_path("kubelet-client.token"))
+            .arg("--tls-cert-file")
+            .arg(self.secret_path("apiserver.crt"))
+            .arg("--tls-private-key-file")
+            .arg(self.secret_path("apiserver.key"))
             .args([
                 "--service-cluster-ip-range",
                 &format!(
@@ -374,30 +571,74 @@ impl Lab {
             .spawn()
             .context("starting kpx-control")?;
         self.api = Some(child);
+        self.wait_api().await
+    }
+
+    /// Waits for kpx-control to answer: a generous deadline (a busy machine may take seconds
+    /// to start it), but at once an error with its exit status and log when it has exited.
+    async fn wait_api(&mut self) -> anyhow::Result<()> {
         let client = self.client();
-        for _ in 0..250 {
+        let deadline = tokio::time::Instant::now() + API_START_DEADLINE;
+        loop {
             if client.version().await.is_ok() {
                 return Ok(());
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            let log = self.log_path("kpx-control");
+            let exited = match self.api.as_mut() {
+                Some(child) => child.try_wait().ok().flatten(),
+                None => bail!("kpx-control was stopped while starting"),
+            };
+            if let Some(status) = exited {
+                self.api = None;
+                bail!(
+                    "kpx-control exited while starting ({status}); the end of {}:\n{}",
+                    log.display(),
+                    log_tail(&log, 20)
+                );
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "kpx-control did not answer within {API_START_DEADLINE:?} (still running); \
+                     the end of {}:\n{}",
+                    log.display(),
+                    log_tail(&log, 20)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        bail!(
-            "kpx-control did not answer; see {}",
-            self.log_path("kpx-control").display()
-        )
     }
 
-    /// `kill -9` of the API server: its watches break as in a crash.
+    /// `kill -9` of the API server: its watches break as in a crash. On purpose: it is not
+    /// restarted by supervision until `start_api`.
     pub fn kill_api(&mut self) {
+        self.supervisor.stopped(crate::supervise::Component::Api);
         if let Some(mut child) = self.api.take() {
+            // std's kill does nothing once the child was reaped (its pid may be reused).
             let _ = child.kill();
             let _ = child.wait();
         }
     }
 
+    /// The API server's process handle, for supervision.
+    pub(crate) fn api_slot(&mut self) -> &mut Option<Child> {
+        &mut self.api
+    }
+
+    /// Node `i`'s proxy's process handle, for supervision.
+    pub(crate) fn proxy_slot(&mut self, i: usize) -> &mut Option<Child> {
+        &mut self.nodes[i].proxy
+    }
+
+    /// A client of the lab's API as its admin (through the loopback relay).
     pub fn client(&self) -> Client {
-        Client::new(&ClientConfig::from_url(&self.api_url))
-            .expect("a loopback URL is a valid client config")
+        let config = ClientConfig {
+            server: self.api_url.clone(),
+            ca_pem: Some(self.credentials.ca_pem.clone().into_bytes()),
+            token: Some(self.credentials.admin.clone()),
+            ..Default::default()
+        };
+        Client::new(&config)
+            .expect("a loopback URL, a generated CA and a hex token are a valid client config")
     }
 
     async fn add_node(&mut self, i: u8) -> anyhow::Result<()> {
@@ -559,7 +800,9 @@ impl Lab {
         let err = log.try_clone()?;
         let child = self
             .proxy_command(i)?
-            .args(["--master", &format!("http://{API_ADDRESS}:{API_PORT}")])
+            .arg("--kubeconfig")
+            .arg(self.secret_path("proxy.kubeconfig"))
+            .args(["--master", &format!("https://{API_ADDRESS}:{API_PORT}")])
             .args([
                 "--hostname-override",
                 &node.name,
@@ -656,20 +899,23 @@ impl Lab {
         Ok(())
     }
 
-    /// `kill -9` of node `i`'s proxy: nothing of it runs its exit path.
+    /// `kill -9` of node `i`'s proxy: nothing of it runs its exit path. On purpose: it is not
+    /// restarted by supervision until `start_proxy`.
     pub fn kill_proxy(&mut self, i: usize) {
+        self.supervisor
+            .stopped(crate::supervise::Component::Proxy(i));
         if let Some(mut child) = self.nodes[i].proxy.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
     }
 
+    /// Stops node `i`'s proxy (SIGTERM); on purpose, as `kill_proxy`.
     pub fn stop_proxy(&mut self, i: usize) {
-        if let Some(mut child) = self.nodes[i].proxy.take() {
-            let _ = std::process::Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-            let _ = child.wait();
+        self.supervisor
+            .stopped(crate::supervise::Component::Proxy(i));
+        if let Some(child) = self.nodes[i].proxy.take() {
+            terminate(child);
         }
     }
 
@@ -857,6 +1103,20 @@ impl Drop for Lab {
             }
         }
     }
+}
+
+/// SIGTERM to a child, then reaps it; nothing is signalled if it has already exited and been
+/// reaped (its process id may belong to another process by now).
+pub(crate) fn terminate(mut child: Child) {
+    if let Ok(None) = child.try_wait() {
+        if let Ok(pid) = i32::try_from(child.id()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+    }
+    let _ = child.wait();
 }
 
 /// Relays loopback connections on the host to the API server inside the fabric: the outbound

@@ -11,4 +11,5 @@ pub mod demo;
 pub mod lab;
 /// Network namespaces live in kpx-control, whose kubelet makes pods of them.
 pub use kpx_control::netns;
+pub mod supervise;
 pub mod traffic;

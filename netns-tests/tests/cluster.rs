@@ -67,6 +67,104 @@ where
     }
 }
 
+/// Waits for the proxies, the slices and the kubelets: generous, so a busy machine only makes
+/// a test slower. Deadlines are never what a test asserts.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// Seconds since the epoch, as the proxy's `kubeproxy_sync_proxy_rules_last_timestamp_seconds`.
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
+
+/// The proxy's last successful sync's time, from its /metrics inside node `node`.
+fn last_sync(lab: &Lab, node: usize) -> Option<f64> {
+    let (code, metrics) = traffic::local_get(&lab.nodes[node].ns, 10249, "/metrics").ok()?;
+    (code == 200)
+        .then(|| {
+            traffic::metric_value(
+                &metrics,
+                "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            )
+        })
+        .flatten()
+}
+
+/// Waits until node `node`'s proxy has completed a sync that began after `since` (seconds since
+/// the epoch): two syncs ending after it, the second begun after the first ended. Returns when
+/// it saw that.
+async fn proxy_synced_after(lab: &Lab, node: usize, since: f64) -> anyhow::Result<Instant> {
+    let mut first = None;
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(t) = last_sync(lab, node) {
+            match first {
+                None if t > since => first = Some(t),
+                Some(f) if t > f => return Ok(Instant::now()),
+                _ => {}
+            }
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "node {node}'s proxy did not sync after {since} within {PATIENCE:?}:\n{}",
+            lab.proxy_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Requests in batches of a few, each batch's start and end recorded, until stopped.
+struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    count: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    handle: tokio::task::JoinHandle<anyhow::Result<Vec<Batch>>>,
+}
+
+struct Batch {
+    started: Instant,
+    ended: Instant,
+    outcomes: Vec<Outcome>,
+}
+
+impl Load {
+    fn start(entry: kpx_lab::netns::Entry, target: SocketAddr) -> Self {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (stop2, count2) = (stop.clone(), count.clone());
+        let handle = tokio::task::spawn_blocking(move || {
+            let mut batches = Vec::new();
+            while !stop2.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                let outcomes = traffic::http(&entry, target, 5, common::TIMEOUT)?;
+                batches.push(Batch {
+                    started,
+                    ended: Instant::now(),
+                    outcomes,
+                });
+                count2.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(batches)
+        });
+        Self {
+            stop,
+            count,
+            handle,
+        }
+    }
+
+    fn batches(&self) -> usize {
+        self.count.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    async fn stop(self) -> anyhow::Result<Vec<Batch>> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle.await?
+    }
+}
+
 /// SIGKILL to a container's process, named by its `kpx://PID` container id.
 fn kill_container(container_id: &str) -> anyhow::Result<()> {
     let pid: i32 = container_id
@@ -112,7 +210,7 @@ fn node_of(pod: &Pod) -> String {
 async fn ready_pods(lab: &Lab, selector: &str, count: usize) -> anyhow::Result<Vec<Pod>> {
     until(
         &format!("{count} ready pods {selector}"),
-        Duration::from_secs(30),
+        PATIENCE,
         || async {
             let all = pod_list(lab, selector).await?;
             let ready: Vec<Pod> = all.into_iter().filter(is_ready).collect();
@@ -160,7 +258,7 @@ async fn client_pod(lab: &Lab, node: &str) -> anyhow::Result<Pod> {
             "apiVersion: v1\nkind: Pod\nmetadata:\n  name: client\nspec:\n  nodeSelector:\n    kubernetes.io/hostname: {node}\n  containers:\n  - name: client\n    image: busybox:1.28\n    command: ['sleep', '3600']\n"
         ),
     )?;
-    until("the client pod", Duration::from_secs(30), || async {
+    until("the client pod", PATIENCE, || async {
         let p = pods(lab).get("client").await?;
         Ok(is_ready(&p).then_some(p))
     })
@@ -236,24 +334,33 @@ async fn documentation_examples_are_reachable_from_another_node() {
             nodes.len() == 2,
             "replicas spread over both nodes: {nodes:?}"
         );
-        until("6 ready endpoints", Duration::from_secs(10), || async {
+        until("6 ready endpoints", PATIENCE, || async {
             Ok((ready_endpoints(&lab, "my-service").await?.len() == 6).then_some(()))
         })
         .await?;
         let client = client_pod(&lab, "node-2").await?;
         let entry = lab.pod_entry(&client)?;
         let target = cluster_ip(&lab, "my-service").await?;
-        let outcomes = traffic::http(&entry, target, 120, common::TIMEOUT)?;
-        anyhow::ensure!(
-            common::all_answer(&outcomes),
-            "every request answered: {:?}",
-            traffic::spread(&outcomes)
-        );
-        let seen = common::pods_seen(&outcomes);
         let expected: std::collections::BTreeSet<String> = backends
             .iter()
             .filter_map(|p| p.metadata.name.clone())
             .collect();
+        // Every request is answered at all times; every replica answers once node-2's proxy
+        // has programmed the last endpoints (a moment after the slice, longer when busy).
+        let deadline = Instant::now() + PATIENCE;
+        let seen = loop {
+            let outcomes = traffic::http(&entry, target, 120, common::TIMEOUT)?;
+            anyhow::ensure!(
+                common::all_answer(&outcomes),
+                "every request answered: {:?}",
+                traffic::spread(&outcomes)
+            );
+            let seen = common::pods_seen(&outcomes);
+            if seen == expected || Instant::now() > deadline {
+                break seen;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
         anyhow::ensure!(
             seen == expected,
             "every replica answered: {seen:?} vs {expected:?}"
@@ -328,7 +435,7 @@ async fn a_killed_container_is_restarted_and_traffic_keeps_flowing() {
         let client = client_pod(&lab, "node-1").await?;
         let entry = lab.pod_entry(&client)?;
         let target = cluster_ip(&lab, "web").await?;
-        until("3 ready endpoints", Duration::from_secs(10), || async {
+        until("3 ready endpoints", PATIENCE, || async {
             Ok((ready_endpoints(&lab, "web").await?.len() == 3).then_some(()))
         })
         .await?;
@@ -348,35 +455,33 @@ async fn a_killed_container_is_restarted_and_traffic_keeps_flowing() {
             .clone()
             .expect("a container id");
 
-        // Requests through the Service all along, while the container is killed.
-        let load_entry = kpx_lab::netns::Enter::entry(&entry)?;
-        let load = tokio::task::spawn_blocking(move || {
-            traffic::http(&load_entry, target, 400, common::TIMEOUT)
-        });
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Requests through the Service all along, while the container is killed, in small
+        // batches whose times are known.
+        let load = Load::start(kpx_lab::netns::Enter::entry(&entry)?, target);
+        until("requests before the kill", PATIENCE, || async {
+            Ok((load.batches() >= 3).then_some(()))
+        })
+        .await?;
+        let killed_at = Instant::now();
         kill_container(&victim_id)?;
         // Not ready while its readiness probe waits its initial delay: out of the slice.
-        until(
-            "the killed pod's endpoint to leave",
-            Duration::from_secs(5),
-            || async {
-                Ok((!ready_endpoints(&lab, "web").await?.contains(&victim_ip)).then_some(()))
-            },
-        )
+        until("the killed pod's endpoint to leave", PATIENCE, || async {
+            Ok((!ready_endpoints(&lab, "web").await?.contains(&victim_ip)).then_some(()))
+        })
         .await?;
-        let restarted = until(
-            "the container restarted and ready",
-            Duration::from_secs(20),
-            || async {
-                let p = pods(&lab).get(&victim_name).await?;
-                let count = p
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.container_statuses.as_ref())
-                    .map_or(0, |c| c[0].restart_count);
-                Ok((count == 1 && is_ready(&p)).then_some(p))
-            },
-        )
+        // The window in which requests may fail ends once the client's node's proxy has
+        // programmed the slice without the victim: a sync that began after we saw the slice.
+        let left_slice = unix_now();
+        let caught_up = proxy_synced_after(&lab, 0, left_slice).await?;
+        let restarted = until("the container restarted and ready", PATIENCE, || async {
+            let p = pods(&lab).get(&victim_name).await?;
+            let count = p
+                .status
+                .as_ref()
+                .and_then(|s| s.container_statuses.as_ref())
+                .map_or(0, |c| c[0].restart_count);
+            Ok((count == 1 && is_ready(&p)).then_some(p))
+        })
         .await?;
         let last = restarted
             .status
@@ -391,32 +496,60 @@ async fn a_killed_container_is_restarted_and_traffic_keeps_flowing() {
             last.exit_code == 137 && last.signal == Some(9),
             "killed by SIGKILL: {last:?}"
         );
-        let outcomes = load.await??;
-        let failed: Vec<&Outcome> = outcomes.iter().filter(|o| o.pod().is_none()).collect();
-        // Only connections made in the moment between the kill and the proxies hearing of it
-        // can fail (as in Kubernetes); allow 2%.
-        anyhow::ensure!(
-            failed.len() * 50 <= outcomes.len(),
-            "{} of {} requests failed: {failed:?}",
-            failed.len(),
-            outcomes.len()
-        );
-        until("the endpoint back", Duration::from_secs(10), || async {
+        until("the endpoint back", PATIENCE, || async {
             Ok(ready_endpoints(&lab, "web")
                 .await?
                 .contains(&victim_ip)
                 .then_some(()))
         })
         .await?;
-        let after = traffic::http(&entry, target, 60, common::TIMEOUT)?;
-        anyhow::ensure!(
-            common::all_answer(&after),
-            "all answered after the restart: {:?}",
-            traffic::spread(&after)
-        );
+        // The restarted pod serves again once the proxies have its endpoint back, and no
+        // request fails meanwhile.
+        let mut after = Vec::new();
+        let deadline = Instant::now() + PATIENCE;
+        while Instant::now() < deadline {
+            after = traffic::http(&entry, target, 60, common::TIMEOUT)?;
+            if common::pods_seen(&after).contains(&victim_name) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let batches = load.stop().await?;
         anyhow::ensure!(
             common::pods_seen(&after).contains(&victim_name),
-            "the restarted pod serves again"
+            "the restarted pod serves again: {:?}",
+            traffic::spread(&after)
+        );
+        // Kubernetes promises no more than this: only requests made between the kill and the
+        // client node's proxy programming the slice without the victim can fail. A verdict
+        // in those terms does not depend on how busy the machine is (a fixed share of
+        // failures did: 25 of 400 at load 7-9).
+        let total: usize = batches.iter().map(|b| b.outcomes.len()).sum();
+        let mut in_window = 0;
+        for b in &batches {
+            let failed: Vec<&Outcome> = b.outcomes.iter().filter(|o| o.pod().is_none()).collect();
+            if failed.is_empty() {
+                continue;
+            }
+            let overlaps = b.started <= caught_up && b.ended >= killed_at;
+            anyhow::ensure!(
+                overlaps,
+                "{} request(s) failed outside the window between the kill and the proxy's sync \
+                 ({:?} after the kill; the window is {:?} long): {failed:?}",
+                failed.len(),
+                b.started.saturating_duration_since(killed_at),
+                caught_up - killed_at
+            );
+            in_window += failed.len();
+        }
+        anyhow::ensure!(
+            batches.iter().any(|b| b.started > caught_up),
+            "the load ran past the window"
+        );
+        eprintln!(
+            "cluster-kill: {in_window} of {total} requests failed, all inside the {:?} between \
+             the kill and node-1's proxy syncing the slice",
+            caught_up - killed_at
         );
         Ok(())
     })
@@ -447,7 +580,7 @@ async fn a_stopped_kubelet_makes_its_node_not_ready_and_its_pods_move() {
         let stopped = Instant::now();
         lab.stop_kubelet(1);
         let nodes = Api::<Node>::all(lab.client());
-        until("node-2 NotReady", Duration::from_secs(10), || async {
+        until("node-2 NotReady", PATIENCE, || async {
             Ok((!node_ready(&nodes.get("node-2").await?)).then_some(()))
         })
         .await?;
@@ -456,7 +589,7 @@ async fn a_stopped_kubelet_makes_its_node_not_ready_and_its_pods_move() {
             common::all_answer(o) && common::pods_seen(o).iter().all(|p| !on_node2.contains(p))
         };
         let mut last = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + PATIENCE;
         while Instant::now() < deadline {
             last = traffic::http(&entry, target, 40, common::TIMEOUT)?;
             if node1_only(&last) {
@@ -467,7 +600,7 @@ async fn a_stopped_kubelet_makes_its_node_not_ready_and_its_pods_move() {
         anyhow::ensure!(node1_only(&last), "node-2's pods still answered: {:?}", traffic::spread(&last));
         let unready_after = stopped.elapsed();
         // Evicted, and replaced on node-1.
-        let replaced = until("4 ready replicas on node-1", Duration::from_secs(30), || async {
+        let replaced = until("4 ready replicas on node-1", PATIENCE, || async {
             let all = pod_list(&lab, "app=web").await?;
             let ready: Vec<Pod> = all.into_iter().filter(|p| is_ready(p) && node_of(p) == "node-1").collect();
             Ok((ready.len() == 4).then_some(ready))
@@ -479,7 +612,7 @@ async fn a_stopped_kubelet_makes_its_node_not_ready_and_its_pods_move() {
         );
         // The replacements reach the slice and the proxies a moment after they are Ready.
         let mut after = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + PATIENCE;
         while Instant::now() < deadline {
             after = traffic::http(&entry, target, 60, common::TIMEOUT)?;
             if common::all_answer(&after) && common::pods_seen(&after).len() == 4 {
@@ -564,12 +697,12 @@ async fn pods_that_cannot_run_say_why_and_termination_is_graceful() {
     common::on_one_backend("cluster-unrunnable", |backend| async move {
         let lab = Lab::cluster("unrunnable", backend, 1, ClusterOptions::default()).await?;
         apply(&lab, DOCS_POD)?;
-        until("the nginx pod", Duration::from_secs(20), || async {
+        until("the nginx pod", PATIENCE, || async {
             Ok(is_ready(&pods(&lab).get("nginx").await?).then_some(()))
         })
         .await?;
         apply(&lab, UNRUNNABLE)?;
-        let (reason, message) = until("ErrImagePull", Duration::from_secs(10), || async {
+        let (reason, message) = until("ErrImagePull", PATIENCE, || async {
             Ok(waiting_reason(
                 &pods(&lab).get("unknown-image").await?,
                 "app",
@@ -585,13 +718,13 @@ async fn pods_that_cannot_run_say_why_and_termination_is_graceful() {
             "{message}"
         );
         // …and `kubectl describe` shows why, from the kubelet's events.
-        let described = until("the Failed event", Duration::from_secs(5), || async {
+        let described = until("the Failed event", PATIENCE, || async {
             let text = kubectl(&lab, &["describe", "pod", "unknown-image"], None)?;
             Ok(text.contains("Failed to pull image").then_some(text))
         })
         .await?;
         anyhow::ensure!(described.contains("Scheduled"), "{described}");
-        let (reason, message) = until("CreateContainerError", Duration::from_secs(10), || async {
+        let (reason, message) = until("CreateContainerError", PATIENCE, || async {
             Ok(waiting_reason(
                 &pods(&lab).get("missing-command").await?,
                 "app",
@@ -604,19 +737,15 @@ async fn pods_that_cannot_run_say_why_and_termination_is_graceful() {
             "{message}"
         );
         // Two servers on port 80 in one pod: one runs, the other fails saying why.
-        let failed = until(
-            "the second container to fail",
-            Duration::from_secs(10),
-            || async {
-                let pod = pods(&lab).get("port-taken").await?;
-                let done = ["first", "second"].iter().find_map(|c| {
-                    let s = container_state(&pod, c)?;
-                    let t = s.last_state.and_then(|l| l.terminated)?;
-                    Some((c.to_string(), t))
-                });
-                Ok(done)
-            },
-        )
+        let failed = until("the second container to fail", PATIENCE, || async {
+            let pod = pods(&lab).get("port-taken").await?;
+            let done = ["first", "second"].iter().find_map(|c| {
+                let s = container_state(&pod, c)?;
+                let t = s.last_state.and_then(|l| l.terminated)?;
+                Some((c.to_string(), t))
+            });
+            Ok(done)
+        })
         .await?;
         anyhow::ensure!(
             failed
@@ -647,18 +776,24 @@ async fn pods_that_cannot_run_say_why_and_termination_is_graceful() {
         anyhow::ensure!(common::all_answer(&answers), "{answers:?}");
 
         // Graceful termination: SIGTERM ignored, so SIGKILL at the end of the 2 s grace period.
-        until("stubborn running", Duration::from_secs(10), || async {
+        until("stubborn running", PATIENCE, || async {
             Ok(is_ready(&pods(&lab).get("stubborn").await?).then_some(()))
         })
         .await?;
         let started = Instant::now();
         kubectl(&lab, &["delete", "pod", "stubborn", "--wait=false"], None)?;
-        until("stubborn terminating", Duration::from_secs(5), || async {
-            let p = pods(&lab).get("stubborn").await?;
-            Ok((p.metadata.deletion_timestamp.is_some() && !is_ready(&p)).then_some(()))
+        until("stubborn terminating", PATIENCE, || async {
+            // Gone already (a slow poll on a busy machine) is past terminating too.
+            match pods(&lab).get("stubborn").await {
+                Ok(p) => {
+                    Ok((p.metadata.deletion_timestamp.is_some() && !is_ready(&p)).then_some(()))
+                }
+                Err(e) if e.is_not_found() => Ok(Some(())),
+                Err(e) => Err(e.into()),
+            }
         })
         .await?;
-        until("stubborn gone", Duration::from_secs(10), || async {
+        until("stubborn gone", PATIENCE, || async {
             Ok(pods(&lab)
                 .get("stubborn")
                 .await
@@ -668,8 +803,11 @@ async fn pods_that_cannot_run_say_why_and_termination_is_graceful() {
         .await?;
         let took = started.elapsed();
         anyhow::ensure!(
-            took >= Duration::from_millis(1900) && took < Duration::from_secs(6),
-            "killed at the end of the grace period, then deleted: {took:?}\n{}",
+            // Not before the grace period; that it ends at all shows the SIGKILL (the process
+            // ignores SIGTERM), so no upper bound is asserted: on a busy machine the deletion
+            // after it takes longer.
+            took >= Duration::from_millis(1900),
+            "killed only at the end of the grace period, then deleted: {took:?}\n{}",
             std::fs::read_to_string(lab.log_path("kubelet-node-1")).unwrap_or_default()
         );
         Ok(())
@@ -731,15 +869,11 @@ async fn a_restarted_kubelet_keeps_its_pods_running() {
         // The new kubelet still watches the adopted processes: one killed is restarted.
         let (name, (id, _)) = ids.iter().next().expect("a pod");
         kill_container(id)?;
-        until(
-            "the adopted container restarted",
-            Duration::from_secs(20),
-            || async {
-                let p = pods(&lab).get(name).await?;
-                let restarts = container_ids(std::slice::from_ref(&p))[name].1;
-                Ok((restarts == 1 && is_ready(&p)).then_some(()))
-            },
-        )
+        until("the adopted container restarted", PATIENCE, || async {
+            let p = pods(&lab).get(name).await?;
+            let restarts = container_ids(std::slice::from_ref(&p))[name].1;
+            Ok((restarts == 1 && is_ready(&p)).then_some(()))
+        })
         .await?;
         Ok(())
     })

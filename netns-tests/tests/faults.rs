@@ -123,7 +123,7 @@ async fn flushed_rules_come_back_and_failed_applies_keep_the_old_rules() {
             works,
         )
         .await?;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
             let (health, body) = traffic::local_get(&lab.nodes[0].ns, 10256, "/healthz")?;
             if health == 200 {

@@ -16,6 +16,13 @@ pub struct KindLabel {
     pub kind: String,
 }
 
+/// An address refused on purpose: the object's kind and why (`model::Refusal::label`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabel {
+    pub kind: String,
+    pub reason: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MapLabel {
     pub map: String,
@@ -34,6 +41,7 @@ pub struct Metrics {
     pub services: Gauge,
     pub endpoints: Gauge,
     pub skipped: Family<KindLabel, Counter>,
+    pub refused_addresses: Family<RefusedLabel, Counter>,
     pub map_full: Family<MapLabel, Counter>,
     pub registry: Registry,
 }
@@ -54,6 +62,7 @@ impl Metrics {
             services: Gauge::default(),
             endpoints: Gauge::default(),
             skipped: Family::default(),
+            refused_addresses: Family::default(),
             map_full: Family::default(),
             registry: Registry::default(),
         };
@@ -117,6 +126,11 @@ impl Metrics {
             "kpx_proxy_skipped_objects",
             "Objects (or fields of them) skipped because they could not be used",
             m.skipped.clone(),
+        );
+        registry.register(
+            "kpx_proxy_refused_addresses",
+            "Endpoints, external and load-balancer IPs never programmed (loopback, link-local, unspecified, multicast, broadcast, the node's or the API server's address), per kind and reason",
+            m.refused_addresses.clone(),
         );
         registry.register(
             "kpx_proxy_bpf_map_full",

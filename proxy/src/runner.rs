@@ -9,9 +9,69 @@ use tokio::sync::mpsc;
 
 use crate::backend::Backend;
 use crate::conntrack;
-use crate::metrics::{Health, KindLabel, Metrics};
-use crate::model::{ChangeTracker, ProxyState};
+use crate::metrics::{Health, KindLabel, Metrics, RefusedLabel};
+use crate::model::{ChangeTracker, Protected, ProxyState};
 use crate::watch::Update;
+
+/// The addresses no Service may take as an external or load-balancer IP on this node: every
+/// address of the node's interfaces, `extra` (`--node-ip`), and the API server's address
+/// from the client configuration (`server`, resolved if it is a name). A Service there
+/// captured `kubectl logs` and every connection to the API server (issue 15, item 8).
+pub async fn protected_addresses(server: &str, extra: &[std::net::IpAddr]) -> Protected {
+    let mut node: Vec<std::net::IpAddr> = extra.to_vec();
+    if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
+        for a in addrs {
+            // kube-proxy's IPVS mode binds every Service address to this dummy interface:
+            // those are Service addresses, not the node's.
+            if a.interface_name == "kube-ipvs0" {
+                continue;
+            }
+            let Some(storage) = a.address else { continue };
+            let ip = if let Some(v4) = storage.as_sockaddr_in() {
+                std::net::IpAddr::V4(v4.ip())
+            } else if let Some(v6) = storage.as_sockaddr_in6() {
+                std::net::IpAddr::V6(v6.ip())
+            } else {
+                continue;
+            };
+            if !node.contains(&ip) {
+                node.push(ip);
+            }
+        }
+    }
+    let mut api_server = Vec::new();
+    if let Some((host, port)) = server_host(server) {
+        match host.parse::<std::net::IpAddr>() {
+            Ok(ip) => api_server.push(ip),
+            Err(_) => match tokio::net::lookup_host((host.as_str(), port)).await {
+                Ok(found) => api_server.extend(found.map(|a| a.ip())),
+                Err(e) => {
+                    tracing::warn!(server, error = %e, "cannot resolve the API server's name; its address is not protected from external IPs")
+                }
+            },
+        }
+    }
+    api_server.sort();
+    api_server.dedup();
+    Protected { node, api_server }
+}
+
+/// `https://host:port/path` → (host, port); IPv6 hosts are bracketed in URLs.
+fn server_host(server: &str) -> Option<(String, u16)> {
+    let (scheme, rest) = server.split_once("://")?;
+    let authority = rest.split('/').next()?;
+    let authority = authority.rsplit('@').next()?;
+    let default_port = if scheme == "https" { 443 } else { 80 };
+    if let Some(v6) = authority.strip_prefix('[') {
+        let (host, after) = v6.split_once(']')?;
+        let port = after.strip_prefix(':').and_then(|p| p.parse().ok());
+        return Some((host.to_string(), port.unwrap_or(default_port)));
+    }
+    match authority.rsplit_once(':') {
+        Some((host, port)) => Some((host.to_string(), port.parse().ok()?)),
+        None => Some((authority.to_string(), default_port)),
+    }
+}
 
 /// The annotation an EndpointSlice controller sets to when the change behind it happened.
 pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
@@ -23,6 +83,8 @@ pub struct RunnerConfig {
     pub sync_period: Duration,
     /// How often a full resync happens even when nothing seems lost.
     pub full_sync_period: Duration,
+    /// This node's and the API server's addresses: never external or load-balancer IPs.
+    pub protected: Protected,
 }
 
 pub struct Runner<B: Backend> {
@@ -53,7 +115,7 @@ impl<B: Backend> Runner<B> {
     ) -> Self {
         Self {
             backend,
-            tracker: ChangeTracker::new(&config.node_name),
+            tracker: ChangeTracker::with_protected(&config.node_name, config.protected.clone()),
             config,
             state: ProxyState::default(),
             metrics,
@@ -190,6 +252,15 @@ impl<B: Backend> Runner<B> {
                     kind: skipped.kind.to_string(),
                 })
                 .inc();
+            if let Some(why) = skipped.refusal {
+                self.metrics
+                    .refused_addresses
+                    .get_or_create(&RefusedLabel {
+                        kind: skipped.kind.to_string(),
+                        reason: why.label().to_string(),
+                    })
+                    .inc();
+            }
         }
         let full = self.need_full;
         let result = tokio::task::block_in_place(|| self.backend.sync(&self.state, &changes, full));
@@ -291,4 +362,28 @@ fn chrono_parse(text: &str) -> Option<SystemTime> {
     u64::try_from(nanos)
         .ok()
         .map(|n| SystemTime::UNIX_EPOCH + Duration::from_nanos(n))
+}
+
+#[cfg(test)]
+mod protected_tests {
+    use super::server_host;
+
+    #[test]
+    fn the_api_servers_host_is_read_from_the_client_url() {
+        let host = |s| server_host(s).map(|(h, p)| format!("{h} {p}"));
+        assert_eq!(
+            host("http://198.18.0.1:6443"),
+            Some("198.18.0.1 6443".into())
+        );
+        assert_eq!(
+            host("https://[2001:2::1]:6443/"),
+            Some("2001:2::1 6443".into())
+        );
+        assert_eq!(
+            host("https://kubernetes.default.svc"),
+            Some("kubernetes.default.svc 443".into())
+        );
+        assert_eq!(host("http://10.0.0.1/api"), Some("10.0.0.1 80".into()));
+        assert_eq!(host("nonsense"), None);
+    }
 }

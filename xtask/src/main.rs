@@ -55,6 +55,40 @@ fn cargo() -> Command {
     cmd
 }
 
+/// Where cargo puts its build output: `CARGO_TARGET_DIR`, `build.target-dir` or `target/`, as
+/// `cargo metadata` reports it (so `demo` and `bench` run the binaries just built, wherever
+/// they went).
+fn target_dir() -> anyhow::Result<PathBuf> {
+    let out = cargo()
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .output()
+        .context("running cargo metadata")?;
+    if !out.status.success() {
+        bail!(
+            "cargo metadata failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    target_directory_of(&String::from_utf8_lossy(&out.stdout))
+        .context("cargo metadata did not report a target_directory")
+}
+
+/// The `target_directory` string of `cargo metadata`'s JSON (xtask has no JSON parser; the
+/// value is one string with only `\\` and `\"` as escapes a path needs).
+fn target_directory_of(metadata: &str) -> Option<PathBuf> {
+    let key = "\"target_directory\":";
+    let rest = metadata[metadata.find(key)? + key.len()..].trim_start();
+    let mut chars = rest.strip_prefix('"')?.chars();
+    let mut value = String::new();
+    loop {
+        match chars.next()? {
+            '"' => return Some(PathBuf::from(value)),
+            '\\' => value.push(chars.next()?),
+            c => value.push(c),
+        }
+    }
+}
+
 pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
     let shown = format!("{cmd:?}");
     let status = cmd.status().with_context(|| format!("starting {shown}"))?;
@@ -138,7 +172,7 @@ fn main() -> anyhow::Result<()> {
             say("building kpx (kpx-control, kpx-kubelet, kpx-proxy, kpx-lab, kpx-workload)");
             run(cargo().args(["build", "--quiet", "--workspace", "--bins"]))?;
             say("running kpx-lab demo");
-            run(Command::new(workspace_root().join("target/debug/kpx-lab"))
+            run(Command::new(target_dir()?.join("debug/kpx-lab"))
                 .arg("demo")
                 .env("KPX_KUBECTL", &tools.kubectl))
         }
@@ -202,7 +236,7 @@ fn main() -> anyhow::Result<()> {
                 "running kpx-lab bench, the default matrix (every backend × 1, 1,000 and 10,000 Services); results in {}",
                 out.display()
             ));
-            let mut cmd = Command::new(workspace_root().join("target/release/kpx-lab"));
+            let mut cmd = Command::new(target_dir()?.join("release/kpx-lab"));
             cmd.arg("bench").arg("--out").arg(&out);
             // An earlier run there is the baseline the new one is compared with.
             let previous = out.join("report.json");
@@ -213,5 +247,20 @@ fn main() -> anyhow::Result<()> {
             }
             run(&mut cmd)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_target_directory_is_read_from_cargo_metadata() {
+        let json = r#"{"packages":[],"target_directory":"/tmp/elsewhere/t \"x\"","version":1}"#;
+        assert_eq!(
+            target_directory_of(json),
+            Some(PathBuf::from("/tmp/elsewhere/t \"x\""))
+        );
+        assert_eq!(target_directory_of(r#"{"version":1}"#), None);
     }
 }

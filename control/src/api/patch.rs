@@ -157,19 +157,7 @@ pub fn apply(
     let patch: Value = serde_json::from_slice(patch)
         .map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))?;
     match patch_type {
-        PatchType::Json => {
-            let ops: json_patch::Patch = serde_json::from_value(patch)
-                .map_err(|e| ApiError::bad_request(format!("invalid JSON patch: {e}")))?;
-            let mut doc = original.clone();
-            json_patch::patch(&mut doc, &ops).map_err(|e| {
-                ApiError::new(
-                    422,
-                    "Invalid",
-                    format!("the JSON patch could not be applied: {e}"),
-                )
-            })?;
-            Ok(doc)
-        }
+        PatchType::Json => apply_json_patch(original, patch),
         PatchType::Merge => {
             if !patch.is_object() {
                 return Err(ApiError::bad_request("a merge patch must be a JSON object"));
@@ -189,6 +177,102 @@ pub fn apply(
             merge_map(original, patch, "", &meta).map(Value::Object)
         }
     }
+}
+
+/// kube-apiserver's `maxJSONPatchOperations` (`k8s.io/apiserver/pkg/endpoints/handlers/patch.go`).
+pub const MAX_JSON_PATCH_OPERATIONS: usize = 10_000;
+
+/// kube-apiserver's `JSONPatchMaxCopyBytes` (`k8s.io/apiserver/pkg/server/config.go`): how much
+/// all `copy` operations of one patch may add to the document together (evanphx/json-patch's
+/// `AccumulatedCopySizeLimit`). Without it, 26 `copy` ops of the root double the document 26
+/// times: 1.4 KB of patch asked for gigabytes.
+pub const JSON_PATCH_MAX_COPY_BYTES: usize = 3 * 1024 * 1024;
+
+/// Applies an RFC 6902 patch operation by operation, as kube-apiserver does with
+/// evanphx/json-patch: more than [`MAX_JSON_PATCH_OPERATIONS`] operations is 413 before anything
+/// is applied, and a `copy` is sized (with an early stop) before its value is cloned, so the
+/// document never grows by more than [`JSON_PATCH_MAX_COPY_BYTES`] through copies. Every other
+/// operation only places values the patch body itself carries, so the result stays within
+/// original + body + copy budget. The original is cloned once; a failed patch is dropped whole.
+fn apply_json_patch(original: &Value, patch: Value) -> Result<Value, ApiError> {
+    let Value::Array(raw_ops) = patch else {
+        return Err(ApiError::bad_request(
+            "invalid JSON patch: a JSON patch must be a list of operations",
+        ));
+    };
+    if raw_ops.len() > MAX_JSON_PATCH_OPERATIONS {
+        // kube: errors.NewRequestEntityTooLargeError in patcher.applyJSPatch.
+        return Err(ApiError::new(
+            413,
+            "RequestEntityTooLarge",
+            format!(
+                "Request entity too large: The allowed maximum operations in a JSON patch is \
+                 {MAX_JSON_PATCH_OPERATIONS}, got {}",
+                raw_ops.len()
+            ),
+        ));
+    }
+    let ops: json_patch::Patch = serde_json::from_value(Value::Array(raw_ops))
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON patch: {e}")))?;
+    // kube answers a patch that cannot be applied with a bare 422 (NewGenericServerResponse).
+    let unprocessable = |message: String| ApiError::new(422, "Invalid", message);
+    let mut doc = original.clone();
+    let mut copied = 0usize;
+    for op in &ops.0 {
+        if let json_patch::PatchOperation::Copy(copy) = op {
+            let from = doc.pointer(copy.from.as_str()).ok_or_else(|| {
+                unprocessable(format!(
+                    "the JSON patch could not be applied: copy from {:?}: no value at that path",
+                    copy.from.as_str()
+                ))
+            })?;
+            let budget = JSON_PATCH_MAX_COPY_BYTES - copied;
+            match json_size_within(from, budget) {
+                Some(size) => copied += size,
+                None => {
+                    // evanphx/json-patch's AccumulatedCopySizeError, which kube returns as 422.
+                    return Err(unprocessable(format!(
+                        "Unable to complete the copy, the accumulated size increase of copy \
+                         exceeds the limit {JSON_PATCH_MAX_COPY_BYTES}: the value at {:?} is \
+                         larger than the {budget} bytes left",
+                        copy.from.as_str()
+                    )));
+                }
+            }
+        }
+        json_patch::patch_unsafe(&mut doc, std::slice::from_ref(op))
+            .map_err(|e| unprocessable(format!("the JSON patch could not be applied: {e}")))?;
+    }
+    Ok(doc)
+}
+
+/// The length of `value` written as compact JSON, or None as soon as it exceeds `budget`: the
+/// walk stops early, so sizing a huge value costs at most `budget` steps.
+pub fn json_size_within(value: &Value, budget: usize) -> Option<usize> {
+    fn walk(value: &Value, used: &mut usize, budget: usize) -> bool {
+        let add = |used: &mut usize, n: usize| {
+            *used = used.saturating_add(n);
+            *used <= budget
+        };
+        match value {
+            Value::Null => add(used, 4),
+            Value::Bool(b) => add(used, if *b { 4 } else { 5 }),
+            Value::Number(n) => add(used, n.to_string().len()),
+            Value::String(s) => add(used, s.len() + 2),
+            Value::Array(items) => {
+                add(used, 2 + items.len().saturating_sub(1))
+                    && items.iter().all(|item| walk(item, used, budget))
+            }
+            Value::Object(map) => {
+                add(used, 2 + map.len().saturating_sub(1))
+                    && map
+                        .iter()
+                        .all(|(k, v)| add(used, k.len() + 3) && walk(v, used, budget))
+            }
+        }
+    }
+    let mut used = 0;
+    walk(value, &mut used, budget).then_some(used)
 }
 
 struct PatchMeta {
@@ -436,5 +520,68 @@ mod tests {
         )
         .expect_err("must be refused");
         assert_eq!(err.code, 422);
+    }
+
+    /// The attack: each `copy` of the root doubles the document; 26 of them would ask for
+    /// 2^26 copies of the original. The budget stops it at the first copy past 3 MiB, so the
+    /// big value is never built.
+    #[test]
+    fn copies_are_bounded_by_the_accumulated_copy_budget() {
+        let original = json!({"metadata": {"labels": {"a": "x".repeat(64 * 1024)}}});
+        let ops: Vec<Value> = (0..26)
+            .map(|i| json!({"op": "copy", "from": "/metadata", "path": format!("/m{i}")}))
+            .chain(std::iter::once(
+                json!({"op": "copy", "from": "", "path": "/metadata/labels/b"}),
+            ))
+            .collect();
+        let body = serde_json::to_vec(&ops).expect("encode");
+        let err = apply(Kind::Event, PatchType::Json, &original, &body).expect_err("refused");
+        assert_eq!(err.code, 422, "{}", err.message);
+        assert!(
+            err.message.contains("accumulated size increase of copy"),
+            "{}",
+            err.message
+        );
+        // Doubling the root: refused by the time the copies pass 3 MiB.
+        let doubling: Vec<Value> = (0..26)
+            .map(|i| json!({"op": "copy", "from": "", "path": format!("/c{i}")}))
+            .collect();
+        let body = serde_json::to_vec(&doubling).expect("encode");
+        let err = apply(Kind::Event, PatchType::Json, &original, &body).expect_err("refused");
+        assert_eq!(err.code, 422);
+        // Small copies within the budget still work.
+        let ok = apply(
+            Kind::Event,
+            PatchType::Json,
+            &json!({"data": {"a": "1"}}),
+            br#"[{"op":"copy","from":"/data/a","path":"/data/b"}]"#,
+        )
+        .expect("small copy");
+        assert_eq!(ok, json!({"data": {"a": "1", "b": "1"}}));
+    }
+
+    #[test]
+    fn more_than_ten_thousand_operations_is_413() {
+        let ops: Vec<Value> = (0..=MAX_JSON_PATCH_OPERATIONS)
+            .map(|_| json!({"op": "test", "path": "/a", "value": 1}))
+            .collect();
+        let body = serde_json::to_vec(&ops).expect("encode");
+        let err =
+            apply(Kind::Event, PatchType::Json, &json!({"a": 1}), &body).expect_err("refused");
+        assert_eq!(err.code, 413);
+        assert_eq!(
+            err.message,
+            "Request entity too large: The allowed maximum operations in a JSON patch is 10000, got 10001"
+        );
+        let ok: Vec<Value> = ops[1..].to_vec();
+        let body = serde_json::to_vec(&ok).expect("encode");
+        apply(Kind::Event, PatchType::Json, &json!({"a": 1}), &body).expect("10,000 is allowed");
+    }
+
+    #[test]
+    fn json_sizes_stop_early() {
+        let v = json!({"a": [1, true, null, "xy"], "b": {}});
+        assert_eq!(json_size_within(&v, 1000), Some(v.to_string().len()));
+        assert_eq!(json_size_within(&v, 5), None);
     }
 }

@@ -20,6 +20,7 @@ pub enum FieldReason {
     NotSupported,
     Forbidden,
     TooLong,
+    TooMany,
 }
 
 impl FieldReason {
@@ -31,6 +32,7 @@ impl FieldReason {
             FieldReason::NotSupported => "FieldValueNotSupported",
             FieldReason::Forbidden => "FieldValueForbidden",
             FieldReason::TooLong => "FieldValueTooLong",
+            FieldReason::TooMany => "FieldValueTooMany",
         }
     }
 }
@@ -95,6 +97,16 @@ impl FieldError {
         }
     }
 
+    /// A list longer than allowed, as Kubernetes' `field.TooMany`.
+    pub fn too_many(field: impl Into<String>, actual: usize, max: usize) -> Self {
+        Self {
+            field: field.into(),
+            reason: FieldReason::TooMany,
+            value: actual.to_string(),
+            detail: format!("must have at most {max} items"),
+        }
+    }
+
     /// The message without the field, as in `causes[].message`.
     pub fn message(&self) -> String {
         let head = match self.reason {
@@ -104,6 +116,7 @@ impl FieldError {
             FieldReason::NotSupported => "Unsupported value",
             FieldReason::Forbidden => "Forbidden",
             FieldReason::TooLong => "Too long",
+            FieldReason::TooMany => "Too many",
         };
         let mut out = head.to_string();
         if !self.value.is_empty() {

@@ -11,7 +11,9 @@ use base64::Engine;
 use k8s_openapi::api::core::v1::Service;
 use serde_json::{json, Value};
 
-use super::request::{flag, number, parse_query, Query, Target};
+use super::request::{
+    flag, number, parse_query, validate_write_options, Query, Target, WriteOptions,
+};
 use super::response::{json, json_bytes};
 use super::{codec, store_error, watch, ApiServer, MAX_BODY_BYTES};
 use crate::api::patch::{self, PatchType};
@@ -36,6 +38,21 @@ pub async fn handle(
     let content_type = header_value(&request, header::CONTENT_TYPE);
     let table = accept.split(',').next().unwrap_or("").contains("as=Table");
     let watching = target.watch_path || flag(&query.watch);
+    // A write's options are checked before anything is read or written (kube's create/update/
+    // patch/delete handlers decode and validate them first): `dryRun=all` writes nothing.
+    let write_options = match method {
+        Method::POST => Some(WriteOptions::Create),
+        Method::PUT => Some(WriteOptions::Update),
+        Method::PATCH if content_type.starts_with("application/apply-patch") => {
+            Some(WriteOptions::ApplyPatch)
+        }
+        Method::PATCH => Some(WriteOptions::Patch),
+        Method::DELETE => Some(WriteOptions::Delete),
+        _ => None,
+    };
+    if let Some(options) = write_options {
+        validate_write_options(&query, options)?;
+    }
     let named = target.name.is_some();
     let sub = target.subresource.as_deref();
     let ctx = Ctx {
@@ -161,6 +178,7 @@ impl Ctx<'_> {
         ApiError::not_found(self.resource().group, self.resource().plural, self.name())
     }
 
+    /// Only `All` gets here: every other value was refused by `validate_write_options`.
     fn dry_run(&self) -> bool {
         self.query.dry_run.as_deref() == Some("All")
     }
@@ -443,7 +461,7 @@ impl Ctx<'_> {
         validation::default_object(resource.kind, obj);
         let mut errs: Vec<FieldError> = validation::validate_metadata(resource, obj);
         if resource.kind != Kind::Service {
-            errs.extend(validation::validate_object(resource.kind, obj));
+            errs.extend(validation::validate_object(resource.kind, obj, old));
             if errs.is_empty() {
                 return Ok(Held::default());
             }
@@ -474,6 +492,14 @@ impl Ctx<'_> {
         if !errs.is_empty() {
             return Err(invalid(errs));
         }
+        let allowed = &self.server.options.service_external_ip_cidrs;
+        svc_rules::admit_external_ips(&service, old_service.as_ref(), allowed).map_err(|why| {
+            ApiError::new(
+                403,
+                "Forbidden",
+                format!("services {name:?} is forbidden: {why}"),
+            )
+        })?;
         let held = {
             let mut allocator = self.server.allocator();
             svc_rules::allocate(&mut service, old_service.as_ref(), &mut allocator)
@@ -507,6 +533,7 @@ impl Ctx<'_> {
             m.insert("generation".into(), json!(1));
         }
         reset_status_on_create(resource.kind, &mut obj);
+        fill_required_status(resource.kind, &mut obj);
         let held = self.admit(&mut obj, None)?;
         let name = meta::name(&obj).to_string();
         if self.dry_run() {
@@ -551,11 +578,20 @@ impl Ctx<'_> {
                 (_, Some(body)) => body.clone(),
                 (Change::Patch(patch_type, patch), _) => {
                     let patched = patch::apply(resource.kind, *patch_type, &current, patch)?;
+                    // The patched object is bounded like a PUT body: a patch may not grow an
+                    // object past what no client could have sent (kube: etcd's request limit
+                    // answered as 413 RequestEntityTooLarge).
+                    if patch::json_size_within(&patched, MAX_BODY_BYTES).is_none() {
+                        return Err(ApiError::too_large(MAX_BODY_BYTES));
+                    }
                     validation::decode(resource, patched)?
                 }
                 (Change::Replace(body), None) => validation::decode(resource, body.clone())?,
             };
             self.place(&mut requested, false)?;
+            if !self.scale() {
+                check_uid_unchanged(resource, &current, &requested)?;
+            }
             let pinned = meta::resource_version(&requested).map(String::from);
             if let Some(rv) = &pinned {
                 if *rv != current_kv.mod_revision.to_string() {
@@ -567,6 +603,7 @@ impl Ctx<'_> {
                 }
             }
             let mut next = merge_update(resource, &current, requested, status_only);
+            fill_required_status(resource.kind, &mut next);
             let held = self.admit(&mut next, Some(&current))?;
             if same_object(&next, &current) {
                 self.release(&held);
@@ -667,6 +704,7 @@ impl Ctx<'_> {
                 ApiError::bad_request(format!("the DeleteOptions body is not valid JSON: {e}"))
             })?
         };
+        let dry_run = self.dry_run() || body_dry_run(&options)?;
         let grace = match number::<i64>(&self.query.grace_period_seconds, "gracePeriodSeconds")? {
             Some(g) => Some(g),
             None => options.get("gracePeriodSeconds").and_then(Value::as_i64),
@@ -719,7 +757,7 @@ impl Ctx<'_> {
                     ));
                 }
             }
-            if self.dry_run() {
+            if dry_run {
                 return self.object_response(StatusCode::OK, &current);
             }
             // Orphan and Foreground deletion wait on the garbage collector, through the
@@ -1056,6 +1094,84 @@ fn same_object(a: &Value, b: &Value) -> bool {
         v
     };
     strip(a) == strip(b)
+}
+
+/// `dryRun` in a DeleteOptions body (client-go and `kubectl delete --dry-run=server` send it
+/// there, not in the query), validated as kube's `ValidateDeleteOptions`: only `All`.
+fn body_dry_run(options: &Value) -> Result<bool, ApiError> {
+    let Some(value) = options.get("dryRun").filter(|v| !v.is_null()) else {
+        return Ok(false);
+    };
+    let values: Vec<String> = serde_json::from_value(value.clone()).map_err(|_| {
+        ApiError::bad_request(format!(
+            "DeleteOptions.dryRun must be a list of strings, got {value}"
+        ))
+    })?;
+    if values.iter().all(|v| v == "All") {
+        return Ok(!values.is_empty());
+    }
+    let rendered: Vec<String> = values.iter().map(|v| format!("{v:?}")).collect();
+    let mut err = ApiError::invalid(
+        "meta.k8s.io",
+        "DeleteOptions",
+        "",
+        vec![FieldError {
+            field: "dryRun".into(),
+            reason: crate::api::status::FieldReason::NotSupported,
+            value: format!("[]string{{{}}}", rendered.join(", ")),
+            detail: "supported values: \"All\"".into(),
+        }],
+    );
+    err.message = err
+        .message
+        .replacen("DeleteOptions", "DeleteOptions.meta.k8s.io", 1);
+    Err(err)
+}
+
+/// An update may not change `metadata.uid`: kube's `ValidateObjectMetaUpdate` (through
+/// `rest.BeforeUpdate`'s common-field validation) answers 422 "field is immutable"; an update
+/// without a uid keeps the stored one. (A changed name or namespace is refused before this with
+/// kube's 400 by `place`; a changed `creationTimestamp` is ignored, as `BeforeUpdate` resets it.)
+fn check_uid_unchanged(
+    resource: &ResourceInfo,
+    current: &Value,
+    requested: &Value,
+) -> Result<(), ApiError> {
+    let requested_uid = meta::uid(requested).unwrap_or("");
+    if requested_uid.is_empty() || Some(requested_uid) == meta::uid(current) {
+        return Ok(());
+    }
+    Err(ApiError::invalid(
+        resource.group,
+        resource.kind_name,
+        meta::name(current),
+        vec![FieldError::invalid(
+            "metadata.uid",
+            format!("{requested_uid:?}"),
+            "field is immutable",
+        )],
+    ))
+}
+
+/// `status.replicas` of ReplicaSets and ReplicationControllers has no `omitempty` in kube's v1
+/// types (`ReplicaSetStatus.Replicas`, `ReplicationControllerStatus.Replicas`), so kube always
+/// writes it, `{"replicas": 0}` on create; the official Python client's models require it and
+/// fail to list ReplicaSets without it. (Every DeploymentStatus field is `omitempty`: `{}` is
+/// what kube gives a new Deployment.)
+fn fill_required_status(kind: Kind, obj: &mut Value) {
+    if !matches!(kind, Kind::ReplicaSet | Kind::ReplicationController) {
+        return;
+    }
+    let Some(map) = obj.as_object_mut() else {
+        return;
+    };
+    let status = map.entry("status").or_insert_with(|| json!({}));
+    if !status.is_object() {
+        *status = json!({});
+    }
+    if let Some(status) = status.as_object_mut() {
+        status.entry("replicas").or_insert(json!(0));
+    }
 }
 
 /// kube-apiserver clears the status a client sends on create for these kinds.

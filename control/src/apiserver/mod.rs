@@ -3,12 +3,14 @@
 //! Every request goes through one dispatcher that parses the path into a [`request::Target`]
 //! and calls the handler for its verb. Only this module talks to the store.
 
+pub mod auth;
 mod codec;
 mod discovery;
 mod handlers;
 mod logs;
 mod request;
 mod response;
+pub mod tls;
 mod watch;
 
 pub use watch::WATCH_BUFFER_BYTES;
@@ -50,6 +52,20 @@ pub struct Options {
     /// Bytes of encoded events one watch may have waiting for its client (see
     /// `watch::WATCH_BUFFER_BYTES`).
     pub watch_buffer_bytes: usize,
+    /// Connection bounds of the HTTP server (kube-apiserver's by default).
+    pub limits: crate::serve::Limits,
+    /// Who may call the API. `None` serves without authentication: only for in-process tests;
+    /// the `kpx-control` binary always sets one.
+    pub authenticator: Option<Arc<auth::TokenAuthenticator>>,
+    /// The bearer token sent to kubelets for `pods/log` (kube-apiserver's kubelet client
+    /// credentials).
+    pub kubelet_client_token: Option<String>,
+    /// The API server's own addresses: `pods/log` never connects to them (kube's
+    /// `proxyutil.IsProxyableIP` refuses loopback and link-local; these are refused too).
+    pub own_addresses: Vec<std::net::IpAddr>,
+    /// Where a Service's new `spec.externalIPs` may come from (`--service-external-ip-cidrs`);
+    /// empty: none (kube-apiserver's DenyServiceExternalIPs).
+    pub service_external_ip_cidrs: Vec<ipnet::IpNet>,
 }
 
 impl Default for Options {
@@ -60,6 +76,11 @@ impl Default for Options {
             default_watch_timeout: Duration::from_secs(1800),
             advertise_address: None,
             watch_buffer_bytes: watch::WATCH_BUFFER_BYTES,
+            limits: crate::serve::Limits::default(),
+            authenticator: None,
+            kubelet_client_token: None,
+            own_addresses: Vec::new(),
+            service_external_ip_cidrs: Vec::new(),
         }
     }
 }
@@ -135,7 +156,7 @@ impl ApiServer {
     }
 
     pub fn router(self: &Arc<Self>) -> Router {
-        Router::new()
+        let router = Router::new()
             .route("/version", get(discovery::version))
             .route("/api", get(discovery::api_versions))
             .route("/apis", get(discovery::api_groups))
@@ -147,19 +168,39 @@ impl ApiServer {
             .route("/readyz", get(discovery::readyz))
             .route("/metrics", get(discovery::metrics))
             .fallback(dispatch)
-            .with_state(self.clone())
+            .with_state(self.clone());
+        // Outermost, so no route (health, discovery, OpenAPI, resources) is reached without it.
+        match &self.options.authenticator {
+            Some(authenticator) => router.layer(axum::middleware::from_fn_with_state(
+                authenticator.clone(),
+                auth::layer,
+            )),
+            None => router,
+        }
     }
 }
 
-/// Serves until `shutdown` resolves.
+/// Serves until `shutdown` resolves, within `Options::limits` (header, idle and request
+/// timeouts, header size, connection limit: see [`crate::serve`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     server: Arc<ApiServer>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, server.router())
-        .with_graceful_shutdown(shutdown)
-        .await
+    let limits = server.options.limits.clone();
+    crate::serve::serve_http(listener, server.router(), limits, shutdown).await
+}
+
+/// Serves over TLS until `shutdown` resolves (the `kpx-control` binary's way; [`serve`] is plain
+/// HTTP for in-process tests).
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    server: Arc<ApiServer>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let limits = server.options.limits.clone();
+    crate::serve::serve_https(listener, acceptor, server.router(), limits, shutdown).await
 }
 
 /// Every `/api` and `/apis` request.

@@ -3,7 +3,8 @@
 use serde::Deserialize;
 
 use crate::api::resources::{self, ResourceInfo};
-use crate::api::ApiError;
+use crate::api::status::FieldReason;
+use crate::api::{ApiError, FieldError};
 
 /// What a resource URL points at.
 #[derive(Debug, Clone)]
@@ -140,15 +141,106 @@ pub struct Query {
     pub dry_run: Option<String>,
     pub grace_period_seconds: Option<String>,
     pub propagation_policy: Option<String>,
+    /// PatchOptions.force (server-side apply only).
+    pub force: Option<String>,
 }
 
+/// Parses the query; boolean parameters come out as `"true"` or `"false"` (see [`parse_bool`]),
+/// so every reader — [`flag`], or a comparison with `"true"` — agrees with kube-apiserver.
 pub fn parse_query(raw: Option<&str>) -> Result<Query, ApiError> {
-    serde_urlencoded::from_str(raw.unwrap_or(""))
-        .map_err(|e| ApiError::bad_request(format!("invalid query string: {e}")))
+    let mut query: Query = serde_urlencoded::from_str(raw.unwrap_or(""))
+        .map_err(|e| ApiError::bad_request(format!("invalid query string: {e}")))?;
+    for value in [
+        &mut query.watch,
+        &mut query.allow_watch_bookmarks,
+        &mut query.send_initial_events,
+        &mut query.force,
+    ] {
+        normalize_bool(value);
+    }
+    Ok(query)
 }
 
+/// A boolean query parameter as kube-apiserver converts it
+/// (`k8s.io/apimachinery/pkg/runtime/conversion.go`, `Convert_Slice_string_To_bool` and
+/// `Convert_Slice_string_To_Pointer_bool`, which the parameter codec uses for ListOptions,
+/// PatchOptions and PodLogOptions alike): only `0` and `false` in any case are false; any other
+/// value — `1`, `true`, the Python client's `True`, even `yes` or an empty value — is true.
+/// An absent parameter is false (or unset, for the `*bool` ones), which callers see as `None`.
+/// (This is not `strconv.ParseBool`: kube never answers 400 for a boolean parameter.)
+pub fn parse_bool(value: &str) -> bool {
+    !(value == "0" || value.eq_ignore_ascii_case("false"))
+}
+
+/// Rewrites a present boolean parameter to `"true"` or `"false"` by [`parse_bool`].
+pub fn normalize_bool(value: &mut Option<String>) {
+    if let Some(v) = value.as_mut() {
+        *v = if parse_bool(v) { "true" } else { "false" }.to_string();
+    }
+}
+
+/// Whether a boolean parameter normalized by [`parse_query`] or [`normalize_bool`] is set.
 pub fn flag(value: &Option<String>) -> bool {
-    matches!(value.as_deref(), Some("true") | Some("1") | Some(""))
+    value.as_deref() == Some("true")
+}
+
+/// The options object kube-apiserver decodes a write's query into; it names the object in the
+/// 422 for a bad `dryRun` (`CreateOptions.meta.k8s.io "" is invalid: dryRun: ...`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteOptions {
+    Create,
+    Update,
+    Patch,
+    /// A server-side apply patch: `force` is allowed (kpx then refuses the patch type, 415).
+    ApplyPatch,
+    Delete,
+}
+
+impl WriteOptions {
+    fn kind(self) -> &'static str {
+        match self {
+            WriteOptions::Create => "CreateOptions",
+            WriteOptions::Update => "UpdateOptions",
+            WriteOptions::Patch | WriteOptions::ApplyPatch => "PatchOptions",
+            WriteOptions::Delete => "DeleteOptions",
+        }
+    }
+}
+
+/// Validates a write's options before anything is read or written, as kube-apiserver's
+/// handlers do (`k8s.io/apimachinery/pkg/apis/meta/v1/validation`: `ValidateDryRun` — only
+/// `All` — through `ValidateCreateOptions`/`ValidateUpdateOptions`/`ValidatePatchOptions`/
+/// `ValidateDeleteOptions`, and `force` only on apply patches, which kpx does not serve).
+/// Returns whether the write is a dry run. A refusal is kube's 422 on the options object.
+pub fn validate_write_options(query: &Query, options: WriteOptions) -> Result<bool, ApiError> {
+    let mut causes = Vec::new();
+    if let Some(value) = &query.dry_run {
+        if value != "All" {
+            // field.NotSupported(dryRun, []string{...}) renders the value with Go's %#v.
+            causes.push(FieldError {
+                field: "dryRun".into(),
+                reason: FieldReason::NotSupported,
+                value: format!("[]string{{{value:?}}}"),
+                detail: "supported values: \"All\"".into(),
+            });
+        }
+    }
+    if options == WriteOptions::Patch && query.force.is_some() {
+        causes.push(FieldError::forbidden(
+            "force",
+            "may not be specified for non-apply patch",
+        ));
+    }
+    if causes.is_empty() {
+        return Ok(query.dry_run.is_some());
+    }
+    let kind = options.kind();
+    let mut err = ApiError::invalid("meta.k8s.io", kind, "", causes);
+    // kube qualifies the kind with its group in the message: `CreateOptions.meta.k8s.io ""`.
+    err.message = err
+        .message
+        .replacen(kind, &format!("{kind}.meta.k8s.io"), 1);
+    Err(err)
 }
 
 pub fn number<T: std::str::FromStr>(
@@ -166,6 +258,69 @@ pub fn number<T: std::str::FromStr>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn booleans_as_kube_converts_them() {
+        let table: &[(&str, bool)] = &[
+            ("true", true),
+            ("True", true),
+            ("TRUE", true),
+            ("t", true),
+            ("T", true),
+            ("1", true),
+            ("yes", true),
+            ("", true),
+            ("false", false),
+            ("False", false),
+            ("FALSE", false),
+            ("fAlSe", false),
+            ("0", false),
+            // Not strconv.ParseBool: "f" and "F" are true for kube's query conversion.
+            ("f", true),
+            ("F", true),
+            ("00", true),
+        ];
+        for (value, want) in table {
+            assert_eq!(parse_bool(value), *want, "{value:?}");
+        }
+        let q = parse_query(Some(
+            "watch=True&allowWatchBookmarks=1&sendInitialEvents=FALSE",
+        ))
+        .expect("query");
+        assert!(flag(&q.watch));
+        assert!(flag(&q.allow_watch_bookmarks));
+        assert_eq!(q.send_initial_events.as_deref(), Some("false"));
+        assert!(!flag(&parse_query(Some("watch=0")).expect("query").watch));
+        assert!(!flag(&parse_query(None).expect("query").watch));
+    }
+
+    #[test]
+    fn dry_run_only_all() {
+        let q = |raw| parse_query(Some(raw)).expect("query");
+        assert_eq!(
+            validate_write_options(&q("dryRun=All"), WriteOptions::Create).ok(),
+            Some(true)
+        );
+        assert_eq!(
+            validate_write_options(&q(""), WriteOptions::Delete).ok(),
+            Some(false)
+        );
+        let err = validate_write_options(&q("dryRun=all"), WriteOptions::Create)
+            .expect_err("all is not All");
+        assert_eq!((err.code, err.reason), (422, "Invalid"));
+        assert_eq!(
+            err.message,
+            r#"CreateOptions.meta.k8s.io "" is invalid: dryRun: Unsupported value: []string{"all"}: supported values: "All""#
+        );
+        assert_eq!(err.details.causes[0].field, "dryRun");
+        let err = validate_write_options(&q("force=true"), WriteOptions::Patch)
+            .expect_err("force on a non-apply patch");
+        assert!(
+            err.message.starts_with("PatchOptions.meta.k8s.io"),
+            "{}",
+            err.message
+        );
+    }
 
     fn target(path: &str) -> Target {
         match route(path).expect(path) {

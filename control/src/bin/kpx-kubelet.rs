@@ -71,6 +71,11 @@ struct Args {
     /// Port of the kubelet API; 0 turns it off.
     #[arg(long, default_value_t = 10250)]
     port: u16,
+    /// Bearer tokens the kubelet API accepts (kube-apiserver's token file format; only the
+    /// token column matters): the API server's --kubelet-client-token-file token. Without it
+    /// the kubelet API refuses every request.
+    #[arg(long)]
+    authentication_token_file: Option<PathBuf>,
 }
 
 /// The cgroup (v2) this process runs in, as a path under the cgroup2 mount.
@@ -146,6 +151,13 @@ fn config(args: &Args) -> anyhow::Result<Config> {
         log_dir: args.pod_log_dir.clone(),
         status_update_period: args.node_status_update_frequency,
         kubelet_port: args.port,
+        api_tokens: match &args.authentication_token_file {
+            Some(path) => Some(std::sync::Arc::new(
+                kpx_control::apiserver::auth::TokenAuthenticator::from_file(path)
+                    .context("--authentication-token-file")?,
+            )),
+            None => None,
+        },
     })
 }
 

@@ -6,13 +6,14 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use serde_json::json;
 
 use super::cache::{key_of, Cache, Key};
 use super::deployment::plan;
+use super::queue::{Backoff, RetryQueue};
 use crate::client::events::{Involved, Recorder};
 use crate::client::{reflector, Api, Client, ClientError, Patch, ReflectorOptions};
 
@@ -29,6 +30,9 @@ pub async fn run(client: Client, shutdown: impl std::future::Future<Output = ()>
     let mut d_cache = Cache::<Deployment>::new();
     let mut rs_cache = Cache::<ReplicaSet>::new();
     let mut dirty: BTreeSet<Key> = BTreeSet::new();
+    // A failed pass is retried after kube's controller backoff (5 ms doubling to 1000 s),
+    // not on the next 20 ms round.
+    let mut retries: RetryQueue<Key> = RetryQueue::new(Backoff::CONTROLLER);
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     let events = Recorder::new(client.clone(), "deployment-controller", None);
     tokio::pin!(shutdown);
@@ -49,21 +53,26 @@ pub async fn run(client: Client, shutdown: impl std::future::Future<Output = ()>
                 }
             }
             _ = tick.tick() => {
+                dirty.extend(retries.due(Instant::now()));
                 if dirty.is_empty() || !(d_cache.synced && rs_cache.synced) {
                     continue;
                 }
                 for key in std::mem::take(&mut dirty) {
                     // A Deployment being deleted makes no more ReplicaSets.
                     let Some(d) = d_cache.objects.get(&key)
-                        .filter(|d| d.metadata.deletion_timestamp.is_none()) else { continue };
+                        .filter(|d| d.metadata.deletion_timestamp.is_none()) else { retries.forget(&key); continue };
                     let sets: Vec<&ReplicaSet> = rs_cache.objects
                         .range((key.0.clone(), String::new())..)
                         .take_while(|((ns, _), _)| *ns == key.0)
                         .map(|(_, rs)| rs)
                         .collect();
-                    if let Err(e) = pass(&client, &events, d, &sets).await {
-                        tracing::warn!(deployment = %format!("{}/{}", key.0, key.1), error = %e, "sync failed; retrying");
-                        dirty.insert(key);
+                    match pass(&client, &events, d, &sets).await {
+                        Ok(()) => retries.forget(&key),
+                        Err(e) => {
+                            let name = format!("{}/{}", key.0, key.1);
+                            let retry = retries.failed(key, Instant::now());
+                            tracing::warn!(deployment = %name, error = %e, ?retry, "sync failed; retrying after a backoff");
+                        }
                     }
                 }
             }

@@ -1,16 +1,21 @@
 //! The EndpointSlice controller's loop: reflectors over Services, Pods, EndpointSlices and
 //! Nodes feed caches; every change marks the Services it can affect; marked Services are
 //! reconciled (`endpointslice::reconcile`) and the writes made through the API. A write that
-//! fails leaves its Service marked, retried on the next round.
+//! fails is retried with kube's per-Service backoff (`queue::Backoff::ENDPOINTSLICE`) and
+//! reported as a `FailedToUpdateEndpointSlices` Warning Event on the Service, as
+//! kube-controller-manager's endpointslice controller does.
 
 use std::collections::BTreeSet;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Endpoints, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::cache::{key_of, Cache, Key};
 use super::endpointslice::{legacy_endpoints, managed, reconcile, SliceOp, SERVICE_NAME_LABEL};
+use super::queue::{Backoff, Retry, RetryQueue};
+use crate::client::events::{Involved, Recorder};
 use crate::client::{reflector, Api, Client, ReflectorOptions};
 
 /// Runs the controller until `shutdown` completes.
@@ -31,6 +36,8 @@ pub async fn run(client: Client, shutdown: impl std::future::Future<Output = ()>
     let (mut svc_cache, mut pod_cache) = (Cache::<Service>::new(), Cache::<Pod>::new());
     let (mut slice_cache, mut node_cache) = (Cache::<EndpointSlice>::new(), Cache::<Node>::new());
     let mut dirty: BTreeSet<Key> = BTreeSet::new();
+    let mut retries: RetryQueue<Key> = RetryQueue::new(Backoff::ENDPOINTSLICE);
+    let events = Recorder::new(client.clone(), "endpoint-slice-controller", None);
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     tokio::pin!(shutdown);
     loop {
@@ -58,6 +65,7 @@ pub async fn run(client: Client, shutdown: impl std::future::Future<Output = ()>
                 }
             }
             _ = tick.tick() => {
+                dirty.extend(retries.due(Instant::now()));
                 if dirty.is_empty() || !(svc_cache.synced && pod_cache.synced && slice_cache.synced && node_cache.synced) {
                     continue;
                 }
@@ -94,7 +102,9 @@ pub async fn run(client: Client, shutdown: impl std::future::Future<Output = ()>
                             Err(e) => e.is_not_found(),
                         };
                         if write(&client, &key.0, ops).await.is_err() || !gone_endpoints {
-                            dirty.insert(key);
+                            retries.failed(key, Instant::now());
+                        } else {
+                            retries.forget(&key);
                         }
                         continue;
                     };
@@ -106,14 +116,39 @@ pub async fn run(client: Client, shutdown: impl std::future::Future<Output = ()>
                         Ok(()) => write_endpoints(&client, &key, mirror).await,
                         Err(e) => Err(e),
                     };
-                    if let Err(e) = written {
-                        tracing::warn!(service = %format!("{}/{}", key.0, key.1), error = %e, "writing EndpointSlices; retrying");
-                        dirty.insert(key);
+                    match written {
+                        Ok(()) => retries.forget(&key),
+                        Err(e) => failed(&mut retries, &events, service, key, &e),
                     }
                 }
             }
         }
     }
+}
+
+/// A refused or failed write: retried after the backoff (dropped after `maxRetries`, until
+/// the next change), and said on the Service as kube's controller says it.
+fn failed(
+    retries: &mut RetryQueue<Key>,
+    events: &Arc<Recorder>,
+    service: &Service,
+    key: Key,
+    error: &crate::client::ClientError,
+) {
+    let name = format!("{}/{}", key.0, key.1);
+    match retries.failed(key, Instant::now()) {
+        Retry::After(delay, failures) => {
+            tracing::warn!(service = %name, error = %error, failures, retry_in = ?delay, "writing EndpointSlices failed; retrying after a backoff");
+        }
+        Retry::Dropped(failures) => {
+            tracing::error!(service = %name, error = %error, failures, "writing EndpointSlices failed too often; dropping the Service until it or its pods change");
+        }
+    }
+    events.warning(
+        Involved::of(service),
+        "FailedToUpdateEndpointSlices",
+        format!("Error updating Endpoint Slices for Service {name}: {error}"),
+    );
 }
 
 /// Makes the Service's legacy Endpoints `wanted` (created, replaced when different).

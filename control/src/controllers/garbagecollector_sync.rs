@@ -3,7 +3,7 @@
 //! `garbagecollector::decide` pass, whose deletions are confirmed with the API first (an owner
 //! missing from a cache may only be late in its watch).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{Pod, ReplicationController, Service};
@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 
 use super::cache::Cache;
 use super::garbagecollector::{decide, Action, Item, OwnerRef};
+use super::queue::{Backoff, RetryQueue};
 use crate::client::{reflector, Api, Client, ClientError, Object, Patch, ReflectorOptions};
 
 const WATCHED: &[&str] = &[
@@ -222,6 +223,8 @@ pub async fn run(client: Client, shutdown: impl std::future::Future<Output = ()>
         slices: Cache::new(),
     };
     let mut dirty = true;
+    // A failed step is retried after a backoff (5 ms doubling), not on every 200 ms round.
+    let mut retries: RetryQueue<()> = RetryQueue::new(Backoff::CONTROLLER);
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     tokio::pin!(shutdown);
     loop {
@@ -234,20 +237,27 @@ pub async fn run(client: Client, shutdown: impl std::future::Future<Output = ()>
             Some(e) = services.events.recv() => { caches.services.apply(e); dirty = true; }
             Some(e) = slices.events.recv() => { caches.slices.apply(e); dirty = true; }
             _ = tick.tick() => {
+                dirty |= !retries.due(Instant::now()).is_empty();
                 if !dirty || !caches.synced() {
                     continue;
                 }
                 dirty = false;
+                let mut failed = false;
                 for action in decide(&caches.items(), WATCHED) {
                     let refs = match &action {
                         Action::DropOwners { item, .. } => caches.owner_refs(item),
                         _ => Vec::new(),
                     };
                     if let Err(e) = apply(&client, action, refs).await {
-                        // Seen again on the next pass.
-                        tracing::warn!(error = %e, "garbage collection step failed; retrying");
-                        dirty = true;
+                        // Seen again on a later pass.
+                        tracing::warn!(error = %e, "garbage collection step failed; retrying after a backoff");
+                        failed = true;
                     }
+                }
+                if failed {
+                    retries.failed((), Instant::now());
+                } else {
+                    retries.forget(&());
                 }
             }
         }

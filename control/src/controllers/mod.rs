@@ -10,6 +10,7 @@ pub mod garbagecollector;
 pub mod garbagecollector_sync;
 pub mod nodelifecycle;
 pub mod nodelifecycle_sync;
+pub mod queue;
 pub mod replicaset;
 pub mod replicaset_sync;
 pub mod scheduler;

@@ -13,6 +13,7 @@ use k8s_openapi::api::core::v1::{Pod, ReplicationController};
 use serde_json::json;
 
 use super::cache::{key_of, Cache, Key};
+use super::queue::{Backoff, RetryQueue};
 use super::replicaset::{decide, owner_reference, Replicated};
 use crate::client::events::{Involved, Recorder};
 use crate::client::{reflector, Api, Client, ClientError, Patch, ReflectorOptions};
@@ -46,6 +47,9 @@ pub async fn run(client: Client, shutdown: impl std::future::Future<Output = ()>
     let mut pod_cache = Cache::<Pod>::new();
     let mut dirty: BTreeSet<(Kind, Key)> = BTreeSet::new();
     let mut expected: BTreeMap<(Kind, Key), Expectations> = BTreeMap::new();
+    // A failed pass is retried after kube's controller backoff (5 ms doubling to 1000 s),
+    // not on the next 20 ms round.
+    let mut retries: RetryQueue<(Kind, Key)> = RetryQueue::new(Backoff::CONTROLLER);
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     let events = Recorder::new(client.clone(), "replicaset-controller", None);
     tokio::pin!(shutdown);
@@ -79,6 +83,7 @@ pub async fn run(client: Client, shutdown: impl std::future::Future<Output = ()>
                 }
             }
             _ = tick.tick() => {
+                dirty.extend(retries.due(Instant::now()));
                 if dirty.is_empty() || !(set_cache.synced && rc_cache.synced && pod_cache.synced) {
                     continue;
                 }
@@ -99,18 +104,18 @@ pub async fn run(client: Client, shutdown: impl std::future::Future<Output = ()>
                             .filter(|o| o.metadata.deletion_timestamp.is_none())
                             .map(Replicated::from),
                     };
-                    let Some(w) = workload else { continue };
+                    let Some(w) = workload else { retries.forget(&item); continue };
                     let namespace_pods: Vec<&Pod> = pod_cache.objects
                         .range((item.1.0.clone(), String::new())..)
                         .take_while(|((ns, _), _)| *ns == item.1.0)
                         .map(|(_, p)| p)
                         .collect();
                     match pass(&client, &events, &w, item.0, &namespace_pods).await {
-                        Ok(Some(exp)) => { expected.insert(item, exp); }
-                        Ok(None) => {}
+                        Ok(Some(exp)) => { retries.forget(&item); expected.insert(item, exp); }
+                        Ok(None) => retries.forget(&item),
                         Err(e) => {
-                            tracing::warn!(workload = %format!("{}/{}", w.namespace, w.name), error = %e, "sync failed; retrying");
-                            dirty.insert(item);
+                            let retry = retries.failed(item, Instant::now());
+                            tracing::warn!(workload = %format!("{}/{}", w.namespace, w.name), error = %e, ?retry, "sync failed; retrying after a backoff");
                         }
                     }
                 }
@@ -142,7 +147,14 @@ async fn pass(
         field_path: None,
     };
     for pod in &decision.create {
-        let created = pod_api.create(pod).await?;
+        // kube's replica_set.go: a refused create is a `FailedCreate` Warning on the workload.
+        let created = pod_api.create(pod).await.inspect_err(|e| {
+            events.warning(
+                about.clone(),
+                "FailedCreate",
+                format!("Error creating: {e}"),
+            );
+        })?;
         let name = created.metadata.name.unwrap_or_default();
         events.normal(
             about.clone(),

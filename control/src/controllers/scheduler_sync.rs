@@ -12,6 +12,7 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use serde_json::json;
 
 use super::cache::{Cache, Key};
+use super::queue::{Backoff, RetryQueue};
 use super::scheduler::{pick, NodeState};
 
 use crate::client::events::{Involved, Recorder};
@@ -53,6 +54,9 @@ pub async fn run(client: Client, shutdown: impl std::future::Future<Output = ()>
     // Pods bound but not yet seen bound in the cache (kube-scheduler's "assumed" pods): counted
     // on their node so the next placement does not ignore them.
     let mut assumed: BTreeMap<Key, (String, Instant)> = BTreeMap::new();
+    // A failed pass is retried after a backoff (5 ms doubling), not on the next 20 ms round;
+    // the once-a-second pass still runs.
+    let mut retries: RetryQueue<()> = RetryQueue::new(Backoff::CONTROLLER);
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     let events = Recorder::new(client.clone(), "default-scheduler", None);
     tokio::pin!(shutdown);
@@ -62,7 +66,8 @@ pub async fn run(client: Client, shutdown: impl std::future::Future<Output = ()>
             Some(e) = pods.events.recv() => { changed |= !pod_cache.apply(e).is_empty(); }
             Some(e) = nodes.events.recv() => { changed |= !node_cache.apply(e).is_empty(); }
             _ = tick.tick() => {
-                let due = changed || last_pass.elapsed() > Duration::from_secs(1);
+                let retry = !retries.due(Instant::now()).is_empty();
+                let due = changed || retry || last_pass.elapsed() > Duration::from_secs(1);
                 if !(due && pod_cache.synced && node_cache.synced) {
                     continue;
                 }
@@ -72,9 +77,12 @@ pub async fn run(client: Client, shutdown: impl std::future::Future<Output = ()>
                     let bound = pod_cache.objects.get(key).is_none_or(|p| p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some());
                     !bound && at.elapsed() < Duration::from_secs(30)
                 });
-                if let Err(e) = pass(&client, &events, &pod_cache, &node_cache, &mut assumed).await {
-                    tracing::warn!(error = %e, "scheduling pass failed; retrying");
-                    changed = true;
+                match pass(&client, &events, &pod_cache, &node_cache, &mut assumed).await {
+                    Ok(()) => retries.forget(&()),
+                    Err(e) => {
+                        let retry = retries.failed((), Instant::now());
+                        tracing::warn!(error = %e, ?retry, "scheduling pass failed; retrying after a backoff");
+                    }
                 }
             }
         }

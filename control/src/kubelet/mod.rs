@@ -55,6 +55,9 @@ pub struct Config {
     pub status_update_period: Duration,
     /// The port of the kubelet API (container logs), reported in the Node's daemonEndpoints.
     pub kubelet_port: u16,
+    /// Bearer tokens the kubelet API accepts (`--authentication-token-file`); `None`: it
+    /// refuses every request.
+    pub api_tokens: Option<Arc<crate::apiserver::auth::TokenAuthenticator>>,
 }
 
 impl Config {
@@ -77,6 +80,7 @@ impl Config {
             log_dir: std::env::temp_dir(),
             status_update_period: Duration::from_secs(10),
             kubelet_port: 10250,
+            api_tokens: None,
         }
     }
 }

@@ -86,6 +86,13 @@ impl TestServer {
     pub fn client(&self) -> Client {
         Client::new(&ClientConfig::from_url(&self.url())).expect("client")
     }
+
+    /// A client presenting `token` (for servers started with an authenticator).
+    pub fn client_with_token(&self, token: &str) -> Client {
+        let mut config = ClientConfig::from_url(&self.url());
+        config.token = Some(token.to_string());
+        Client::new(&config).expect("client")
+    }
 }
 
 impl Drop for TestServer {
@@ -96,10 +103,12 @@ impl Drop for TestServer {
     }
 }
 
-/// The real `kpx-control` binary, started on a free port; killed on drop.
+/// The real `kpx-control` binary, started on a free port; killed on drop. It requires a bearer
+/// token; `client()` and `kubeconfig()` use the admin token it generated in its data directory.
 pub struct ServerProcess {
     pub child: Child,
     pub url: String,
+    pub data_dir: PathBuf,
 }
 
 impl ServerProcess {
@@ -123,14 +132,48 @@ impl ServerProcess {
             .trim()
             .rsplit(' ')
             .next()
-            .filter(|u| u.starts_with("http://"))
+            .filter(|u| u.starts_with("https://"))
             .unwrap_or_else(|| panic!("unexpected first line from kpx-control: {first:?}"))
             .to_string();
-        Self { child, url }
+        Self {
+            child,
+            url,
+            data_dir: data_dir.to_path_buf(),
+        }
+    }
+
+    /// The admin token kpx-control generated (`<data-dir>/tokens.csv`, user kpx-admin).
+    pub fn token(&self) -> String {
+        let text =
+            std::fs::read_to_string(self.data_dir.join("tokens.csv")).expect("read tokens.csv");
+        text.lines()
+            .find_map(|l| {
+                let mut f = l.split(',');
+                let token = f.next()?;
+                (f.next()? == "kpx-admin").then(|| token.to_string())
+            })
+            .expect("an admin token in tokens.csv")
+    }
+
+    /// The generated admin kubeconfig (server, the generated CA, the admin token).
+    pub fn admin_kubeconfig(&self) -> PathBuf {
+        self.data_dir.join("admin.kubeconfig")
     }
 
     pub fn client(&self) -> Client {
-        Client::new(&ClientConfig::from_url(&self.url)).expect("client")
+        let config = ClientConfig::from_kubeconfig(&self.admin_kubeconfig(), None)
+            .expect("admin kubeconfig");
+        assert_eq!(config.server, self.url);
+        Client::new(&config).expect("client")
+    }
+
+    /// A plain HTTPS client that trusts the server's generated CA and presents no token.
+    pub fn anonymous_http(&self) -> reqwest::Client {
+        let ca = std::fs::read(self.data_dir.join("ca.crt")).expect("ca.crt");
+        reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca).expect("CA"))
+            .build()
+            .expect("http client")
     }
 
     /// `kill -9`: no chance to flush anything.
@@ -139,13 +182,10 @@ impl ServerProcess {
         let _ = self.child.wait();
     }
 
+    /// A copy of the admin kubeconfig in `dir` (for kubectl and the Python client).
     pub fn kubeconfig(&self, dir: &Path) -> PathBuf {
         let path = dir.join("kubeconfig");
-        let text = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: kpx\n  cluster:\n    server: {}\ncontexts:\n- name: kpx\n  context:\n    cluster: kpx\n    user: kpx\nusers:\n- name: kpx\n  user: {{}}\ncurrent-context: kpx\n",
-            self.url
-        );
-        std::fs::write(&path, text).expect("write kubeconfig");
+        std::fs::copy(self.admin_kubeconfig(), &path).expect("copy the admin kubeconfig");
         path
     }
 }

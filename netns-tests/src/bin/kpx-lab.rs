@@ -26,14 +26,16 @@ enum Command {
         /// iptables (= iptables-nft), iptables-legacy or ebpf.
         #[arg(long, default_value = "iptables")]
         proxy_mode: String,
-        /// How often kubelets write their node's heartbeat.
-        #[arg(long, default_value = "2s", value_parser = kpx_control::daemon::parse_duration)]
+        /// How often kubelets write their node's heartbeat (kubelet's default).
+        #[arg(long, default_value = "10s", value_parser = kpx_control::daemon::parse_duration)]
         node_status_update_frequency: Duration,
-        /// A node silent this long goes NotReady (its endpoints stop receiving traffic).
-        #[arg(long, default_value_t = 10)]
+        /// A node silent this long goes NotReady (its endpoints stop receiving traffic);
+        /// kube-controller-manager's default.
+        #[arg(long, default_value_t = kpx_lab::cluster::DEFAULT_GRACE_SECONDS)]
         node_monitor_grace_period_seconds: u32,
-        /// A NotReady node's pods are deleted (and replaced elsewhere) after this long.
-        #[arg(long, default_value_t = 30)]
+        /// A NotReady node's pods are deleted (and replaced elsewhere) after this long;
+        /// Kubernetes' default (300 s).
+        #[arg(long, default_value_t = kpx_lab::cluster::DEFAULT_EVICTION_SECONDS)]
         pod_eviction_timeout_seconds: u32,
     },
     /// The running labs: nodes, pods, and how to reach them.

@@ -229,7 +229,8 @@ pub fn node_port(svc: &Service) -> u16 {
 }
 
 /// Polls until `check` holds on the outcomes of `probe`, or fails with the last outcomes and
-/// the proxy logs. Patience is `KPX_TEST_PATIENCE_SECONDS` (default 20 s).
+/// the proxy logs. Patience is `KPX_TEST_PATIENCE_SECONDS` (default 60 s: a deadline for a
+/// system that makes no progress, generous so a busy machine only makes a test slower).
 pub async fn eventually<P, C>(
     lab: &Lab,
     what: &str,
@@ -243,7 +244,7 @@ where
     let patience = std::env::var("KPX_TEST_PATIENCE_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(20);
+        .unwrap_or(60);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(patience);
     loop {
         let outcomes = probe()?;

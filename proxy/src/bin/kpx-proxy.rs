@@ -95,6 +95,18 @@ enum Command {
     },
 }
 
+/// `--node-ip`, parsed.
+fn node_ips(args: &Args) -> anyhow::Result<Vec<std::net::IpAddr>> {
+    args.node_ip
+        .iter()
+        .map(|ip| {
+            ip.parse().map_err(|_| {
+                anyhow::anyhow!("--node-ip {ip:?}: not an IP address (e.g. 10.0.0.5,fd00::5)")
+            })
+        })
+        .collect()
+}
+
 fn client_config(args: &Args) -> anyhow::Result<ClientConfig> {
     kpx_control::daemon::client_config(args.kubeconfig.as_deref(), args.master.as_deref())
 }
@@ -291,6 +303,8 @@ async fn main() -> anyhow::Result<()> {
             min_sync_period: args.min_sync_period,
             sync_period: args.sync_period,
             full_sync_period: Duration::from_secs(3600),
+            protected: kpx_proxy::runner::protected_addresses(client.server(), &node_ips(&args)?)
+                .await,
         },
         metrics,
         health,

@@ -7,6 +7,7 @@ use std::net::IpAddr;
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
+use super::refuse;
 use super::service::{NamespacedName, Protocol, Skipped};
 
 /// The label naming the Service an EndpointSlice belongs to.
@@ -59,6 +60,7 @@ pub fn slice_endpoints(
         object: object.clone(),
         field,
         reason,
+        refusal: None,
     };
     let family_v4 = match slice.address_type.as_str() {
         "IPv4" => true,
@@ -92,6 +94,18 @@ pub fn slice_endpoints(
                 continue;
             }
         };
+        // Never program a loopback, link-local, unspecified or multicast backend (an endpoint
+        // of 127.0.0.1:10249 served the proxy's own /metrics); node addresses are fine.
+        if let Some(why) = refuse::endpoint(ip) {
+            skips.push(Skipped {
+                refusal: Some(why),
+                ..skip(
+                    format!("endpoints[{i}].addresses[0]"),
+                    format!("{ip} {}: never programmed as an endpoint", why.explain()),
+                )
+            });
+            continue;
+        }
         let conditions = ep.conditions.as_ref();
         let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
         endpoints.push(Endpoint {

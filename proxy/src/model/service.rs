@@ -9,6 +9,8 @@ use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::Service;
 
+use super::refuse::{self, Protected, Refusal};
+
 /// Services carrying this label belong to another proxy.
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 const DEFAULT_AFFINITY_SECONDS: u32 = 10800;
@@ -122,6 +124,8 @@ pub struct Skipped {
     pub object: String,
     pub field: String,
     pub reason: String,
+    /// Set when a usable address was refused on purpose (`refuse.rs`), not unreadable.
+    pub refusal: Option<Refusal>,
 }
 
 impl fmt::Display for Skipped {
@@ -140,7 +144,36 @@ fn skipped(name: &NamespacedName, field: impl Into<String>, reason: impl Into<St
         object: name.to_string(),
         field: field.into(),
         reason: reason.into(),
+        refusal: None,
     }
+}
+
+/// Drops the external or load-balancer IPs this node must never own (`refuse::frontend`),
+/// each reported.
+fn refuse_frontends(
+    ips: Vec<IpAddr>,
+    field: &str,
+    name: &NamespacedName,
+    protected: &Protected,
+    skips: &mut Vec<Skipped>,
+) -> Vec<IpAddr> {
+    ips.into_iter()
+        .enumerate()
+        .filter_map(|(i, ip)| match refuse::frontend(ip, protected) {
+            None => Some(ip),
+            Some(why) => {
+                skips.push(Skipped {
+                    refusal: Some(why),
+                    ..skipped(
+                        name,
+                        format!("{field}[{i}]"),
+                        format!("{ip} {}", why.explain()),
+                    )
+                });
+                None
+            }
+        })
+        .collect()
 }
 
 /// The Service's key, if it has a name and namespace.
@@ -175,8 +208,10 @@ fn parse_ips(
 }
 
 /// The Service's ports, keyed by name; empty for Services the proxy does not handle.
+/// External and load-balancer IPs in `protected` (or in a special range) are left out.
 pub fn service_ports(
     svc: &Service,
+    protected: &Protected,
     skips: &mut Vec<Skipped>,
 ) -> BTreeMap<ServicePortName, ServicePort> {
     let mut out = BTreeMap::new();
@@ -212,6 +247,7 @@ pub fn service_ports(
         &name,
         skips,
     );
+    let external_ips = refuse_frontends(external_ips, "spec.externalIPs", &name, protected, skips);
     let ingress: Vec<String> = svc
         .status
         .as_ref()
@@ -220,7 +256,14 @@ pub fn service_ports(
         .map(|ingress| ingress.iter().filter_map(|i| i.ip.clone()).collect())
         .unwrap_or_default();
     let load_balancer_ips = if ty == "LoadBalancer" {
-        parse_ips(&ingress, "status.loadBalancer.ingress.ip", &name, skips)
+        let ips = parse_ips(&ingress, "status.loadBalancer.ingress.ip", &name, skips);
+        refuse_frontends(
+            ips,
+            "status.loadBalancer.ingress.ip",
+            &name,
+            protected,
+            skips,
+        )
     } else {
         Vec::new()
     };

@@ -11,12 +11,15 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use super::endpoints::{
     merge, port_endpoints, select, slice_endpoints, slice_service, SliceEndpoints,
 };
+use super::refuse::Protected;
 use super::service::{service_key, service_ports, NamespacedName, Skipped};
 use super::state::{udp_cleanups, Changes, ProxyState, ServiceEntry};
 
 #[derive(Default)]
 pub struct ChangeTracker {
     node_name: String,
+    /// Addresses no Service may take as an external or load-balancer IP here.
+    protected: Protected,
     /// Each Service's ports, parsed once when it arrives (the objects themselves are not kept:
     /// at 10,000 Services they would be most of the proxy's memory).
     services: HashMap<NamespacedName, Vec<super::ServicePort>>,
@@ -40,17 +43,24 @@ fn slice_key(slice: &EndpointSlice) -> Option<NamespacedName> {
 impl ChangeTracker {
     /// `node_name` decides which endpoints are local.
     pub fn new(node_name: &str) -> Self {
+        Self::with_protected(node_name, Protected::default())
+    }
+
+    /// As `new`, never programming `protected` as an external or load-balancer IP.
+    pub fn with_protected(node_name: &str, protected: Protected) -> Self {
         Self {
             node_name: node_name.to_string(),
+            protected,
             ..Default::default()
         }
     }
 
     pub fn apply_service(&mut self, svc: Service) {
         if let Some(key) = service_key(&svc) {
-            let ports: Vec<super::ServicePort> = service_ports(&svc, &mut self.skipped)
-                .into_values()
-                .collect();
+            let ports: Vec<super::ServicePort> =
+                service_ports(&svc, &self.protected, &mut self.skipped)
+                    .into_values()
+                    .collect();
             self.dirty.insert(key.clone());
             self.services.insert(key, ports);
         }
@@ -79,9 +89,10 @@ impl ChangeTracker {
 
     pub fn list_service(&mut self, svc: Service) {
         let Some(key) = service_key(&svc) else { return };
-        let ports: Vec<super::ServicePort> = service_ports(&svc, &mut self.skipped)
-            .into_values()
-            .collect();
+        let ports: Vec<super::ServicePort> =
+            service_ports(&svc, &self.protected, &mut self.skipped)
+                .into_values()
+                .collect();
         self.services_listing
             .get_or_insert_with(HashMap::new)
             .insert(key, ports);
@@ -271,5 +282,7 @@ impl ChangeTracker {
     }
 }
 
+#[cfg(test)]
+mod refuse_tests;
 #[cfg(test)]
 mod tests;

@@ -1,6 +1,7 @@
 //! Decoding, defaulting and validation of incoming objects, per kind, as kube-apiserver does
 //! it. Everything here is pure: allocation of ClusterIPs and NodePorts is in `allocator`.
 
+pub mod ip;
 pub mod names;
 mod objects;
 pub mod service;

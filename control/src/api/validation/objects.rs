@@ -1,9 +1,11 @@
 //! Defaulting and validation of the kinds other than Service (see `service.rs`).
 
+use std::collections::HashSet;
 use std::net::IpAddr;
 
 use serde_json::{json, Map, Value};
 
+use super::ip::{self, Use};
 use super::names;
 use crate::api::resources::Kind;
 use crate::api::FieldError;
@@ -109,8 +111,9 @@ fn default_pod_spec(spec: &mut Value) {
     }
 }
 
-/// Per-kind rules (Services are validated in `service.rs`).
-pub fn validate_object(kind: Kind, obj: &Value) -> Vec<FieldError> {
+/// Per-kind rules (Services are validated in `service.rs`). `old` is the stored object on
+/// update (immutable fields and addresses already stored are judged against it).
+pub fn validate_object(kind: Kind, obj: &Value, old: Option<&Value>) -> Vec<FieldError> {
     let mut errs = Vec::new();
     match kind {
         Kind::Pod => {
@@ -119,12 +122,16 @@ pub fn validate_object(kind: Kind, obj: &Value) -> Vec<FieldError> {
             } else {
                 errs.push(FieldError::required("spec", ""));
             }
+            validate_pod_status_ips(obj, old, &mut errs);
+            if let Some(old) = old {
+                validate_pod_update(obj, old, &mut errs);
+            }
         }
         Kind::Deployment | Kind::ReplicaSet | Kind::ReplicationController => {
             validate_workload(kind, obj, &mut errs)
         }
-        Kind::EndpointSlice => validate_endpoint_slice(obj, &mut errs),
-        Kind::Endpoints => validate_endpoints(obj, &mut errs),
+        Kind::EndpointSlice => validate_endpoint_slice(obj, old, &mut errs),
+        Kind::Endpoints => validate_endpoints(obj, old, &mut errs),
         Kind::Node => {
             if let Some(cidr) = obj.pointer("/spec/podCIDR").and_then(Value::as_str) {
                 if cidr.parse::<ipnet::IpNet>().is_err() {
@@ -299,9 +306,42 @@ fn validate_address(address: &str, address_type: &str) -> Result<(), String> {
     }
 }
 
-fn validate_endpoint_slice(obj: &Value, errs: &mut Vec<FieldError>) {
+/// Every string an array of strings at `pointer` holds, in every element of `list`.
+fn strings_at(list: Option<&Value>, inner: &str) -> HashSet<String> {
+    list.and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|item| item.pointer(inner))
+        .flat_map(|v| match v {
+            Value::Array(a) => a
+                .iter()
+                .filter_map(Value::as_str)
+                .map(String::from)
+                .collect(),
+            Value::String(s) => vec![s.clone()],
+            _ => Vec::new(),
+        })
+        .collect()
+}
+
+/// kube's `pkg/apis/discovery/validation` (`ValidateEndpointSlice{Create,Update}`).
+fn validate_endpoint_slice(obj: &Value, old: Option<&Value>, errs: &mut Vec<FieldError>) {
     const TYPES: &[&str] = &["FQDN", "IPv4", "IPv6"];
     let address_type = obj.get("addressType").and_then(Value::as_str).unwrap_or("");
+    // `ValidateEndpointSliceUpdate`: apimachinery's ValidateImmutableField.
+    if let Some(before) = old
+        .and_then(|o| o.get("addressType"))
+        .and_then(Value::as_str)
+    {
+        if before != address_type {
+            errs.push(FieldError::invalid(
+                "addressType",
+                format!("{address_type:?}"),
+                "field is immutable",
+            ));
+        }
+    }
+    let stored = strings_at(old.and_then(|o| o.get("endpoints")), "/addresses");
     if address_type.is_empty() {
         errs.push(FieldError::required("addressType", ""));
     } else if !TYPES.contains(&address_type) {
@@ -312,8 +352,9 @@ fn validate_endpoint_slice(obj: &Value, errs: &mut Vec<FieldError>) {
         ));
     }
     let endpoints = obj.get("endpoints").and_then(Value::as_array);
-    if endpoints.map_or(0, Vec::len) > 1000 {
-        errs.push(FieldError::too_long("endpoints", 1000));
+    let count = endpoints.map_or(0, Vec::len);
+    if count > 1000 {
+        errs.push(FieldError::too_many("endpoints", count, 1000));
     }
     for (i, ep) in endpoints.into_iter().flatten().enumerate() {
         let addresses = ep.get("addresses").and_then(Value::as_array);
@@ -323,27 +364,32 @@ fn validate_endpoint_slice(obj: &Value, errs: &mut Vec<FieldError>) {
                 "must contain at least 1 address",
             )),
             1..=100 => {}
-            _ => errs.push(FieldError::too_long(
+            n => errs.push(FieldError::too_many(
                 format!("endpoints[{i}].addresses"),
+                n,
                 100,
             )),
         }
         for (j, a) in addresses.into_iter().flatten().enumerate() {
             let address = a.as_str().unwrap_or("");
+            let field = format!("endpoints[{i}].addresses[{j}]");
             if TYPES.contains(&address_type) {
                 if let Err(why) = validate_address(address, address_type) {
-                    errs.push(FieldError::invalid(
-                        format!("endpoints[{i}].addresses[{j}]"),
-                        format!("{address:?}"),
-                        why,
-                    ));
+                    errs.push(FieldError::invalid(field, format!("{address:?}"), why));
+                } else if address_type != "FQDN" {
+                    ip::check(field, address, Use::Programmed, &stored, errs);
                 }
             }
         }
     }
+    // 20,000 since kubernetes/kubernetes#99795 (it was 100, and the EndpointSlice controller
+    // then could not publish a Service with more ports: kubernetes/kubernetes#99382). A
+    // Service's ports are not bounded, so a slice is refused only past this.
+    const MAX_PORTS: usize = 20_000;
     let ports = obj.get("ports").and_then(Value::as_array);
-    if ports.map_or(0, Vec::len) > 100 {
-        errs.push(FieldError::too_long("ports", 100));
+    let count = ports.map_or(0, Vec::len);
+    if count > MAX_PORTS {
+        errs.push(FieldError::too_many("ports", count, MAX_PORTS));
     }
     for (i, p) in ports.into_iter().flatten().enumerate() {
         if let Some(port) = p.get("port") {
@@ -366,7 +412,15 @@ fn validate_endpoint_slice(obj: &Value, errs: &mut Vec<FieldError>) {
     }
 }
 
-fn validate_endpoints(obj: &Value, errs: &mut Vec<FieldError>) {
+/// kube's `ValidateEndpoints` → `validateEndpointAddress` → `ValidateEndpointIP`.
+fn validate_endpoints(obj: &Value, old: Option<&Value>, errs: &mut Vec<FieldError>) {
+    let old_subsets = old.and_then(|o| o.get("subsets"));
+    let mut stored = HashSet::new();
+    for subset in old_subsets.and_then(Value::as_array).into_iter().flatten() {
+        for list in ["addresses", "notReadyAddresses"] {
+            stored.extend(strings_at(subset.get(list), "/ip"));
+        }
+    }
     for (i, subset) in obj
         .get("subsets")
         .and_then(Value::as_array)
@@ -382,14 +436,14 @@ fn validate_endpoints(obj: &Value, errs: &mut Vec<FieldError>) {
                 .flatten()
                 .enumerate()
             {
-                let ip = a.get("ip").and_then(Value::as_str).unwrap_or("");
-                if ip.parse::<IpAddr>().is_err() {
-                    errs.push(FieldError::invalid(
-                        format!("subsets[{i}].{list}[{j}].ip"),
-                        format!("{ip:?}"),
-                        "must be a valid IP address",
-                    ));
-                }
+                let address = a.get("ip").and_then(Value::as_str).unwrap_or("");
+                ip::check(
+                    format!("subsets[{i}].{list}[{j}].ip"),
+                    address,
+                    Use::Programmed,
+                    &stored,
+                    errs,
+                );
             }
         }
         for (j, p) in subset
@@ -411,5 +465,145 @@ fn validate_endpoints(obj: &Value, errs: &mut Vec<FieldError>) {
                 errs,
             );
         }
+    }
+}
+
+/// `status.podIP(s)` and `status.hostIP(s)` (kube's `validatePodIPs` / `validateHostIPs`):
+/// anyone who may write a pod's status decides what the EndpointSlice controller publishes.
+fn validate_pod_status_ips(obj: &Value, old: Option<&Value>, errs: &mut Vec<FieldError>) {
+    for (single, plural) in [("podIP", "podIPs"), ("hostIP", "hostIPs")] {
+        let old_status = old.and_then(|o| o.get("status"));
+        let mut stored = strings_at(old_status.and_then(|s| s.get(plural)), "/ip");
+        if let Some(ip) = old_status
+            .and_then(|s| s.get(single))
+            .and_then(Value::as_str)
+        {
+            stored.insert(ip.to_string());
+        }
+        let status = obj.get("status");
+        if let Some(value) = status
+            .and_then(|s| s.get(single))
+            .and_then(Value::as_str)
+            .filter(|v| !v.is_empty())
+        {
+            ip::check(format!("status.{single}"), value, Use::Host, &stored, errs);
+        }
+        let list = status.and_then(|s| s.get(plural)).and_then(Value::as_array);
+        for (i, entry) in list.into_iter().flatten().enumerate() {
+            let value = entry.get("ip").and_then(Value::as_str).unwrap_or("");
+            ip::check(
+                format!("status.{plural}[{i}].ip"),
+                value,
+                Use::Host,
+                &stored,
+                errs,
+            );
+        }
+        let first = list
+            .and_then(|l| l.first())
+            .and_then(|e| e.get("ip"))
+            .and_then(Value::as_str);
+        let lone = status.and_then(|s| s.get(single)).and_then(Value::as_str);
+        if let (Some(first), Some(lone)) = (first, lone) {
+            if first != lone {
+                errs.push(FieldError::invalid(
+                    format!("status.{plural}[0].ip"),
+                    format!("{first:?}"),
+                    format!("must match status.{single}"),
+                ));
+            }
+        }
+    }
+}
+
+/// kube's `ValidatePodUpdate`: a pod's spec is immutable but for a few fields; `nodeName` is
+/// set only through the `binding` subresource (which does not come here).
+fn validate_pod_update(obj: &Value, old: &Value, errs: &mut Vec<FieldError>) {
+    let (Some(new_spec), Some(old_spec)) = (obj.get("spec"), old.get("spec")) else {
+        return;
+    };
+    // Tolerations: only additions (`validateOnlyAddedTolerations`).
+    let old_tolerations = old_spec.get("tolerations").and_then(Value::as_array);
+    let new_tolerations = new_spec.get("tolerations").and_then(Value::as_array);
+    let without_seconds = |t: &Value| {
+        let mut t = t.clone();
+        if let Some(m) = t.as_object_mut() {
+            m.remove("tolerationSeconds");
+        }
+        t
+    };
+    for (i, t) in old_tolerations.into_iter().flatten().enumerate() {
+        let kept = new_tolerations
+            .is_some_and(|n| n.iter().any(|x| without_seconds(x) == without_seconds(t)));
+        if !kept {
+            errs.push(FieldError::forbidden(
+                format!("spec.tolerations[{i}]"),
+                "existing toleration can not be modified except its tolerationSeconds",
+            ));
+        }
+    }
+    // The spec with every mutable field taken from the stored pod must equal the stored spec.
+    let mut munged = new_spec.clone();
+    for list in ["containers", "initContainers"] {
+        let old_list = old_spec.get(list).and_then(Value::as_array);
+        let Some(new_list) = munged.get_mut(list).and_then(Value::as_array_mut) else {
+            continue;
+        };
+        if old_list.map_or(0, Vec::len) != new_list.len() {
+            continue; // a different number of containers differs below anyway
+        }
+        for (new_c, old_c) in new_list.iter_mut().zip(old_list.into_iter().flatten()) {
+            if let Some(c) = new_c.as_object_mut() {
+                match old_c.get("image") {
+                    Some(image) => c.insert("image".into(), image.clone()),
+                    None => c.remove("image"),
+                };
+            }
+        }
+    }
+    if let Some(m) = munged.as_object_mut() {
+        let old_grace = old_spec
+            .get("terminationGracePeriodSeconds")
+            .and_then(Value::as_i64);
+        let new_grace = m
+            .get("terminationGracePeriodSeconds")
+            .and_then(Value::as_i64);
+        // Upstream lets a negative grace period (from old clients) become 1, nothing else.
+        let grace_fix = old_grace.is_some_and(|g| g < 0) && new_grace == Some(1);
+        let mut keep = vec!["activeDeadlineSeconds", "tolerations"];
+        if grace_fix {
+            keep.push("terminationGracePeriodSeconds");
+        }
+        for field in keep {
+            match old_spec.get(field) {
+                Some(v) => m.insert(field.into(), v.clone()),
+                None => m.remove(field),
+            };
+        }
+    }
+    if &munged != old_spec {
+        let changed: Vec<&str> = new_spec
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, _)| k.as_str())
+            .chain(
+                old_spec
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, _)| k.as_str()),
+            )
+            .filter(|k| munged.get(*k) != old_spec.get(*k))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        errs.push(FieldError::forbidden(
+            "spec",
+            format!(
+                "pod updates may not change fields other than `spec.containers[*].image`,`spec.initContainers[*].image`,`spec.activeDeadlineSeconds`,`spec.tolerations` (only additions to existing tolerations),`spec.terminationGracePeriodSeconds` (allow it to be set to 1 if it was previously negative) (changed: spec.{})",
+                changed.join(", spec.")
+            ),
+        ));
     }
 }

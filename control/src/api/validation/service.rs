@@ -10,6 +10,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::json;
 
+use super::ip::{self, Use};
 use super::names;
 use crate::api::allocator::{Allocator, Family, ServiceNetwork};
 use crate::api::FieldError;
@@ -343,15 +344,24 @@ pub fn validate_service(
             ));
         }
     }
-    for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
-        if ip.parse::<IpAddr>().is_err() {
-            errs.push(FieldError::invalid(
-                format!("spec.externalIPs[{i}]"),
-                format!("{ip:?}"),
-                "must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)",
-            ));
-        }
+    // kube's ValidateService → ValidateNonSpecialIP on each external IP (and the stricter
+    // `Use::Programmed` set, see `ip.rs`); the form checks spare values already stored.
+    let old_spec = old.and_then(|o| o.spec.as_ref());
+    let stored: HashSet<String> = old_spec
+        .and_then(|o| o.external_ips.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    for (i, value) in spec.external_ips.iter().flatten().enumerate() {
+        ip::check(
+            format!("spec.externalIPs[{i}]"),
+            value,
+            Use::Programmed,
+            &stored,
+            &mut errs,
+        );
     }
+    validate_load_balancer_status(svc, old, &mut errs);
     for (i, cidr) in spec
         .load_balancer_source_ranges
         .iter()
@@ -393,6 +403,81 @@ pub fn validate_service(
         validate_cluster_ips(spec, old, network, &mut errs);
     }
     errs
+}
+
+/// `status.loadBalancer.ingress[].ip`: upstream checks only that it is an IP
+/// (`ValidateLoadBalancerStatus`); kpx is stricter and refuses what kpx-proxy must never
+/// program (loopback, link-local, …: a load balancer never announces those), because anyone
+/// who may write a Service's status would otherwise choose what every node captures.
+fn validate_load_balancer_status(svc: &Service, old: Option<&Service>, errs: &mut Vec<FieldError>) {
+    let ingress_ips = |s: &Service| -> Vec<Option<String>> {
+        s.status
+            .as_ref()
+            .and_then(|st| st.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|i| i.ip.clone())
+            .collect()
+    };
+    let stored: HashSet<String> = old
+        .map(ingress_ips)
+        .unwrap_or_default()
+        .into_iter()
+        .flatten()
+        .collect();
+    for (i, value) in ingress_ips(svc).into_iter().enumerate() {
+        if let Some(value) = value.filter(|v| !v.is_empty()) {
+            ip::check(
+                format!("status.loadBalancer.ingress[{i}].ip"),
+                &value,
+                Use::Programmed,
+                &stored,
+                errs,
+            );
+        }
+    }
+}
+
+/// The external-IP admission: upstream's `DenyServiceExternalIPs` plugin
+/// (`plugin/pkg/admission/network/denyserviceexternalips`) when `allowed` is empty, and the
+/// CVE-2020-8554 `externalip-webhook`'s `allowed-external-ip-cidrs` otherwise. An update
+/// that only keeps or removes external IPs the stored Service had is always allowed
+/// (upstream's `isSubset`). The error is the message of the 403 the caller answers.
+pub fn admit_external_ips(
+    svc: &Service,
+    old: Option<&Service>,
+    allowed: &[ipnet::IpNet],
+) -> Result<(), String> {
+    let stored: HashSet<&str> = old
+        .and_then(|o| o.spec.as_ref())
+        .and_then(|s| s.external_ips.as_ref())
+        .into_iter()
+        .flatten()
+        .map(String::as_str)
+        .collect();
+    let new_ips = svc.spec.as_ref().and_then(|s| s.external_ips.as_ref());
+    for value in new_ips.into_iter().flatten() {
+        if stored.contains(value.as_str()) {
+            continue;
+        }
+        let inside = value
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| allowed.iter().any(|net| net.contains(&ip)));
+        if inside {
+            continue;
+        }
+        return Err(if allowed.is_empty() {
+            "Use of external IPs is denied by admission control".to_string()
+        } else {
+            let list: Vec<String> = allowed.iter().map(ToString::to_string).collect();
+            format!(
+                "Use of external IPs is denied by admission control: spec.externalIPs {value:?} is outside the allowed ranges ({}, --service-external-ip-cidrs)",
+                list.join(",")
+            )
+        });
+    }
+    Ok(())
 }
 
 fn validate_cluster_ips(
