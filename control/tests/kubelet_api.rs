@@ -1,6 +1,8 @@
 //! Issue 15 item 2: the kubelet API (port 10250, reachable from every pod). Found: any pod read
 //! any pod's logs without credentials; `…/containerLogs/ns/pod/%2Ftmp%2F…` read root-only
 //! files anywhere; a request naming a FIFO blocked a worker and hung the kubelet.
+//! It is served as kpx-kubelet serves it: over TLS with a generated self-signed certificate,
+//! through the bounded serving loop (issue 15 item 5: slowloris clients on port 10250).
 //! The server runs on a runtime thread of its own, so a request that blocks it shows up here as
 //! a timeout instead of hanging the test.
 
