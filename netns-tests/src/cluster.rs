@@ -107,7 +107,11 @@ impl Lab {
                 &format!("{}ms", options.heartbeat.as_millis()),
             ])
             .arg("--pod-log-dir")
-            .arg(self.dir().join(&node.name).join("pods"));
+            .arg(self.dir().join(&node.name).join("pods"))
+            // The kubelet API's self-signed serving certificate, kept across restarts of the
+            // kubelet and removed with the lab.
+            .arg("--cert-dir")
+            .arg(self.dir().join(&node.name).join("pki"));
         match &node.cgroup {
             Some(cg) => cmd.arg("--cgroup-root").arg(cg),
             None => cmd.args(["--cgroup-root", "none"]),

@@ -6,6 +6,7 @@ pub mod meta;
 pub mod openapi;
 mod openapi_proto;
 pub mod patch;
+pub mod query;
 pub mod resources;
 pub mod selector;
 pub mod status;

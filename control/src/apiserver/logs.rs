@@ -123,23 +123,13 @@ pub async fn pod_log(
             params.push((key, v.clone()));
         }
     }
-    let follow = query
-        .follow
-        .as_deref()
-        .is_some_and(|v| matches!(v, "true" | "1" | "True" | "TRUE" | "t" | "T"));
+    let follow = super::request::flag(&query.follow);
     let url = format!(
-        "http://{endpoint}/containerLogs/{}/{name}/{container}?{}",
+        "https://{endpoint}/containerLogs/{}/{name}/{container}?{}",
         namespace.unwrap_or("default"),
         serde_urlencoded::to_string(&params).unwrap_or_default()
     );
-    // No redirects (a 302 to 127.0.0.1 would undo the address check) and no proxy from the
-    // environment; connect and answer timeouts so a silent address holds nothing for long.
-    let client = reqwest::Client::builder()
-        .connect_timeout(KUBELET_CONNECT_TIMEOUT)
-        .redirect(reqwest::redirect::Policy::none())
-        .no_proxy()
-        .build()
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let client = kubelet_client(server.options.kubelet_certificate_authority.as_deref())?;
     let mut request = client.get(&url);
     if let Some(token) = &server.options.kubelet_client_token {
         request = request.bearer_auth(token);
@@ -183,6 +173,51 @@ pub async fn pod_log(
         .header(header::CONTENT_TYPE, "text/plain")
         .body(Body::from_stream(answer.bytes_stream()))
         .map_err(|e| ApiError::internal(e.to_string()))
+}
+
+/// The client `pods/log` reaches kubelets with, over https as kube-apiserver
+/// (`pkg/kubelet/client/kubelet_client.go`, `KubeletClientConfig` → `transport.TLSConfigFor`):
+/// with `--kubelet-certificate-authority` the kubelet's serving certificate must chain to that
+/// CA (and only that CA) and name the address connected to; without it the certificate is not
+/// verified (kube sets `Insecure` when no CA is given): the channel is still encrypted, so the
+/// API server's token never crosses the node network in clear, but a man in the middle on that
+/// network could read it, which the CA flag rules out.
+/// No redirects (a 302 to 127.0.0.1 would undo the address check) and no proxy from the
+/// environment; a connect timeout so a silent address holds nothing for long.
+pub(crate) fn kubelet_client(ca_pem: Option<&[u8]>) -> Result<reqwest::Client, ApiError> {
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(KUBELET_CONNECT_TIMEOUT)
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .use_rustls_tls()
+        .https_only(true);
+    match ca_pem {
+        Some(pem) => {
+            builder = builder.tls_built_in_root_certs(false);
+            let certs = reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| ApiError::internal(format!("--kubelet-certificate-authority: {e}")))?;
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        None => builder = builder.danger_accept_invalid_certs(true),
+    }
+    builder
+        .build()
+        .map_err(|e| ApiError::internal(format!("the kubelet client: {e}")))
+}
+
+/// Checks a `--kubelet-certificate-authority` bundle at start-up: it must hold at least one
+/// PEM certificate.
+pub fn check_kubelet_certificate_authority(pem: &[u8]) -> Result<(), String> {
+    match reqwest::Certificate::from_pem_bundle(pem) {
+        Ok(certs) if !certs.is_empty() => {
+            kubelet_client(Some(pem)).map_err(|e| e.message.clone())?;
+            Ok(())
+        }
+        Ok(_) => Err("no CERTIFICATE block".into()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 const KUBELET_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -257,6 +292,76 @@ fn kubelet_endpoint(node: &Value, node_name: &str, own: &[IpAddr]) -> Result<Soc
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A kubelet API over TLS with a self-signed certificate for 127.0.0.1 in `dir`; its URL
+    /// and the certificate file (the serving certificate and its CA).
+    async fn kubelet(dir: &std::path::Path) -> (String, Vec<u8>) {
+        use crate::kubelet::server::{serve_api, ApiListener, LogApi};
+        let pki = dir.join("pki");
+        let (tls, _) =
+            crate::kubelet::tls::serving_acceptor(None, None, &pki, &["127.0.0.1".into()])
+                .expect("certificate");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("https://{}", listener.local_addr().expect("address"));
+        let tokens = crate::apiserver::auth::TokenAuthenticator::parse("t", "tok,apiserver,1\n")
+            .expect("tokens");
+        let api = LogApi {
+            log_dir: dir.to_path_buf(),
+            tokens: Some(Arc::new(tokens)),
+        };
+        let listener = ApiListener {
+            listener,
+            tls,
+            limits: crate::serve::Limits::default(),
+        };
+        tokio::spawn(serve_api(listener, api, std::future::pending()));
+        let cert = std::fs::read(pki.join(crate::kubelet::tls::CERT_FILE)).expect("read");
+        (url, cert)
+    }
+
+    /// kube-apiserver's kubelet client: unverified without a CA, verified with one.
+    #[tokio::test]
+    async fn kubelets_are_reached_over_https_verified_only_with_a_ca() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (url, cert) = kubelet(dir.path()).await;
+        let logs = format!("{url}/containerLogs/default/p/c");
+        let status = |client: reqwest::Client| {
+            let logs = logs.clone();
+            async move {
+                client
+                    .get(logs)
+                    .bearer_auth("tok")
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+            }
+        };
+        // No CA: encrypted, not verified (the pod has no logs: the kubelet's 404).
+        assert_eq!(
+            status(kubelet_client(None).expect("client")).await.ok(),
+            Some(404)
+        );
+        // The kubelet's own CA: verified.
+        let trusted = kubelet_client(Some(&cert)).expect("client");
+        assert_eq!(status(trusted.clone()).await.ok(), Some(404));
+        // Another CA: the handshake fails, nothing is sent.
+        let other = tempfile::tempdir().expect("tempdir");
+        let (_, other_cert) = kubelet(other.path()).await;
+        let err = status(kubelet_client(Some(&other_cert)).expect("client"))
+            .await
+            .expect_err("an untrusted kubelet certificate was accepted");
+        assert!(err.is_connect() || err.is_request(), "{err:?}");
+        // Never plain http, whatever a URL says.
+        let plain = trusted
+            .get(logs.replace("https://", "http://"))
+            .send()
+            .await;
+        assert!(plain.is_err(), "{plain:?}");
+        assert!(check_kubelet_certificate_authority(&cert).is_ok());
+        assert!(check_kubelet_certificate_authority(b"junk").is_err());
+    }
 
     #[test]
     fn proxyable_addresses_as_kube() {

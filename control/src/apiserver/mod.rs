@@ -13,6 +13,7 @@ mod response;
 pub mod tls;
 mod watch;
 
+pub use logs::check_kubelet_certificate_authority;
 pub use watch::WATCH_BUFFER_BYTES;
 
 use std::net::SocketAddr;
@@ -60,6 +61,10 @@ pub struct Options {
     /// The bearer token sent to kubelets for `pods/log` (kube-apiserver's kubelet client
     /// credentials).
     pub kubelet_client_token: Option<String>,
+    /// The CA (PEM) kubelets' serving certificates must chain to for `pods/log`
+    /// (`--kubelet-certificate-authority`); `None`: kubelets are reached over https without
+    /// verifying their certificate, as kube-apiserver without that flag.
+    pub kubelet_certificate_authority: Option<Vec<u8>>,
     /// The API server's own addresses: `pods/log` never connects to them (kube's
     /// `proxyutil.IsProxyableIP` refuses loopback and link-local; these are refused too).
     pub own_addresses: Vec<std::net::IpAddr>,
@@ -79,6 +84,7 @@ impl Default for Options {
             limits: crate::serve::Limits::default(),
             authenticator: None,
             kubelet_client_token: None,
+            kubelet_certificate_authority: None,
             own_addresses: Vec::new(),
             service_external_ip_cidrs: Vec::new(),
         }

@@ -145,8 +145,9 @@ pub struct Query {
     pub force: Option<String>,
 }
 
-/// Parses the query; boolean parameters come out as `"true"` or `"false"` (see [`parse_bool`]),
-/// so every reader — [`flag`], or a comparison with `"true"` — agrees with kube-apiserver.
+/// Parses the query; boolean parameters come out as `"true"` or `"false"` (see
+/// [`crate::api::query::parse_bool`]), so every reader — [`flag`], or a comparison with
+/// `"true"` — agrees with kube-apiserver.
 pub fn parse_query(raw: Option<&str>) -> Result<Query, ApiError> {
     let mut query: Query = serde_urlencoded::from_str(raw.unwrap_or(""))
         .map_err(|e| ApiError::bad_request(format!("invalid query string: {e}")))?;
@@ -161,28 +162,8 @@ pub fn parse_query(raw: Option<&str>) -> Result<Query, ApiError> {
     Ok(query)
 }
 
-/// A boolean query parameter as kube-apiserver converts it
-/// (`k8s.io/apimachinery/pkg/runtime/conversion.go`, `Convert_Slice_string_To_bool` and
-/// `Convert_Slice_string_To_Pointer_bool`, which the parameter codec uses for ListOptions,
-/// PatchOptions and PodLogOptions alike): only `0` and `false` in any case are false; any other
-/// value — `1`, `true`, the Python client's `True`, even `yes` or an empty value — is true.
-/// An absent parameter is false (or unset, for the `*bool` ones), which callers see as `None`.
-/// (This is not `strconv.ParseBool`: kube never answers 400 for a boolean parameter.)
-pub fn parse_bool(value: &str) -> bool {
-    !(value == "0" || value.eq_ignore_ascii_case("false"))
-}
-
-/// Rewrites a present boolean parameter to `"true"` or `"false"` by [`parse_bool`].
-pub fn normalize_bool(value: &mut Option<String>) {
-    if let Some(v) = value.as_mut() {
-        *v = if parse_bool(v) { "true" } else { "false" }.to_string();
-    }
-}
-
-/// Whether a boolean parameter normalized by [`parse_query`] or [`normalize_bool`] is set.
-pub fn flag(value: &Option<String>) -> bool {
-    value.as_deref() == Some("true")
-}
+// Boolean parameters: one conversion for the API server and the kubelet API.
+pub use crate::api::query::{flag, normalize_bool};
 
 /// The options object kube-apiserver decodes a write's query into; it names the object in the
 /// 422 for a bad `dryRun` (`CreateOptions.meta.k8s.io "" is invalid: dryRun: ...`).
@@ -258,6 +239,7 @@ pub fn number<T: std::str::FromStr>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::query::parse_bool;
 
     #[test]
     fn booleans_as_kube_converts_them() {

@@ -114,6 +114,10 @@ struct Args {
     /// kube-apiserver's --kubelet-client-certificate).
     #[arg(long)]
     kubelet_client_token_file: Option<PathBuf>,
+    /// A PEM bundle kubelets' serving certificates must chain to for `pods/log`, as
+    /// kube-apiserver's flag; without it kubelets are reached over https unverified.
+    #[arg(long)]
+    kubelet_certificate_authority: Option<PathBuf>,
 }
 
 /// The generated admin identity (kube's `system:masters` group: everything is allowed).
@@ -339,6 +343,20 @@ async fn main() -> anyhow::Result<()> {
         }
         None => None,
     };
+    let kubelet_certificate_authority = match &args.kubelet_certificate_authority {
+        Some(path) => {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("--kubelet-certificate-authority {}", path.display()))?;
+            if let Err(e) = kpx_control::apiserver::check_kubelet_certificate_authority(&pem) {
+                bail!(
+                    "--kubelet-certificate-authority {}: not a PEM certificate bundle: {e}",
+                    path.display()
+                );
+            }
+            Some(pem)
+        }
+        None => None,
+    };
     let options = Options {
         service_network: network,
         bookmark_interval: Duration::from_secs(args.bookmark_interval_seconds.max(1)),
@@ -356,6 +374,7 @@ async fn main() -> anyhow::Result<()> {
         },
         authenticator: Some(Arc::new(authenticator)),
         kubelet_client_token,
+        kubelet_certificate_authority,
         own_addresses: vec![address.ip()],
         service_external_ip_cidrs: args.service_external_ip_cidrs.0.clone(),
         ..Default::default()

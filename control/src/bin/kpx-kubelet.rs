@@ -76,6 +76,27 @@ struct Args {
     /// the kubelet API refuses every request.
     #[arg(long)]
     authentication_token_file: Option<PathBuf>,
+    /// The kubelet API's serving certificate (PEM, the chain); with --tls-private-key-file.
+    /// Without both, a self-signed one in --cert-dir is used (generated on first start).
+    #[arg(long)]
+    tls_cert_file: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert-file.
+    #[arg(long)]
+    tls_private_key_file: Option<PathBuf>,
+    /// Where the self-signed serving certificate is kept (`kubelet.crt`, `kubelet.key`, mode
+    /// 0600); ignored with --tls-cert-file.
+    #[arg(long, default_value = "/var/lib/kubelet/pki")]
+    cert_dir: PathBuf,
+    /// Bounds of the kubelet API's connections (as kpx-control's): a request's header must
+    /// arrive within this (a TLS handshake too).
+    #[arg(long, default_value = "32s", value_parser = kpx_control::daemon::parse_duration)]
+    header_read_timeout: Duration,
+    /// A kubelet API connection with no request for this long is closed.
+    #[arg(long, default_value = "90s", value_parser = kpx_control::daemon::parse_duration)]
+    idle_connection_timeout: Duration,
+    /// At most this many kubelet API connections at once; 0: from the fd limit.
+    #[arg(long, default_value_t = 0)]
+    max_connections: usize,
 }
 
 /// The cgroup (v2) this process runs in, as a path under the cgroup2 mount.
@@ -189,16 +210,38 @@ async fn main() -> anyhow::Result<()> {
         None
     } else {
         let address = SocketAddr::new(args.address, args.port);
-        Some(
-            tokio::net::TcpListener::bind(address)
-                .await
-                .with_context(|| {
-                    format!(
-                        "--address {} --port {}: cannot bind",
-                        args.address, args.port
-                    )
-                })?,
+        let hosts: Vec<String> = std::iter::once(config.node_name.clone())
+            .chain(config.node_ips.iter().map(ToString::to_string))
+            .collect();
+        let (tls, origin) = kpx_control::kubelet::tls::serving_acceptor(
+            args.tls_cert_file.as_deref(),
+            args.tls_private_key_file.as_deref(),
+            &args.cert_dir,
+            &hosts,
         )
+        .context("the kubelet API's serving certificate")?;
+        tracing::info!(?origin, cert_dir = %args.cert_dir.display(), "kubelet API serving certificate");
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| {
+                format!(
+                    "--address {} --port {}: cannot bind",
+                    args.address, args.port
+                )
+            })?;
+        Some(kpx_control::kubelet::server::ApiListener {
+            listener,
+            tls,
+            limits: kpx_control::serve::Limits {
+                max_connections: match args.max_connections {
+                    0 => kpx_control::serve::default_max_connections(),
+                    n => n,
+                },
+                header_read_timeout: args.header_read_timeout,
+                idle_timeout: args.idle_connection_timeout,
+                ..Default::default()
+            },
+        })
     };
     tracing::info!(node = %config.node_name, server = %client.server(), "starting");
     let listeners = kpx_control::kubelet::Listeners { health, api };

@@ -79,6 +79,10 @@ pub struct Client {
     server: String,
 }
 
+/// How long an idle pooled connection is kept: well below the servers' idle timeout
+/// ([`crate::serve::IDLE_TIMEOUT`]).
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(50);
+
 impl Client {
     pub fn new(config: &ClientConfig) -> Result<Self, ClientError> {
         let mut headers = HeaderMap::new();
@@ -94,6 +98,10 @@ impl Client {
             .user_agent(concat!("kpx/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(10))
             .tcp_nodelay(true)
+            // Below the servers' 90 s idle timeout (kpx-control's and the kubelet API's, as
+            // kube-apiserver's IdleTimeout): with reqwest's default of 90 s a pooled connection
+            // could be reused just as the server closes it, failing that request.
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             // A watch on a server that vanished without a FIN must not hang forever.
             .tcp_keepalive(Duration::from_secs(30));
         if let Some(ca) = &config.ca_pem {
@@ -488,5 +496,16 @@ impl<K: Object> Api<K> {
             .send(reqwest::Method::GET, url.clone(), None, None)
             .await?;
         Ok(WatchStream::new(response, url))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A pooled connection is dropped by the client before any kpx server would close it idle.
+    #[test]
+    fn pool_idle_timeout_is_below_the_servers_idle_timeout() {
+        const { assert!(super::POOL_IDLE_TIMEOUT.as_secs() < crate::serve::IDLE_TIMEOUT.as_secs()) };
+        let kubelet_default = crate::serve::Limits::default().idle_timeout;
+        assert!(super::POOL_IDLE_TIMEOUT < kubelet_default);
     }
 }

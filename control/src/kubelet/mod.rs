@@ -10,6 +10,7 @@ pub mod pod_status;
 pub mod probe;
 pub mod runtime;
 pub mod server;
+pub mod tls;
 pub mod worker;
 
 use std::collections::{BTreeSet, HashMap};
@@ -117,15 +118,16 @@ impl Shared {
     }
 }
 
-/// Runs the kubelet until `shutdown` resolves. Pods keep running when it stops (as with
-/// kubelet); a later kubelet of the same node removes them and starts them afresh.
-/// Where the kubelet serves: `/healthz` and `/metrics`, and the kubelet API (container logs).
+/// Where the kubelet serves: `/healthz` and `/metrics`, and the kubelet API (container logs,
+/// over TLS).
 #[derive(Default)]
 pub struct Listeners {
     pub health: Option<tokio::net::TcpListener>,
-    pub api: Option<tokio::net::TcpListener>,
+    pub api: Option<server::ApiListener>,
 }
 
+/// Runs the kubelet until `shutdown` resolves. Pods keep running when it stops (as with
+/// kubelet); a later kubelet of the same node removes them and starts them afresh.
 pub async fn run(
     client: Client,
     config: Config,

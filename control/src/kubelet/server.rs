@@ -2,6 +2,9 @@
 //! with `follow`, `previous`, `tailLines` and `limitBytes`, read from the container log files
 //! (`<pod-log-dir>/<ns>_<pod>_<uid>/<container>/<restart>.log`).
 //!
+//! Served over TLS ([`super::tls`]), as the real kubelet, so the API server's token never
+//! crosses the node network in clear, and through kpx-control's bounded serving loop.
+//!
 //! Every pod can reach this port, so, as the kubelet's `--authentication-token-webhook` /
 //! `--anonymous-auth=false` setups do, every request must carry one of the accepted bearer
 //! tokens (`--authentication-token-file`; without one, everything is refused). And only
@@ -27,7 +30,9 @@ use axum::routing::get;
 use axum::Router;
 
 use super::Shared;
+use crate::api::query::parse_bool;
 use crate::apiserver::auth::{bearer, TokenAuthenticator};
+use crate::serve::Limits;
 
 /// What one blocking read takes from a log file: memory per request stays this size.
 const CHUNK: usize = 64 * 1024;
@@ -39,17 +44,6 @@ const FOLLOW_POLL: Duration = Duration::from_millis(200);
 pub struct LogApi {
     pub log_dir: PathBuf,
     pub tokens: Option<Arc<TokenAuthenticator>>,
-}
-
-/// Go's `strconv.ParseBool`, which kube's query parameters use.
-fn parse_bool(field: &str, value: &str) -> Result<bool, String> {
-    match value {
-        "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
-        "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
-        other => Err(format!(
-            "{field}: invalid value {other:?}: must be a boolean (true, false, 1, 0, t, f)"
-        )),
-    }
 }
 
 #[derive(Debug, Default, PartialEq)]
@@ -67,8 +61,9 @@ fn parse_query(raw: Option<&str>) -> Result<LogQuery, String> {
     let mut q = LogQuery::default();
     for (key, value) in pairs {
         match key.as_str() {
-            "follow" => q.follow = parse_bool("follow", &value)?,
-            "previous" => q.previous = parse_bool("previous", &value)?,
+            // PodLogOptions' booleans decode as the API server's do (never a 400).
+            "follow" => q.follow = parse_bool(&value),
+            "previous" => q.previous = parse_bool(&value),
             // kube: tailLines must be >= 0, limitBytes > 0 (`ValidatePodLogOptions`).
             "tailLines" => {
                 q.tail_lines = Some(value.parse::<u64>().map_err(|_| {
@@ -408,16 +403,46 @@ pub fn router(api: LogApi) -> Router {
         .layer(axum::middleware::from_fn_with_state(api, authenticate))
 }
 
-/// Serves the kubelet API on `listener` until the process ends.
-pub async fn serve(shared: Arc<Shared>, listener: tokio::net::TcpListener) {
-    let app = router(LogApi {
+/// Where and how the kubelet API is served: its listener, over TLS as the real kubelet
+/// (`--tls-cert-file` or a self-signed certificate, see [`super::tls`]), within the API
+/// server's connection bounds.
+pub struct ApiListener {
+    pub listener: tokio::net::TcpListener,
+    pub tls: tokio_rustls::TlsAcceptor,
+    pub limits: Limits,
+}
+
+/// Serves `api` on `listener` over TLS until `shutdown` resolves, through the bounded loop
+/// kpx-control serves with ([`crate::serve::serve_https`]): handshake and header timeouts, an
+/// idle timeout and a connection limit, so slowloris clients and idle sockets from pods cannot
+/// exhaust the kubelet (the kubelet's own server sets `IdleTimeout: 90s` and
+/// `MaxHeaderBytes: 1 MiB`, `pkg/kubelet/server/server.go` `ListenAndServeKubeletServer`).
+/// Followed logs are streams, which no timeout cuts once their head is out.
+pub async fn serve_api(
+    listener: ApiListener,
+    api: LogApi,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    crate::serve::serve_https(
+        listener.listener,
+        listener.tls,
+        router(api),
+        listener.limits,
+        shutdown,
+    )
+    .await
+}
+
+/// Serves the kubelet API until the process ends.
+pub async fn serve(shared: Arc<Shared>, listener: ApiListener) {
+    let api = LogApi {
         log_dir: shared.config.log_dir.clone(),
         tokens: shared.config.api_tokens.clone(),
-    });
+    };
     if shared.config.api_tokens.is_none() {
         tracing::warn!("no --authentication-token-file: the kubelet API refuses every request");
     }
-    if let Err(e) = axum::serve(listener, app).await {
+    if let Err(e) = serve_api(listener, api, std::future::pending()).await {
         tracing::warn!(error = %e, "the kubelet API server stopped");
     }
 }
@@ -467,7 +492,15 @@ mod tests {
                 ..Default::default()
             }
         );
-        for bad in ["follow=yes", "tailLines=-1", "limitBytes=0", "podUID=../x"] {
+        // Booleans as kube's parameter codec: anything but 0 and false is true.
+        assert_eq!(
+            parse_query(Some("follow=yes&previous=FALSE")).expect("ok"),
+            LogQuery {
+                follow: true,
+                ..Default::default()
+            }
+        );
+        for bad in ["tailLines=-1", "limitBytes=0", "podUID=../x"] {
             assert!(parse_query(Some(bad)).is_err(), "{bad}");
         }
     }
