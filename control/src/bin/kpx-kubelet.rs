@@ -51,6 +51,14 @@ struct Args {
     /// Where container output is written (`<ns>_<pod>_<uid>/<container>/<restarts>.log`).
     #[arg(long, default_value = "/var/log/kpx-pods")]
     pod_log_dir: PathBuf,
+    /// A container's log is rotated once it reaches this size (a resource quantity: `10Mi`,
+    /// `1Gi`, plain bytes), as the kubelet's flag; checked every 10 s.
+    #[arg(long, default_value = "10Mi")]
+    container_log_max_size: String,
+    /// At most this many log files (the live one and rotated pieces) are kept per container
+    /// attempt; at least 2.
+    #[arg(long, default_value_t = 5)]
+    container_log_max_files: usize,
     /// Allocatable CPU reported for the node.
     #[arg(long, default_value = "2")]
     cpu: String,
@@ -172,6 +180,10 @@ fn config(args: &Args) -> anyhow::Result<Config> {
         log_dir: args.pod_log_dir.clone(),
         status_update_period: args.node_status_update_frequency,
         kubelet_port: args.port,
+        log_rotation: kpx_control::kubelet::logs::Policy::parse(
+            &args.container_log_max_size,
+            args.container_log_max_files,
+        )?,
         api_tokens: match &args.authentication_token_file {
             Some(path) => Some(std::sync::Arc::new(
                 kpx_control::apiserver::auth::TokenAuthenticator::from_file(path)

@@ -4,6 +4,7 @@
 
 pub mod catalog;
 pub mod ipam;
+pub mod logs;
 pub mod metrics;
 pub mod node;
 pub mod pod_status;
@@ -59,6 +60,8 @@ pub struct Config {
     /// Bearer tokens the kubelet API accepts (`--authentication-token-file`); `None`: it
     /// refuses every request.
     pub api_tokens: Option<Arc<crate::apiserver::auth::TokenAuthenticator>>,
+    /// When container logs rotate (`--container-log-max-size`, `--container-log-max-files`).
+    pub log_rotation: logs::Policy,
 }
 
 impl Config {
@@ -82,6 +85,7 @@ impl Config {
             status_update_period: Duration::from_secs(10),
             kubelet_port: 10250,
             api_tokens: None,
+            log_rotation: logs::Policy::default(),
         }
     }
 }
@@ -160,6 +164,12 @@ pub async fn run(
     if let Some(listener) = listeners.api {
         tokio::spawn(server::serve(shared.clone(), listener));
     }
+    // Container logs are bounded on disk (a chatty pod would otherwise fill the filesystem the
+    // store lives on), for adopted containers too: the pass walks the log directory.
+    tokio::spawn(logs::monitor(
+        shared.config.log_dir.clone(),
+        shared.config.log_rotation,
+    ));
     tokio::pin!(shutdown);
     let mut delay = Duration::from_millis(200);
     loop {

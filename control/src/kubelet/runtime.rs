@@ -99,6 +99,17 @@ pub async fn create_sandbox(
     })
 }
 
+/// Opens (creating it) a container's log as its stdout and stderr. `O_APPEND` is what log
+/// rotation relies on ([`super::logs`], copytruncate): after the kubelet truncates the file,
+/// the process's next write lands at the new end, not at its old offset (which would leave a
+/// sparse hole of NULs as long as the old log).
+pub fn open_log(log: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+}
+
 /// Starts a container's process in the sandbox; output goes to `log` (appended).
 pub fn start(
     sandbox: &Sandbox,
@@ -131,11 +142,7 @@ pub fn start(
     if let Some(parent) = log.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    let out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .with_context(|| format!("opening the log {}", log.display()))?;
+    let out = open_log(log).with_context(|| format!("opening the log {}", log.display()))?;
     let mut cmd = entry.command(program)?;
     let host_text = hostname.to_string();
     let hostname = std::ffi::CString::new(hostname)?;

@@ -168,7 +168,9 @@ fn pod_dir(root: &Path, namespace: &str, pod: &str, uid: Option<&str>) -> Option
         .map(|e| e.path())
 }
 
-/// The container's log files (`<n>.log`), oldest run first.
+/// The container's log files (`<n>.log`), oldest run first. Rotated pieces (`<n>.log.<ts>`,
+/// [`super::logs`]) are parts of a run, not runs, so they are not listed: the current run is
+/// its live file, and `previous` the run before it, as the kubelet serves them.
 fn runs(dir: &Path) -> Vec<PathBuf> {
     let mut files: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
         .into_iter()
@@ -339,7 +341,7 @@ async fn container_logs(
     // the blocking pool; at the end, a followed log polls for more until its container runs
     // again.
     let stream = futures::stream::unfold((log, limit), move |(log, left)| async move {
-        let offset = log.start;
+        let mut offset = log.start;
         if left == 0 {
             return None;
         }
@@ -356,6 +358,16 @@ async fn container_logs(
                     return Some((Ok::<_, io::Error>(bytes), (next, left - n)));
                 }
                 Ok(_) if follow => {
+                    // Log rotation truncates the live file in place (copytruncate, see
+                    // [`super::logs`]): once it is shorter than what was sent, the container
+                    // writes from its start again, so follow continues there (as `tail -F`
+                    // does on truncation; the kubelet's own follow reopens the rotated file).
+                    let file = log.file.clone();
+                    let len = blocking(move || file.metadata().map(|m| m.len())).await?;
+                    if len.is_ok_and(|len| len < offset) {
+                        offset = 0;
+                        continue;
+                    }
                     let (path, dir) = (log.path.clone(), log.container_dir.clone());
                     if blocking(move || follow_over(&path, &dir)).await? {
                         return None;
@@ -468,6 +480,26 @@ mod tests {
         assert_eq!(lines("a\nb\n", 0), "");
         let long: String = (0..50_000).map(|i| format!("line {i}\n")).collect();
         assert_eq!(lines(&long, 3), "line 49997\nline 49998\nline 49999\n");
+    }
+
+    #[test]
+    fn rotated_pieces_are_not_runs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for name in [
+            "0.log",
+            "0.log.20260101-000000.000000",
+            "1.log",
+            "1.log.20260101-000001.000000",
+            "1.log.20260101-000002.000000.tmp",
+            "2.log.20260101-000003.000000",
+        ] {
+            std::fs::write(dir.path().join(name), name).expect("write");
+        }
+        let runs: Vec<_> = runs(dir.path())
+            .into_iter()
+            .map(|p| p.file_name().expect("name").to_string_lossy().to_string())
+            .collect();
+        assert_eq!(runs, ["0.log", "1.log"]);
     }
 
     #[test]
