@@ -99,3 +99,73 @@ pub fn metrics_response(
     )
         .into_response()
 }
+
+/// Raises this process's soft `RLIMIT_NOFILE` to its hard limit and returns the limit then in
+/// force (the soft one). Go has done the same in its `os` package since 1.19 (`os/rlimit.go`,
+/// run at start by every Go binary, so kube-apiserver and the kubelet run with the hard limit);
+/// a daemon that keeps the 1,024 soft default runs out of descriptors under a few hundred
+/// watches, and the connection limit derived from it (`serve::default_max_connections`) would
+/// shut ordinary clients out. Call it before anything reads the limit. A failure leaves the
+/// limit as it was and is logged: the daemon still works, only with fewer descriptors.
+pub fn raise_fd_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        let error = std::io::Error::last_os_error();
+        tracing::warn!(%error, "cannot read the open-file limit (RLIMIT_NOFILE)");
+        return 1024;
+    }
+    let before = limit.rlim_cur;
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: setrlimit only reads the struct it is given.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit.rlim_cur = limit.rlim_max;
+        } else {
+            let error = std::io::Error::last_os_error();
+            tracing::warn!(%error, soft = before, hard = limit.rlim_max, "cannot raise the open-file limit to the hard limit");
+        }
+    }
+    tracing::info!(
+        soft = limit.rlim_cur,
+        hard = limit.rlim_max,
+        was = before,
+        "open-file limit (RLIMIT_NOFILE)"
+    );
+    limit.rlim_cur
+}
+
+/// Creates `dir` (and its parents) with mode 0700 if it does not exist, as kube keeps etcd's
+/// data directory (etcd's `fileutil.TouchDirAll` / `CheckDirPermission` want 0700): the store
+/// and keys in it are for this user only. A directory that already exists is the user's
+/// choice and is not changed, but if its group or others may enter it, say so.
+pub fn create_private_dir(dir: &std::path::Path, flag: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if !dir.exists() {
+        // Parents made on the way get the usual mode; only the directory itself is private.
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)?;
+        }
+        match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+            Ok(()) => return Ok(()),
+            // Someone else made it between the check and now: treat it as existing.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let mode = std::fs::metadata(dir)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        tracing::warn!(
+            dir = %dir.display(),
+            mode = format_args!("{mode:04o}"),
+            "{flag} is accessible to its group or others; kube keeps its data directory 0700 (chmod 700 it)"
+        );
+    }
+    Ok(())
+}

@@ -260,17 +260,27 @@ pub fn random_token() -> String {
 }
 
 /// What the request's `Authorization` header presents, as kube's `bearertoken` authenticator
-/// reads it: `Bearer <token>` (scheme case-insensitive). `None`: no credentials at all;
-/// `Some(None)`: credentials that are not a usable bearer token (refused, never anonymous).
+/// (`staging/src/k8s.io/apiserver/pkg/authentication/request/bearertoken/bearertoken.go`,
+/// `AuthenticateRequest`) reads it. `None`: no bearer credentials, so the request is anonymous:
+/// no header, an empty or blank one, another scheme (`Basic ...`: "not mine" to the bearer
+/// authenticator, and kpx has no other), or `Bearer` with no token. `Some(Some(token))`: a
+/// bearer token to check (unknown: 401). `Some(None)`: `Bearer` followed by more than one word,
+/// refused (kube would check only the first word; kpx refuses what it cannot read as meant).
 pub fn bearer(headers: &HeaderMap) -> Option<Option<String>> {
     let value = headers.get(header::AUTHORIZATION)?;
-    let Ok(text) = value.to_str() else {
-        return Some(None);
-    };
-    let mut parts = text.trim().splitn(3, ' ');
+    // Go reads header values as bytes; a token with non-UTF-8 bytes in it is simply unknown.
+    let text = String::from_utf8_lossy(value.as_bytes());
+    let text = text.trim();
+    if text.is_empty() {
+        return None;
+    }
+    let mut parts = text.splitn(3, ' ');
     let scheme = parts.next().unwrap_or_default();
-    let token = parts.next().unwrap_or_default();
-    if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() || parts.next().is_some() {
+    let token = parts.next()?;
+    if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
+        return None;
+    }
+    if parts.next().is_some() {
         return Some(None);
     }
     Some(Some(token.to_string()))
@@ -385,8 +395,13 @@ mod tests {
         assert_eq!(bearer(&HeaderMap::new()), None);
         assert_eq!(h("Bearer abc"), Some(Some("abc".into())));
         assert_eq!(h("bearer abc"), Some(Some("abc".into())));
-        assert_eq!(h("Basic abc"), Some(None));
-        assert_eq!(h("Bearer "), Some(None));
+        // Not bearer credentials: anonymous, as kube's bearertoken authenticator says "not mine".
+        assert_eq!(h(""), None);
+        assert_eq!(h("  "), None);
+        assert_eq!(h("Basic abc"), None);
+        assert_eq!(h("Bearer"), None);
+        assert_eq!(h("Bearer "), None);
+        assert_eq!(h("Bearer  abc"), None);
         assert_eq!(h("Bearer a b"), Some(None));
     }
 

@@ -35,7 +35,8 @@ pub async fn handle(
     let method = request.method().clone();
     let query = parse_query(request.uri().query())?;
     let accept = header_value(&request, header::ACCEPT);
-    let content_type = header_value(&request, header::CONTENT_TYPE);
+    // Media types are case-insensitive (kube parses them with Go's mime.ParseMediaType).
+    let content_type = header_value(&request, header::CONTENT_TYPE).to_ascii_lowercase();
     let table = accept.split(',').next().unwrap_or("").contains("as=Table");
     let watching = target.watch_path || flag(&query.watch);
     // A write's options are checked before anything is read or written (kube's create/update/
@@ -224,6 +225,7 @@ impl Ctx<'_> {
     }
 
     async fn list(&self) -> Result<Response, ApiError> {
+        super::request::validate_list_options(self.query, false)?;
         let resource = self.resource();
         let labels = LabelSelector::parse(self.query.label_selector.as_deref().unwrap_or(""))?;
         let fields =
@@ -256,9 +258,7 @@ impl Ctx<'_> {
             .as_deref()
             .filter(|v| !v.is_empty() && *v != "0")
         {
-            let rv: i64 = rv.parse().map_err(|_| {
-                ApiError::bad_request(format!("invalid resourceVersion: {rv:?} is not a number"))
-            })?;
+            let rv = super::request::parse_resource_version(rv)?;
             match self.query.resource_version_match.as_deref() {
                 Some("Exact") => revision = Some(rv),
                 None | Some("") | Some("NotOlderThan") => {

@@ -224,6 +224,108 @@ pub fn validate_write_options(query: &Query, options: WriteOptions) -> Result<bo
     Err(err)
 }
 
+/// A non-empty, non-"0" `resourceVersion` query value as a store revision. kube-apiserver
+/// parses it with `strconv.ParseUint` (`APIObjectVersioner.ParseResourceVersion` in
+/// `staging/src/k8s.io/apiserver/pkg/storage/etcd3`) and answers anything else — `-1`, `+5`,
+/// `abc` — with a 400 "invalid resource version"; a revision past i64 is no revision either.
+pub fn parse_resource_version(value: &str) -> Result<i64, ApiError> {
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        if let Ok(rv) = value.parse::<i64>() {
+            return Ok(rv);
+        }
+    }
+    Err(ApiError::bad_request(format!(
+        "invalid resource version: {value:?}: allowed: a non-negative integer"
+    )))
+}
+
+/// kube-apiserver's `ValidateListOptions`
+/// (`staging/src/k8s.io/apimachinery/pkg/apis/meta/internalversion/validation/validation.go`,
+/// with the WatchList feature on: kpx serves `sendInitialEvents`): a list may not ask for
+/// initial events, a `resourceVersionMatch` needs a `resourceVersion` and no `continue`, and a
+/// watch takes `sendInitialEvents` only with `resourceVersionMatch=NotOlderThan` (and that
+/// match only with it). A refusal is kube's 422 on `ListOptions.meta.k8s.io ""`.
+pub fn validate_list_options(query: &Query, watch: bool) -> Result<(), ApiError> {
+    let mut causes = Vec::new();
+    let rv_match = query.resource_version_match.as_deref().unwrap_or("");
+    let has_continue = query
+        .continue_token
+        .as_deref()
+        .is_some_and(|c| !c.is_empty());
+    if watch {
+        if query.send_initial_events.is_some() && rv_match != "NotOlderThan" {
+            causes.push(FieldError::forbidden(
+                "resourceVersionMatch",
+                "sendInitialEvents requires setting resourceVersionMatch to NotOlderThan",
+            ));
+        }
+        if !rv_match.is_empty() {
+            if query.send_initial_events.is_none() {
+                causes.push(FieldError::forbidden(
+                    "resourceVersionMatch",
+                    "resourceVersionMatch is forbidden for watch unless sendInitialEvents is provided",
+                ));
+            }
+            if rv_match != "NotOlderThan" {
+                causes.push(FieldError::not_supported(
+                    "resourceVersionMatch",
+                    rv_match,
+                    &["NotOlderThan"],
+                ));
+            }
+            if has_continue {
+                causes.push(FieldError::forbidden(
+                    "resourceVersionMatch",
+                    "resourceVersionMatch is forbidden when continue is provided",
+                ));
+            }
+        }
+    } else {
+        if !rv_match.is_empty() {
+            let rv = query.resource_version.as_deref().unwrap_or("");
+            if rv.is_empty() {
+                causes.push(FieldError::forbidden(
+                    "resourceVersionMatch",
+                    "resourceVersionMatch is forbidden unless resourceVersion is provided",
+                ));
+            }
+            if has_continue {
+                causes.push(FieldError::forbidden(
+                    "resourceVersionMatch",
+                    "resourceVersionMatch is forbidden when continue is provided",
+                ));
+            }
+            if rv_match != "Exact" && rv_match != "NotOlderThan" {
+                causes.push(FieldError::not_supported(
+                    "resourceVersionMatch",
+                    rv_match,
+                    &["Exact", "NotOlderThan", ""],
+                ));
+            }
+            if rv_match == "Exact" && rv == "0" {
+                causes.push(FieldError::forbidden(
+                    "resourceVersionMatch",
+                    "resourceVersionMatch \"exact\" is forbidden for resourceVersion \"0\"",
+                ));
+            }
+        }
+        if query.send_initial_events.is_some() {
+            causes.push(FieldError::forbidden(
+                "sendInitialEvents",
+                "sendInitialEvents is forbidden for list",
+            ));
+        }
+    }
+    if causes.is_empty() {
+        return Ok(());
+    }
+    let mut err = ApiError::invalid("meta.k8s.io", "ListOptions", "", causes);
+    err.message = err
+        .message
+        .replacen("ListOptions", "ListOptions.meta.k8s.io", 1);
+    Err(err)
+}
+
 pub fn number<T: std::str::FromStr>(
     value: &Option<String>,
     name: &str,

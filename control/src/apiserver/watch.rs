@@ -14,7 +14,7 @@ use bytes::Bytes;
 use serde_json::{json, Value};
 use tokio::sync::Notify;
 
-use super::request::{flag, number, Query, Target};
+use super::request::{flag, number, parse_resource_version, validate_list_options, Query, Target};
 use super::response::json_bytes;
 use super::{codec, store_error, ApiServer};
 use crate::api::resources::ResourceInfo;
@@ -250,6 +250,7 @@ pub async fn serve(
     query: &Query,
     table: bool,
 ) -> Result<Response, ApiError> {
+    validate_list_options(query, true)?;
     let resource = target.resource;
     let filter = Filter {
         labels: LabelSelector::parse(query.label_selector.as_deref().unwrap_or(""))?,
@@ -271,7 +272,9 @@ pub async fn serve(
     let requested = query
         .resource_version
         .as_deref()
-        .filter(|v| !v.is_empty() && *v != "0");
+        .filter(|v| !v.is_empty() && *v != "0")
+        .map(parse_resource_version)
+        .transpose()?;
     let outbox = Outbox::new(server.options.watch_buffer_bytes.max(1));
     let encoder = Encoder {
         resource,
@@ -286,9 +289,7 @@ pub async fn serve(
     // kube-apiserver's watch cache serves initial events from a snapshot of shared objects.
     let mut initial = Vec::new();
     let start = match requested {
-        Some(rv) if !send_initial => rv.parse::<i64>().map_err(|_| {
-            ApiError::bad_request(format!("invalid resourceVersion: {rv:?} is not a number"))
-        })?,
+        Some(rv) if !send_initial => rv,
         _ => {
             let page = server
                 .store

@@ -88,7 +88,8 @@ struct Args {
     pod_eviction_timeout_seconds: u64,
     /// Most client connections open at once (kube-apiserver has no such flag). At the limit a
     /// new connection closes the longest-idle one; if all are busy, it is closed. 0: the fd
-    /// limit (RLIMIT_NOFILE) minus a reserve of an eighth (at least 64), e.g. 896 for 1,024.
+    /// limit (RLIMIT_NOFILE, raised at start to the hard limit as Go programs do) minus a
+    /// reserve of an eighth (at least 64), e.g. 896 for 1,024.
     #[arg(long, default_value_t = 0)]
     max_connections: usize,
     /// How long a client may take to send a request's header, from its first byte (from the
@@ -196,7 +197,7 @@ fn serving_tls(
                 .cert_dir
                 .clone()
                 .unwrap_or_else(|| args.data_dir.clone());
-            std::fs::create_dir_all(&dir)
+            kpx_control::daemon::create_private_dir(&dir, "--cert-dir")
                 .with_context(|| format!("--cert-dir {}: cannot create it", dir.display()))?;
             let (cert, key, ca) = (
                 dir.join("apiserver.crt"),
@@ -240,6 +241,8 @@ fn parse_cidrs(text: &str) -> Result<Cidrs, String> {
 async fn main() -> anyhow::Result<()> {
     kpx_control::daemon::init_logging("info");
     let args = Args::parse();
+    // Before the connection limit is derived from it (see `--max-connections`).
+    kpx_control::daemon::raise_fd_limit();
     for (flag, value) in [
         ("--header-read-timeout", args.header_read_timeout),
         ("--idle-connection-timeout", args.idle_connection_timeout),
@@ -254,7 +257,7 @@ async fn main() -> anyhow::Result<()> {
         &args.service_node_port_range,
     )
     .map_err(anyhow::Error::msg)?;
-    std::fs::create_dir_all(&args.data_dir)
+    kpx_control::daemon::create_private_dir(&args.data_dir, "--data-dir")
         .with_context(|| format!("--data-dir {}: cannot create it", args.data_dir.display()))?;
     let db = args.data_dir.join("kpx.redb");
     let store: Arc<dyn Store> = Arc::new(

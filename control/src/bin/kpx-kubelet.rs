@@ -198,6 +198,17 @@ fn config(args: &Args) -> anyhow::Result<Config> {
 async fn main() -> anyhow::Result<()> {
     kpx_control::daemon::init_logging("info");
     let args = Args::parse();
+    // Before the connection limit is derived from it (see `--max-connections`).
+    kpx_control::daemon::raise_fd_limit();
+    // Containers' output is for this user only, as the kubelet keeps /var/log/pods.
+    kpx_control::daemon::create_private_dir(&args.pod_log_dir, "--pod-log-dir").with_context(
+        || {
+            format!(
+                "--pod-log-dir {}: cannot create it",
+                args.pod_log_dir.display()
+            )
+        },
+    )?;
     let config = config(&args)?;
     let client = Client::new(&kpx_control::daemon::client_config(
         args.kubeconfig.as_deref(),

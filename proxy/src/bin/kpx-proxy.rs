@@ -251,6 +251,7 @@ fn cidrs<'a>(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     kpx_control::daemon::init_logging("info");
+    kpx_control::daemon::raise_fd_limit();
     let args = Args::parse();
     limit_malloc_arenas();
     if args.proxy_mode == "ebpf" && (args.cleanup || args.command.is_some()) {

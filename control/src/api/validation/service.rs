@@ -437,6 +437,44 @@ fn validate_load_balancer_status(svc: &Service, old: Option<&Service>, errs: &mu
             );
         }
     }
+    let hostnames = svc
+        .status
+        .as_ref()
+        .and_then(|st| st.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .into_iter()
+        .flatten()
+        .map(|i| i.hostname.as_deref());
+    for (i, hostname) in hostnames.enumerate() {
+        if let Some(hostname) = hostname.filter(|h| !h.is_empty()) {
+            validate_ingress_hostname(i, hostname, errs);
+        }
+    }
+}
+
+/// `status.loadBalancer.ingress[].hostname`, as upstream's `ValidateLoadBalancerStatus`
+/// (`pkg/apis/core/validation/validation.go`): a DNS-1123 subdomain that is not an IP address
+/// (an IP belongs in `.ip`, where it is checked as one; "127.0.0.1" is a valid subdomain).
+fn validate_ingress_hostname(i: usize, hostname: &str, errs: &mut Vec<FieldError>) {
+    let field = format!("status.loadBalancer.ingress[{i}].hostname");
+    if let Err(why) = names::dns1123_subdomain(hostname) {
+        errs.push(FieldError::invalid(&field, format!("{hostname:?}"), why));
+    }
+    // Upstream's ParseIPSloppy also takes IPv4 with leading zeros ("010.0.0.1").
+    let sloppy_v4 = hostname.split('.').count() == 4
+        && hostname.split('.').all(|o| {
+            !o.is_empty()
+                && o.len() <= 3
+                && o.bytes().all(|b| b.is_ascii_digit())
+                && o.parse::<u16>().is_ok_and(|n| n <= 255)
+        });
+    if hostname.parse::<std::net::IpAddr>().is_ok() || sloppy_v4 {
+        errs.push(FieldError::invalid(
+            &field,
+            format!("{hostname:?}"),
+            "must be a DNS name, not an IP address",
+        ));
+    }
 }
 
 /// The external-IP admission: upstream's `DenyServiceExternalIPs` plugin
