@@ -96,44 +96,63 @@ async fn yaml_nesting_bombs_are_refused_and_healthz_answers_meanwhile() {
 }
 
 /// Two 60,000-container strategic merge patches (1.8 MB each, within the 3 MiB limit) are
-/// answered, and a `/healthz` sent after them is answered before both are: the heavy work runs
-/// off the async workers.
+/// answered (the merge was quadratic in the list: 56 s in a release build).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn strategic_merge_bombs_are_answered_and_healthz_is_not_stalled() {
+async fn strategic_merge_bombs_are_answered() {
     let server = TestServer::start().await;
     let base = server.url();
     let client = reqwest::Client::new();
     let pods = format!("{base}/api/v1/namespaces/default/pods");
     let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "pb"},
                      "spec": {"containers": [{"name": "c0", "image": "x"}]}});
-    let (code, text) = send(
-        &client,
-        "POST",
-        pods.clone(),
-        "application/json",
-        pod.to_string().into(),
-    )
-    .await;
+    let (code, text) = send(&client, "POST", pods.clone(), JSON, pod.to_string().into()).await;
     assert_eq!(code, 201, "{text}");
-    let containers: Vec<Value> = (0..60_000)
-        .map(|i| json!({"name": format!("c{i}"), "image": "x"}))
-        .collect();
-    let patch = serde_json::to_vec(&json!({"spec": {"containers": containers}})).expect("encode");
+    let patch =
+        serde_json::to_vec(&json!({"spec": {"containers": containers(60_000)}})).expect("encode");
     assert!(patch.len() < 3 * 1024 * 1024);
     let url = format!("{pods}/pb");
+    let patches: Vec<_> = (0..2)
+        .map(|_| {
+            let (client, url, patch) = (client.clone(), url.clone(), patch.clone());
+            tokio::spawn(async move { send(&client, "PATCH", url, SMP, patch).await })
+        })
+        .collect();
+    assert_eq!(healthz(&client, &base).await, 200);
+    for patch in patches {
+        let (code, text) = tokio::time::timeout(DEADLINE, patch)
+            .await
+            .expect("the patch is answered within the deadline")
+            .expect("task");
+        assert!(code == 200 || code == 422, "{code}: {text:.300}");
+    }
+}
+
+/// Heavy work with a tiny body: a small patch of a stored 10,000-container pod decodes,
+/// patches and validates about 2 MB. Four of them at once (dry-run, so nothing conflicts) and then
+/// a `/healthz`: the health check is answered before the second patch is (the work runs on the
+/// blocking pool). This checks behaviour only: on a test machine the patches are too quick for
+/// the ordering to tell inline work from pooled work, so it is not a regression test for that;
+/// the bombs above are (they outlast the deadline when the work is quadratic).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_patches_do_not_stall_healthz() {
+    let server = TestServer::start().await;
+    let base = server.url();
+    let client = reqwest::Client::new();
+    let pods = format!("{base}/api/v1/namespaces/default/pods");
+    // 10,000 containers: with the defaults filled in, patching it stays under the 3 MiB bound.
+    let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "big"},
+                     "spec": {"containers": containers(10_000)}});
+    let body = serde_json::to_vec(&pod).expect("encode");
+    let (code, text) = send(&client, "POST", pods.clone(), JSON, body).await;
+    assert_eq!(code, 201, "{text:.300}");
+    let url = format!("{pods}/big?dryRun=All");
     let (tx, mut answered) = tokio::sync::mpsc::unbounded_channel::<&'static str>();
-    for _ in 0..2 {
-        let (client, url, patch, tx) = (client.clone(), url.clone(), patch.clone(), tx.clone());
+    for i in 0..4 {
+        let (client, url, tx) = (client.clone(), url.clone(), tx.clone());
+        let patch = json!({"metadata": {"labels": {"n": i.to_string()}}}).to_string();
         tokio::spawn(async move {
-            let (code, text) = send(
-                &client,
-                "PATCH",
-                url,
-                "application/strategic-merge-patch+json",
-                patch,
-            )
-            .await;
-            assert!(code == 200 || code == 422, "{code}: {text:.300}");
+            let (code, text) = send(&client, "PATCH", url, SMP, patch.into()).await;
+            assert_eq!(code, 200, "{text:.300}");
             let _ = tx.send("patch");
         });
     }
@@ -152,10 +171,19 @@ async fn strategic_merge_bombs_are_answered_and_healthz_is_not_stalled() {
     {
         order.push(what);
     }
-    assert_eq!(order.len(), 3, "a request task failed: {order:?}");
+    assert_eq!(order.len(), 5, "a request task failed: {order:?}");
     let healthz_at = order.iter().position(|w| *w == "healthz");
     assert!(
         healthz_at.is_some_and(|i| i < 2),
-        "/healthz was answered only after both patches: {order:?}"
+        "/healthz waited for the heavy patches: {order:?}"
     );
+}
+
+const JSON: &str = "application/json";
+const SMP: &str = "application/strategic-merge-patch+json";
+
+fn containers(n: usize) -> Vec<Value> {
+    (0..n)
+        .map(|i| json!({"name": format!("c{i}"), "image": "x"}))
+        .collect()
 }
