@@ -95,6 +95,94 @@ async fn yaml_nesting_bombs_are_refused_and_healthz_answers_meanwhile() {
     assert_eq!(created["metadata"]["annotations"]["block"], "[[[[[[\n");
 }
 
+/// Sends a whole request on its own connection and returns once it is written (so the server
+/// has it, or will read it at once); the handle answers the status code.
+async fn sent(
+    address: std::net::SocketAddr,
+    path: &str,
+    content_type: &str,
+    body: &[u8],
+) -> tokio::task::JoinHandle<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: {content_type}\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.expect("write");
+    stream.write_all(body).await.expect("write");
+    stream.flush().await.expect("flush");
+    tokio::spawn(async move {
+        let mut answer = Vec::new();
+        tokio::time::timeout(DEADLINE, stream.read_to_end(&mut answer))
+            .await
+            .expect("answered within the deadline")
+            .expect("read");
+        let text = String::from_utf8_lossy(&answer);
+        text.split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0)
+    })
+}
+
+/// Heavy but allowed: YAML of collections nested 251 deep (within the guard's bound), repeated
+/// to 3 MB, costs libyaml seconds of CPU before serde_yaml's own recursion-limit 400. Two such
+/// requests are fully sent first, then a `/healthz`: it is answered before either of them
+/// (decoding runs on the blocking pool). A behaviour check, not a regression test for the pool:
+/// the kernel's loopback buffers take a 3 MB body before the server reads it, so even with
+/// inline decoding the health check can get in first; the bombs above are the regression tests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_answers_while_two_heavy_yaml_decodes_run() {
+    let server = TestServer::start().await;
+    let client = reqwest::Client::new();
+    let nest = format!("{}1{},", "[".repeat(250), "]".repeat(250));
+    let body = format!("a: [{}1]", nest.repeat(3_000_000 / nest.len())).into_bytes();
+    assert!(body.len() < 3 * 1024 * 1024);
+    let path = "/api/v1/namespaces/default/pods";
+    let (tx, mut answered) = tokio::sync::mpsc::unbounded_channel::<(&'static str, u16)>();
+    for _ in 0..2 {
+        let answer = sent(server.address, path, "application/yaml", &body).await;
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let code = answer.await.expect("task");
+            let _ = tx.send(("yaml", code));
+        });
+    }
+    {
+        let (client, base, tx) = (client.clone(), server.url(), tx.clone());
+        tokio::spawn(async move {
+            let _ = tx.send(("healthz", healthz(&client, &base).await));
+        });
+    }
+    drop(tx);
+    let mut order = Vec::new();
+    while let Some(what) = tokio::time::timeout(DEADLINE, answered.recv())
+        .await
+        .expect("answered within the deadline")
+    {
+        order.push(what);
+    }
+    assert_eq!(order.len(), 3, "a request task failed: {order:?}");
+    for (what, code) in &order {
+        assert_eq!(
+            *code,
+            if *what == "healthz" { 200 } else { 400 },
+            "{order:?}"
+        );
+    }
+    assert!(
+        order
+            .iter()
+            .position(|(w, _)| *w == "healthz")
+            .is_some_and(|i| i < 2),
+        "/healthz was answered after both heavy decodes: {order:?}"
+    );
+}
+
 /// Two 60,000-container strategic merge patches (1.8 MB each, within the 3 MiB limit) are
 /// answered (the merge was quadratic in the list: 56 s in a release build).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
