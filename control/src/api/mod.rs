@@ -12,6 +12,7 @@ pub mod selector;
 pub mod status;
 pub mod table;
 pub mod validation;
+pub mod yaml_guard;
 
 pub use resources::{Kind, ResourceInfo, RESOURCES};
 pub use status::{ApiError, Details, FieldError};

@@ -2,6 +2,8 @@
 //! patch, which merges lists by a key (containers by `name`, Service ports by `port`) using the
 //! patch metadata below — the same table the OpenAPI document publishes to clients.
 
+use std::collections::{HashMap, HashSet, VecDeque};
+
 use serde_json::{Map, Value};
 
 use super::resources::Kind;
@@ -324,6 +326,8 @@ fn merge_map(
         let keep: Vec<String> = serde_json::from_value(keep).map_err(|_| {
             ApiError::bad_request(format!("$retainKeys at {path:?} must be a list of strings"))
         })?;
+        // A set, not `Vec::contains` per key: a patch naming many keys stays linear.
+        let keep: HashSet<String> = keep.into_iter().collect();
         original.retain(|k, _| keep.contains(k));
     }
     for (key, value) in patch {
@@ -332,9 +336,12 @@ fn merge_map(
             continue;
         }
         if let Some(field) = key.strip_prefix(DELETE_FROM_LIST) {
-            let remove = value.as_array().cloned().unwrap_or_default();
+            let remove: HashSet<String> = value
+                .as_array()
+                .map(|items| items.iter().map(identity).collect())
+                .unwrap_or_default();
             if let Some(Value::Array(items)) = original.get_mut(field) {
-                items.retain(|item| !remove.contains(item));
+                items.retain(|item| !remove.contains(&identity(item)));
             }
             continue;
         }
@@ -382,48 +389,117 @@ fn merge_list(
         return Ok(Value::Array(rest));
     }
     let Some(key) = strategy.merge_key else {
+        // A set: each patch item is added unless an equal one is already there. Membership by
+        // identity string, so a 60k-item patch is linear, not 60k x 60k comparisons.
+        let mut seen: HashSet<String> = original.iter().map(identity).collect();
         let mut out = original;
         for item in patch {
-            if !out.contains(&item) {
+            if seen.insert(identity(&item)) {
                 out.push(item);
             }
         }
         return Ok(Value::Array(out));
     };
-    let mut out = original;
+    // Items by merge key: identity of the key's value -> positions of the items carrying it, in
+    // order. The first live position is what `out.iter().position(..)` found before (duplicates
+    // in the original included), so the semantics are unchanged; deleted items become holes
+    // (`None`) dropped at the end instead of shifting the list on every delete. kube's
+    // strategicpatch.mergeSlice does the same matching (first item with an equal merge key).
+    let mut out: Vec<Option<Value>> = original.into_iter().map(Some).collect();
+    let mut by_key: HashMap<String, VecDeque<usize>> = HashMap::new();
+    for (i, item) in out.iter().enumerate() {
+        if let Some(id) = item.as_ref().and_then(|o| o.get(key)) {
+            by_key.entry(identity(id)).or_default().push_back(i);
+        }
+    }
     for item in patch {
         let Value::Object(mut item) = item else {
             return Err(ApiError::bad_request(format!(
                 "items of {path} must be objects with the merge key {key:?}"
             )));
         };
-        let id = item.get(key).cloned().ok_or_else(|| {
+        let id = item.get(key).map(identity).ok_or_else(|| {
             ApiError::bad_request(format!(
                 "an item of {path} in the patch has no merge key {key:?}"
             ))
         })?;
-        let position = out.iter().position(|o| o.get(key) == Some(&id));
+        let positions = by_key.entry(id.clone()).or_default();
         if item.get(DIRECTIVE).and_then(Value::as_str) == Some("delete") {
-            if let Some(i) = position {
-                out.remove(i);
+            if let Some(i) = positions.pop_front() {
+                out[i] = None;
             }
             continue;
         }
-        match position {
+        let (i, merged) = match positions.front().copied() {
             Some(i) => {
                 let existing = match out[i].take() {
-                    Value::Object(o) => o,
+                    Some(Value::Object(o)) => o,
                     _ => Map::new(),
                 };
-                out[i] = Value::Object(merge_map(existing, item, path, meta)?);
+                (i, merge_map(existing, item, path, meta)?)
             }
             None => {
                 item.remove(DIRECTIVE);
-                out.push(Value::Object(merge_map(Map::new(), item, path, meta)?));
+                positions.push_back(out.len());
+                out.push(None);
+                (out.len() - 1, merge_map(Map::new(), item, path, meta)?)
+            }
+        };
+        // The merge keeps a scalar key as it was; a null or object-valued key can change (the
+        // null removes it, objects merge), and later items must then match the new value.
+        let now = merged.get(key).map(identity);
+        if now.as_deref() != Some(id.as_str()) {
+            if let Some(positions) = by_key.get_mut(&id) {
+                positions.retain(|&p| p != i);
+            }
+            if let Some(now) = now {
+                let positions = by_key.entry(now).or_default();
+                let at = positions.partition_point(|&p| p < i);
+                positions.insert(at, i);
             }
         }
+        out[i] = Some(Value::Object(merged));
     }
-    Ok(Value::Array(out))
+    Ok(Value::Array(out.into_iter().flatten().collect()))
+}
+
+/// A string that is equal for two values exactly when `==` on `serde_json::Value` is (which is
+/// not `Hash`): compact JSON with object keys sorted (map equality ignores order) and float
+/// zero written one way (`0.0 == -0.0`). Used to index merge keys and set members.
+fn identity(value: &Value) -> String {
+    fn write(value: &Value, out: &mut String) {
+        match value {
+            Value::Object(map) => {
+                let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+                entries.sort_by(|a, b| a.0.cmp(b.0));
+                out.push('{');
+                for (n, (k, v)) in entries.into_iter().enumerate() {
+                    if n > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(&Value::String(k.clone()).to_string());
+                    out.push(':');
+                    write(v, out);
+                }
+                out.push('}');
+            }
+            Value::Array(items) => {
+                out.push('[');
+                for (n, v) in items.iter().enumerate() {
+                    if n > 0 {
+                        out.push(',');
+                    }
+                    write(v, out);
+                }
+                out.push(']');
+            }
+            Value::Number(n) if n.as_f64() == Some(0.0) && n.is_f64() => out.push_str("0.0"),
+            other => out.push_str(&other.to_string()),
+        }
+    }
+    let mut out = String::new();
+    write(value, &mut out);
+    out
 }
 
 #[cfg(test)]
@@ -576,6 +652,54 @@ mod tests {
         let ok: Vec<Value> = ops[1..].to_vec();
         let body = serde_json::to_vec(&ok).expect("encode");
         apply(Kind::Event, PatchType::Json, &json!({"a": 1}), &body).expect("10,000 is allowed");
+    }
+
+    /// The indexed merge keeps what the per-item scan did: the first item with an equal key
+    /// is the one merged or deleted (duplicates in the original included), sets add each new
+    /// member once, and `$deleteFromPrimitiveList` removes every equal member.
+    #[test]
+    fn indexed_merge_keeps_first_match_semantics() {
+        let original = json!({"metadata": {"finalizers": ["x", "y"]}, "spec": {"containers": [
+            {"name": "a", "v": 1}, {"name": "a", "v": 2}, {"name": "b"}]}});
+        let patched = smp(
+            Kind::Pod,
+            original,
+            json!({"metadata": {"finalizers": ["y", "z", "z"]}, "spec": {"containers": [
+                {"name": "a", "$patch": "delete"}, {"name": "a", "x": 1}, {"name": "c"},
+                {"name": "c", "y": 2}]}}),
+        );
+        assert_eq!(
+            patched,
+            json!({"metadata": {"finalizers": ["x", "y", "z"]}, "spec": {"containers": [
+                {"name": "a", "v": 2, "x": 1}, {"name": "b"}, {"name": "c", "y": 2}]}})
+        );
+        let removed = smp(
+            Kind::Pod,
+            json!({"metadata": {"finalizers": ["x", "y", "x"]}}),
+            json!({"metadata": {"$deleteFromPrimitiveList/finalizers": ["x"]}}),
+        );
+        assert_eq!(removed, json!({"metadata": {"finalizers": ["y"]}}));
+        assert_eq!(identity(&json!(0.0)), identity(&json!(-0.0)));
+        assert_ne!(identity(&json!(1)), identity(&json!(1.0)));
+        assert_ne!(identity(&json!("1")), identity(&json!(1)));
+    }
+
+    /// The attack: 60,000 containers in one patch. Each item is found through the index, so
+    /// this is linear (it was 60,000 x 60,000 comparisons).
+    #[test]
+    fn a_sixty_thousand_item_merge_is_applied() {
+        let items: Vec<Value> = (0..60_000)
+            .map(|i| json!({"name": format!("c{i}"), "image": "x"}))
+            .collect();
+        let patched = smp(
+            Kind::Pod,
+            json!({"spec": {"containers": [{"name": "c0", "image": "old"}]}}),
+            json!({"spec": {"containers": items}}),
+        );
+        let containers = patched["spec"]["containers"].as_array().expect("list");
+        assert_eq!(containers.len(), 60_000);
+        assert_eq!(containers[0], json!({"name": "c0", "image": "x"}));
+        assert_eq!(containers[59_999]["name"], "c59999");
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::api::resources::{by_kind, Kind, ResourceInfo, RESOURCES};
 use crate::api::selector::{FieldSelector, LabelSelector};
 use crate::api::table::{self, IncludeObject};
 use crate::api::validation::{self, service as svc_rules, service::Held};
-use crate::api::{meta, ApiError, FieldError};
+use crate::api::{meta, yaml_guard, ApiError, FieldError};
 use crate::store::{KeyValue, Op, Precondition, StoreError};
 
 /// How many times a write that raced with another is retried before giving up.
@@ -128,18 +128,45 @@ async fn read_body(request: Request<Body>) -> Result<bytes::Bytes, ApiError> {
 }
 
 async fn read_json(request: Request<Body>, content_type: &str) -> Result<Value, ApiError> {
-    let body = read_body(request).await?;
     let media = content_type.split(';').next().unwrap_or("").trim();
-    match media {
-        "" | "application/json" | "*/*" => serde_json::from_slice(&body)
-            .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}"))),
-        "application/yaml" => serde_yaml::from_slice(&body)
-            .map_err(|e| ApiError::bad_request(format!("the request body is not valid YAML: {e}"))),
-        other => Err(ApiError::unsupported_media_type(
-            other,
-            &["application/json", "application/yaml"],
-        )),
-    }
+    let yaml = match media {
+        "" | "application/json" | "*/*" => false,
+        "application/yaml" => true,
+        other => {
+            return Err(ApiError::unsupported_media_type(
+                other,
+                &["application/json", "application/yaml"],
+            ))
+        }
+    };
+    let body = read_body(request).await?;
+    // Decoding up to 3 MiB is CPU work: off the async workers, so it never stalls /healthz.
+    off_worker(move || {
+        if !yaml {
+            return serde_json::from_slice(&body).map_err(|e| {
+                ApiError::bad_request(format!("the request body is not valid JSON: {e}"))
+            });
+        }
+        // Refuse a nesting bomb before libyaml spends quadratic time on it.
+        yaml_guard::check(&body)?;
+        serde_yaml::from_slice(&body)
+            .map_err(|e| ApiError::bad_request(format!("the request body is not valid YAML: {e}")))
+    })
+    .await
+}
+
+/// Runs CPU-heavy request work (body decoding, patching, decoding into typed objects) on
+/// tokio's blocking pool. kube-apiserver serves each request on its own goroutine, which Go
+/// preempts, so one heavy decode never stops the others; kpx-control has only as many async
+/// workers as cores, and one busy worker would stall every request queued behind it.
+async fn off_worker<T, F>(work: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, ApiError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ApiError::internal(format!("request work failed: {e}")))?
 }
 
 /// The continue token: where the previous page stopped and at which revision it was read.
@@ -455,13 +482,24 @@ impl Ctx<'_> {
     }
 
     /// Defaulting, validation and (for Services) allocation; returns what was allocated.
-    fn admit(&self, obj: &mut Value, old: Option<&Value>) -> Result<Held, ApiError> {
+    async fn admit(&self, obj: &mut Value, old: Option<&Value>) -> Result<Held, ApiError> {
         let resource = self.resource();
         let name = meta::name(obj).to_string();
-        validation::default_object(resource.kind, obj);
-        let mut errs: Vec<FieldError> = validation::validate_metadata(resource, obj);
         if resource.kind != Kind::Service {
-            errs.extend(validation::validate_object(resource.kind, obj, old));
+            // Defaulting and validating a big object is CPU work: off the async workers.
+            let (mut owned, old) = (std::mem::take(obj), old.cloned());
+            let (owned, errs) = off_worker(move || {
+                validation::default_object(resource.kind, &mut owned);
+                let mut errs: Vec<FieldError> = validation::validate_metadata(resource, &owned);
+                errs.extend(validation::validate_object(
+                    resource.kind,
+                    &owned,
+                    old.as_ref(),
+                ));
+                Ok((owned, errs))
+            })
+            .await?;
+            *obj = owned;
             if errs.is_empty() {
                 return Ok(Held::default());
             }
@@ -472,6 +510,8 @@ impl Ctx<'_> {
                 errs,
             ));
         }
+        validation::default_object(resource.kind, obj);
+        let mut errs: Vec<FieldError> = validation::validate_metadata(resource, obj);
         let invalid = |errs| ApiError::invalid(resource.group, resource.kind_name, &name, errs);
         let mut service: Service = serde_json::from_value(obj.clone())
             .map_err(|e| ApiError::bad_request(format!("error decoding Service: {e}")))?;
@@ -517,7 +557,7 @@ impl Ctx<'_> {
 
     async fn create(&self, body: Value) -> Result<Response, ApiError> {
         let resource = self.resource();
-        let mut obj = validation::decode(resource, body)?;
+        let mut obj = off_worker(move || validation::decode(resource, body)).await?;
         self.place(&mut obj, true)?;
         if let Some(ns) = meta::namespace(&obj).filter(|_| resource.namespaced) {
             self.require_namespace(ns).await?;
@@ -534,7 +574,7 @@ impl Ctx<'_> {
         }
         reset_status_on_create(resource.kind, &mut obj);
         fill_required_status(resource.kind, &mut obj);
-        let held = self.admit(&mut obj, None)?;
+        let held = self.admit(&mut obj, None).await?;
         let name = meta::name(&obj).to_string();
         if self.dry_run() {
             self.release(&held);
@@ -566,7 +606,8 @@ impl Ctx<'_> {
         let status_only = matches!(self.target.subresource.as_deref(), Some("status"));
         let replace_body = match &change {
             Change::Replace(body) if !self.scale() => {
-                Some(validation::decode(resource, body.clone())?)
+                let body = body.clone();
+                Some(off_worker(move || validation::decode(resource, body)).await?)
             }
             _ => None,
         };
@@ -577,14 +618,20 @@ impl Ctx<'_> {
                 _ if self.scale() => scaled(resource, &current, &change)?,
                 (_, Some(body)) => body.clone(),
                 (Change::Patch(patch_type, patch), _) => {
-                    let patched = patch::apply(resource.kind, *patch_type, &current, patch)?;
-                    // The patched object is bounded like a PUT body: a patch may not grow an
-                    // object past what no client could have sent (kube: etcd's request limit
-                    // answered as 413 RequestEntityTooLarge).
-                    if patch::json_size_within(&patched, MAX_BODY_BYTES).is_none() {
-                        return Err(ApiError::too_large(MAX_BODY_BYTES));
-                    }
-                    validation::decode(resource, patched)?
+                    let (patch_type, patch, current) =
+                        (*patch_type, patch.clone(), current.clone());
+                    // Patching and decoding a 3 MiB patch is CPU work: off the async workers.
+                    off_worker(move || {
+                        let patched = patch::apply(resource.kind, patch_type, &current, &patch)?;
+                        // The patched object is bounded like a PUT body: a patch may not grow
+                        // an object past what no client could have sent (kube: etcd's request
+                        // limit answered as 413 RequestEntityTooLarge).
+                        if patch::json_size_within(&patched, MAX_BODY_BYTES).is_none() {
+                            return Err(ApiError::too_large(MAX_BODY_BYTES));
+                        }
+                        validation::decode(resource, patched)
+                    })
+                    .await?
                 }
                 (Change::Replace(body), None) => validation::decode(resource, body.clone())?,
             };
@@ -604,7 +651,7 @@ impl Ctx<'_> {
             }
             let mut next = merge_update(resource, &current, requested, status_only);
             fill_required_status(resource.kind, &mut next);
-            let held = self.admit(&mut next, Some(&current))?;
+            let held = self.admit(&mut next, Some(&current)).await?;
             if same_object(&next, &current) {
                 self.release(&held);
                 return self.object_response(StatusCode::OK, &current);

@@ -183,7 +183,8 @@ fn validate_pod_spec(spec: &Value, path: &str, errs: &mut Vec<FieldError>) {
     if containers.is_none_or(Vec::is_empty) {
         errs.push(FieldError::required(format!("{path}.containers"), ""));
     }
-    let mut seen = Vec::new();
+    // A set: a 60k-container patch must not cost 60k x 60k name comparisons.
+    let mut seen = HashSet::new();
     for (i, c) in containers.into_iter().flatten().enumerate() {
         let at = format!("{path}.containers[{i}]");
         let name = c.get("name").and_then(Value::as_str).unwrap_or("");
@@ -201,7 +202,7 @@ fn validate_pod_spec(spec: &Value, path: &str, errs: &mut Vec<FieldError>) {
                 format!("{name:?}"),
             ));
         }
-        seen.push(name);
+        seen.insert(name);
         if c.get("image")
             .and_then(Value::as_str)
             .is_none_or(str::is_empty)
