@@ -179,12 +179,13 @@ fn is_real_dir(path: &Path) -> bool {
     std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_dir())
 }
 
-/// Opens a log for copying and truncating: never through a symlink, never blocking on a FIFO,
-/// and only if it is a regular file.
-fn open_live(path: &Path) -> io::Result<File> {
+/// Opens a log file (for reading, or also writing to truncate it) without following a symlink
+/// and without blocking on a FIFO, and refuses anything but a regular file before a byte is
+/// read: the kubelet API and the rotation both open paths a pod could have placed things at.
+pub(crate) fn open_regular(path: &Path, write: bool) -> io::Result<File> {
     let file = std::fs::OpenOptions::new()
         .read(true)
-        .write(true)
+        .write(write)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(path)?;
     if !file.metadata()?.file_type().is_file() {
@@ -200,7 +201,7 @@ fn open_live(path: &Path) -> io::Result<File> {
 /// always whole) and truncates `live` to zero. Returns the bytes copied. On any error the live
 /// log is left as it was (no byte is dropped without its copy).
 pub fn copy_truncate(live: &Path, piece: &Path) -> io::Result<u64> {
-    let src = open_live(live)?;
+    let src = open_regular(live, true)?;
     let mode = src.metadata()?.mode() & 0o777;
     let tmp = PathBuf::from(format!("{}{TMP_SUFFIX}", piece.display()));
     // create_new (O_EXCL) never follows a symlink at the name.

@@ -16,7 +16,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -186,22 +186,6 @@ fn runs(dir: &Path) -> Vec<PathBuf> {
     files.into_iter().map(|(_, p)| p).collect()
 }
 
-/// Opens a log file without following a symlink and without blocking on a FIFO, and refuses
-/// anything but a regular file before a byte is read.
-fn open_regular(path: &Path) -> io::Result<File> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path)?;
-    if !file.metadata()?.file_type().is_file() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "not a regular file",
-        ));
-    }
-    Ok(file)
-}
-
 /// The offset where the last `n` lines of the first `len` bytes start (a final newline ends
 /// the last line, it does not start another), read backwards in chunks.
 fn tail_offset(file: &File, len: u64, n: u64) -> io::Result<u64> {
@@ -284,7 +268,7 @@ fn locate(
             "{what} \"{container}\" in pod \"{pod}\" not found"
         )));
     };
-    let file = open_regular(&path).map_err(|e| {
+    let file = super::logs::open_regular(&path, false).map_err(|e| {
         tracing::warn!(path = %path.display(), error = %e, "a container log that is not a regular file was refused");
         Refusal::Bad(format!(
             "the log of container \"{container}\" in pod \"{pod}\" is not a regular file"
