@@ -59,6 +59,26 @@ pub struct Limits {
     pub shutdown_timeout: Duration,
 }
 
+impl Limits {
+    /// The limits from a daemon's flags: `max_connections` 0 means [`default_max_connections`];
+    /// the rest keep kube-apiserver's defaults.
+    pub fn from_flags(
+        max_connections: usize,
+        header_read_timeout: Duration,
+        idle_timeout: Duration,
+    ) -> Self {
+        Self {
+            max_connections: match max_connections {
+                0 => default_max_connections(),
+                n => n,
+            },
+            header_read_timeout,
+            idle_timeout,
+            ..Self::default()
+        }
+    }
+}
+
 /// kube-apiserver's `ReadHeaderTimeout`.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(32);
 /// kube-apiserver's `IdleTimeout` (matches http.DefaultTransport's keep-alive timeout).

@@ -366,14 +366,12 @@ async fn main() -> anyhow::Result<()> {
         advertise_address: Some(address),
         watch_buffer_bytes: args.watch_buffer_bytes.max(1),
         limits: kpx_control::serve::Limits {
-            max_connections: match args.max_connections {
-                0 => kpx_control::serve::default_max_connections(),
-                n => n,
-            },
-            header_read_timeout: args.header_read_timeout,
-            idle_timeout: args.idle_connection_timeout,
             request_timeout: args.request_timeout,
-            ..Default::default()
+            ..kpx_control::serve::Limits::from_flags(
+                args.max_connections,
+                args.header_read_timeout,
+                args.idle_connection_timeout,
+            )
         },
         authenticator: Some(Arc::new(authenticator)),
         kubelet_client_token,

@@ -255,15 +255,11 @@ async fn main() -> anyhow::Result<()> {
         Some(kpx_control::kubelet::server::ApiListener {
             listener,
             tls,
-            limits: kpx_control::serve::Limits {
-                max_connections: match args.max_connections {
-                    0 => kpx_control::serve::default_max_connections(),
-                    n => n,
-                },
-                header_read_timeout: args.header_read_timeout,
-                idle_timeout: args.idle_connection_timeout,
-                ..Default::default()
-            },
+            limits: kpx_control::serve::Limits::from_flags(
+                args.max_connections,
+                args.header_read_timeout,
+                args.idle_connection_timeout,
+            ),
         })
     };
     tracing::info!(node = %config.node_name, server = %client.server(), "starting");
