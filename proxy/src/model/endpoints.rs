@@ -1,6 +1,7 @@
 //! Endpoints from EndpointSlices, and which of them serve which traffic (kube-proxy's
-//! `CategorizeEndpoints`): ready endpoints, else serving-and-terminating ones; traffic policy
-//! `Local` narrows to this node's.
+//! `CategorizeEndpoints`, `pkg/proxy/topology.go`): ready endpoints, else serving-and-terminating
+//! ones; topology hints narrow the cluster-wide set to this node's zone (or node); traffic
+//! policy `Local` uses this node's.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -12,6 +13,16 @@ use super::service::{NamespacedName, Protocol, Skipped};
 
 /// The label naming the Service an EndpointSlice belongs to.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// The Node label holding the node's zone (`v1.LabelTopologyZone`).
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// An endpoint's topology hints (EndpointSlice `endpoints[].hints`): the zones and nodes
+/// whose proxies should use it. Empty when the slice has none.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Hints {
+    pub zones: Vec<String>,
+    pub nodes: Vec<String>,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Endpoint {
@@ -22,6 +33,7 @@ pub struct Endpoint {
     pub terminating: bool,
     /// On this proxy's node.
     pub local: bool,
+    pub hints: Hints,
 }
 
 /// The endpoints of one slice, per (port name, protocol). A short list rather than a map:
@@ -106,15 +118,28 @@ pub fn slice_endpoints(
             });
             continue;
         }
+        // Unset conditions read as kube-proxy's EndpointSliceCache reads them
+        // (`newEndpointSliceInfo`): ready and serving default to true, terminating to false.
+        // (Serving does not follow ready: an unready endpoint with serving unset is serving.)
         let conditions = ep.conditions.as_ref();
-        let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+        let hints = ep.hints.as_ref();
         endpoints.push(Endpoint {
             ip,
             port: 0,
-            ready,
-            serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
+            ready: conditions.and_then(|c| c.ready).unwrap_or(true),
+            serving: conditions.and_then(|c| c.serving).unwrap_or(true),
             terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
             local: !node_name.is_empty() && ep.node_name.as_deref() == Some(node_name),
+            hints: Hints {
+                zones: hints
+                    .and_then(|h| h.for_zones.as_ref())
+                    .map(|z| z.iter().map(|z| z.name.clone()).collect())
+                    .unwrap_or_default(),
+                nodes: hints
+                    .and_then(|h| h.for_nodes.as_ref())
+                    .map(|n| n.iter().map(|n| n.name.clone()).collect())
+                    .unwrap_or_default(),
+            },
         });
     }
     for (i, port) in slice.ports.iter().flatten().enumerate() {
@@ -160,36 +185,135 @@ pub fn merge<'a>(lists: impl Iterator<Item = &'a Vec<Endpoint>>) -> Vec<Endpoint
     by_address.into_values().collect()
 }
 
-/// Which endpoints each kind of traffic goes to.
+/// Which endpoints each kind of traffic goes to: kube-proxy's `CategorizeEndpoints` results.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Selected {
-    /// Traffic from inside the cluster (ClusterIP; all traffic unless a policy is Local).
+    /// The endpoints for `Cluster` traffic policy: ready ones (narrowed by topology hints when
+    /// they apply), else serving-and-terminating ones. Empty when the Service port never uses
+    /// Cluster policy (`internalTrafficPolicy: Local` and not reachable from outside).
     pub cluster: Vec<Endpoint>,
-    /// Traffic from outside when `externalTrafficPolicy: Local`: this node's endpoints.
+    /// The endpoints for `Local` traffic policy: this node's ready ones, else this node's
+    /// serving-and-terminating ones. Empty when the Service port never uses Local policy.
     pub local: Vec<Endpoint>,
-    /// Whether the Service has any endpoint at all (else its traffic is rejected).
+    /// Whether the Service has a usable endpoint anywhere in the cluster (ready, or serving
+    /// and terminating): without one its traffic is rejected, with one but none here for a
+    /// Local policy it is dropped (kube-proxy's `hasAnyEndpoints`).
     pub any: bool,
 }
 
-fn usable(endpoints: impl Iterator<Item = Endpoint> + Clone) -> Vec<Endpoint> {
-    let ready: Vec<Endpoint> = endpoints.clone().filter(|e| e.ready).collect();
-    if !ready.is_empty() {
-        return ready;
-    }
-    // None ready: fall back to endpoints still serving while they terminate.
-    endpoints.filter(|e| e.serving && e.terminating).collect()
+/// Which endpoint sets a Service port needs (kube-proxy's `ServicePort.UsesClusterEndpoints`
+/// and `UsesLocalEndpoints`, `pkg/proxy/serviceport.go`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Uses {
+    pub cluster: bool,
+    pub local: bool,
 }
 
-pub fn select(endpoints: &[Endpoint], internal_local: bool) -> Selected {
-    let local = usable(endpoints.iter().filter(|e| e.local).cloned());
-    let cluster = if internal_local {
-        local.clone()
-    } else {
-        usable(endpoints.iter().cloned())
-    };
-    Selected {
-        cluster,
-        local,
-        any: !endpoints.is_empty(),
+impl Uses {
+    /// Cluster endpoints unless internal traffic is `Local` and nothing comes from outside
+    /// (even with `externalTrafficPolicy: Local`, pods and the node reaching an external
+    /// address short-circuit to Cluster endpoints); Local ones when either policy is `Local`.
+    pub fn of(port: &super::ServicePort) -> Self {
+        let external = port.is_external();
+        Self {
+            cluster: !port.internal_policy_local || external,
+            local: port.internal_policy_local || (port.external_policy_local && external),
+        }
     }
 }
+
+/// Where this proxy runs, as topology sees it: its node's name and zone (empty if the Node
+/// has no `topology.kubernetes.io/zone` label or is not known yet).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Place<'a> {
+    pub node: &'a str,
+    pub zone: &'a str,
+}
+
+/// How the cluster endpoints are narrowed (kube-proxy's topology modes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Topology {
+    /// Every ready endpoint.
+    All,
+    /// Those hinted for this node (`PreferSameNode`).
+    Node,
+    /// Those hinted for this node's zone (`PreferClose`, `PreferSameZone`, `topology-mode`).
+    Zone,
+}
+
+/// kube-proxy's `topologyModeFromHints`: hints are followed only if every *ready* endpoint
+/// has them and at least one is for this node (node hints) or this node's zone (zone hints);
+/// node hints are tried first, then zone hints, then none. The proxy follows hints whatever
+/// asked for them (`trafficDistribution` or the `topology-mode` annotation): since kube 1.30 it
+/// no longer reads either itself, the EndpointSlice controller decides by setting the hints.
+fn topology(endpoints: &[Endpoint], place: Place<'_>) -> Topology {
+    let ready = || endpoints.iter().filter(|e| e.ready);
+    if ready().next().is_none() {
+        return Topology::All;
+    }
+    let has = |hints: &[String], want: &str| !want.is_empty() && hints.iter().any(|h| h == want);
+    if ready().all(|e| !e.hints.nodes.is_empty())
+        && ready().any(|e| has(&e.hints.nodes, place.node))
+    {
+        return Topology::Node;
+    }
+    if ready().all(|e| !e.hints.zones.is_empty())
+        && ready().any(|e| has(&e.hints.zones, place.zone))
+    {
+        return Topology::Zone;
+    }
+    Topology::All
+}
+
+/// kube-proxy's `availableForTopology`.
+fn available(e: &Endpoint, mode: Topology, place: Place<'_>) -> bool {
+    match mode {
+        Topology::All => true,
+        Topology::Node => e.hints.nodes.iter().any(|n| n == place.node),
+        Topology::Zone => e.hints.zones.iter().any(|z| z == place.zone),
+    }
+}
+
+/// kube-proxy's `CategorizeEndpoints` (`pkg/proxy/topology.go`) for one Service port.
+pub fn select(endpoints: &[Endpoint], uses: Uses, place: Place<'_>) -> Selected {
+    let mut out = Selected::default();
+    if uses.cluster {
+        let mode = topology(endpoints, place);
+        out.cluster = endpoints
+            .iter()
+            .filter(|e| e.ready && available(e, mode, place))
+            .cloned()
+            .collect();
+        // No ready endpoint (topology was already given up when none is ready for this
+        // zone or node): fall back to the serving ones still terminating, anywhere.
+        if out.cluster.is_empty() {
+            out.cluster = endpoints
+                .iter()
+                .filter(|e| e.serving && e.terminating)
+                .cloned()
+                .collect();
+        }
+        out.any = !out.cluster.is_empty();
+    }
+    if uses.local {
+        let usable = |e: &&Endpoint| e.ready || (e.serving && e.terminating);
+        out.any |= endpoints.iter().any(|e| usable(&e));
+        let local_ready = endpoints.iter().any(|e| e.local && e.ready);
+        out.local = endpoints
+            .iter()
+            .filter(|e| {
+                e.local
+                    && if local_ready {
+                        e.ready
+                    } else {
+                        e.serving && e.terminating
+                    }
+            })
+            .cloned()
+            .collect();
+    }
+    out
+}
+
+#[cfg(test)]
+mod select_tests;

@@ -13,6 +13,17 @@ use super::refuse::{self, Protected, Refusal};
 
 /// Services carrying this label belong to another proxy.
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Services carrying this label (any value) are not proxied at all: their clients resolve
+/// the endpoints themselves (kube-proxy's `LabelServiceProxyName`'s sibling,
+/// `v1.IsHeadlessService`, and the e2e case "should implement service.kubernetes.io/headless").
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+/// The label selector of the proxy's Service watch, as kube-proxy's
+/// (`cmd/kube-proxy/app/server.go`: `labelSelector` with `!service-proxy-name` and
+/// `!headless`), so the API server does not even send Services that are not ours; a Service
+/// gaining either label is delivered as deleted. `service_ports` checks them again, for
+/// watches without a selector.
+pub const SERVICE_WATCH_SELECTOR: &str =
+    "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
 const DEFAULT_AFFINITY_SECONDS: u32 = 10800;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -218,11 +229,9 @@ pub fn service_ports(
     let Some(name) = service_key(svc) else {
         return out;
     };
-    let other_proxy = svc
-        .metadata
-        .labels
-        .as_ref()
-        .is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL));
+    let other_proxy = svc.metadata.labels.as_ref().is_some_and(|l| {
+        l.contains_key(SERVICE_PROXY_NAME_LABEL) || l.contains_key(HEADLESS_LABEL)
+    });
     let Some(spec) = svc.spec.as_ref() else {
         return out;
     };

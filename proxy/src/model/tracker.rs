@@ -9,7 +9,8 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::endpoints::{
-    merge, port_endpoints, select, slice_endpoints, slice_service, SliceEndpoints,
+    merge, port_endpoints, select, slice_endpoints, slice_service, Place, SliceEndpoints, Uses,
+    ZONE_LABEL,
 };
 use super::refuse::Protected;
 use super::service::{service_key, service_ports, NamespacedName, Skipped};
@@ -18,6 +19,8 @@ use super::state::{udp_cleanups, Changes, ProxyState, ServiceEntry};
 #[derive(Default)]
 pub struct ChangeTracker {
     node_name: String,
+    /// This node's `topology.kubernetes.io/zone` label, empty until the Node is seen.
+    zone: String,
     /// Addresses no Service may take as an external or load-balancer IP here.
     protected: Protected,
     /// Each Service's ports, parsed once when it arrives (the objects themselves are not kept:
@@ -53,6 +56,25 @@ impl ChangeTracker {
             protected,
             ..Default::default()
         }
+    }
+
+    /// This node's labels changed (its Node object was listed, updated or, with `None`,
+    /// deleted). Only the zone matters (kube-proxy's `NodeTopologyConfig` passes on only the
+    /// topology labels); a new zone re-selects every Service's endpoints.
+    pub fn set_node_labels(&mut self, labels: Option<&BTreeMap<String, String>>) {
+        let zone = labels
+            .and_then(|l| l.get(ZONE_LABEL))
+            .cloned()
+            .unwrap_or_default();
+        if zone != self.zone {
+            self.zone = zone;
+            self.dirty.extend(self.services.keys().cloned());
+        }
+    }
+
+    /// This node's zone as last seen (empty: none).
+    pub fn zone(&self) -> &str {
+        &self.zone
     }
 
     pub fn apply_service(&mut self, svc: Service) {
@@ -216,7 +238,11 @@ impl ChangeTracker {
             let name = port.name.clone();
             let key = (name.port.clone(), name.protocol);
             let endpoints = merge(slices.iter().filter_map(|s| port_endpoints(s, &key)));
-            let selected = select(&endpoints, port.internal_policy_local);
+            let place = Place {
+                node: &self.node_name,
+                zone: &self.zone,
+            };
+            let selected = select(&endpoints, Uses::of(&port), place);
             out.insert(
                 name,
                 ServiceEntry {
@@ -286,3 +312,5 @@ impl ChangeTracker {
 mod refuse_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod topology_tests;

@@ -119,7 +119,18 @@ fn internal_traffic_policy_local_keeps_this_nodes_endpoints() {
         http_port(),
     ));
     let (state, _) = t.snapshot(&ProxyState::default());
-    assert_eq!(summary(&state), ["ns/web:http/TCP -> [198.18.0.1:8080]"]);
+    let entry = state.entries.values().next().expect("entry");
+    let local: Vec<String> = entry
+        .selected
+        .local
+        .iter()
+        .map(|e| e.ip.to_string())
+        .collect();
+    assert_eq!(local, ["198.18.0.1"]);
+    assert!(
+        entry.selected.cluster.is_empty(),
+        "internal Local and not external: no cluster endpoints (UsesClusterEndpoints)"
+    );
 }
 
 #[test]
