@@ -165,6 +165,17 @@ impl<B: Backend> Runner<B> {
                 self.tracker.apply_slice(slice);
             }
             Update::SliceDeleted(slice) => self.tracker.delete_slice(&slice),
+            Update::NodeApplied(node) => {
+                let before = self.tracker.zone().to_string();
+                self.tracker.set_node_labels(node.metadata.labels.as_ref());
+                if self.tracker.zone() != before {
+                    tracing::info!(
+                        zone = self.tracker.zone(),
+                        "node zone changed; re-selecting endpoints"
+                    );
+                }
+            }
+            Update::NodeDeleted => self.tracker.set_node_labels(None),
         }
     }
 

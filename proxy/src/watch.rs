@@ -1,10 +1,11 @@
-//! Watching the API: reflectors over Services and EndpointSlices, merged into one stream of
-//! updates for the tracker. A re-list arrives as one reset with the full state.
+//! Watching the API: reflectors over Services, EndpointSlices and this proxy's own Node,
+//! merged into one stream of updates for the tracker. A re-list arrives as one reset with the
+//! full state.
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kpx_control::client::{
-    reflector, Api, Client, ReflectorEvent, ReflectorOptions, ReflectorStats,
+    reflector, Api, Client, ListParams, ReflectorEvent, ReflectorOptions, ReflectorStats,
 };
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -24,6 +25,10 @@ pub enum Update {
     SlicesListDone,
     SliceApplied(EndpointSlice),
     SliceDeleted(EndpointSlice),
+    /// This node's Node object, listed or changed (its labels carry the zone).
+    NodeApplied(Box<Node>),
+    /// This node's Node object is gone (or not found by a re-list).
+    NodeDeleted,
 }
 
 pub struct Watchers {
@@ -60,18 +65,27 @@ async fn forward<K: kpx_control::client::Object>(
     }
 }
 
-/// Starts watching all Services and EndpointSlices.
-pub fn start(client: &Client) -> Watchers {
+/// Starts watching the Services this proxy handles (kube-proxy's label selector:
+/// [`SERVICE_WATCH_SELECTOR`](crate::model::service::SERVICE_WATCH_SELECTOR)), every
+/// EndpointSlice and, when `node_name` is set, that one Node (a `metadata.name` field
+/// selector, as kube-proxy's node informer), whose zone label topology routing needs.
+pub fn start(client: &Client, node_name: &str) -> Watchers {
     let (tx, updates) = mpsc::channel(4096);
     let services = reflector(
         Api::<Service>::all(client.clone()),
-        ReflectorOptions::default(),
+        ReflectorOptions {
+            params: ListParams {
+                label_selector: Some(crate::model::service::SERVICE_WATCH_SELECTOR.to_string()),
+                ..Default::default()
+            },
+            ..Default::default()
+        },
     );
     let slices = reflector(
         Api::<EndpointSlice>::all(client.clone()),
         ReflectorOptions::default(),
     );
-    let stats = vec![services.stats.clone(), slices.stats.clone()];
+    let mut stats = vec![services.stats.clone(), slices.stats.clone()];
     tokio::spawn(forward(services.events, tx.clone(), || Mapping {
         listing: Update::ServicesListing,
         listed: Update::ServiceListed,
@@ -79,6 +93,20 @@ pub fn start(client: &Client) -> Watchers {
         applied: Update::ServiceApplied,
         deleted: Update::ServiceDeleted,
     }));
+    if !node_name.is_empty() {
+        let node = reflector(
+            Api::<Node>::all(client.clone()),
+            ReflectorOptions {
+                params: ListParams {
+                    field_selector: Some(format!("metadata.name={node_name}")),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        );
+        stats.push(node.stats.clone());
+        tokio::spawn(forward_node(node.events, tx.clone()));
+    }
     tokio::spawn(forward(slices.events, tx, || Mapping {
         listing: Update::SlicesListing,
         listed: Update::SliceListed,
@@ -87,4 +115,27 @@ pub fn start(client: &Client) -> Watchers {
         deleted: Update::SliceDeleted,
     }));
     Watchers { updates, stats }
+}
+
+/// The Node's events as updates: the list of one name holds it or not, so a re-list that
+/// finds nothing means it was deleted while the watch was down.
+async fn forward_node(mut events: mpsc::Receiver<ReflectorEvent<Node>>, tx: mpsc::Sender<Update>) {
+    let mut listed = false;
+    while let Some(event) = events.recv().await {
+        let update = match event {
+            ReflectorEvent::Init => {
+                listed = false;
+                continue;
+            }
+            ReflectorEvent::InitApply(node) | ReflectorEvent::Apply(node) => {
+                listed = true;
+                Update::NodeApplied(Box::new(node))
+            }
+            ReflectorEvent::InitDone if listed => continue,
+            ReflectorEvent::InitDone | ReflectorEvent::Delete(_) => Update::NodeDeleted,
+        };
+        if tx.send(update).await.is_err() {
+            return;
+        }
+    }
 }

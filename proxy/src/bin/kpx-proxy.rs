@@ -296,7 +296,7 @@ async fn main() -> anyhow::Result<()> {
         }
     });
     tracing::info!(node = %node_name, server = %client.server(), backend = backend.name(), "starting");
-    let watchers = watch::start(&client);
+    let watchers = watch::start(&client, &node_name);
     let runner = Runner::new(
         backend,
         RunnerConfig {
