@@ -9,7 +9,9 @@ use k8s_openapi::api::core::v1::{
     EndpointAddress, EndpointPort as CoreEndpointPort, EndpointSubset, Endpoints, Pod, Service,
     ServicePort,
 };
-use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
+use k8s_openapi::api::discovery::v1::{
+    Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice, ForNode, ForZone,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
@@ -90,6 +92,53 @@ fn resolve(port: &ServicePort, pod: &Pod) -> Option<i32> {
     }
 }
 
+/// Which topology hints a Service's `spec.trafficDistribution` asks for (kube's
+/// `staging/src/k8s.io/endpointslice/trafficdist`: `PreferClose` and `PreferSameZone` give
+/// zone hints, `PreferSameNode` (kube 1.33+) zone and node hints; any other value or none
+/// gives none, and stale hints are removed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HintsFor {
+    None,
+    Zone,
+    ZoneAndNode,
+}
+
+impl HintsFor {
+    fn of(service: &Service) -> Self {
+        match service
+            .spec
+            .as_ref()
+            .and_then(|s| s.traffic_distribution.as_deref())
+        {
+            Some("PreferClose" | "PreferSameZone") => HintsFor::Zone,
+            Some("PreferSameNode") => HintsFor::ZoneAndNode,
+            _ => HintsFor::None,
+        }
+    }
+
+    /// `preferCloseHeuristic.update`: a ready endpoint is hinted for its own zone (if known)
+    /// and, for `PreferSameNode`, its own node; others get no hints.
+    fn hints(self, ready: bool, zone: Option<&str>, node: Option<&str>) -> Option<EndpointHints> {
+        if !ready || self == HintsFor::None {
+            return None;
+        }
+        let for_zones = zone.map(|z| {
+            vec![ForZone {
+                name: z.to_string(),
+            }]
+        });
+        let for_nodes = node.filter(|_| self == HintsFor::ZoneAndNode).map(|n| {
+            vec![ForNode {
+                name: n.to_string(),
+            }]
+        });
+        (for_zones.is_some() || for_nodes.is_some()).then_some(EndpointHints {
+            for_zones,
+            for_nodes,
+        })
+    }
+}
+
 /// The slices a Service should have: `(address type, ports) → endpoints`, sorted.
 fn wanted(
     service: &Service,
@@ -110,6 +159,7 @@ fn wanted(
         _ => vec!["IPv4".into()],
     };
     let ports = spec.ports.as_deref().unwrap_or_default();
+    let hints_for = HintsFor::of(service);
     for pod in pods {
         if pod.metadata.namespace.as_deref() != namespace
             || !selects(selector, pod.metadata.labels.as_ref())
@@ -130,6 +180,9 @@ fn wanted(
         let terminating = pod.metadata.deletion_timestamp.is_some();
         let ready = pod_ready(pod);
         let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+        let zone = node.as_deref().and_then(zone_of);
+        let endpoint_ready = publish_not_ready || (ready && !terminating);
+        let hints = hints_for.hints(endpoint_ready, zone.as_deref(), node.as_deref());
         for family in &families {
             let Some(ip) = pod_ip(pod, family) else {
                 continue;
@@ -139,12 +192,13 @@ fn wanted(
                 .push(Endpoint {
                     addresses: vec![ip],
                     conditions: Some(EndpointConditions {
-                        ready: Some(publish_not_ready || (ready && !terminating)),
+                        ready: Some(endpoint_ready),
                         serving: Some(publish_not_ready || ready),
                         terminating: Some(terminating),
                     }),
                     node_name: node.clone(),
-                    zone: node.as_deref().and_then(zone_of),
+                    zone: zone.clone(),
+                    hints: hints.clone(),
                     target_ref: Some(k8s_openapi::api::core::v1::ObjectReference {
                         kind: Some("Pod".into()),
                         namespace: pod.metadata.namespace.clone(),
@@ -650,5 +704,127 @@ mod tests {
             text(&reconcile(&headless, &refs, &[&existing], &zone)),
             ["delete web-abcde"]
         );
+    }
+
+    /// Each endpoint's `zone` and hints as text: `198.19.1.10 zone-a z=zone-a n=node-1`.
+    fn hints_text(ops: &[SliceOp]) -> Vec<String> {
+        ops.iter()
+            .flat_map(|op| match op {
+                SliceOp::Create(s) | SliceOp::Update(s) => s.endpoints.clone(),
+                SliceOp::Delete(_) => Vec::new(),
+            })
+            .map(|e| {
+                let h = e.hints.clone().unwrap_or_default();
+                let zones: Vec<String> = h
+                    .for_zones
+                    .iter()
+                    .flatten()
+                    .map(|z| z.name.clone())
+                    .collect();
+                let nodes: Vec<String> = h
+                    .for_nodes
+                    .iter()
+                    .flatten()
+                    .map(|n| n.name.clone())
+                    .collect();
+                format!(
+                    "{} {} z={} n={}",
+                    e.addresses[0],
+                    e.zone.clone().unwrap_or_else(|| "-".into()),
+                    zones.join("|"),
+                    nodes.join("|")
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn traffic_distribution_sets_hints_as_kube_controller_manager() {
+        let on = |node: &str| json!({"spec": {"nodeName": node}});
+        let pods = [
+            pod(
+                "a",
+                "198.19.1.10",
+                json!({"app": "web"}),
+                true,
+                on("node-1"),
+            ),
+            pod(
+                "b",
+                "198.19.2.10",
+                json!({"app": "web"}),
+                true,
+                on("node-2"),
+            ),
+            pod(
+                "c",
+                "198.19.1.11",
+                json!({"app": "web"}),
+                false,
+                on("node-1"),
+            ),
+        ];
+        let refs: Vec<&Pod> = pods.iter().collect();
+        let with = |distribution: Value| {
+            let mut spec = json!({"selector": {"app": "web"}, "ports": [{"port": 80}]});
+            spec["trafficDistribution"] = distribution;
+            hints_text(&reconcile(&service(spec), &refs, &[], &zone))
+        };
+        // trafficdist.preferCloseHeuristic: ready endpoints get their own zone; node-2 has no
+        // zone label, so its endpoint gets no zone hint; unready ones get none.
+        let close = [
+            "198.19.1.10 zone-a z=zone-a n=",
+            "198.19.1.11 zone-a z= n=",
+            "198.19.2.10 - z= n=",
+        ];
+        assert_eq!(with(json!("PreferClose")), close);
+        assert_eq!(with(json!("PreferSameZone")), close);
+        assert_eq!(
+            with(json!("PreferSameNode")),
+            [
+                "198.19.1.10 zone-a z=zone-a n=node-1",
+                "198.19.1.11 zone-a z= n=",
+                "198.19.2.10 - z= n=node-2",
+            ]
+        );
+        // defaultHeuristic: no hints.
+        let none = [
+            "198.19.1.10 zone-a z= n=",
+            "198.19.1.11 zone-a z= n=",
+            "198.19.2.10 - z= n=",
+        ];
+        assert_eq!(with(Value::Null), none);
+        assert_eq!(with(json!("SomethingElse")), none);
+    }
+
+    #[test]
+    fn hints_follow_a_changed_traffic_distribution() {
+        let pods = [pod(
+            "a",
+            "198.19.1.10",
+            json!({"app": "web"}),
+            true,
+            json!({}),
+        )];
+        let refs: Vec<&Pod> = pods.iter().collect();
+        let close = service(
+            json!({"selector": {"app": "web"}, "trafficDistribution": "PreferClose", "ports": [{"port": 80}]}),
+        );
+        let SliceOp::Create(mut existing) = reconcile(&close, &refs, &[], &zone).remove(0) else {
+            panic!("create")
+        };
+        existing.metadata.name = Some("web-abcde".into());
+        assert!(
+            reconcile(&close, &refs, &[&existing], &zone).is_empty(),
+            "hints in place"
+        );
+        let plain = service(json!({"selector": {"app": "web"}, "ports": [{"port": 80}]}));
+        let ops = reconcile(&plain, &refs, &[&existing], &zone);
+        assert_eq!(
+            hints_text(&ops),
+            ["198.19.1.10 zone-a z= n="],
+            "stale hints removed"
+        );
+        assert!(matches!(ops[0], SliceOp::Update(_)));
     }
 }
