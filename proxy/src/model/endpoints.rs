@@ -201,6 +201,29 @@ pub struct Selected {
     pub any: bool,
 }
 
+impl Selected {
+    /// The endpoints for traffic from pods and the node to the cluster IP (kube-proxy's
+    /// proxiers: `internalPolicyLocal ? localEndpoints : clusterEndpoints`).
+    pub fn internal(&self, port: &super::ServicePort) -> &[Endpoint] {
+        if port.internal_policy_local {
+            &self.local
+        } else {
+            &self.cluster
+        }
+    }
+
+    /// The endpoints for traffic from outside to a NodePort, external or load-balancer IP
+    /// (`externalPolicyLocal ? localEndpoints : clusterEndpoints`; pods and the node reaching
+    /// an external address with policy Local short-circuit to `cluster`).
+    pub fn external(&self, port: &super::ServicePort) -> &[Endpoint] {
+        if port.external_policy_local {
+            &self.local
+        } else {
+            &self.cluster
+        }
+    }
+}
+
 /// Which endpoint sets a Service port needs (kube-proxy's `ServicePort.UsesClusterEndpoints`
 /// and `UsesLocalEndpoints`, `pkg/proxy/serviceport.go`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
