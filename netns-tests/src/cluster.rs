@@ -27,6 +27,9 @@ pub struct ClusterOptions {
     /// `--pod-eviction-timeout`, and the taint-based `tolerationSeconds` the
     /// DefaultTolerationSeconds admission plugin adds: 300 s).
     pub eviction_seconds: u32,
+    /// Node `i`'s zone (its kubelet's `--node-labels topology.kubernetes.io/zone=...`), for
+    /// topology-aware routing; nodes past the end of the list get no zone label.
+    pub zones: Vec<String>,
 }
 
 /// [`ClusterOptions`]' defaults, also `kpx-lab up`'s flag defaults.
@@ -40,6 +43,7 @@ impl Default for ClusterOptions {
             heartbeat: DEFAULT_HEARTBEAT,
             grace_seconds: DEFAULT_GRACE_SECONDS,
             eviction_seconds: DEFAULT_EVICTION_SECONDS,
+            zones: Vec::new(),
         }
     }
 }
@@ -112,6 +116,10 @@ impl Lab {
             // kubelet and removed with the lab.
             .arg("--cert-dir")
             .arg(self.dir().join(&node.name).join("pki"));
+        if let Some(zone) = options.zones.get(i) {
+            cmd.arg("--node-labels")
+                .arg(format!("topology.kubernetes.io/zone={zone}"));
+        }
         match &node.cgroup {
             Some(cg) => cmd.arg("--cgroup-root").arg(cg),
             None => cmd.args(["--cgroup-root", "none"]),

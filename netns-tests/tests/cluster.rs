@@ -563,6 +563,7 @@ async fn a_stopped_kubelet_makes_its_node_not_ready_and_its_pods_move() {
             heartbeat: Duration::from_millis(500),
             grace_seconds: 3,
             eviction_seconds: 3,
+            ..Default::default()
         };
         let mut lab = Lab::cluster("nodedown", backend, 2, options).await?;
         apply(&lab, &PROBED.replace("replicas: 3", "replicas: 4"))?;

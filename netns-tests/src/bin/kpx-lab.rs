@@ -37,6 +37,10 @@ enum Command {
         /// Kubernetes' default (300 s).
         #[arg(long, default_value_t = kpx_lab::cluster::DEFAULT_EVICTION_SECONDS)]
         pod_eviction_timeout_seconds: u32,
+        /// The nodes' zones in order (`zone-a,zone-b`: node 0 in zone-a, node 1 in zone-b),
+        /// as `topology.kubernetes.io/zone` labels; nodes past the list get none.
+        #[arg(long, value_delimiter = ',')]
+        zones: Vec<String>,
     },
     /// The running labs: nodes, pods, and how to reach them.
     Status,
@@ -85,11 +89,13 @@ async fn main() -> anyhow::Result<()> {
             node_status_update_frequency,
             node_monitor_grace_period_seconds,
             pod_eviction_timeout_seconds,
+            zones,
         } => {
             let options = ClusterOptions {
                 heartbeat: node_status_update_frequency,
                 grace_seconds: node_monitor_grace_period_seconds,
                 eviction_seconds: pod_eviction_timeout_seconds,
+                zones,
             };
             kpx_lab::cli::up(nodes, &proxy_mode, options).await
         }
