@@ -105,6 +105,11 @@ enum HintsFor {
 
 impl HintsFor {
     fn of(service: &Service) -> Self {
+        // The topology-mode annotation wins over the field (the reconciler's
+        // `canUseTrafficDistribution`, KEP-4444): its hints come from the topology cache.
+        if super::topologycache::hints_enabled(service.metadata.annotations.as_ref()) {
+            return HintsFor::None;
+        }
         match service
             .spec
             .as_ref()
@@ -346,9 +351,36 @@ pub fn reconcile(
     existing: &[&EndpointSlice],
     zone_of: &dyn Fn(&str) -> Option<String>,
 ) -> Vec<SliceOp> {
+    reconcile_with_zones(service, pods, existing, zone_of, None)
+}
+
+/// [`reconcile`] knowing each zone's share of the cluster's CPU
+/// ([`topologycache::zone_ratios`](super::topologycache::zone_ratios)), which Services
+/// annotated `service.kubernetes.io/topology-mode: Auto` need for their hints (without it they
+/// get none, as kube's controller without sufficient node information).
+pub fn reconcile_with_zones(
+    service: &Service,
+    pods: &[&Pod],
+    existing: &[&EndpointSlice],
+    zone_of: &dyn Fn(&str) -> Option<String>,
+    zone_ratios: Option<&BTreeMap<String, f64>>,
+) -> Vec<SliceOp> {
     let name = service.metadata.name.clone().unwrap_or_default();
     let mut wanted_slices: Vec<EndpointSlice> = Vec::new();
-    for ((family, ports), endpoints) in wanted(service, pods, zone_of) {
+    let mut by_key = wanted(service, pods, zone_of);
+    if super::topologycache::hints_enabled(service.metadata.annotations.as_ref()) {
+        // Hints are allocated per address type, over all of its slices (`SliceInfo`).
+        let families: BTreeSet<String> = by_key.keys().map(|(f, _)| f.clone()).collect();
+        for family in families {
+            let mut endpoints: Vec<&mut Endpoint> = by_key
+                .iter_mut()
+                .filter(|((f, _), _)| *f == family)
+                .flat_map(|(_, eps)| eps.iter_mut())
+                .collect();
+            super::topologycache::add_hints(&mut endpoints, zone_ratios);
+        }
+    }
+    for ((family, ports), endpoints) in by_key {
         for chunk in endpoints.chunks(MAX_ENDPOINTS_PER_SLICE) {
             wanted_slices.push(EndpointSlice {
                 address_type: family.clone(),
@@ -826,5 +858,60 @@ mod tests {
             "stale hints removed"
         );
         assert!(matches!(ops[0], SliceOp::Update(_)));
+    }
+
+    #[test]
+    fn the_topology_mode_annotation_wins_over_traffic_distribution() {
+        let on = |node: &str| json!({"spec": {"nodeName": node}});
+        let pods = [
+            pod(
+                "a",
+                "198.19.1.10",
+                json!({"app": "web"}),
+                true,
+                on("node-1"),
+            ),
+            pod(
+                "b",
+                "198.19.2.10",
+                json!({"app": "web"}),
+                true,
+                on("node-2"),
+            ),
+        ];
+        let refs: Vec<&Pod> = pods.iter().collect();
+        let mut svc = service(
+            json!({"selector": {"app": "web"}, "trafficDistribution": "PreferSameNode", "ports": [{"port": 80}]}),
+        );
+        svc.metadata.annotations = Some(
+            [(
+                "service.kubernetes.io/topology-mode".to_string(),
+                "Auto".to_string(),
+            )]
+            .into(),
+        );
+        let zones =
+            |node: &str| Some(if node == "node-1" { "zone-a" } else { "zone-b" }.to_string());
+        let ratios: BTreeMap<String, f64> =
+            [("zone-a".to_string(), 0.5), ("zone-b".to_string(), 0.5)].into();
+        assert_eq!(
+            hints_text(&reconcile_with_zones(
+                &svc,
+                &refs,
+                &[],
+                &zones,
+                Some(&ratios)
+            )),
+            [
+                "198.19.1.10 zone-a z=zone-a n=",
+                "198.19.2.10 zone-b z=zone-b n="
+            ],
+            "the topology cache's zone hints, no node hints"
+        );
+        assert_eq!(
+            hints_text(&reconcile_with_zones(&svc, &refs, &[], &zones, None)),
+            ["198.19.1.10 zone-a z= n=", "198.19.2.10 zone-b z= n="],
+            "no node information: no hints"
+        );
     }
 }

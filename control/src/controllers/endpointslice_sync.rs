@@ -13,8 +13,11 @@ use k8s_openapi::api::core::v1::{Endpoints, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::cache::{key_of, Cache, Key};
-use super::endpointslice::{legacy_endpoints, managed, reconcile, SliceOp, SERVICE_NAME_LABEL};
+use super::endpointslice::{
+    legacy_endpoints, managed, reconcile_with_zones, SliceOp, SERVICE_NAME_LABEL,
+};
 use super::queue::{Backoff, Retry, RetryQueue};
+use super::topologycache::zone_ratios;
 use crate::client::events::{Involved, Recorder};
 use crate::client::{reflector, Api, Client, ReflectorOptions};
 
@@ -74,6 +77,7 @@ pub async fn run(client: Client, shutdown: impl std::future::Future<Output = ()>
                         .and_then(|n| n.metadata.labels.as_ref())
                         .and_then(|l| l.get("topology.kubernetes.io/zone").cloned())
                 };
+                let zone_ratios = zone_ratios(node_cache.objects.values());
                 for key in std::mem::take(&mut dirty) {
                     // Only this namespace's slices: the cache is ordered by namespace.
                     let namespace_slices = || {
@@ -110,7 +114,7 @@ pub async fn run(client: Client, shutdown: impl std::future::Future<Output = ()>
                     };
                     let pods: Vec<&Pod> = pod_cache.objects.range((key.0.clone(), String::new())..).take_while(|((ns, _), _)| *ns == key.0).map(|(_, p)| p).collect();
                     let existing = managed(service, namespace_slices());
-                    let ops = reconcile(service, &pods, &existing, &zone_of);
+                    let ops = reconcile_with_zones(service, &pods, &existing, &zone_of, zone_ratios.as_ref());
                     let mirror = legacy_endpoints(service, &pods, &zone_of);
                     let written = match write(&client, &key.0, ops).await {
                         Ok(()) => write_endpoints(&client, &key, mirror).await,

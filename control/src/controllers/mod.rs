@@ -15,3 +15,4 @@ pub mod replicaset;
 pub mod replicaset_sync;
 pub mod scheduler;
 pub mod scheduler_sync;
+pub mod topologycache;
