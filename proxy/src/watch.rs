@@ -139,3 +139,60 @@ async fn forward_node(mut events: mpsc::Receiver<ReflectorEvent<Node>>, tx: mpsc
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(zone: &str) -> Node {
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "n1",
+            "labels": {"topology.kubernetes.io/zone": zone}}}))
+        .expect("node")
+    }
+
+    /// The updates `forward_node` makes of `events`, as text.
+    async fn forwarded(events: Vec<ReflectorEvent<Node>>) -> Vec<String> {
+        let (etx, erx) = mpsc::channel(16);
+        let (tx, mut rx) = mpsc::channel(16);
+        for e in events {
+            etx.send(e).await.expect("send");
+        }
+        drop(etx);
+        forward_node(erx, tx).await;
+        let mut out = Vec::new();
+        while let Some(u) = rx.recv().await {
+            out.push(match u {
+                Update::NodeApplied(n) => {
+                    let labels = n.metadata.labels.unwrap_or_default();
+                    format!("applied {}", labels.values().cloned().collect::<String>())
+                }
+                Update::NodeDeleted => "deleted".to_string(),
+                other => format!("{other:?}"),
+            });
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_list_without_the_node_means_it_is_gone() {
+        use ReflectorEvent::*;
+        assert_eq!(
+            forwarded(vec![Init, InitApply(node("a")), InitDone]).await,
+            ["applied a"]
+        );
+        assert_eq!(forwarded(vec![Init, InitDone]).await, ["deleted"]);
+        assert_eq!(
+            forwarded(vec![
+                Init,
+                InitApply(node("a")),
+                InitDone,
+                Apply(node("b")),
+                Delete(node("b")),
+                Init,
+                InitDone
+            ])
+            .await,
+            ["applied a", "applied b", "deleted", "deleted"]
+        );
+    }
+}
