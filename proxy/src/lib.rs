@@ -6,6 +6,8 @@
 
 pub mod backend;
 pub mod cidr;
+#[cfg(test)]
+mod conformance;
 pub mod conntrack;
 pub mod dual_stack;
 pub mod ebpf;

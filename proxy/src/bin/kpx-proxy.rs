@@ -160,11 +160,20 @@ fn ebpf_config(args: &Args) -> anyhow::Result<EbpfConfig> {
             )
         })
         .collect();
+    let cluster_cidrs = cidrs("--cluster-cidr", args.cluster_cidr.iter())?
+        .into_iter()
+        .filter_map(|(cidr, _)| {
+            let (ip, len) = cidr.split_once('/')?;
+            Some((ip.parse().ok()?, len.parse().ok()?))
+        })
+        .collect();
     Ok(EbpfConfig {
         pin_dir: args.bpf_pin_dir.clone(),
         cgroup,
         node_ips,
         nodeport_cidrs,
+        cluster_cidrs,
+        masquerade_all: args.masquerade_all,
         capacity,
     })
 }
@@ -211,6 +220,7 @@ fn iptables_backend(args: &Args) -> anyhow::Result<DualStack<IptablesBackend>> {
             .filter(|(_, family)| *family == ipv6)
             .map(|(cidr, _)| cidr.clone())
             .collect(),
+        conntrack_tcp_be_liberal: false,
     };
     let secondary = match v6.unusable() {
         None => Some(IptablesBackend::new(v6, config(true))),

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aya::Ebpf;
-use kpx_ebpf::apply::{apply, set_config, set_node_addrs, ApplyError};
-use kpx_ebpf::layout::{address, Config, NodeAddr};
+use kpx_ebpf::apply::{apply, set_clients, set_config, set_node_addrs, ApplyError};
+use kpx_ebpf::layout::{address, Clients, Config, NodeAddr};
 use kpx_ebpf::objects::{self, Capacity, LoadError};
 use kpx_ebpf::plan::{plan, plan_keys, Programmed};
 use kpx_ebpf::{adopt, attach, features};
@@ -20,6 +20,7 @@ use serde_json::Value;
 
 use super::{dump, wanted};
 use crate::backend::{Backend, BackendError, SyncReport};
+use crate::model::frontend::NodeConfig;
 use crate::model::{Changes, ProxyState};
 
 #[derive(Debug, Clone)]
@@ -32,6 +33,10 @@ pub struct EbpfConfig {
     pub node_ips: Vec<IpAddr>,
     /// CIDRs NodePorts answer on; empty: every local address.
     pub nodeport_cidrs: Vec<(IpAddr, u8)>,
+    /// `--cluster-cidr`, at most one per family: how pods are told apart from outside clients.
+    pub cluster_cidrs: Vec<(IpAddr, u8)>,
+    /// `--masquerade-all`.
+    pub masquerade_all: bool,
     pub capacity: Capacity,
 }
 
@@ -39,6 +44,60 @@ impl EbpfConfig {
     fn links(&self) -> PathBuf {
         self.pin_dir.join("links")
     }
+
+    /// The frontend model's view of the node, per family.
+    pub fn node_configs(&self) -> wanted::NodeConfigs {
+        let of = |ipv6: bool| NodeConfig {
+            cluster_cidr: self
+                .cluster_cidrs
+                .iter()
+                .copied()
+                .find(|(ip, _)| ip.is_ipv6() == ipv6),
+            masquerade_all: self.masquerade_all,
+        };
+        [of(false), of(true)]
+    }
+
+    /// How the programs tell the node's sockets and pods' packets from outside clients.
+    fn clients(&self) -> Result<Clients, BackendError> {
+        let mut clients = Clients {
+            node_netns: netns_cookie().map_err(|e| error("reading this namespace's cookie", e))?,
+            ..Clients::default()
+        };
+        for (ip, len) in &self.cluster_cidrs {
+            let (addr, _) = address(*ip);
+            if ip.is_ipv6() {
+                (clients.pod_net6, clients.pod_prefix6) = (addr, (*len).min(128));
+            } else {
+                (clients.pod_net4, clients.pod_prefix4) = (addr, (*len).min(32));
+            }
+        }
+        Ok(clients)
+    }
+}
+
+/// The cookie the kernel gives this network namespace (what `bpf_get_netns_cookie` returns
+/// for the node's own sockets).
+fn netns_cookie() -> std::io::Result<u64> {
+    /// `SO_NETNS_COOKIE` (Linux 5.14), from `<asm-generic/socket.h>`.
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: a valid socket, and a buffer of the size given.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
 }
 
 fn error(what: &str, detail: impl std::fmt::Display) -> BackendError {
@@ -91,15 +150,18 @@ impl EbpfBackend {
             );
         }
         refresh_node(&mut tc, &config).map_err(|e| error("writing the node's addresses", e))?;
+        set_clients(&mut tc, &config.clients()?)
+            .map_err(|e| error("writing how clients are told apart", e))?;
         attach::attach_tc(&mut tc, &config.links()).map_err(|e| error("attaching tc", e))?;
         let stop = Arc::new(AtomicBool::new(false));
         spawn_watcher(config.clone(), stop.clone())?;
+        let table = wanted::WantedTable::new(config.node_configs());
         Ok(Self {
             config,
             tc,
             _sock: sock,
             programmed,
-            table: wanted::WantedTable::default(),
+            table,
             stop,
         })
     }
@@ -204,13 +266,7 @@ fn refresh_node(ebpf: &mut Ebpf, config: &EbpfConfig) -> Result<(), ApplyError> 
     let nodeport: BTreeSet<NodeAddr> = local
         .iter()
         .map(|(_, ip)| *ip)
-        .filter(|ip| {
-            config.nodeport_cidrs.is_empty()
-                || config
-                    .nodeport_cidrs
-                    .iter()
-                    .any(|(net, len)| crate::cidr::contains(*net, *len, ip))
-        })
+        .filter(|ip| wanted::answers_nodeports(ip, &config.nodeport_cidrs))
         .map(NodeAddr::new)
         .collect();
     set_node_addrs(ebpf, &nodeport)
@@ -255,7 +311,7 @@ impl Backend for EbpfBackend {
             // Trust the kernel, not memory: someone may have changed the maps.
             self.programmed =
                 adopt::programmed(&self.tc).map_err(|e| error("reading the maps", e))?;
-            self.table = wanted::WantedTable::full(state);
+            self.table = wanted::WantedTable::full(state, self.config.node_configs());
             let (ops, next) = plan(&self.table.wanted, &self.programmed);
             self.programmed = next;
             ops

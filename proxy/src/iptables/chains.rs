@@ -19,7 +19,8 @@ pub const CANARY: &str = "KPX-PROXY-CANARY";
 /// The packet mark asking for masquerade (bit 14, as kube-proxy's default).
 pub const MASQ_MARK: &str = "0x4000";
 
-/// A jump from a built-in chain, kept in place with `-C`/`-I` (never through restore).
+/// A jump from a built-in chain: checked with `iptables-save` each sync; a missing one is
+/// inserted at the head of its chain by the same `iptables-restore` transaction (`render::plan`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Jump {
     pub table: &'static str,
@@ -69,6 +70,15 @@ pub const JUMPS: &[Jump] = &[
     Jump {
         table: "filter",
         from: "FORWARD",
+        to: EXTERNAL_SERVICES,
+        matches: &["-m", "conntrack", "--ctstate", "NEW"],
+        comment: "kpx externally-visible service portals",
+    },
+    // The node's own connections to an external or load-balancer IP (or a NodePort) of a
+    // Service without endpoints are refused too, as kube-proxy's nftables mode does.
+    Jump {
+        table: "filter",
+        from: "OUTPUT",
         to: EXTERNAL_SERVICES,
         matches: &["-m", "conntrack", "--ctstate", "NEW"],
         comment: "kpx externally-visible service portals",
@@ -164,6 +174,19 @@ pub fn service_chain(name: &ServicePortName) -> String {
 /// The chain of external traffic (NodePort, external and load-balancer IPs).
 pub fn external_chain(name: &ServicePortName) -> String {
     format!("KPX-EXT-{}", hash16(&["ext", &port_id(name)]))
+}
+
+/// The chain of the `n`th distinct set of routes among a Service port's frontends that is
+/// not a plain jump to an endpoint chain (`n` = 0 is `external_chain`; kube-proxy's
+/// semantics never need a second one, the frontend model might).
+pub fn external_chain_n(name: &ServicePortName, n: usize) -> String {
+    if n == 0 {
+        return external_chain(name);
+    }
+    format!(
+        "KPX-EXT-{}",
+        hash16(&["ext", &port_id(name), &n.to_string()])
+    )
 }
 
 /// Local endpoints only, for `externalTrafficPolicy: Local`.
