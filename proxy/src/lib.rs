@@ -9,6 +9,7 @@ pub mod cidr;
 pub mod conntrack;
 pub mod dual_stack;
 pub mod ebpf;
+pub mod healthcheck;
 pub mod iptables;
 pub mod metrics;
 pub mod model;
