@@ -11,6 +11,7 @@ mod conformance;
 pub mod conntrack;
 pub mod dual_stack;
 pub mod ebpf;
+pub mod healthcheck;
 pub mod iptables;
 pub mod metrics;
 pub mod model;

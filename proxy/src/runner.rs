@@ -104,6 +104,8 @@ pub struct Runner<B: Backend> {
     /// When the changes waiting to be programmed happened (from EndpointSlice annotations).
     pending_triggers: Vec<SystemTime>,
     generation: u64,
+    /// Health-check node ports, updated after each successful sync.
+    health_check: Option<crate::healthcheck::HealthCheckServer>,
 }
 
 impl<B: Backend> Runner<B> {
@@ -129,7 +131,14 @@ impl<B: Backend> Runner<B> {
             backoff: Duration::from_secs(1),
             pending_triggers: Vec::new(),
             generation: 0,
+            health_check: None,
         }
+    }
+
+    /// Serves the health-check node ports of the Services this node programs.
+    pub fn with_health_check(mut self, server: crate::healthcheck::HealthCheckServer) -> Self {
+        self.health_check = Some(server);
+        self
     }
 
     fn note_trigger(&mut self, slice: &k8s_openapi::api::discovery::v1::EndpointSlice) {
@@ -306,6 +315,9 @@ impl<B: Backend> Runner<B> {
                     .as_secs_f64();
                 self.metrics.last_sync_timestamp.set(now_seconds);
                 self.health.synced();
+                if let Some(hc) = self.health_check.as_mut() {
+                    hc.sync(&self.state);
+                }
                 if !changes.conntrack.is_empty() {
                     let cleanups = changes.conntrack.clone();
                     if let Err(e) = tokio::task::block_in_place(|| conntrack::clear(cleanups)) {

@@ -318,8 +318,15 @@ async fn main() -> anyhow::Result<()> {
                 .await,
         },
         metrics,
+        health.clone(),
+    )
+    .with_health_check(kpx_proxy::healthcheck::HealthCheckServer::new(
+        cidrs("--nodeport-addresses", args.nodeport_addresses.iter())?
+            .iter()
+            .filter_map(|(cidr, _)| kpx_proxy::healthcheck::parse_cidr(cidr))
+            .collect(),
         health,
-    );
+    ));
     runner
         .run(watchers.updates, kpx_control::daemon::shutdown())
         .await;
