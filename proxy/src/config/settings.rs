@@ -363,3 +363,20 @@ pub fn read_file(path: &Path) -> Result<KubeProxyConfiguration, ConfigError> {
     })?;
     parse_file(&path.display().to_string(), &text)
 }
+
+/// The `config.conf` key of a kube-proxy ConfigMap, as `kubectl -n kube-system get configmap
+/// kube-proxy -o yaml` prints it (kubeadm's layout), for tools and tests that start from it.
+pub fn config_conf_of_configmap(configmap_yaml: &str) -> Result<String, ConfigError> {
+    let cm: serde_yaml::Value =
+        serde_yaml::from_str(configmap_yaml).map_err(|e| ConfigError::Parse {
+            path: "ConfigMap".into(),
+            message: e.to_string(),
+        })?;
+    cm["data"]["config.conf"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| ConfigError::Parse {
+            path: "ConfigMap".into(),
+            message: "no data.config.conf (kubeadm's kube-proxy ConfigMap has it)".into(),
+        })
+}

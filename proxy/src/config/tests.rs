@@ -14,11 +14,7 @@ const KUBEADM_CONFIGMAP: &str = include_str!("testdata/kubeadm-kube-proxy-config
 
 /// `config.conf` of kubeadm's ConfigMap, as the DaemonSet mounts it.
 fn kubeadm_config_conf() -> String {
-    let cm: serde_yaml::Value = serde_yaml::from_str(KUBEADM_CONFIGMAP).expect("the fixture");
-    cm["data"]["config.conf"]
-        .as_str()
-        .expect("config.conf")
-        .to_string()
+    super::settings::config_conf_of_configmap(KUBEADM_CONFIGMAP).expect("the fixture")
 }
 
 #[derive(Debug, Parser)]
