@@ -51,13 +51,13 @@ fn client_config(settings: &Settings, args: &Args) -> anyhow::Result<ClientConfi
     kpx_control::daemon::client_config(settings.kubeconfig.as_deref(), args.master.as_deref())
 }
 
-/// Whether flag `id` (its clap id, the field name) was given on the command line or by its
-/// environment variable, before or after the subcommand; a default does not count.
+/// Whether flag `id` (its clap id, the field name) was given on the command line, before or
+/// after the subcommand; a default or an environment variable does not count.
 fn given(matches: &ArgMatches, id: &str) -> bool {
     let explicit = |m: &ArgMatches| {
         matches!(
             m.try_get_raw(id).ok().and_then(|_| m.value_source(id)),
-            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+            Some(ValueSource::CommandLine)
         )
     };
     explicit(matches) || matches.subcommand().is_some_and(|(_, sub)| explicit(sub))

@@ -36,7 +36,8 @@ fn metrics_address(text: &str) -> Result<SocketAddr, String> {
 }
 
 /// kube-proxy's flags. A flag given on the command line overrides the `--config` file; one
-/// left at its default does not (see `Settings::resolve`).
+/// left at its default (or taken from its environment variable) does not (see
+/// `Settings::resolve`).
 #[derive(Debug, Clone, Args)]
 pub struct KubeProxyFlags {
     /// A KubeProxyConfiguration file (kubeproxy.config.k8s.io/v1alpha1, as kubeadm's
@@ -81,6 +82,14 @@ pub struct KubeProxyFlags {
     /// (file: clientConnection.kubeconfig).
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
+    /// Exit when the health or metrics server cannot bind its address (file:
+    /// bindAddressHardFail).
+    #[arg(long)]
+    pub bind_address_hard_fail: bool,
+    /// The proxy process's oom_score_adj, -1000 to 1000; unset: left as inherited (file:
+    /// oomScoreAdj).
+    #[arg(long, value_parser = clap::value_parser!(i32).range(-1000..=1000), allow_hyphen_values = true)]
+    pub oom_score_adj: Option<i32>,
     /// The node's addresses (one per family, comma-separated): its primary IPs for
     /// `--nodeport-addresses primary` and the masquerade source in ebpf mode; default: the
     /// Node object's, else the first address of each family on the node (file: bindAddress).

@@ -56,7 +56,7 @@ impl Settings {
     }
 
     /// The effective settings: defaults, then `flags.config`'s file if given, then each flag
-    /// `given` says was set on the command line (or by its environment variable). Returns
+    /// `given` says was set on the command line. Returns
     /// the file's fields kpx does not implement, for one warning each.
     ///
     /// kube-proxy documents most flags as "ignored if a config file is specified by
@@ -248,8 +248,16 @@ impl Settings {
         if given("hostname_override") {
             self.hostname_override = flags.hostname_override.clone();
         }
-        if given("kubeconfig") {
+        // $KUBECONFIG (the flag's env fallback) only fills in what the file left unset:
+        // kube-proxy does not read it at all, so it must not override a file.
+        if given("kubeconfig") || self.kubeconfig.is_none() {
             self.kubeconfig = flags.kubeconfig.clone();
+        }
+        if given("bind_address_hard_fail") {
+            self.bind_address_hard_fail = flags.bind_address_hard_fail;
+        }
+        if given("oom_score_adj") {
+            self.oom_score_adj = flags.oom_score_adj;
         }
         if given("node_ip") {
             self.node_ips = flags.node_ip.clone();

@@ -339,3 +339,40 @@ fn write_config_to_writes_the_effective_configuration_and_it_reads_back_the_same
     assert_eq!(from_disk.mode, ProxyMode::Ebpf);
     assert_eq!(from_disk.nodeport_addresses, s.nodeport_addresses);
 }
+
+#[test]
+fn kubeconfig_from_the_environment_fills_in_but_never_overrides_the_file() {
+    // $KUBECONFIG reaches clap as the flag's value with a non-command-line source: `given`
+    // says no. Simulated here so no test touches the process environment.
+    let cli = Cli::try_parse_from(["kpx-proxy", "--kubeconfig", "/from/env"]).expect("valid");
+    let not_given = |_: &str| false;
+    let mut from_file = Settings::defaults();
+    from_file
+        .apply_file(parse_file("test", &kubeadm_config_conf()).expect("valid"))
+        .expect("valid");
+    from_file.apply_flags(&cli.kube, not_given).expect("valid");
+    assert_eq!(
+        from_file.kubeconfig.as_deref(),
+        Some(std::path::Path::new("/var/lib/kube-proxy/kubeconfig.conf"))
+    );
+    let mut no_file = Settings::defaults();
+    no_file.apply_flags(&cli.kube, not_given).expect("valid");
+    assert_eq!(
+        no_file.kubeconfig.as_deref(),
+        Some(std::path::Path::new("/from/env"))
+    );
+}
+
+#[test]
+fn hard_fail_and_oom_score_adj_flags_override_the_file_and_are_range_checked() {
+    let file = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\noomScoreAdj: -999\n";
+    let (s, _) = resolve(
+        &["--oom-score-adj", "-500", "--bind-address-hard-fail"],
+        Some(file),
+    )
+    .expect("valid");
+    assert_eq!(s.oom_score_adj, Some(-500));
+    assert!(s.bind_address_hard_fail);
+    let err = Cli::try_parse_from(["kpx-proxy", "--oom-score-adj", "-1001"]).expect_err("range");
+    assert!(err.to_string().contains("--oom-score-adj"), "{err}");
+}
