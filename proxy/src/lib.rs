@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod cidr;
+pub mod config;
 #[cfg(test)]
 mod conformance;
 pub mod conntrack;
