@@ -12,6 +12,7 @@ pub mod ebpf;
 pub mod iptables;
 pub mod metrics;
 pub mod model;
+pub mod netfilter;
 pub mod runner;
 pub mod serve;
 pub mod watch;
