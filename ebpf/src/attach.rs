@@ -200,18 +200,38 @@ pub fn attach_cgroup(ebpf: &mut Ebpf, cgroup: &Path, links: &Path) -> Result<(),
     Ok(())
 }
 
-/// Detaches everything: removing a link's last pin detaches its program.
-pub fn detach_all(links: &Path) -> Result<usize, AttachError> {
-    let mut removed = 0;
+/// Whether `name` is a link pin this module creates (`tc-ingress-N`, `cgroup-kpx_*`): cleanup
+/// removes only those, whatever else someone put in the directory.
+pub fn is_link_pin(name: &str) -> bool {
+    name.strip_prefix("tc-ingress-")
+        .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
+        || name
+            .strip_prefix("cgroup-")
+            .is_some_and(|p| SOCKET_PROGRAMS.contains(&p))
+}
+
+/// Detaches everything kpx pinned under `links`: removing a link's last pin detaches its
+/// program (a link still held open by a running proxy stays until it exits). Returns the pins
+/// removed, by name; a missing directory is nothing to do.
+pub fn detach_all(links: &Path) -> Result<Vec<String>, AttachError> {
+    let mut removed = Vec::new();
     let entries = match std::fs::read_dir(links) {
         Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
         Err(e) => return Err(io(links)(e)),
     };
     for entry in entries.flatten() {
-        std::fs::remove_file(entry.path()).map_err(io(&entry.path()))?;
-        removed += 1;
+        let name = entry.file_name().to_string_lossy().to_string();
+        if !is_link_pin(&name) {
+            continue;
+        }
+        match std::fs::remove_file(entry.path()) {
+            Ok(()) => removed.push(name),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&entry.path())(e)),
+        }
     }
+    removed.sort();
     Ok(removed)
 }
 
@@ -226,4 +246,19 @@ pub fn pinned_links(links: &Path) -> Vec<String> {
         .unwrap_or_default();
     names.sort();
     names
+}
+
+#[cfg(test)]
+mod pin_tests {
+    use super::*;
+
+    #[test]
+    fn only_the_pins_kpx_creates_are_link_pins() {
+        assert!(is_link_pin("tc-ingress-7"));
+        assert!(is_link_pin("cgroup-kpx_connect4"));
+        assert!(!is_link_pin("tc-ingress-"));
+        assert!(!is_link_pin("tc-ingress-7x"));
+        assert!(!is_link_pin("cgroup-other_prog"));
+        assert!(!is_link_pin("cilium_link"));
+    }
 }
