@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod cidr;
+pub mod cleanup;
 pub mod conntrack;
 pub mod dual_stack;
 pub mod ebpf;

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use kpx_control::client::{Client, ClientConfig};
 use kpx_ebpf::objects::Capacity;
 use kpx_proxy::backend::Backend;
+use kpx_proxy::cleanup::{CleanupTargets, Running};
 use kpx_proxy::dual_stack::DualStack;
 use kpx_proxy::ebpf::{EbpfBackend, EbpfConfig};
 use kpx_proxy::iptables::exec::{Flavour, Tool};
@@ -80,7 +81,8 @@ struct Args {
     /// Address of /metrics.
     #[arg(long, default_value = "127.0.0.1:10249")]
     metrics_bind_address: SocketAddr,
-    /// Remove every rule kpx-proxy programmed, then exit.
+    /// Remove what every proxy mode left (iptables and ip6tables of both flavours, the eBPF
+    /// pins under --bpf-pin-dir), then exit.
     #[arg(long)]
     cleanup: bool,
 }
@@ -254,15 +256,16 @@ async fn main() -> anyhow::Result<()> {
     kpx_control::daemon::raise_fd_limit();
     let args = Args::parse();
     limit_malloc_arenas();
-    if args.proxy_mode == "ebpf" && (args.cleanup || args.command.is_some()) {
+    if args.cleanup {
+        return cleanup(&args);
+    }
+    if args.proxy_mode == "ebpf" && args.command.is_some() {
         return ebpf_offline(&args);
     }
-    let mut backend = backend(&args)?;
-    if args.cleanup {
-        backend.cleanup()?;
-        tracing::info!(backend = backend.name(), "removed every kpx rule");
-        return Ok(());
+    if args.command.is_none() {
+        cleanup_other_modes(&args)?;
     }
+    let backend = backend(&args)?;
     if let Some(Command::Dump { json }) = &args.command {
         let dump = backend.dump()?;
         if *json {
@@ -317,15 +320,44 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `--cleanup` and `dump` in ebpf mode work on the pins alone: nothing is attached, and a node
-/// where nothing is pinned stays that way.
+/// `--cleanup`, as kube-proxy's: what every mode left (iptables of both flavours and families,
+/// the eBPF pins under `--bpf-pin-dir`), whatever `--proxy-mode` says; an error if any failed.
+fn cleanup(args: &Args) -> anyhow::Result<()> {
+    let targets = CleanupTargets::every_mode(args.bpf_pin_dir.clone());
+    let report = kpx_proxy::cleanup::cleanup_all(&targets).inspect_err(|e| e.report.log())?;
+    report.log();
+    tracing::info!(removed = %report, "cleanup done");
+    Ok(())
+}
+
+/// At start, what the other modes left (kube-proxy's `platformCleanup(mode, false)`), best
+/// effort: a failure is a warning and the mode starts anyway, as in kube-proxy's `Options.Run`.
+fn cleanup_other_modes(args: &Args) -> anyhow::Result<()> {
+    let running = match args.proxy_mode.as_str() {
+        "ebpf" => Running::Ebpf,
+        "iptables" => Running::Iptables(match Flavour::parse(&args.iptables_mode) {
+            Some(Some(flavour)) => flavour,
+            Some(None) => Tool::detect(false).flavour,
+            // backend() names the bad value.
+            None => return Ok(()),
+        }),
+        _ => return Ok(()),
+    };
+    let targets = CleanupTargets::left_by_others(running, args.bpf_pin_dir.clone());
+    match kpx_proxy::cleanup::cleanup_all(&targets) {
+        Ok(report) => report.log(),
+        Err(e) => {
+            e.report.log();
+            tracing::warn!(error = %e, "removing what other proxy modes left");
+        }
+    }
+    Ok(())
+}
+
+/// `dump` in ebpf mode works on the pins alone: nothing is attached, and a node where nothing
+/// is pinned stays that way.
 fn ebpf_offline(args: &Args) -> anyhow::Result<()> {
     let pin_dir = args.bpf_pin_dir.clone();
-    if args.cleanup {
-        let links = EbpfBackend::cleanup_dir(pin_dir.clone())?;
-        tracing::info!(pin_dir = %pin_dir.display(), links, "detached the programs and removed the pinned maps");
-        return Ok(());
-    }
     if !pin_dir.join("kpx_services").exists() {
         bail!(
             "nothing is programmed under {} (see --bpf-pin-dir)",
