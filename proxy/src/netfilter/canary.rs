@@ -1,7 +1,7 @@
 //! The canary: an empty chain of the mode's own, holding one `RETURN`, in each table it uses.
 //! Someone flushing the tables (a firewall reload) removes it; finding it gone means the rules
-//! are gone too, and the next sync must be full (kube-proxy's `KUBE-PROXY-CANARY`, checked in
-//! `pkg/proxy/iptables/proxier.go`'s monitor). Only the canary and the built-in chains the
+//! are gone too, and the next sync must be full (kube-proxy's `KUBE-PROXY-CANARY`, watched by
+//! `Monitor` in `pkg/util/iptables/iptables.go`). Only the canary and the built-in chains the
 //! jumps leave from are read (`-S CHAIN`), never whole tables: that costs as much as the
 //! tables are large.
 
