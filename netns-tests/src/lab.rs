@@ -882,9 +882,15 @@ impl Lab {
                 cmd.args(self.backend.args());
             }
         }
+        // Every mode gets the lab's own pin directory: starting in another mode (and
+        // `--cleanup`) removes the eBPF mode's pins there, never under the host's /sys/fs/bpf.
+        let pins = match self.pin_dir(i) {
+            Some(pins) => pins,
+            None if self.backend == ProxyBackend::Ebpf => bail!("the ebpf lab has no bpffs"),
+            None => self.dir.path().join("bpffs").join(&node.name),
+        };
+        cmd.arg("--bpf-pin-dir").arg(pins);
         if self.backend == ProxyBackend::Ebpf {
-            let pins = self.pin_dir(i).context("the ebpf lab has no bpffs")?;
-            cmd.arg("--bpf-pin-dir").arg(pins);
             match &node.cgroup {
                 Some(cg) => cmd.arg("--cgroup-root").arg(cg),
                 None => cmd.args(["--cgroup-root", "none"]),

@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod cidr;
+pub mod cleanup;
 pub mod config;
 #[cfg(test)]
 mod conformance;
@@ -16,6 +17,7 @@ pub mod healthcheck;
 pub mod iptables;
 pub mod metrics;
 pub mod model;
+pub mod netfilter;
 pub mod runner;
 pub mod serve;
 pub mod watch;

@@ -10,8 +10,9 @@ use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 use k8s_openapi::api::core::v1::Node;
 use kpx_control::client::{Api, Client, ClientConfig};
 use kpx_ebpf::objects::Capacity;
+use kpx_proxy::cleanup::{CleanupTargets, Running};
 use kpx_proxy::config::{start, KpxFlags, KubeProxyFlags, ProxyMode, Settings};
-use kpx_proxy::ebpf::EbpfBackend;
+use kpx_proxy::iptables::exec::{Flavour, Tool};
 use kpx_proxy::metrics::{Health, Metrics};
 use kpx_proxy::runner::{Runner, RunnerConfig};
 use kpx_proxy::{serve, watch};
@@ -32,7 +33,8 @@ struct Args {
     /// The API server's address (overrides the kubeconfig's server).
     #[arg(long)]
     master: Option<String>,
-    /// Remove every rule kpx-proxy programmed, then exit.
+    /// Remove what every proxy mode left (iptables and ip6tables of both flavours, the eBPF
+    /// pins under --bpf-pin-dir), then exit.
     #[arg(long)]
     cleanup: bool,
 }
@@ -124,26 +126,27 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!(path = %path.display(), "wrote the effective configuration");
         return Ok(());
     }
-    if settings.mode == ProxyMode::Ebpf && (args.cleanup || args.command.is_some()) {
+    if args.cleanup {
+        return cleanup(&args);
+    }
+    if settings.mode == ProxyMode::Ebpf && args.command.is_some() {
         return ebpf_offline(&args);
     }
     let node_name = settings
         .hostname_override
         .clone()
         .unwrap_or_else(kpx_control::daemon::hostname);
-    if args.cleanup || args.command.is_some() {
+    if args.command.is_some() {
         // Neither needs to know where NodePorts answer (and "primary" may need the API).
         settings.nodeport_addresses = Default::default();
     } else if settings.nodeport_addresses.is_primary() && settings.node_ips.is_empty() {
         let client = Client::new(&client_config(&settings, &args)?)?;
         settings.node_ips = node_primary_ips(&client, &node_name).await?;
     }
-    let mut backend = start::backend(&settings, &args.kpx)?;
-    if args.cleanup {
-        backend.cleanup()?;
-        tracing::info!(backend = backend.name(), "removed every kpx rule");
-        return Ok(());
+    if args.command.is_none() {
+        cleanup_other_modes(&settings, &args);
     }
+    let backend = start::backend(&settings, &args.kpx)?;
     if let Some(Command::Dump { json }) = &args.command {
         let dump = backend.dump()?;
         if *json {
@@ -212,15 +215,10 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `--cleanup` and `dump` in ebpf mode work on the pins alone: nothing is attached, and a node
-/// where nothing is pinned stays that way.
+/// `dump` in ebpf mode works on the pins alone: nothing is attached, and a node where nothing
+/// is pinned stays that way.
 fn ebpf_offline(args: &Args) -> anyhow::Result<()> {
     let pin_dir = args.kpx.bpf_pin_dir.clone();
-    if args.cleanup {
-        let links = EbpfBackend::cleanup_dir(pin_dir.clone())?;
-        tracing::info!(pin_dir = %pin_dir.display(), links, "detached the programs and removed the pinned maps");
-        return Ok(());
-    }
     if !pin_dir.join("kpx_services").exists() {
         bail!(
             "nothing is programmed under {} (see --bpf-pin-dir)",
@@ -284,6 +282,38 @@ fn print_dump(dump: &serde_json::Value) {
             node_port,
             endpoints
         );
+    }
+}
+
+/// `--cleanup`: what every mode left, whatever `--proxy-mode` says (kube-proxy's
+/// `platformCleanup`).
+fn cleanup(args: &Args) -> anyhow::Result<()> {
+    let targets = CleanupTargets::every_mode(args.kpx.bpf_pin_dir.clone());
+    let report = kpx_proxy::cleanup::cleanup_all(&targets).inspect_err(|e| e.report.log())?;
+    report.log();
+    tracing::info!(removed = %report, "cleanup done");
+    Ok(())
+}
+
+/// At start, what the other modes left (kube-proxy's `platformCleanup(mode, false)`), best
+/// effort: a failure is a warning and the mode starts anyway, as in kube-proxy's `Options.Run`.
+fn cleanup_other_modes(settings: &Settings, args: &Args) {
+    let running = match settings.mode {
+        ProxyMode::Ebpf => Running::Ebpf,
+        ProxyMode::Iptables => Running::Iptables(match Flavour::parse(&args.kpx.iptables_mode) {
+            Some(Some(flavour)) => flavour,
+            Some(None) => Tool::detect(false).flavour,
+            // Starting the backend names the bad value.
+            None => return,
+        }),
+    };
+    let targets = CleanupTargets::left_by_others(running, args.kpx.bpf_pin_dir.clone());
+    match kpx_proxy::cleanup::cleanup_all(&targets) {
+        Ok(report) => report.log(),
+        Err(e) => {
+            e.report.log();
+            tracing::warn!(error = %e, "removing what other proxy modes left");
+        }
     }
 }
 

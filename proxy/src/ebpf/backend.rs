@@ -5,7 +5,7 @@
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -166,20 +166,79 @@ impl EbpfBackend {
         })
     }
 
-    /// Only the pin directory: for `--cleanup` and `dump`, without attaching anything.
+    /// Only the pin directory: the links detached and the pins removed (see [`cleanup`]);
+    /// returns how many links were detached.
     pub fn cleanup_dir(pin_dir: PathBuf) -> Result<usize, BackendError> {
-        let removed = attach::detach_all(&pin_dir.join("links"))
-            .map_err(|e| error("detaching the BPF programs", e))?;
-        let _ = std::fs::remove_dir(pin_dir.join("links"));
-        for map in objects::MAPS {
-            match std::fs::remove_file(pin_dir.join(map)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(error("removing a pinned map", e)),
+        cleanup(&pin_dir).map(|r| r.links.len())
+    }
+}
+
+/// What [`cleanup`] removed of an eBPF mode's pins.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EbpfCleanup {
+    pub pin_dir: PathBuf,
+    /// Link pins removed (`tc-ingress-N`, `cgroup-kpx_*`): each detached its program.
+    pub links: Vec<String>,
+    /// Pinned maps removed.
+    pub maps: Vec<String>,
+    /// Whether the pin directory itself went (it stays when something not kpx's is in it).
+    pub dir_removed: bool,
+    /// Why nothing was looked at: no such directory (nothing pinned, or no bpffs).
+    pub skipped: Option<String>,
+}
+
+impl EbpfCleanup {
+    pub fn is_empty(&self) -> bool {
+        self.links.is_empty() && self.maps.is_empty() && !self.dir_removed
+    }
+}
+
+/// Removes what the eBPF mode left under `pin_dir`, with no backend running: the link pins
+/// (every tc/tcx and cgroup attachment kpx makes is a pinned link, so removing the pins
+/// detaches them; an unpinned link lives only as long as the process holding it), then the
+/// pinned maps, then the directory if it is empty. Only names kpx creates are removed, so
+/// another program's pins beside them stay. A missing directory (nothing pinned, no bpffs) is
+/// quiet: a debug line, no error.
+pub fn cleanup(pin_dir: &Path) -> Result<EbpfCleanup, BackendError> {
+    let mut report = EbpfCleanup {
+        pin_dir: pin_dir.to_path_buf(),
+        ..Default::default()
+    };
+    if !pin_dir.is_dir() {
+        report.skipped = Some(format!("{} does not exist", pin_dir.display()));
+        tracing::debug!(pin_dir = %pin_dir.display(), "nothing pinned: no eBPF leftovers");
+        return Ok(report);
+    }
+    let links = pin_dir.join("links");
+    report.links =
+        attach::detach_all(&links).map_err(|e| error("detaching the BPF programs", e))?;
+    remove_dir_if_empty(&links)?;
+    for map in objects::MAPS {
+        match std::fs::remove_file(pin_dir.join(map)) {
+            Ok(()) => report.maps.push(map.to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(error(
+                    &format!("removing the pinned map {}", pin_dir.join(map).display()),
+                    e,
+                ))
             }
         }
-        let _ = std::fs::remove_dir(&pin_dir);
-        Ok(removed)
+    }
+    report.dir_removed = remove_dir_if_empty(pin_dir)?;
+    Ok(report)
+}
+
+/// Removes `dir` if it exists and is empty; whether it did.
+fn remove_dir_if_empty(dir: &Path) -> Result<bool, BackendError> {
+    match std::fs::remove_dir(dir) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty => {
+            tracing::info!(dir = %dir.display(), "kept: it holds pins that are not kpx's");
+            Ok(false)
+        }
+        Err(e) => Err(error(&format!("removing {}", dir.display()), e)),
     }
 }
 
@@ -354,10 +413,52 @@ impl Backend for EbpfBackend {
 
     fn cleanup(&mut self) -> Result<(), BackendError> {
         self.stop.store(true, Ordering::Relaxed);
-        Self::cleanup_dir(self.config.pin_dir.clone()).map(|_| ())
+        cleanup(&self.config.pin_dir).map(|_| ())
     }
 
     fn dump(&self) -> Result<Value, BackendError> {
         dump::read(&self.tc).map_err(|e| error("reading the BPF maps", e))
+    }
+}
+
+#[cfg(test)]
+mod cleanup_tests {
+    use super::*;
+
+    #[test]
+    fn cleanup_removes_kpx_pins_only_and_keeps_a_directory_that_is_not_empty() {
+        // A plain directory stands in for the bpffs: cleanup only removes files.
+        let pins = std::env::temp_dir().join(format!("kpx-cleanup-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&pins);
+        std::fs::create_dir_all(pins.join("links")).expect("mkdir");
+        for file in [
+            "links/tc-ingress-3",
+            "links/cgroup-kpx_connect4",
+            "links/someone-elses-link",
+            "kpx_services",
+            "kpx_backends",
+            "someone-elses-map",
+        ] {
+            std::fs::write(pins.join(file), "").expect("write");
+        }
+        let report = cleanup(&pins).expect("cleanup");
+        assert_eq!(report.links, vec!["cgroup-kpx_connect4", "tc-ingress-3"]);
+        assert_eq!(report.maps.len(), 2, "{report:?}");
+        assert!(report
+            .maps
+            .iter()
+            .all(|m| objects::MAPS.contains(&m.as_str())));
+        assert!(!report.dir_removed);
+        assert!(pins.join("someone-elses-map").exists());
+        assert!(pins.join("links/someone-elses-link").exists());
+
+        // Once only kpx's pins were there, the directory goes too; again, nothing is left.
+        std::fs::remove_file(pins.join("someone-elses-map")).expect("rm");
+        std::fs::remove_file(pins.join("links/someone-elses-link")).expect("rm");
+        std::fs::write(pins.join("kpx_services"), "").expect("write");
+        let report = cleanup(&pins).expect("cleanup");
+        assert!(report.dir_removed && !pins.exists(), "{report:?}");
+        let again = cleanup(&pins).expect("cleanup of nothing");
+        assert!(again.is_empty() && again.skipped.is_some(), "{again:?}");
     }
 }
