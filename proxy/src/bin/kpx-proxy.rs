@@ -158,7 +158,7 @@ async fn main() -> anyhow::Result<()> {
     }
     apply_oom_score_adj(settings.oom_score_adj);
     let client = Client::new(&client_config(&settings, &args)?)?;
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::new(backend.name()));
     let health = Arc::new(Health::new(settings.sync_period));
     tokio::spawn({
         let (address, health) = (settings.healthz_bind_address, health.clone());
@@ -250,35 +250,21 @@ fn limit_malloc_arenas() {
     }
 }
 
-fn print_dump(dump: &serde_json::Value) {
+fn print_dump(dump: &kpx_proxy::backend::Dump) {
     println!(
         "{:<36} {:<24} {:<9} ENDPOINTS",
         "SERVICE", "ADDRESS", "NODEPORT"
     );
-    for svc in dump["services"].as_array().into_iter().flatten() {
-        let addresses: Vec<&str> = svc["addresses"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|a| a.as_str())
-            .collect();
-        let endpoints: Vec<&str> = svc["endpoints"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|a| a.as_str())
-            .collect();
-        let endpoints = match svc["noEndpoints"].as_str() {
+    for svc in &dump.services {
+        let endpoints = match &svc.no_endpoints {
             Some(verdict) => format!("<none: {verdict}>"),
-            None => endpoints.join(","),
+            None => svc.endpoints.join(","),
         };
-        let node_port = svc["nodePort"]
-            .as_u64()
-            .map_or("-".to_string(), |p| p.to_string());
+        let node_port = svc.node_port.map_or("-".to_string(), |p| p.to_string());
         println!(
             "{:<36} {:<24} {:<9} {}",
-            svc["service"].as_str().unwrap_or(""),
-            addresses.join(","),
+            svc.service,
+            svc.addresses.join(","),
             node_port,
             endpoints
         );

@@ -16,12 +16,10 @@ use kpx_ebpf::layout::{address, Clients, Config, NodeAddr};
 use kpx_ebpf::objects::{self, Capacity, LoadError};
 use kpx_ebpf::plan::{plan, plan_keys, Programmed};
 use kpx_ebpf::{adopt, attach, features};
-use serde_json::Value;
 
 use super::{dump, wanted};
-use crate::backend::{Backend, BackendError, SyncReport};
+use crate::backend::{Backend, BackendError, Count, Dump, NodeState, SyncInput, SyncReport, Unit};
 use crate::model::frontend::NodeConfig;
-use crate::model::{Changes, ProxyState};
 
 #[derive(Debug, Clone)]
 pub struct EbpfConfig {
@@ -100,12 +98,9 @@ fn netns_cookie() -> std::io::Result<u64> {
     Ok(cookie)
 }
 
+/// Every failure here is a kernel call's (bpf(), a file under /sys or /proc).
 fn error(what: &str, detail: impl std::fmt::Display) -> BackendError {
-    BackendError::Command {
-        command: what.to_string(),
-        status: "failed".into(),
-        stderr: detail.to_string(),
-    }
+    BackendError::kernel(what, detail)
 }
 
 pub struct EbpfBackend {
@@ -115,6 +110,8 @@ pub struct EbpfBackend {
     _sock: Option<Ebpf>,
     programmed: Programmed,
     table: wanted::WantedTable,
+    /// The node's addresses as last written to the maps.
+    node: Option<NodeState>,
     stop: Arc<AtomicBool>,
 }
 
@@ -149,7 +146,6 @@ impl EbpfBackend {
                 "adopted the pinned maps of a previous run"
             );
         }
-        refresh_node(&mut tc, &config).map_err(|e| error("writing the node's addresses", e))?;
         set_clients(&mut tc, &config.clients()?)
             .map_err(|e| error("writing how clients are told apart", e))?;
         attach::attach_tc(&mut tc, &config.links()).map_err(|e| error("attaching tc", e))?;
@@ -162,6 +158,7 @@ impl EbpfBackend {
             _sock: sock,
             programmed,
             table,
+            node: None,
             stop,
         })
     }
@@ -265,35 +262,14 @@ fn accept_local() -> Result<(), BackendError> {
     }
 }
 
-/// Every address of this namespace but loopback ones.
-fn local_addresses() -> Vec<(String, IpAddr)> {
-    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
-        return Vec::new();
-    };
-    addrs
-        .filter_map(|a| {
-            let storage = a.address?;
-            let ip = if let Some(v4) = storage.as_sockaddr_in() {
-                IpAddr::V4(v4.ip())
-            } else {
-                IpAddr::V6(storage.as_sockaddr_in6()?.ip())
-            };
-            Some((a.interface_name, ip))
-        })
-        .filter(|(_, ip)| !ip.is_loopback() && !is_link_local(ip))
-        .collect()
-}
-
-fn is_link_local(ip: &IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => v4.is_link_local(),
-        IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
-    }
-}
-
-/// Writes the masquerade addresses and the NodePort addresses from the interfaces as they are.
-fn refresh_node(ebpf: &mut Ebpf, config: &EbpfConfig) -> Result<(), ApplyError> {
-    let local = local_addresses();
+/// Writes the masquerade addresses and the NodePort addresses from the node's addresses (the
+/// sync input's).
+fn refresh_node(ebpf: &mut Ebpf, config: &EbpfConfig, node: &NodeState) -> Result<(), ApplyError> {
+    let local: Vec<(String, IpAddr)> = node
+        .addresses
+        .iter()
+        .map(|a| (a.interface.clone(), a.ip))
+        .collect();
     let attachable: BTreeSet<String> = attach::interfaces().into_iter().map(|(n, _)| n).collect();
     let bridges: BTreeSet<String> = local
         .iter()
@@ -331,8 +307,8 @@ fn refresh_node(ebpf: &mut Ebpf, config: &EbpfConfig) -> Result<(), ApplyError> 
     set_node_addrs(ebpf, &nodeport)
 }
 
-/// Every 200 ms: attach to new interfaces, forget gone ones, follow address changes. Its own
-/// copy of the tc object shares the pinned maps.
+/// Every 200 ms: attach to new interfaces (a new pod's) and forget gone ones. Its own copy of
+/// the tc object shares the pinned maps. (The node's addresses come with each sync.)
 fn spawn_watcher(config: EbpfConfig, stop: Arc<AtomicBool>) -> Result<(), BackendError> {
     let mut ebpf = load(&config, objects::TC_LB)?;
     attach::load_tc(&mut ebpf).map_err(|e| error("loading kpx_tc_lb", e))?;
@@ -344,9 +320,6 @@ fn spawn_watcher(config: EbpfConfig, stop: Arc<AtomicBool>) -> Result<(), Backen
                     Ok(new) if !new.is_empty() => tracing::info!(interfaces = ?new, "attached tc"),
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "attaching tc"),
-                }
-                if let Err(e) = refresh_node(&mut ebpf, &config) {
-                    tracing::warn!(error = %e, "writing the node's addresses");
                 }
                 std::thread::sleep(Duration::from_millis(200));
             }
@@ -360,12 +333,18 @@ impl Backend for EbpfBackend {
         "ebpf"
     }
 
-    fn sync(
-        &mut self,
-        state: &ProxyState,
-        changes: &Changes,
-        full: bool,
-    ) -> Result<SyncReport, BackendError> {
+    fn sync(&mut self, input: SyncInput<'_>) -> Result<SyncReport, BackendError> {
+        let SyncInput {
+            state,
+            changes,
+            full,
+            node,
+        } = input;
+        if full || self.node.as_ref() != Some(node) {
+            refresh_node(&mut self.tc, &self.config, node)
+                .map_err(|e| error("writing the node's addresses", e))?;
+            self.node = Some(node.clone());
+        }
         let ops = if full {
             // Trust the kernel, not memory: someone may have changed the maps.
             self.programmed =
@@ -382,17 +361,18 @@ impl Backend for EbpfBackend {
         if let Err(e) = apply(&mut self.tc, &ops) {
             // Part of the plan may be in: the next sync is full and reads the maps back.
             return Err(match e {
-                ApplyError::Full { map, capacity } => BackendError::MapFull {
-                    map: map.to_string(),
+                ApplyError::Full { map, capacity } => BackendError::Capacity {
+                    what: format!("BPF map {map}"),
                     capacity,
+                    hint: format!("raise it with --bpf-map-size {map}=ENTRIES"),
                 },
                 other => error("writing the BPF maps", other),
             });
         }
         Ok(SyncReport {
             full,
-            rules_written: written,
-            rules_total: self.programmed.services.len(),
+            written: Count::new(written, Unit::MapEntries),
+            total: Count::new(self.programmed.services.len(), Unit::MapEntries),
             chains_written: 0,
             chains_deleted: 0,
         })
@@ -416,7 +396,18 @@ impl Backend for EbpfBackend {
         cleanup(&self.config.pin_dir).map(|_| ())
     }
 
-    fn dump(&self) -> Result<Value, BackendError> {
+    /// The programs keep their own conntrack (`kpx_ct`): a flow whose backend id is gone is a
+    /// new flow at its next packet, so the kernel's conntrack has nothing to clear for them.
+    /// (A removed endpoint that still backs another Service keeps its id, and its UDP flows
+    /// of this Service stick to it until they idle out: left for the backend's own cleanup.)
+    fn clear_stale_flows(
+        &mut self,
+        _flows: &std::collections::BTreeSet<crate::model::ConntrackCleanup>,
+    ) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    fn dump(&self) -> Result<Dump, BackendError> {
         dump::read(&self.tc).map_err(|e| error("reading the BPF maps", e))
     }
 }

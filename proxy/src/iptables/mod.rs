@@ -12,10 +12,7 @@ pub mod trace;
 
 use std::collections::BTreeSet;
 
-use serde_json::Value;
-
-use crate::backend::{Backend, BackendError, SyncReport};
-use crate::model::{Changes, ProxyState};
+use crate::backend::{Backend, BackendError, Count, Dump, SyncInput, SyncReport, Unit};
 use crate::netfilter::{self, ToolCleanup};
 use exec::Tool;
 use render::{Fragments, RenderConfig};
@@ -65,12 +62,13 @@ impl Backend for IptablesBackend {
         "iptables"
     }
 
-    fn sync(
-        &mut self,
-        state: &ProxyState,
-        changes: &Changes,
-        full: bool,
-    ) -> Result<SyncReport, BackendError> {
+    fn sync(&mut self, input: SyncInput<'_>) -> Result<SyncReport, BackendError> {
+        let SyncInput {
+            state,
+            changes,
+            full,
+            ..
+        } = input;
         // A full sync reads both tables once: kpx chains to drop, jumps to restore.
         let (existing, missing) = if full {
             let nat = self.tool.save("nat")?;
@@ -100,8 +98,8 @@ impl Backend for IptablesBackend {
         }
         let report = SyncReport {
             full,
-            rules_written: plan.rules_written,
-            rules_total: plan.rules_total,
+            written: Count::new(plan.rules_written, Unit::Rules),
+            total: Count::new(plan.rules_total, Unit::Rules),
             chains_written: plan.chains_written,
             chains_deleted: plan.chains_deleted,
         };
@@ -124,7 +122,7 @@ impl Backend for IptablesBackend {
         Ok(())
     }
 
-    fn dump(&self) -> Result<Value, BackendError> {
+    fn dump(&self) -> Result<Dump, BackendError> {
         Ok(dump::read(
             &self.tool.save("nat")?,
             &self.tool.save("filter")?,
