@@ -27,30 +27,46 @@ pub async fn shutdown() {
     }
 }
 
-/// Go-style durations: `1s`, `500ms`, `2m`, `1h`, `0`.
+/// Go-style durations, as Go's `time.ParseDuration` reads them: `1s`, `500ms`, `2m`, `1h`, `0`,
+/// and the compound form Go's `Duration.String()` writes (`1m0s`, `24h0m0s`, `1h2m3.5s`), which
+/// is how a KubeProxyConfiguration holds every duration.
 pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     let text = text.trim();
     if text == "0" {
         return Ok(std::time::Duration::ZERO);
     }
-    let split = text
-        .find(|c: char| c.is_ascii_alphabetic())
-        .ok_or_else(|| format!("{text:?}: a duration needs a unit (ms, s, m or h)"))?;
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("{text:?}: {number:?} is not a number"))?;
-    let seconds = match unit {
-        "ms" => value / 1000.0,
-        "s" => value,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        other => {
-            return Err(format!(
-                "{text:?}: unknown unit {other:?} (allowed: ms, s, m, h)"
-            ))
-        }
-    };
+    if text.is_empty() {
+        return Err("an empty duration (want e.g. 30s, 1m0s, 500ms)".into());
+    }
+    let mut rest = text;
+    let mut seconds = 0.0;
+    while !rest.is_empty() {
+        let split = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(|| format!("{text:?}: a duration needs a unit (ms, s, m or h)"))?;
+        let (number, tail) = rest.split_at(split);
+        let unit_len = tail
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_len);
+        let value: f64 = number
+            .parse()
+            .map_err(|_| format!("{text:?}: {number:?} is not a number"))?;
+        seconds += match unit {
+            "ns" => value / 1e9,
+            "us" | "\u{b5}s" | "\u{3bc}s" => value / 1e6,
+            "ms" => value / 1000.0,
+            "s" => value,
+            "m" => value * 60.0,
+            "h" => value * 3600.0,
+            other => {
+                return Err(format!(
+                    "{text:?}: unknown unit {other:?} (allowed: ns, us, ms, s, m, h)"
+                ))
+            }
+        };
+        rest = tail;
+    }
     if !(0.0..=86400.0 * 365.0).contains(&seconds) {
         return Err(format!("{text:?}: out of range"));
     }
@@ -168,4 +184,29 @@ pub fn create_private_dir(dir: &std::path::Path, flag: &str) -> std::io::Result<
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn durations_as_go_writes_them() {
+        let ok = |t: &str| parse_duration(t).expect(t);
+        assert_eq!(ok("0"), Duration::ZERO);
+        assert_eq!(ok("0s"), Duration::ZERO);
+        assert_eq!(ok("500ms"), Duration::from_millis(500));
+        assert_eq!(ok("30s"), Duration::from_secs(30));
+        assert_eq!(ok("1m0s"), Duration::from_secs(60));
+        assert_eq!(ok("24h0m0s"), Duration::from_secs(86400));
+        assert_eq!(ok("1h2m3.5s"), Duration::from_millis(3_723_500));
+        assert_eq!(ok("1.5s"), Duration::from_millis(1500));
+        assert_eq!(ok("250us"), Duration::from_micros(250));
+        let err = |t: &str| parse_duration(t).expect_err(t);
+        assert!(err("30").contains("needs a unit"), "{}", err("30"));
+        assert!(err("1d").contains("unknown unit \"d\""), "{}", err("1d"));
+        assert!(err("-1s").contains("unknown unit \"-\"") || err("-1s").contains("not a number"));
+        assert!(err("").contains("empty"));
+    }
 }

@@ -21,6 +21,19 @@
 #define KPX_SVC_F_LOCAL_ONLY (1 << 2)  /* externalTrafficPolicy/internalTrafficPolicy: Local */
 #define KPX_SVC_F_MASQUERADE (1 << 3)  /* traffic from outside must be source-NATed */
 #define KPX_SVC_F_DROP (1 << 4)        /* endpoints exist, none for this traffic: drop, no reject */
+#define KPX_SVC_F_MASQ_PODS (1 << 5)   /* traffic from pods must be source-NATed too */
+#define KPX_SVC_F_INTERNAL (1 << 6)    /* the node and pods use this key's internal-scope entry */
+
+/*
+ * The frontend model gives each frontend a route per source of traffic (pods, the node,
+ * outside). Most frontends route every source alike and have one entry. One whose internal
+ * clients (the node, and pods when they can be told apart) go elsewhere than outside clients
+ * (externalTrafficPolicy: Local: outside clients reach this node's endpoints, internal ones
+ * all) has a second entry under the same key with KPX_SCOPE_INTERNAL or'ed into `family`,
+ * and KPX_SVC_F_INTERNAL on the first. (Cilium keeps a scope byte in its key; ours has no
+ * spare byte, and a changed key size would make pinned maps of an earlier version unusable.)
+ */
+#define KPX_SCOPE_INTERNAL 0x80
 
 /* kpx_ct value flags */
 #define KPX_CT_F_REPLY (1 << 0)        /* reply direction: rewrite the source back */
@@ -31,7 +44,7 @@ struct kpx_service_key {
 	__u8 addr[16];
 	__be16 port;
 	__u8 proto;   /* IPPROTO_TCP, IPPROTO_UDP */
-	__u8 family;  /* KPX_FAMILY_V4 or KPX_FAMILY_V6 */
+	__u8 family;  /* KPX_FAMILY_V4 or KPX_FAMILY_V6, | KPX_SCOPE_INTERNAL for the internal entry */
 };
 
 /*
@@ -109,6 +122,21 @@ struct kpx_ct_value {
 struct kpx_config {
 	__u8 node_ip4[16];
 	__u8 node_ip6[16];
+};
+
+/*
+ * How the programs tell the sources of traffic apart (kpx_clients, one entry): a socket in the
+ * node's own network namespace is the node; a packet from inside the pod network (kube-proxy's
+ * --cluster-cidr local-traffic detector) is a pod's; anything else is from outside. Without a
+ * pod network of a family, pods of that family count as outside clients, as in kube-proxy.
+ */
+struct kpx_clients {
+	__u64 node_netns;       /* bpf_get_netns_cookie() of the node's namespace */
+	__u8 pod_net4[16];
+	__u8 pod_net6[16];
+	__u8 pod_prefix4;       /* 0: no IPv4 pod network */
+	__u8 pod_prefix6;       /* 0: no IPv6 pod network */
+	__u8 pad[6];
 };
 
 /* A local address NodePorts answer on (kpx_node_addrs key; the value is unused). */

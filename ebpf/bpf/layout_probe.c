@@ -59,6 +59,12 @@ int main(void)
 	SIZE(kpx_config);
 	FIELD(kpx_config, node_ip4);
 	FIELD(kpx_config, node_ip6);
+	SIZE(kpx_clients);
+	FIELD(kpx_clients, node_netns);
+	FIELD(kpx_clients, pod_net4);
+	FIELD(kpx_clients, pod_net6);
+	FIELD(kpx_clients, pod_prefix4);
+	FIELD(kpx_clients, pod_prefix6);
 	SIZE(kpx_node_addr);
 	FIELD(kpx_node_addr, addr);
 	FIELD(kpx_node_addr, family);

@@ -64,6 +64,13 @@ struct {
 } kpx_config SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct kpx_clients);
+	__uint(max_entries, 1);
+} kpx_clients SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, struct kpx_node_addr);
 	__type(value, __u8);
@@ -78,30 +85,82 @@ struct {
 } kpx_sock_rev SEC(".maps");
 
 /* The frontend `addr:port/proto` belongs to: an exact VIP, else a NodePort when `addr` is one
- * of the node's addresses. */
+ * of the node's addresses; for an `internal` client, the frontend's internal-scope entry when
+ * it has one. */
 static __always_inline struct kpx_service_value *lookup_service(const __u8 *addr, __be16 port,
-								__u8 proto, __u8 family)
+								__u8 proto, __u8 family,
+								int internal)
 {
 	struct kpx_service_key key = {};
 	struct kpx_node_addr local = {};
-	struct kpx_service_value *svc;
+	struct kpx_service_value *svc, *inner;
 
 	__builtin_memcpy(key.addr, addr, 16);
 	key.port = port;
 	key.proto = proto;
 	key.family = family;
 	svc = bpf_map_lookup_elem(&kpx_services, &key);
-	if (svc)
+	if (!svc) {
+		__builtin_memcpy(local.addr, addr, 16);
+		local.family = family;
+		if (!bpf_map_lookup_elem(&kpx_node_addrs, &local))
+			return 0;
+		__builtin_memset(key.addr, 0, 16);
+		svc = bpf_map_lookup_elem(&kpx_services, &key);
+		if (!svc || !(svc->flags & KPX_SVC_F_NODEPORT))
+			return 0;
+	}
+	if (!internal || !(svc->flags & KPX_SVC_F_INTERNAL))
 		return svc;
-	__builtin_memcpy(local.addr, addr, 16);
-	local.family = family;
-	if (!bpf_map_lookup_elem(&kpx_node_addrs, &local))
+	key.family = family | KPX_SCOPE_INTERNAL;
+	inner = bpf_map_lookup_elem(&kpx_services, &key);
+	return inner ? inner : svc;
+}
+
+/* Whether `addr` is inside the pod network of its family (kpx_clients). */
+static __always_inline int from_pod_network(const __u8 *addr, __u8 family)
+{
+	__u32 zero = 0;
+	struct kpx_clients *clients = bpf_map_lookup_elem(&kpx_clients, &zero);
+	const __u8 *net;
+	__u8 prefix;
+	int i;
+
+	if (!clients)
 		return 0;
-	__builtin_memset(key.addr, 0, 16);
-	svc = bpf_map_lookup_elem(&kpx_services, &key);
-	if (svc && (svc->flags & KPX_SVC_F_NODEPORT))
-		return svc;
-	return 0;
+	prefix = family == KPX_FAMILY_V4 ? clients->pod_prefix4 : clients->pod_prefix6;
+	net = family == KPX_FAMILY_V4 ? clients->pod_net4 : clients->pod_net6;
+	if (!prefix)
+		return 0;
+#pragma unroll
+	for (i = 0; i < 16; i++) {
+		__u8 bits = prefix >= 8 * (i + 1) ? 8 : (prefix > 8 * i ? prefix - 8 * i : 0);
+		__u8 mask = bits ? (__u8)(0xff << (8 - bits)) : 0;
+
+		if ((addr[i] & mask) != (net[i] & mask))
+			return 0;
+	}
+	return 1;
+}
+
+/* Whether pods of `family` can be told apart (a pod network is configured). */
+static __always_inline int pods_known(__u8 family)
+{
+	__u32 zero = 0;
+	struct kpx_clients *clients = bpf_map_lookup_elem(&kpx_clients, &zero);
+
+	if (!clients)
+		return 0;
+	return family == KPX_FAMILY_V4 ? clients->pod_prefix4 != 0 : clients->pod_prefix6 != 0;
+}
+
+/* Whether the calling socket is in the node's own network namespace. */
+static __always_inline int node_socket(__u64 netns)
+{
+	__u32 zero = 0;
+	struct kpx_clients *clients = bpf_map_lookup_elem(&kpx_clients, &zero);
+
+	return clients && clients->node_netns == netns;
 }
 
 /*

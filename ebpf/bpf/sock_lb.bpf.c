@@ -16,6 +16,7 @@
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 #define ECONNREFUSED 111
+#define EPERM 1
 /* From <sys/socket.h>, which is not for the BPF target. */
 #define SOCK_STREAM 1
 #define SOCK_DGRAM 2
@@ -77,15 +78,30 @@ static __always_inline int translate(struct bpf_sock_addr *ctx, __u8 family, int
 	__u64 cookie = bpf_get_socket_cookie(ctx);
 	__u64 netns = bpf_get_netns_cookie(ctx);
 	__u8 proto = sock_proto(ctx);
+	int node = node_socket(netns);
 	__u32 hash;
 
 	if (!proto)
 		return 1;
 	user_addr(ctx, family, addr);
-	svc = lookup_service((__u8 *)addr, port, proto, family);
+	/* The node's own sockets, and pods' when pods can be told apart, are internal clients. */
+	svc = lookup_service((__u8 *)addr, port, proto, family, node || pods_known(family));
 	if (!svc)
 		return 1;
+	/* A pod whose traffic must be masqueraded is left to the tc program, which rewrites its
+	 * packets' source: a socket cannot be given another source address here. */
+	if (!node && (svc->flags & KPX_SVC_F_MASQ_PODS))
+		return 1;
 	if (svc->count == 0) {
+		if (svc->flags & KPX_SVC_F_DROP) {
+			/* Endpoints exist, none for this client: a pod's packets are dropped by the
+			 * tc program, as a forwarding node drops them; the node's own connect fails
+			 * with EPERM, as a packet dropped in netfilter's OUTPUT makes it fail. */
+			if (!node)
+				return 1;
+			bpf_set_retval(-EPERM);
+			return 0;
+		}
 		bpf_set_retval(-ECONNREFUSED);
 		return 0;
 	}

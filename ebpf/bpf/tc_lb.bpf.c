@@ -430,8 +430,9 @@ static __always_inline int load_balance(struct __sk_buff *skb, struct flow *f)
 	__u8 nat_addr[16] = {};
 	__be16 nat_port = 0;
 	int snat = 0;
+	int pod = from_pod_network(f->tuple.src, f->tuple.family);
 
-	svc = lookup_service(f->tuple.dst, f->tuple.dport, f->tuple.proto, f->tuple.family);
+	svc = lookup_service(f->tuple.dst, f->tuple.dport, f->tuple.proto, f->tuple.family, pod);
 	if (!svc) {
 		forget_old_flow(f);
 		return TC_ACT_OK;
@@ -467,9 +468,11 @@ static __always_inline int load_balance(struct __sk_buff *skb, struct flow *f)
 					  &backend);
 		if (!backend_id || !backend)
 			return TC_ACT_SHOT;
-		/* Masquerade traffic from outside (Kubernetes' externalTrafficPolicy: Cluster) and
-		 * a pod reaching itself, whose reply would otherwise never leave it. */
-		if ((svc->flags & KPX_SVC_F_MASQUERADE) ||
+		/* Masquerade what the frontend model says for this source (outside clients of an
+		 * externalTrafficPolicy: Cluster frontend, off-cluster clients of a cluster IP, pods
+		 * with --masquerade-all) and a pod reaching itself, whose reply would otherwise never
+		 * leave it. */
+		if ((svc->flags & (pod ? KPX_SVC_F_MASQ_PODS : KPX_SVC_F_MASQUERADE)) ||
 		    !__builtin_memcmp(backend->addr, f->tuple.src, 16)) {
 			snat = node_address(f->tuple.family, nat_addr);
 			if (snat) {

@@ -6,7 +6,9 @@ use std::collections::BTreeSet;
 use aya::maps::{Array, HashMap, MapData, MapError};
 use aya::Ebpf;
 
-use crate::layout::{Backend, Config, NodeAddr, RevNat, ServiceKey, ServiceValue, SlotKey};
+use crate::layout::{
+    Backend, Clients, Config, NodeAddr, RevNat, ServiceKey, ServiceValue, SlotKey,
+};
 use crate::plan::Op;
 
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +122,17 @@ pub fn set_config(ebpf: &mut Ebpf, config: &Config) -> Result<(), ApplyError> {
         Array::try_from(handle).map_err(|source| ApplyError::Map { map, source })?;
     array
         .set(0, config, 0)
+        .map_err(|source| ApplyError::Map { map, source })
+}
+
+/// Writes how the programs tell the node, pods and outside clients apart.
+pub fn set_clients(ebpf: &mut Ebpf, clients: &Clients) -> Result<(), ApplyError> {
+    let map = "kpx_clients";
+    let handle = ebpf.map_mut(map).ok_or(ApplyError::Missing(map))?;
+    let mut array: Array<&mut MapData, Clients> =
+        Array::try_from(handle).map_err(|source| ApplyError::Map { map, source })?;
+    array
+        .set(0, clients, 0)
         .map_err(|source| ApplyError::Map { map, source })
 }
 

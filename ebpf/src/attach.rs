@@ -200,18 +200,100 @@ pub fn attach_cgroup(ebpf: &mut Ebpf, cgroup: &Path, links: &Path) -> Result<(),
     Ok(())
 }
 
-/// Detaches everything: removing a link's last pin detaches its program.
-pub fn detach_all(links: &Path) -> Result<usize, AttachError> {
-    let mut removed = 0;
+/// Whether `name` is a link pin this module creates (`tc-ingress-N`, `cgroup-kpx_*`): cleanup
+/// removes only those, whatever else someone put in the directory.
+pub fn is_link_pin(name: &str) -> bool {
+    name.strip_prefix("tc-ingress-")
+        .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
+        || name
+            .strip_prefix("cgroup-")
+            .is_some_and(|p| SOCKET_PROGRAMS.contains(&p))
+}
+
+/// `BPF_OBJ_GET` and `BPF_LINK_DETACH` of `enum bpf_cmd` (include/uapi/linux/bpf.h).
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_DETACH: libc::c_long = 34;
+
+/// Detaches the link pinned at `pin` now, with `BPF_LINK_DETACH` (kernel 5.9+; tcx and cgroup
+/// links support it). Removing the last pin alone detaches too, but later: the kernel frees an
+/// unpinned link from a work queue after an RCU grace period, so a cleanup that returned would
+/// still see the program attached for a moment, and a link some process still holds open would
+/// stay attached until it exits. Best effort: when the kernel cannot (an older kernel, not a
+/// link), removing the pin remains the way, as before.
+fn detach_pinned(pin: &Path) {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(path) = std::ffi::CString::new(pin.as_os_str().as_bytes()) else {
+        return;
+    };
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let get = ObjGet {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: BPF_OBJ_GET reads `get` (its size is passed) and the NUL-terminated path it
+    // points to; both outlive the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &get as *const ObjGet,
+            std::mem::size_of::<ObjGet>(),
+        )
+    };
+    if fd < 0 {
+        return;
+    }
+    let Ok(fd) = i32::try_from(fd) else { return };
+    // SAFETY: the kernel just returned this descriptor; nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    #[repr(C)]
+    struct LinkDetach {
+        link_fd: u32,
+    }
+    let detach = LinkDetach {
+        link_fd: fd.as_raw_fd() as u32,
+    };
+    // On failure (EOPNOTSUPP, EINVAL) removing the pin is left to detach the link.
+    // SAFETY: BPF_LINK_DETACH only reads `detach`, alive for the call.
+    let _ = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            &detach as *const LinkDetach,
+            std::mem::size_of::<LinkDetach>(),
+        )
+    };
+}
+
+/// Detaches everything kpx pinned under `links` (see [`detach_pinned`]) and removes the pins.
+/// Returns the pins removed, by name; a missing directory is nothing to do.
+pub fn detach_all(links: &Path) -> Result<Vec<String>, AttachError> {
+    let mut removed = Vec::new();
     let entries = match std::fs::read_dir(links) {
         Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
         Err(e) => return Err(io(links)(e)),
     };
     for entry in entries.flatten() {
-        std::fs::remove_file(entry.path()).map_err(io(&entry.path()))?;
-        removed += 1;
+        let name = entry.file_name().to_string_lossy().to_string();
+        if !is_link_pin(&name) {
+            continue;
+        }
+        detach_pinned(&entry.path());
+        match std::fs::remove_file(entry.path()) {
+            Ok(()) => removed.push(name),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&entry.path())(e)),
+        }
     }
+    removed.sort();
     Ok(removed)
 }
 
@@ -226,4 +308,19 @@ pub fn pinned_links(links: &Path) -> Vec<String> {
         .unwrap_or_default();
     names.sort();
     names
+}
+
+#[cfg(test)]
+mod pin_tests {
+    use super::*;
+
+    #[test]
+    fn only_the_pins_kpx_creates_are_link_pins() {
+        assert!(is_link_pin("tc-ingress-7"));
+        assert!(is_link_pin("cgroup-kpx_connect4"));
+        assert!(!is_link_pin("tc-ingress-"));
+        assert!(!is_link_pin("tc-ingress-7x"));
+        assert!(!is_link_pin("cgroup-other_prog"));
+        assert!(!is_link_pin("cilium_link"));
+    }
 }

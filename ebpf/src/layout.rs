@@ -15,6 +15,12 @@ pub const SVC_F_EXTERNAL: u16 = 1 << 1;
 pub const SVC_F_LOCAL_ONLY: u16 = 1 << 2;
 pub const SVC_F_MASQUERADE: u16 = 1 << 3;
 pub const SVC_F_DROP: u16 = 1 << 4;
+pub const SVC_F_MASQ_PODS: u16 = 1 << 5;
+pub const SVC_F_INTERNAL: u16 = 1 << 6;
+
+/// Or'ed into a `ServiceKey`'s family: the entry internal clients (the node, pods when told
+/// apart) use for a frontend flagged `SVC_F_INTERNAL` (`kpx_maps.h`).
+pub const SCOPE_INTERNAL: u8 = 0x80;
 
 pub const CT_F_REPLY: u32 = 1 << 0;
 pub const CT_F_SNAT: u32 = 1 << 1;
@@ -33,7 +39,7 @@ pub fn address(ip: IpAddr) -> ([u8; 16], u8) {
 
 /// The address a map entry holds.
 pub fn ip(addr: &[u8; 16], family: u8) -> IpAddr {
-    if family == FAMILY_V4 {
+    if family & !SCOPE_INTERNAL == FAMILY_V4 {
         IpAddr::from([addr[0], addr[1], addr[2], addr[3]])
     } else {
         IpAddr::from(*addr)
@@ -59,6 +65,19 @@ impl ServiceKey {
             proto,
             family,
         }
+    }
+
+    /// The key of this frontend's internal-scope entry.
+    pub fn internal(self) -> Self {
+        Self {
+            family: self.family | SCOPE_INTERNAL,
+            ..self
+        }
+    }
+
+    /// Whether this is an internal-scope entry's key.
+    pub fn is_internal(&self) -> bool {
+        self.family & SCOPE_INTERNAL != 0
     }
 }
 
@@ -183,6 +202,19 @@ pub struct Config {
     pub node_ip6: [u8; 16],
 }
 
+/// How the programs tell sources apart (`kpx_clients`, one entry).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Clients {
+    pub node_netns: u64,
+    pub pod_net4: [u8; 16],
+    pub pod_net6: [u8; 16],
+    /// 0: no IPv4 pod network.
+    pub pod_prefix4: u8,
+    pub pod_prefix6: u8,
+    pub pad: [u8; 6],
+}
+
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct NodeAddr {
@@ -243,6 +275,8 @@ unsafe impl aya::Pod for CtValue {}
 // SAFETY: as above.
 unsafe impl aya::Pod for Config {}
 // SAFETY: as above.
+unsafe impl aya::Pod for Clients {}
+// SAFETY: as above.
 unsafe impl aya::Pod for NodeAddr {}
 // SAFETY: as above.
 unsafe impl aya::Pod for SockRevKey {}
@@ -293,6 +327,7 @@ mod tests {
             "kpx_ct_key" => CtKey { src, dst, sport, dport, proto, family }
             "kpx_ct_value" => CtValue { last_seen_ns, backend_id, service_id, flags, front_port, nat_port, front_addr, nat_addr }
             "kpx_config" => Config { node_ip4, node_ip6 }
+            "kpx_clients" => Clients { node_netns, pod_net4, pod_net6, pod_prefix4, pod_prefix6 }
             "kpx_node_addr" => NodeAddr { addr, family }
             "kpx_sock_rev_key" => SockRevKey { cookie, addr, port, family }
             "kpx_sock_rev_value" => SockRevValue { addr, port, family }

@@ -25,6 +25,7 @@ pub const MAPS: &[&str] = &[
     "kpx_ct",
     "kpx_config",
     "kpx_node_addrs",
+    "kpx_clients",
     "kpx_sock_rev",
 ];
 

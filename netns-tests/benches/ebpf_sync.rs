@@ -18,7 +18,7 @@ use fixtures::{median, service, slice, ENDPOINTS};
 use kpx_ebpf::apply::apply;
 use kpx_ebpf::objects::{self, Capacity};
 use kpx_ebpf::plan::{plan, plan_keys, Programmed};
-use kpx_proxy::ebpf::wanted::WantedTable;
+use kpx_proxy::ebpf::wanted::{NodeConfigs, WantedTable};
 use kpx_proxy::model::{ChangeTracker, ProxyState};
 
 const ROUNDS: usize = 3;
@@ -56,7 +56,10 @@ fn scale(services: usize) {
         // kpx: wanted → plan → apply, as a first sync does.
         let mut ebpf = load(services);
         let start = Instant::now();
-        let (ops, _) = plan(&WantedTable::full(&state).wanted, &Programmed::default());
+        let (ops, _) = plan(
+            &WantedTable::full(&state, NodeConfigs::default()).wanted,
+            &Programmed::default(),
+        );
         apply(&mut ebpf, &ops).expect("apply");
         full.push(ms(start));
         writes = ops.len();
@@ -71,7 +74,7 @@ fn scale(services: usize) {
     // One endpoint of one Service changes, again and again: a partial sync each time, as
     // the backend makes it (the frontends of the changed Service port, their plan, writes).
     let mut ebpf = load(services);
-    let mut table = WantedTable::full(&state);
+    let mut table = WantedTable::full(&state, NodeConfigs::default());
     let (ops, mut programmed) = plan(&table.wanted, &Programmed::default());
     apply(&mut ebpf, &ops).expect("apply");
     let mut previous = state;

@@ -13,7 +13,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kpx_proxy::backend::Backend;
+use kpx_proxy::backend::{Backend, NodeState, SyncInput};
 use kpx_proxy::iptables::exec::{Flavour, Tool};
 use kpx_proxy::iptables::render::{self, Fragments, RenderConfig};
 use kpx_proxy::iptables::IptablesBackend;
@@ -114,7 +114,16 @@ fn inside(flavour: Flavour, services: usize) {
         alone.push(restore_s);
         flush(&tool);
         let mut backend = IptablesBackend::new(tool, config.clone());
-        let (report, full_s) = timed(|| backend.sync(&state, &changes, true).expect("full sync"));
+        let (report, full_s) = timed(|| {
+            backend
+                .sync(SyncInput {
+                    state: &state,
+                    changes: &changes,
+                    full: true,
+                    node: &NodeState::default(),
+                })
+                .expect("full sync")
+        });
         kpx.push(full_s);
         last = Some((backend, report));
         if alone.len() < ROUNDS {
@@ -126,8 +135,16 @@ fn inside(flavour: Flavour, services: usize) {
     // One endpoint of one Service changes.
     tracker.apply_slice(slice(services / 2, 1));
     let (next, changes) = tracker.snapshot(&state);
-    let (partial, partial_s) =
-        timed(|| backend.sync(&next, &changes, false).expect("partial sync"));
+    let (partial, partial_s) = timed(|| {
+        backend
+            .sync(SyncInput {
+                state: &next,
+                changes: &changes,
+                full: false,
+                node: &NodeState::default(),
+            })
+            .expect("partial sync")
+    });
     // The loader's floor for any change: one DNAT rule into a new, unreferenced chain. With
     // iptables-nft the kernel validates every chain reachable from a base chain on each commit
     // that adds such a rule, so this grows with the table whatever the change.
@@ -150,11 +167,11 @@ fn inside(flavour: Flavour, services: usize) {
         alone[0],
         alone[ROUNDS - 1],
         full_s / restore_s,
-        report.rules_total,
+        report.total.n,
         partial_s * 1000.0,
-        partial.rules_written,
-        partial.rules_total,
-        100.0 * partial.rules_written as f64 / partial.rules_total as f64,
+        partial.written.n,
+        partial.total.n,
+        100.0 * partial.written.n as f64 / partial.total.n as f64,
         floor_s * 1000.0
     );
     flush(&tool);

@@ -238,6 +238,9 @@ pub struct Lab {
     /// The proxies' `--sync-period` from their next (re)start: short in tests, so lost rules
     /// come back quickly; kube-proxy's 30 s in benchmarks.
     pub proxy_sync_period: String,
+    /// Per node: a KubeProxyConfiguration its proxy reads with `--config` instead of taking
+    /// the mode, kubeconfig, cluster CIDR and periods as flags (`use_proxy_config`).
+    proxy_configs: Vec<Option<PathBuf>>,
     /// Restarts of crashed components (`supervise.rs`), while the lab is supervised.
     pub(crate) supervisor: crate::supervise::Supervisor,
     /// Every component's identity (written into the lab's directory by `write_credentials`).
@@ -382,6 +385,7 @@ impl Lab {
             .collect(),
             cluster,
             proxy_sync_period: "2s".into(),
+            proxy_configs: Vec::new(),
             supervisor: crate::supervise::Supervisor::default(),
             credentials: Credentials::generate(nodes)?,
         };
@@ -798,23 +802,25 @@ impl Lab {
             .append(true)
             .open(self.log_path(&format!("proxy-{}", node.name)))?;
         let err = log.try_clone()?;
-        let child = self
-            .proxy_command(i)?
-            .arg("--kubeconfig")
-            .arg(self.secret_path("proxy.kubeconfig"))
-            .args(["--master", &format!("https://{API_ADDRESS}:{API_PORT}")])
-            .args([
-                "--hostname-override",
-                &node.name,
-                "--cluster-cidr",
-                &format!("{CLUSTER_CIDR},{CLUSTER_CIDR_V6}"),
-            ])
-            .args([
-                "--min-sync-period",
-                "0s",
-                "--sync-period",
-                &self.proxy_sync_period,
-            ])
+        let mut cmd = self.proxy_command(i)?;
+        // As kubeadm's DaemonSet: --hostname-override stays a flag (one file serves every node).
+        cmd.args(["--master", &format!("https://{API_ADDRESS}:{API_PORT}")])
+            .args(["--hostname-override", &node.name]);
+        if self.proxy_config(i).is_none() {
+            cmd.arg("--kubeconfig")
+                .arg(self.secret_path("proxy.kubeconfig"))
+                .args([
+                    "--cluster-cidr",
+                    &format!("{CLUSTER_CIDR},{CLUSTER_CIDR_V6}"),
+                ])
+                .args([
+                    "--min-sync-period",
+                    "0s",
+                    "--sync-period",
+                    &self.proxy_sync_period,
+                ]);
+        }
+        let child = cmd
             .env("RUST_LOG", "info")
             .env(
                 "PATH",
@@ -847,15 +853,44 @@ impl Lab {
         self.bpffs.as_ref().map(|d| d.join(&self.nodes[i].name))
     }
 
+    /// Makes node `i`'s proxy read `file` (a KubeProxyConfiguration) with `--config` from its
+    /// next (re)start, and `dump` / `--cleanup` runs too; `None` goes back to flags.
+    pub fn use_proxy_config(&mut self, i: usize, file: Option<PathBuf>) {
+        if self.proxy_configs.len() <= i {
+            self.proxy_configs.resize(i + 1, None);
+        }
+        self.proxy_configs[i] = file;
+    }
+
+    fn proxy_config(&self, i: usize) -> Option<&PathBuf> {
+        self.proxy_configs.get(i).and_then(Option::as_ref)
+    }
+
     /// `kpx-proxy` in node `i` with the lab's backend flags (for `dump`, `--cleanup`, runs).
     pub fn proxy_command(&self, i: usize) -> anyhow::Result<std::process::Command> {
         let node = &self.nodes[i];
         // setns rather than `ip netns exec`, whose fresh /sys hides the cgroup v2 mount.
         let mut cmd = node.ns.entry()?.command(binary("kpx-proxy")?)?;
-        cmd.args(self.backend.args());
+        match self.proxy_config(i) {
+            // The file names the mode; the other backend flags are kpx's own.
+            Some(file) => {
+                let args = self.backend.args();
+                let flags = args.chunks(2).filter(|pair| pair[0] != "--proxy-mode");
+                cmd.arg("--config").arg(file).args(flags.flatten());
+            }
+            None => {
+                cmd.args(self.backend.args());
+            }
+        }
+        // Every mode gets the lab's own pin directory: starting in another mode (and
+        // `--cleanup`) removes the eBPF mode's pins there, never under the host's /sys/fs/bpf.
+        let pins = match self.pin_dir(i) {
+            Some(pins) => pins,
+            None if self.backend == ProxyBackend::Ebpf => bail!("the ebpf lab has no bpffs"),
+            None => self.dir.path().join("bpffs").join(&node.name),
+        };
+        cmd.arg("--bpf-pin-dir").arg(pins);
         if self.backend == ProxyBackend::Ebpf {
-            let pins = self.pin_dir(i).context("the ebpf lab has no bpffs")?;
-            cmd.arg("--bpf-pin-dir").arg(pins);
             match &node.cgroup {
                 Some(cg) => cmd.arg("--cgroup-root").arg(cg),
                 None => cmd.args(["--cgroup-root", "none"]),

@@ -2,10 +2,10 @@
 //! meta-proxier does. Each family's backend renders only its own addresses, keeps its own
 //! record of what it applied and fails on its own: an IPv6 failure never holds back IPv4.
 
-use serde_json::{json, Value};
+use std::collections::BTreeSet;
 
-use crate::backend::{Backend, BackendError, SyncReport};
-use crate::model::{Changes, ProxyState};
+use crate::backend::{Backend, BackendError, Dump, DumpedService, SyncInput, SyncReport};
+use crate::model::ConntrackCleanup;
 
 pub struct DualStack<B: Backend> {
     /// The primary family first (IPv4), then the secondary.
@@ -22,6 +22,20 @@ impl<B: Backend> DualStack<B> {
     pub fn families(&self) -> usize {
         self.families.len()
     }
+
+    /// Runs `f` on every family, even after one fails; the first error is returned.
+    fn each(
+        &mut self,
+        mut f: impl FnMut(&mut B) -> Result<(), BackendError>,
+    ) -> Result<(), BackendError> {
+        let mut first_error = None;
+        for backend in &mut self.families {
+            if let Err(e) = f(backend) {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
 }
 
 impl<B: Backend> Backend for DualStack<B> {
@@ -31,93 +45,84 @@ impl<B: Backend> Backend for DualStack<B> {
 
     /// Syncs every family even when one fails; the first error is returned (the runner then
     /// makes the next sync full, for both, which is harmless for the one that worked).
-    fn sync(
-        &mut self,
-        state: &ProxyState,
-        changes: &Changes,
-        full: bool,
-    ) -> Result<SyncReport, BackendError> {
-        let mut total = SyncReport {
-            full,
+    fn sync(&mut self, input: SyncInput<'_>) -> Result<SyncReport, BackendError> {
+        let mut total: Option<SyncReport> = None;
+        self.each(|backend| {
+            let report = backend.sync(input)?;
+            total = Some(match total.take() {
+                None => report,
+                Some(t) => SyncReport {
+                    full: t.full,
+                    written: t.written + report.written,
+                    total: t.total + report.total,
+                    chains_written: t.chains_written + report.chains_written,
+                    chains_deleted: t.chains_deleted + report.chains_deleted,
+                },
+            });
+            Ok(())
+        })?;
+        Ok(total.unwrap_or(SyncReport {
+            full: input.full,
             ..SyncReport::default()
-        };
-        let mut first_error = None;
-        for backend in &mut self.families {
-            match backend.sync(state, changes, full) {
-                Ok(report) => {
-                    total.rules_written += report.rules_written;
-                    total.rules_total += report.rules_total;
-                    total.chains_written += report.chains_written;
-                    total.chains_deleted += report.chains_deleted;
-                }
-                Err(e) => {
-                    first_error.get_or_insert(e);
-                }
-            }
-        }
-        match first_error {
-            Some(e) => Err(e),
-            None => Ok(total),
-        }
+        }))
     }
 
     fn lost_state(&mut self) -> Option<String> {
         self.families.iter_mut().find_map(|b| b.lost_state())
     }
 
+    fn housekeeping(&mut self) -> Result<(), BackendError> {
+        self.each(|b| b.housekeeping())
+    }
+
+    /// Once: the families share the one conntrack table (its entries carry their family).
+    fn clear_stale_flows(
+        &mut self,
+        flows: &BTreeSet<ConntrackCleanup>,
+    ) -> Result<(), BackendError> {
+        self.families[0].clear_stale_flows(flows)
+    }
+
     fn cleanup(&mut self) -> Result<(), BackendError> {
-        let mut first_error = None;
-        for backend in &mut self.families {
-            if let Err(e) = backend.cleanup() {
-                first_error.get_or_insert(e);
-            }
-        }
-        first_error.map_or(Ok(()), Err)
+        self.each(|b| b.cleanup())
     }
 
     /// One entry per Service port, its addresses and endpoints from every family.
-    fn dump(&self) -> Result<Value, BackendError> {
-        let mut merged: Vec<Value> = Vec::new();
+    fn dump(&self) -> Result<Dump, BackendError> {
+        let mut merged: Vec<DumpedService> = Vec::new();
         for backend in &self.families {
-            let dump = backend.dump()?;
-            for service in dump["services"].as_array().into_iter().flatten() {
-                match merged
-                    .iter_mut()
-                    .find(|m| m["service"] == service["service"])
-                {
+            for service in backend.dump()?.services {
+                match merged.iter_mut().find(|m| m.service == service.service) {
                     Some(existing) => merge_service(existing, service),
-                    None => merged.push(service.clone()),
+                    None => merged.push(service),
                 }
             }
         }
-        Ok(json!({ "backend": self.name(), "services": merged }))
+        Ok(Dump {
+            backend: self.name().to_string(),
+            services: merged,
+            conntrack: Vec::new(),
+        }
+        .sorted())
     }
 }
 
-fn merge_service(into: &mut Value, other: &Value) {
-    for list in ["addresses", "endpoints"] {
-        let extra: Vec<Value> = other[list].as_array().cloned().unwrap_or_default();
-        if let Some(values) = into[list].as_array_mut() {
-            values.extend(extra);
-        }
-    }
-    if into["nodePort"].is_null() {
-        into["nodePort"] = other["nodePort"].clone();
-    }
+fn merge_service(into: &mut DumpedService, other: DumpedService) {
+    into.addresses.extend(other.addresses);
+    into.endpoints.extend(other.endpoints);
+    into.frontends.extend(other.frontends);
+    into.node_port = into.node_port.or(other.node_port);
     // A family without endpoints says so only when no family has any.
-    if into["noEndpoints"].is_null() {
-        return;
-    }
-    if other["noEndpoints"].is_null() {
-        if let Some(object) = into.as_object_mut() {
-            object.remove("noEndpoints");
-        }
+    if other.no_endpoints.is_none() || !into.endpoints.is_empty() {
+        into.no_endpoints = None;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::{Count, NodeState, Unit};
+    use crate::model::{Changes, ProxyState};
 
     /// A backend that records what it was asked and can be told to fail.
     struct Recording {
@@ -125,17 +130,21 @@ mod tests {
         fail: bool,
         synced: usize,
         cleaned: bool,
-        dump: Value,
+        dump: Dump,
     }
 
     impl Recording {
-        fn new(name: &'static str, dump: Value) -> Self {
+        fn new(name: &'static str, services: Vec<DumpedService>) -> Self {
             Self {
                 name,
                 fail: false,
                 synced: 0,
                 cleaned: false,
-                dump,
+                dump: Dump {
+                    backend: name.into(),
+                    services,
+                    conntrack: Vec::new(),
+                },
             }
         }
     }
@@ -144,12 +153,7 @@ mod tests {
         fn name(&self) -> &'static str {
             self.name
         }
-        fn sync(
-            &mut self,
-            _: &ProxyState,
-            _: &Changes,
-            full: bool,
-        ) -> Result<SyncReport, BackendError> {
+        fn sync(&mut self, input: SyncInput<'_>) -> Result<SyncReport, BackendError> {
             self.synced += 1;
             if self.fail {
                 return Err(BackendError::Command {
@@ -159,9 +163,9 @@ mod tests {
                 });
             }
             Ok(SyncReport {
-                full,
-                rules_written: 3,
-                rules_total: 10,
+                full: input.full,
+                written: Count::new(3, Unit::Rules),
+                total: Count::new(10, Unit::Rules),
                 chains_written: 1,
                 chains_deleted: 0,
             })
@@ -173,19 +177,38 @@ mod tests {
             self.cleaned = true;
             Ok(())
         }
-        fn dump(&self) -> Result<Value, BackendError> {
+        fn dump(&self) -> Result<Dump, BackendError> {
             Ok(self.dump.clone())
+        }
+    }
+
+    fn input<'a>(
+        state: &'a ProxyState,
+        changes: &'a Changes,
+        node: &'a NodeState,
+        full: bool,
+    ) -> SyncInput<'a> {
+        SyncInput {
+            state,
+            changes,
+            full,
+            node,
         }
     }
 
     #[test]
     fn a_failing_family_does_not_stop_the_other_and_reports_its_error() {
-        let mut v4 = Recording::new("v4", json!({"services": []}));
+        let mut v4 = Recording::new("v4", vec![]);
         v4.fail = true;
-        let v6 = Recording::new("v6", json!({"services": []}));
+        let v6 = Recording::new("v6", vec![]);
         let mut dual = DualStack::new(v4, Some(v6));
+        let (state, changes, node) = (
+            ProxyState::default(),
+            Changes::default(),
+            NodeState::default(),
+        );
         let err = dual
-            .sync(&ProxyState::default(), &Changes::default(), true)
+            .sync(input(&state, &changes, &node, true))
             .expect_err("the v4 family fails");
         assert!(err.to_string().contains("v4-restore"), "{err}");
         assert_eq!(dual.families[1].synced, 1);
@@ -198,41 +221,84 @@ mod tests {
     }
 
     #[test]
-    fn reports_add_up_over_families() {
+    fn reports_add_up_over_families_in_their_unit() {
         let dual = &mut DualStack::new(
-            Recording::new("v4", json!({})),
-            Some(Recording::new("v6", json!({}))),
+            Recording::new("v4", vec![]),
+            Some(Recording::new("v6", vec![])),
+        );
+        let (state, changes, node) = (
+            ProxyState::default(),
+            Changes::default(),
+            NodeState::default(),
         );
         let report = dual
-            .sync(&ProxyState::default(), &Changes::default(), false)
+            .sync(input(&state, &changes, &node, false))
             .expect("test data is valid");
-        assert_eq!((report.rules_written, report.rules_total), (6, 20));
+        assert_eq!(report.written, Count::new(6, Unit::Rules));
+        assert_eq!(report.total.to_string(), "20 rules");
         assert!(!report.full);
     }
 
     #[test]
     fn dump_merges_a_service_port_seen_by_both_families() {
+        let service =
+            |name: &str, addresses: &[&str], node_port, endpoints: &[&str], none: Option<&str>| {
+                DumpedService {
+                    service: name.into(),
+                    addresses: addresses.iter().map(|a| a.to_string()).collect(),
+                    node_port,
+                    endpoints: endpoints.iter().map(|a| a.to_string()).collect(),
+                    no_endpoints: none.map(String::from),
+                    frontends: vec![],
+                }
+            };
         let v4 = Recording::new(
             "v4",
-            json!({"services": [
-                {"service": "default/web:http/TCP", "addresses": ["198.18.128.9:80"], "nodePort": 30080, "endpoints": ["198.19.1.10:8080"]},
-                {"service": "default/v4only:http/TCP", "addresses": ["198.18.128.7:80"], "nodePort": null, "endpoints": []},
-            ]}),
+            vec![
+                service(
+                    "default/web:http/TCP",
+                    &["198.18.128.9:80"],
+                    Some(30080),
+                    &["198.19.1.10:8080"],
+                    None,
+                ),
+                service(
+                    "default/v4only:http/TCP",
+                    &["198.18.128.7:80"],
+                    None,
+                    &[],
+                    Some("reject"),
+                ),
+            ],
         );
         let v6 = Recording::new(
             "v6",
-            json!({"services": [
-                {"service": "default/web:http/TCP", "addresses": ["[2001:2:0:ff::9]:80"], "nodePort": 30080, "endpoints": [], "noEndpoints": "REJECT"},
-            ]}),
+            vec![service(
+                "default/web:http/TCP",
+                &["[2001:2:0:ff::9]:80"],
+                Some(30080),
+                &[],
+                Some("reject"),
+            )],
         );
         let dump = DualStack::new(v4, Some(v6))
             .dump()
             .expect("test data is valid");
-        let services = dump["services"].as_array().expect("test data is valid");
-        assert_eq!(services.len(), 2);
+        assert_eq!(dump.services.len(), 2);
         assert_eq!(
-            services[0],
-            json!({"service": "default/web:http/TCP", "addresses": ["198.18.128.9:80", "[2001:2:0:ff::9]:80"], "nodePort": 30080, "endpoints": ["198.19.1.10:8080"]})
+            dump.services[1],
+            service(
+                "default/web:http/TCP",
+                &["198.18.128.9:80", "[2001:2:0:ff::9]:80"],
+                Some(30080),
+                &["198.19.1.10:8080"],
+                None
+            )
         );
+        assert_eq!(dump.services[0].no_endpoints.as_deref(), Some("reject"));
+        // The JSON `kpx-proxy dump --json` prints keeps kube-proxy-like camelCase names.
+        let json = serde_json::to_value(&dump).expect("serialisable");
+        assert_eq!(json["services"][1]["nodePort"], 30080);
+        assert!(json["services"][1].get("noEndpoints").is_none());
     }
 }

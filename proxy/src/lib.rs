@@ -6,12 +6,18 @@
 
 pub mod backend;
 pub mod cidr;
+pub mod cleanup;
+pub mod config;
+#[cfg(test)]
+mod conformance;
 pub mod conntrack;
 pub mod dual_stack;
 pub mod ebpf;
+pub mod healthcheck;
 pub mod iptables;
 pub mod metrics;
 pub mod model;
+pub mod netfilter;
 pub mod runner;
 pub mod serve;
 pub mod watch;

@@ -28,26 +28,49 @@ pub struct MapLabel {
     pub map: String,
 }
 
+/// The metrics only one mode has, under kube-proxy's per-mode names.
+pub enum ModeMetrics {
+    Iptables {
+        /// `kubeproxy_sync_proxy_rules_iptables_restore_failures_total`.
+        restore_failures: Counter,
+        /// `kubeproxy_sync_proxy_rules_iptables_total`: rules programmed.
+        rules_total: Gauge,
+        /// `kubeproxy_sync_proxy_rules_iptables_last`: rules the last sync wrote.
+        rules_last: Gauge,
+    },
+    Ebpf {
+        /// `kpx_proxy_bpf_frontends`: map entries programmed.
+        frontends: Gauge,
+        /// `kpx_proxy_bpf_map_writes_last`: map writes of the last sync.
+        writes_last: Gauge,
+        /// `kpx_proxy_bpf_map_full_total{map}`.
+        map_full: Family<MapLabel, Counter>,
+    },
+    /// A mode without metrics of its own.
+    None,
+}
+
 pub struct Metrics {
     pub sync_duration: Histogram,
     pub full_sync_duration: Histogram,
     pub partial_sync_duration: Histogram,
     pub network_programming: Histogram,
     pub last_sync_timestamp: Gauge<f64, AtomicU64>,
+    /// Every mode's failed syncs (`kpx_proxy_sync_failures_total`).
     pub sync_failures: Counter,
-    pub rules_total: Gauge,
-    pub rules_written: Gauge,
+    pub mode: ModeMetrics,
     pub service_changes: Counter,
     pub services: Gauge,
     pub endpoints: Gauge,
     pub skipped: Family<KindLabel, Counter>,
     pub refused_addresses: Family<RefusedLabel, Counter>,
-    pub map_full: Family<MapLabel, Counter>,
     pub registry: Registry,
 }
 
 impl Metrics {
-    pub fn new() -> Self {
+    /// The metrics of a proxy running `mode` (a backend's `name()`): the common ones, and
+    /// that mode's own, registered only for it.
+    pub fn new(mode: &str) -> Self {
         let seconds = || Histogram::new(exponential_buckets(0.001, 2.0, 16));
         let m = Self {
             sync_duration: seconds(),
@@ -56,14 +79,24 @@ impl Metrics {
             network_programming: Histogram::new(exponential_buckets(0.001, 2.0, 20)),
             last_sync_timestamp: Gauge::default(),
             sync_failures: Counter::default(),
-            rules_total: Gauge::default(),
-            rules_written: Gauge::default(),
+            mode: match mode {
+                "iptables" => ModeMetrics::Iptables {
+                    restore_failures: Counter::default(),
+                    rules_total: Gauge::default(),
+                    rules_last: Gauge::default(),
+                },
+                "ebpf" => ModeMetrics::Ebpf {
+                    frontends: Gauge::default(),
+                    writes_last: Gauge::default(),
+                    map_full: Family::default(),
+                },
+                _ => ModeMetrics::None,
+            },
             service_changes: Counter::default(),
             services: Gauge::default(),
             endpoints: Gauge::default(),
             skipped: Family::default(),
             refused_addresses: Family::default(),
-            map_full: Family::default(),
             registry: Registry::default(),
         };
         let mut registry = Registry::default();
@@ -93,20 +126,55 @@ impl Metrics {
             m.last_sync_timestamp.clone(),
         );
         registry.register(
-            "kubeproxy_sync_proxy_rules_iptables_restore_failures",
-            "Cumulative proxy rules restore failures",
+            "kpx_proxy_sync_failures",
+            "Syncs that failed (and were retried with backoff), every mode",
             m.sync_failures.clone(),
         );
-        registry.register(
-            "kubeproxy_sync_proxy_rules_iptables",
-            "Number of proxy rules programmed",
-            m.rules_total.clone(),
-        );
-        registry.register(
-            "kubeproxy_sync_proxy_rules_iptables_last",
-            "Number of proxy rules written in the last sync",
-            m.rules_written.clone(),
-        );
+        match &m.mode {
+            ModeMetrics::Iptables {
+                restore_failures,
+                rules_total,
+                rules_last,
+            } => {
+                registry.register(
+                    "kubeproxy_sync_proxy_rules_iptables_restore_failures",
+                    "Cumulative proxy iptables restore failures",
+                    restore_failures.clone(),
+                );
+                registry.register(
+                    "kubeproxy_sync_proxy_rules_iptables_total",
+                    "Total number of iptables rules owned by kpx-proxy",
+                    rules_total.clone(),
+                );
+                registry.register(
+                    "kubeproxy_sync_proxy_rules_iptables_last",
+                    "Number of iptables rules written by the last sync",
+                    rules_last.clone(),
+                );
+            }
+            ModeMetrics::Ebpf {
+                frontends,
+                writes_last,
+                map_full,
+            } => {
+                registry.register(
+                    "kpx_proxy_bpf_frontends",
+                    "Service frontends (kpx_services entries) programmed",
+                    frontends.clone(),
+                );
+                registry.register(
+                    "kpx_proxy_bpf_map_writes_last",
+                    "BPF map writes of the last sync",
+                    writes_last.clone(),
+                );
+                registry.register(
+                    "kpx_proxy_bpf_map_full",
+                    "Syncs that stopped because a BPF map was full, per map",
+                    map_full.clone(),
+                );
+            }
+            ModeMetrics::None => {}
+        }
         registry.register(
             "kubeproxy_sync_proxy_rules_service_changes",
             "Cumulative proxy rules Service changes",
@@ -132,18 +200,51 @@ impl Metrics {
             "Endpoints, external and load-balancer IPs never programmed (loopback, link-local, unspecified, multicast, broadcast, the node's or the API server's address), per kind and reason",
             m.refused_addresses.clone(),
         );
-        registry.register(
-            "kpx_proxy_bpf_map_full",
-            "Syncs that stopped because a BPF map was full, per map (eBPF backend)",
-            m.map_full.clone(),
-        );
         Self { registry, ..m }
     }
-}
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
+    /// Records a successful sync's counts in the mode's own metrics.
+    pub fn synced(&self, report: &crate::backend::SyncReport) {
+        match &self.mode {
+            ModeMetrics::Iptables {
+                rules_total,
+                rules_last,
+                ..
+            } => {
+                rules_total.set(report.total.n as i64);
+                rules_last.set(report.written.n as i64);
+            }
+            ModeMetrics::Ebpf {
+                frontends,
+                writes_last,
+                ..
+            } => {
+                frontends.set(report.total.n as i64);
+                writes_last.set(report.written.n as i64);
+            }
+            ModeMetrics::None => {}
+        }
+    }
+
+    /// Counts a failed sync, in the mode's own metrics too.
+    pub fn failed(&self, error: &crate::backend::BackendError) {
+        use crate::backend::BackendError;
+        self.sync_failures.inc();
+        match (&self.mode, error) {
+            (
+                ModeMetrics::Iptables {
+                    restore_failures, ..
+                },
+                BackendError::Command { .. } | BackendError::Spawn { .. },
+            ) => {
+                restore_failures.inc();
+            }
+            (ModeMetrics::Ebpf { map_full, .. }, BackendError::Capacity { what, .. }) => {
+                let map = what.trim_start_matches("BPF map ").to_string();
+                map_full.get_or_create(&MapLabel { map }).inc();
+            }
+            _ => {}
+        }
     }
 }
 

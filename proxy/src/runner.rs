@@ -7,8 +7,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::mpsc;
 
-use crate::backend::Backend;
-use crate::conntrack;
+use crate::backend::{Backend, NodeState, SyncInput};
 use crate::metrics::{Health, KindLabel, Metrics, RefusedLabel};
 use crate::model::{ChangeTracker, Protected, ProxyState};
 use crate::watch::Update;
@@ -19,24 +18,9 @@ use crate::watch::Update;
 /// captured `kubectl logs` and every connection to the API server (issue 15, item 8).
 pub async fn protected_addresses(server: &str, extra: &[std::net::IpAddr]) -> Protected {
     let mut node: Vec<std::net::IpAddr> = extra.to_vec();
-    if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
-        for a in addrs {
-            // kube-proxy's IPVS mode binds every Service address to this dummy interface:
-            // those are Service addresses, not the node's.
-            if a.interface_name == "kube-ipvs0" {
-                continue;
-            }
-            let Some(storage) = a.address else { continue };
-            let ip = if let Some(v4) = storage.as_sockaddr_in() {
-                std::net::IpAddr::V4(v4.ip())
-            } else if let Some(v6) = storage.as_sockaddr_in6() {
-                std::net::IpAddr::V6(v6.ip())
-            } else {
-                continue;
-            };
-            if !node.contains(&ip) {
-                node.push(ip);
-            }
+    for ip in NodeState::read().ips() {
+        if !node.contains(&ip) {
+            node.push(ip);
         }
     }
     let mut api_server = Vec::new();
@@ -73,6 +57,9 @@ fn server_host(server: &str) -> Option<(String, u16)> {
     }
 }
 
+/// How often the node's addresses are read.
+const NODE_POLL: Duration = Duration::from_secs(1);
+
 /// The annotation an EndpointSlice controller sets to when the change behind it happened.
 pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
@@ -104,6 +91,11 @@ pub struct Runner<B: Backend> {
     /// When the changes waiting to be programmed happened (from EndpointSlice annotations).
     pending_triggers: Vec<SystemTime>,
     generation: u64,
+    /// The node's addresses, as last read; a change syncs (the backends get them with each sync).
+    node: NodeState,
+    node_changed: bool,
+    /// Health-check node ports, updated after each successful sync.
+    health_check: Option<crate::healthcheck::HealthCheckServer>,
 }
 
 impl<B: Backend> Runner<B> {
@@ -129,7 +121,16 @@ impl<B: Backend> Runner<B> {
             backoff: Duration::from_secs(1),
             pending_triggers: Vec::new(),
             generation: 0,
+            node: NodeState::read(),
+            node_changed: false,
+            health_check: None,
         }
+    }
+
+    /// Serves the health-check node ports of the Services this node programs.
+    pub fn with_health_check(mut self, server: crate::healthcheck::HealthCheckServer) -> Self {
+        self.health_check = Some(server);
+        self
     }
 
     fn note_trigger(&mut self, slice: &k8s_openapi::api::discovery::v1::EndpointSlice) {
@@ -185,7 +186,7 @@ impl<B: Backend> Runner<B> {
 
     /// When the next sync may run, if one is wanted.
     fn next_sync(&self) -> Option<Instant> {
-        if !self.ready() || !(self.tracker.has_changes() || self.need_full) {
+        if !self.ready() || !(self.tracker.has_changes() || self.need_full || self.node_changed) {
             return None;
         }
         let earliest = self
@@ -203,6 +204,9 @@ impl<B: Backend> Runner<B> {
         tokio::pin!(shutdown);
         let mut periodic = tokio::time::interval(self.config.sync_period);
         periodic.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // How soon an address added to (or removed from) the node reaches the backends.
+        let mut node_poll = tokio::time::interval(NODE_POLL);
+        node_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let deadline = self.next_sync();
             tokio::select! {
@@ -231,9 +235,16 @@ impl<B: Backend> Runner<B> {
                             self.need_full = true;
                         }
                     }
+                    if let Err(e) = tokio::task::block_in_place(|| self.backend.housekeeping()) {
+                        tracing::warn!(backend = self.backend.name(), error = %e, "housekeeping failed; retried on the next tick");
+                    }
                     if self.retry_at.is_some_and(|r| r > Instant::now()) {
                         continue;
                     }
+                }
+                _ = node_poll.tick() => {
+                    self.read_node();
+                    continue;
                 }
                 _ = sleep_until(deadline), if deadline.is_some() => {}
             }
@@ -241,10 +252,21 @@ impl<B: Backend> Runner<B> {
         }
     }
 
+    /// Reads the node's addresses; a change asks for a sync.
+    fn read_node(&mut self) {
+        let now = NodeState::read();
+        if now != self.node {
+            tracing::info!(addresses = ?now.ips().collect::<Vec<_>>(), "the node's addresses changed");
+            self.node = now;
+            self.node_changed = true;
+        }
+    }
+
     fn sync(&mut self) {
         if !self.ready() {
             return;
         }
+        self.read_node();
         self.generation += 1;
         let span = tracing::info_span!(
             "sync",
@@ -274,12 +296,19 @@ impl<B: Backend> Runner<B> {
             }
         }
         let full = self.need_full;
-        let result = tokio::task::block_in_place(|| self.backend.sync(&self.state, &changes, full));
+        let input = SyncInput {
+            state: &self.state,
+            changes: &changes,
+            full,
+            node: &self.node,
+        };
+        let result = tokio::task::block_in_place(|| self.backend.sync(input));
         let elapsed = started.elapsed();
         self.last_sync = Some(Instant::now());
         match result {
             Ok(report) => {
                 self.need_full = false;
+                self.node_changed = false;
                 self.retry_at = None;
                 self.backoff = Duration::from_secs(1);
                 if full {
@@ -294,8 +323,7 @@ impl<B: Backend> Runner<B> {
                         .observe(elapsed.as_secs_f64());
                 }
                 self.metrics.sync_duration.observe(elapsed.as_secs_f64());
-                self.metrics.rules_total.set(report.rules_total as i64);
-                self.metrics.rules_written.set(report.rules_written as i64);
+                self.metrics.synced(&report);
                 self.metrics
                     .service_changes
                     .inc_by((changes.changed.len() + changes.removed.len()) as u64);
@@ -317,28 +345,28 @@ impl<B: Backend> Runner<B> {
                     .as_secs_f64();
                 self.metrics.last_sync_timestamp.set(now_seconds);
                 self.health.synced();
+                if let Some(hc) = self.health_check.as_mut() {
+                    hc.sync(&self.state);
+                }
                 if !changes.conntrack.is_empty() {
                     let cleanups = changes.conntrack.clone();
-                    if let Err(e) = tokio::task::block_in_place(|| conntrack::clear(cleanups)) {
+                    if let Err(e) =
+                        tokio::task::block_in_place(|| self.backend.clear_stale_flows(&cleanups))
+                    {
                         tracing::warn!(error = %e, "clearing stale conntrack entries failed");
                     }
                 }
                 tracing::debug!(
                     full,
-                    rules_written = report.rules_written,
+                    written = %report.written,
+                    total = %report.total,
                     chains_written = report.chains_written,
                     elapsed_ms = elapsed.as_secs_f64() * 1000.0,
                     "synced"
                 );
             }
             Err(e) => {
-                self.metrics.sync_failures.inc();
-                if let crate::backend::BackendError::MapFull { map, .. } = &e {
-                    self.metrics
-                        .map_full
-                        .get_or_create(&crate::metrics::MapLabel { map: map.clone() })
-                        .inc();
-                }
+                self.metrics.failed(&e);
                 self.health.failed(e.to_string());
                 self.need_full = true;
                 self.retry_at = Some(Instant::now() + self.backoff);

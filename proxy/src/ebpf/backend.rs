@@ -5,22 +5,21 @@
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use aya::Ebpf;
-use kpx_ebpf::apply::{apply, set_config, set_node_addrs, ApplyError};
-use kpx_ebpf::layout::{address, Config, NodeAddr};
+use kpx_ebpf::apply::{apply, set_clients, set_config, set_node_addrs, ApplyError};
+use kpx_ebpf::layout::{address, Clients, Config, NodeAddr};
 use kpx_ebpf::objects::{self, Capacity, LoadError};
 use kpx_ebpf::plan::{plan, plan_keys, Programmed};
 use kpx_ebpf::{adopt, attach, features};
-use serde_json::Value;
 
 use super::{dump, wanted};
-use crate::backend::{Backend, BackendError, SyncReport};
-use crate::model::{Changes, ProxyState};
+use crate::backend::{Backend, BackendError, Count, Dump, NodeState, SyncInput, SyncReport, Unit};
+use crate::model::frontend::NodeConfig;
 
 #[derive(Debug, Clone)]
 pub struct EbpfConfig {
@@ -32,6 +31,10 @@ pub struct EbpfConfig {
     pub node_ips: Vec<IpAddr>,
     /// CIDRs NodePorts answer on; empty: every local address.
     pub nodeport_cidrs: Vec<(IpAddr, u8)>,
+    /// `--cluster-cidr`, at most one per family: how pods are told apart from outside clients.
+    pub cluster_cidrs: Vec<(IpAddr, u8)>,
+    /// `--masquerade-all`.
+    pub masquerade_all: bool,
     pub capacity: Capacity,
 }
 
@@ -39,14 +42,65 @@ impl EbpfConfig {
     fn links(&self) -> PathBuf {
         self.pin_dir.join("links")
     }
+
+    /// The frontend model's view of the node, per family.
+    pub fn node_configs(&self) -> wanted::NodeConfigs {
+        let of = |ipv6: bool| NodeConfig {
+            cluster_cidr: self
+                .cluster_cidrs
+                .iter()
+                .copied()
+                .find(|(ip, _)| ip.is_ipv6() == ipv6),
+            masquerade_all: self.masquerade_all,
+        };
+        [of(false), of(true)]
+    }
+
+    /// How the programs tell the node's sockets and pods' packets from outside clients.
+    fn clients(&self) -> Result<Clients, BackendError> {
+        let mut clients = Clients {
+            node_netns: netns_cookie().map_err(|e| error("reading this namespace's cookie", e))?,
+            ..Clients::default()
+        };
+        for (ip, len) in &self.cluster_cidrs {
+            let (addr, _) = address(*ip);
+            if ip.is_ipv6() {
+                (clients.pod_net6, clients.pod_prefix6) = (addr, (*len).min(128));
+            } else {
+                (clients.pod_net4, clients.pod_prefix4) = (addr, (*len).min(32));
+            }
+        }
+        Ok(clients)
+    }
 }
 
-fn error(what: &str, detail: impl std::fmt::Display) -> BackendError {
-    BackendError::Command {
-        command: what.to_string(),
-        status: "failed".into(),
-        stderr: detail.to_string(),
+/// The cookie the kernel gives this network namespace (what `bpf_get_netns_cookie` returns
+/// for the node's own sockets).
+fn netns_cookie() -> std::io::Result<u64> {
+    /// `SO_NETNS_COOKIE` (Linux 5.14), from `<asm-generic/socket.h>`.
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: a valid socket, and a buffer of the size given.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
     }
+    Ok(cookie)
+}
+
+/// Every failure here is a kernel call's (bpf(), a file under /sys or /proc).
+fn error(what: &str, detail: impl std::fmt::Display) -> BackendError {
+    BackendError::kernel(what, detail)
 }
 
 pub struct EbpfBackend {
@@ -56,6 +110,8 @@ pub struct EbpfBackend {
     _sock: Option<Ebpf>,
     programmed: Programmed,
     table: wanted::WantedTable,
+    /// The node's addresses as last written to the maps.
+    node: Option<NodeState>,
     stop: Arc<AtomicBool>,
 }
 
@@ -90,34 +146,96 @@ impl EbpfBackend {
                 "adopted the pinned maps of a previous run"
             );
         }
-        refresh_node(&mut tc, &config).map_err(|e| error("writing the node's addresses", e))?;
+        set_clients(&mut tc, &config.clients()?)
+            .map_err(|e| error("writing how clients are told apart", e))?;
         attach::attach_tc(&mut tc, &config.links()).map_err(|e| error("attaching tc", e))?;
         let stop = Arc::new(AtomicBool::new(false));
         spawn_watcher(config.clone(), stop.clone())?;
+        let table = wanted::WantedTable::new(config.node_configs());
         Ok(Self {
             config,
             tc,
             _sock: sock,
             programmed,
-            table: wanted::WantedTable::default(),
+            table,
+            node: None,
             stop,
         })
     }
 
-    /// Only the pin directory: for `--cleanup` and `dump`, without attaching anything.
+    /// Only the pin directory: the links detached and the pins removed (see [`cleanup`]);
+    /// returns how many links were detached.
     pub fn cleanup_dir(pin_dir: PathBuf) -> Result<usize, BackendError> {
-        let removed = attach::detach_all(&pin_dir.join("links"))
-            .map_err(|e| error("detaching the BPF programs", e))?;
-        let _ = std::fs::remove_dir(pin_dir.join("links"));
-        for map in objects::MAPS {
-            match std::fs::remove_file(pin_dir.join(map)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(error("removing a pinned map", e)),
+        cleanup(&pin_dir).map(|r| r.links.len())
+    }
+}
+
+/// What [`cleanup`] removed of an eBPF mode's pins.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EbpfCleanup {
+    pub pin_dir: PathBuf,
+    /// Link pins removed (`tc-ingress-N`, `cgroup-kpx_*`): each detached its program.
+    pub links: Vec<String>,
+    /// Pinned maps removed.
+    pub maps: Vec<String>,
+    /// Whether the pin directory itself went (it stays when something not kpx's is in it).
+    pub dir_removed: bool,
+    /// Why nothing was looked at: no such directory (nothing pinned, or no bpffs).
+    pub skipped: Option<String>,
+}
+
+impl EbpfCleanup {
+    pub fn is_empty(&self) -> bool {
+        self.links.is_empty() && self.maps.is_empty() && !self.dir_removed
+    }
+}
+
+/// Removes what the eBPF mode left under `pin_dir`, with no backend running: the link pins
+/// (every tc/tcx and cgroup attachment kpx makes is a pinned link, so removing the pins
+/// detaches them; an unpinned link lives only as long as the process holding it), then the
+/// pinned maps, then the directory if it is empty. Only names kpx creates are removed, so
+/// another program's pins beside them stay. A missing directory (nothing pinned, no bpffs) is
+/// quiet: a debug line, no error.
+pub fn cleanup(pin_dir: &Path) -> Result<EbpfCleanup, BackendError> {
+    let mut report = EbpfCleanup {
+        pin_dir: pin_dir.to_path_buf(),
+        ..Default::default()
+    };
+    if !pin_dir.is_dir() {
+        report.skipped = Some(format!("{} does not exist", pin_dir.display()));
+        tracing::debug!(pin_dir = %pin_dir.display(), "nothing pinned: no eBPF leftovers");
+        return Ok(report);
+    }
+    let links = pin_dir.join("links");
+    report.links =
+        attach::detach_all(&links).map_err(|e| error("detaching the BPF programs", e))?;
+    remove_dir_if_empty(&links)?;
+    for map in objects::MAPS {
+        match std::fs::remove_file(pin_dir.join(map)) {
+            Ok(()) => report.maps.push(map.to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(error(
+                    &format!("removing the pinned map {}", pin_dir.join(map).display()),
+                    e,
+                ))
             }
         }
-        let _ = std::fs::remove_dir(&pin_dir);
-        Ok(removed)
+    }
+    report.dir_removed = remove_dir_if_empty(pin_dir)?;
+    Ok(report)
+}
+
+/// Removes `dir` if it exists and is empty; whether it did.
+fn remove_dir_if_empty(dir: &Path) -> Result<bool, BackendError> {
+    match std::fs::remove_dir(dir) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty => {
+            tracing::info!(dir = %dir.display(), "kept: it holds pins that are not kpx's");
+            Ok(false)
+        }
+        Err(e) => Err(error(&format!("removing {}", dir.display()), e)),
     }
 }
 
@@ -144,35 +262,14 @@ fn accept_local() -> Result<(), BackendError> {
     }
 }
 
-/// Every address of this namespace but loopback ones.
-fn local_addresses() -> Vec<(String, IpAddr)> {
-    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
-        return Vec::new();
-    };
-    addrs
-        .filter_map(|a| {
-            let storage = a.address?;
-            let ip = if let Some(v4) = storage.as_sockaddr_in() {
-                IpAddr::V4(v4.ip())
-            } else {
-                IpAddr::V6(storage.as_sockaddr_in6()?.ip())
-            };
-            Some((a.interface_name, ip))
-        })
-        .filter(|(_, ip)| !ip.is_loopback() && !is_link_local(ip))
-        .collect()
-}
-
-fn is_link_local(ip: &IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => v4.is_link_local(),
-        IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
-    }
-}
-
-/// Writes the masquerade addresses and the NodePort addresses from the interfaces as they are.
-fn refresh_node(ebpf: &mut Ebpf, config: &EbpfConfig) -> Result<(), ApplyError> {
-    let local = local_addresses();
+/// Writes the masquerade addresses and the NodePort addresses from the node's addresses (the
+/// sync input's).
+fn refresh_node(ebpf: &mut Ebpf, config: &EbpfConfig, node: &NodeState) -> Result<(), ApplyError> {
+    let local: Vec<(String, IpAddr)> = node
+        .addresses
+        .iter()
+        .map(|a| (a.interface.clone(), a.ip))
+        .collect();
     let attachable: BTreeSet<String> = attach::interfaces().into_iter().map(|(n, _)| n).collect();
     let bridges: BTreeSet<String> = local
         .iter()
@@ -204,20 +301,14 @@ fn refresh_node(ebpf: &mut Ebpf, config: &EbpfConfig) -> Result<(), ApplyError> 
     let nodeport: BTreeSet<NodeAddr> = local
         .iter()
         .map(|(_, ip)| *ip)
-        .filter(|ip| {
-            config.nodeport_cidrs.is_empty()
-                || config
-                    .nodeport_cidrs
-                    .iter()
-                    .any(|(net, len)| crate::cidr::contains(*net, *len, ip))
-        })
+        .filter(|ip| wanted::answers_nodeports(ip, &config.nodeport_cidrs))
         .map(NodeAddr::new)
         .collect();
     set_node_addrs(ebpf, &nodeport)
 }
 
-/// Every 200 ms: attach to new interfaces, forget gone ones, follow address changes. Its own
-/// copy of the tc object shares the pinned maps.
+/// Every 200 ms: attach to new interfaces (a new pod's) and forget gone ones. Its own copy of
+/// the tc object shares the pinned maps. (The node's addresses come with each sync.)
 fn spawn_watcher(config: EbpfConfig, stop: Arc<AtomicBool>) -> Result<(), BackendError> {
     let mut ebpf = load(&config, objects::TC_LB)?;
     attach::load_tc(&mut ebpf).map_err(|e| error("loading kpx_tc_lb", e))?;
@@ -229,9 +320,6 @@ fn spawn_watcher(config: EbpfConfig, stop: Arc<AtomicBool>) -> Result<(), Backen
                     Ok(new) if !new.is_empty() => tracing::info!(interfaces = ?new, "attached tc"),
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "attaching tc"),
-                }
-                if let Err(e) = refresh_node(&mut ebpf, &config) {
-                    tracing::warn!(error = %e, "writing the node's addresses");
                 }
                 std::thread::sleep(Duration::from_millis(200));
             }
@@ -245,17 +333,23 @@ impl Backend for EbpfBackend {
         "ebpf"
     }
 
-    fn sync(
-        &mut self,
-        state: &ProxyState,
-        changes: &Changes,
-        full: bool,
-    ) -> Result<SyncReport, BackendError> {
+    fn sync(&mut self, input: SyncInput<'_>) -> Result<SyncReport, BackendError> {
+        let SyncInput {
+            state,
+            changes,
+            full,
+            node,
+        } = input;
+        if full || self.node.as_ref() != Some(node) {
+            refresh_node(&mut self.tc, &self.config, node)
+                .map_err(|e| error("writing the node's addresses", e))?;
+            self.node = Some(node.clone());
+        }
         let ops = if full {
             // Trust the kernel, not memory: someone may have changed the maps.
             self.programmed =
                 adopt::programmed(&self.tc).map_err(|e| error("reading the maps", e))?;
-            self.table = wanted::WantedTable::full(state);
+            self.table = wanted::WantedTable::full(state, self.config.node_configs());
             let (ops, next) = plan(&self.table.wanted, &self.programmed);
             self.programmed = next;
             ops
@@ -267,17 +361,18 @@ impl Backend for EbpfBackend {
         if let Err(e) = apply(&mut self.tc, &ops) {
             // Part of the plan may be in: the next sync is full and reads the maps back.
             return Err(match e {
-                ApplyError::Full { map, capacity } => BackendError::MapFull {
-                    map: map.to_string(),
+                ApplyError::Full { map, capacity } => BackendError::Capacity {
+                    what: format!("BPF map {map}"),
                     capacity,
+                    hint: format!("raise it with --bpf-map-size {map}=ENTRIES"),
                 },
                 other => error("writing the BPF maps", other),
             });
         }
         Ok(SyncReport {
             full,
-            rules_written: written,
-            rules_total: self.programmed.services.len(),
+            written: Count::new(written, Unit::MapEntries),
+            total: Count::new(self.programmed.services.len(), Unit::MapEntries),
             chains_written: 0,
             chains_deleted: 0,
         })
@@ -298,10 +393,63 @@ impl Backend for EbpfBackend {
 
     fn cleanup(&mut self) -> Result<(), BackendError> {
         self.stop.store(true, Ordering::Relaxed);
-        Self::cleanup_dir(self.config.pin_dir.clone()).map(|_| ())
+        cleanup(&self.config.pin_dir).map(|_| ())
     }
 
-    fn dump(&self) -> Result<Value, BackendError> {
+    /// The programs keep their own conntrack (`kpx_ct`): a flow whose backend id is gone is a
+    /// new flow at its next packet, so the kernel's conntrack has nothing to clear for them.
+    /// (A removed endpoint that still backs another Service keeps its id, and its UDP flows
+    /// of this Service stick to it until they idle out: left for the backend's own cleanup.)
+    fn clear_stale_flows(
+        &mut self,
+        _flows: &std::collections::BTreeSet<crate::model::ConntrackCleanup>,
+    ) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    fn dump(&self) -> Result<Dump, BackendError> {
         dump::read(&self.tc).map_err(|e| error("reading the BPF maps", e))
+    }
+}
+
+#[cfg(test)]
+mod cleanup_tests {
+    use super::*;
+
+    #[test]
+    fn cleanup_removes_kpx_pins_only_and_keeps_a_directory_that_is_not_empty() {
+        // A plain directory stands in for the bpffs: cleanup only removes files.
+        let pins = std::env::temp_dir().join(format!("kpx-cleanup-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&pins);
+        std::fs::create_dir_all(pins.join("links")).expect("mkdir");
+        for file in [
+            "links/tc-ingress-3",
+            "links/cgroup-kpx_connect4",
+            "links/someone-elses-link",
+            "kpx_services",
+            "kpx_backends",
+            "someone-elses-map",
+        ] {
+            std::fs::write(pins.join(file), "").expect("write");
+        }
+        let report = cleanup(&pins).expect("cleanup");
+        assert_eq!(report.links, vec!["cgroup-kpx_connect4", "tc-ingress-3"]);
+        assert_eq!(report.maps.len(), 2, "{report:?}");
+        assert!(report
+            .maps
+            .iter()
+            .all(|m| objects::MAPS.contains(&m.as_str())));
+        assert!(!report.dir_removed);
+        assert!(pins.join("someone-elses-map").exists());
+        assert!(pins.join("links/someone-elses-link").exists());
+
+        // Once only kpx's pins were there, the directory goes too; again, nothing is left.
+        std::fs::remove_file(pins.join("someone-elses-map")).expect("rm");
+        std::fs::remove_file(pins.join("links/someone-elses-link")).expect("rm");
+        std::fs::write(pins.join("kpx_services"), "").expect("write");
+        let report = cleanup(&pins).expect("cleanup");
+        assert!(report.dir_removed && !pins.exists(), "{report:?}");
+        let again = cleanup(&pins).expect("cleanup of nothing");
+        assert!(again.is_empty() && again.skipped.is_some(), "{again:?}");
     }
 }

@@ -10,7 +10,8 @@ use kpx_ebpf::layout::{
     ip, Backend, CtKey, CtValue, RevNat, ServiceKey, ServiceValue, SlotKey, CT_F_REPLY, CT_F_SNAT,
     SVC_F_DROP, SVC_F_NODEPORT,
 };
-use serde_json::{json, Value};
+
+use crate::backend::{Dump, DumpedFlow, DumpedFrontend, DumpedService};
 
 fn map<'a, K: aya::Pod, V: aya::Pod>(
     ebpf: &'a Ebpf,
@@ -38,12 +39,14 @@ fn socket(addr: IpAddr, port: u16) -> String {
     }
 }
 
-pub fn read(ebpf: &Ebpf) -> Result<Value, MapError> {
+pub fn read(ebpf: &Ebpf) -> Result<Dump, MapError> {
     let services: HashMap<_, ServiceKey, ServiceValue> = map(ebpf, "kpx_services")?;
     let slots: HashMap<_, SlotKey, u32> = map(ebpf, "kpx_slots")?;
     let backends: HashMap<_, u32, Backend> = map(ebpf, "kpx_backends")?;
     let names: HashMap<_, u32, RevNat> = map(ebpf, "kpx_rev_nat")?;
-    let mut by_name: BTreeMap<String, Value> = BTreeMap::new();
+    let mut by_name: BTreeMap<String, DumpedService> = BTreeMap::new();
+    // Per Service port: whether some entry has backends, and what an empty one does.
+    let mut verdicts: BTreeMap<String, (bool, bool)> = BTreeMap::new();
     for entry in services.iter() {
         let (key, value) = entry?;
         let name = names
@@ -65,65 +68,63 @@ pub fn read(ebpf: &Ebpf) -> Result<Value, MapError> {
                 endpoints.push(socket(ip(&b.addr, b.family), u16::from_be(b.port)));
             }
         }
-        let svc = by_name.entry(name.clone()).or_insert_with(
-            || json!({"service": name, "addresses": [], "endpoints": [], "frontends": []}),
-        );
-        let port = u16::from_be(key.port);
-        let frontend = if value.flags & SVC_F_NODEPORT != 0 {
-            svc["nodePort"] = json!(port);
-            format!("*:{port}")
-        } else {
-            let address = socket(ip(&key.addr, key.family), port);
-            if let Some(list) = svc["addresses"].as_array_mut() {
-                list.push(json!(address));
-            }
-            address
-        };
-        if let Some(list) = svc["frontends"].as_array_mut() {
-            list.push(
-                json!({"frontend": frontend, "id": value.id, "flags": value.flags,
-                "affinityTimeout": value.affinity_timeout, "endpoints": endpoints}),
-            );
-        }
-        if let Some(list) = svc["endpoints"].as_array_mut() {
-            for e in endpoints {
-                if !list.iter().any(|x| x == &json!(e)) {
-                    list.push(json!(e));
-                }
-            }
-        }
-        if value.count == 0 && svc["endpoints"].as_array().is_some_and(Vec::is_empty) {
-            svc["noEndpoints"] = json!(if value.flags & SVC_F_DROP != 0 {
-                "DROP"
-            } else {
-                "REJECT"
+        let svc = by_name
+            .entry(name.clone())
+            .or_insert_with(|| DumpedService {
+                service: name.clone(),
+                ..DumpedService::default()
             });
+        let port = u16::from_be(key.port);
+        if value.flags & SVC_F_NODEPORT != 0 {
+            svc.node_port = Some(port);
+        } else if !key.is_internal() {
+            svc.addresses.push(socket(ip(&key.addr, key.family), port));
         }
+        svc.frontends.push(DumpedFrontend {
+            frontend: crate::ebpf::wanted::describe(&key),
+            id: value.id,
+            flags: value.flags,
+            affinity_timeout: value.affinity_timeout,
+            endpoints: endpoints.clone(),
+        });
+        svc.endpoints.extend(endpoints);
+        let seen = verdicts.entry(name).or_insert((false, false));
+        seen.0 |= value.count > 0;
+        seen.1 |= value.count == 0 && value.flags & SVC_F_DROP != 0;
     }
-    for svc in by_name.values_mut() {
-        for field in ["addresses", "endpoints"] {
-            if let Some(list) = svc[field].as_array_mut() {
-                list.sort_by_key(|v| v.to_string());
-            }
+    for (name, (any, drop)) in verdicts {
+        if let (false, Some(svc)) = (any, by_name.get_mut(&name)) {
+            svc.no_endpoints = Some(if drop { "drop" } else { "reject" }.to_string());
         }
     }
     let ct: HashMap<_, CtKey, CtValue> = map(ebpf, "kpx_ct")?;
     let mut flows = Vec::new();
     for entry in ct.iter().take(10_000) {
         let (key, value) = entry?;
-        flows.push(json!({
-            "from": socket(ip(&key.src, key.family), u16::from_be(key.sport)),
-            "to": socket(ip(&key.dst, key.family), u16::from_be(key.dport)),
-            "protocol": match key.proto { 6 => "TCP", 17 => "UDP", _ => "?" },
-            "direction": if value.flags & CT_F_REPLY != 0 { "reply" } else { "forward" },
-            "masqueraded": value.flags & CT_F_SNAT != 0,
-            "backendId": value.backend_id,
-            "serviceId": value.service_id,
-        }));
+        flows.push(DumpedFlow {
+            from: socket(ip(&key.src, key.family), u16::from_be(key.sport)),
+            to: socket(ip(&key.dst, key.family), u16::from_be(key.dport)),
+            protocol: match key.proto {
+                6 => "TCP",
+                17 => "UDP",
+                _ => "?",
+            }
+            .to_string(),
+            direction: if value.flags & CT_F_REPLY != 0 {
+                "reply"
+            } else {
+                "forward"
+            }
+            .to_string(),
+            masqueraded: value.flags & CT_F_SNAT != 0,
+            backend_id: value.backend_id,
+            service_id: value.service_id,
+        });
     }
-    Ok(json!({
-        "backend": "ebpf",
-        "services": by_name.into_values().collect::<Vec<_>>(),
-        "conntrack": flows,
-    }))
+    Ok(Dump {
+        backend: "ebpf".into(),
+        services: by_name.into_values().collect(),
+        conntrack: flows,
+    }
+    .sorted())
 }

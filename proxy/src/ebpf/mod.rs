@@ -6,4 +6,4 @@ pub mod backend;
 pub mod dump;
 pub mod wanted;
 
-pub use backend::{EbpfBackend, EbpfConfig};
+pub use backend::{cleanup, EbpfBackend, EbpfCleanup, EbpfConfig};

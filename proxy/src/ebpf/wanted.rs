@@ -1,23 +1,23 @@
-//! What the BPF maps should hold for a snapshot (pure): one map frontend per address a Service
-//! port answers on, with the backends that kind of traffic goes to, in the same way the
-//! iptables backend renders its chains.
-//!
-//! - a cluster IP gets the cluster endpoints (internalTrafficPolicy already applied);
-//! - external and load-balancer IPs and the NodePort (one frontend per IP family, address
-//!   zero: any of the node's addresses) get the cluster endpoints, masqueraded, or with
-//!   `externalTrafficPolicy: Local` this node's endpoints and the client's address kept;
-//! - no endpoints at all: rejected; endpoints, but none for this traffic: dropped.
+//! What the BPF maps should hold for a snapshot (pure): the frontend model's routes
+//! (`model/frontend.rs`) as map entries, one per frontend (its key's address zero for a
+//! NodePort: any of the node's addresses), with the backends, flags and affinity of the route
+//! outside clients get. A frontend whose internal clients (the node, and pods when the pod
+//! network is known) go elsewhere has a second, internal-scope entry under the same key
+//! (`kpx_maps.h`). Masquerade is a flag per source (outside, pods); the node's own clients
+//! need none (socket LB: the node's address is theirs). A route with no endpoints is an entry
+//! with no backends: rejected, or dropped with `SVC_F_DROP`.
 
 use std::collections::{BTreeSet, HashMap};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 
 use kpx_ebpf::layout::{
-    self, Backend, ServiceKey, SVC_F_DROP, SVC_F_EXTERNAL, SVC_F_LOCAL_ONLY, SVC_F_MASQUERADE,
-    SVC_F_NODEPORT,
+    self, Backend, ServiceKey, SVC_F_DROP, SVC_F_EXTERNAL, SVC_F_INTERNAL, SVC_F_LOCAL_ONLY,
+    SVC_F_MASQUERADE, SVC_F_MASQ_PODS, SVC_F_NODEPORT,
 };
 use kpx_ebpf::plan::{Wanted, WantedService};
 
-use crate::model::{Changes, Endpoint, Protocol, ProxyState, ServiceEntry, ServicePortName};
+use crate::model::frontend::{self, Frontend, FrontendKind, NodeConfig, Route};
+use crate::model::{Changes, Protocol, ProxyState, ServiceEntry, ServicePortName};
 
 /// The IP protocol number, for the protocols the programs balance.
 fn ip_proto(protocol: Protocol) -> Option<u8> {
@@ -28,97 +28,93 @@ fn ip_proto(protocol: Protocol) -> Option<u8> {
     }
 }
 
-fn service(
-    name: &str,
-    endpoints: &[Endpoint],
-    ipv6: bool,
-    any: bool,
-    flags: u16,
-    affinity: u32,
-) -> WantedService {
-    let backends: Vec<Backend> = endpoints
+/// The frontend model's configuration for each family: `[IPv4, IPv6]`.
+pub type NodeConfigs = [NodeConfig; 2];
+
+fn entry(name: &str, route: &Route, flags: u16, affinity: u32) -> WantedService {
+    let backends = route
+        .endpoints()
         .iter()
-        .filter(|e| e.ip.is_ipv6() == ipv6)
         .map(|e| Backend::new(e.ip, e.port))
         .collect();
-    let drop = backends.is_empty() && any;
     WantedService {
         name: name.to_string(),
-        flags: flags | if drop { SVC_F_DROP } else { 0 },
+        flags: flags
+            | if matches!(route, Route::Drop) {
+                SVC_F_DROP
+            } else {
+                0
+            },
         affinity_timeout: affinity,
         backends,
     }
 }
 
-/// The frontends of one Service port.
-pub fn frontends(entry: &ServiceEntry, out: &mut Wanted) {
-    let port = &entry.port;
-    let Some(proto) = ip_proto(port.name.protocol) else {
-        return;
+/// Whether NodePorts answer on the node's address `ip` (`kpx_node_addrs`): with
+/// `--nodeport-addresses` naming CIDRs of its family, only inside them; else on every address
+/// of the family (kube-proxy's `NewNodePortAddresses` is per family).
+pub fn answers_nodeports(ip: &IpAddr, cidrs: &[(IpAddr, u8)]) -> bool {
+    let mut family = cidrs
+        .iter()
+        .filter(|(net, _)| net.is_ipv6() == ip.is_ipv6())
+        .peekable();
+    family.peek().is_none() || family.any(|(net, len)| crate::cidr::contains(*net, *len, ip))
+}
+
+/// The map entries of one frontend.
+fn render(name: &str, fe: &Frontend, pods_known: bool, proto: u8, out: &mut Wanted) {
+    let key = ServiceKey::new(fe.ip, fe.port, proto);
+    let kind = match fe.kind {
+        FrontendKind::ClusterIp => 0,
+        FrontendKind::NodePort => SVC_F_NODEPORT,
+        FrontendKind::ExternalIp | FrontendKind::LoadBalancerIp => SVC_F_EXTERNAL,
     };
-    let affinity = port.affinity_seconds.unwrap_or(0);
-    let any = entry.selected.any;
-    let name = port.name.to_string();
-    let name = name.as_str();
-    for ip in &port.cluster_ips {
-        out.insert(
-            ServiceKey::new(*ip, port.port, proto),
-            service(
-                name,
-                &entry.selected.cluster,
-                ip.is_ipv6(),
-                any,
-                0,
-                affinity,
-            ),
-        );
-    }
-    if !port.is_external() {
-        return;
-    }
-    let (outside, policy) = if port.external_policy_local {
-        (&entry.selected.local, SVC_F_LOCAL_ONLY)
+    let affinity = fe.affinity_seconds.unwrap_or(0);
+    // Internal clients: the node, and pods when they can be told apart (otherwise pods are
+    // outside clients, and the model gives them the outside route).
+    let internal = if pods_known {
+        &fe.from_pods
     } else {
-        (&entry.selected.cluster, SVC_F_MASQUERADE)
+        &fe.from_node
     };
-    for ip in port.external_ips.iter().chain(&port.load_balancer_ips) {
-        out.insert(
-            ServiceKey::new(*ip, port.port, proto),
-            service(
-                name,
-                outside,
-                ip.is_ipv6(),
-                any,
-                SVC_F_EXTERNAL | policy,
-                affinity,
-            ),
-        );
+    let twin =
+        !internal.same_target(&fe.from_outside) || !fe.from_node.same_target(&fe.from_outside);
+    let local_only = if fe.from_outside.set() == Some(frontend::EndpointSet::Local) {
+        SVC_F_LOCAL_ONLY
+    } else {
+        0
+    };
+    let masq = |route: &Route, bit: u16| if route.masquerade() { bit } else { 0 };
+    let mut outside_flags = kind | local_only | masq(&fe.from_outside, SVC_F_MASQUERADE);
+    if twin {
+        outside_flags |= SVC_F_INTERNAL;
+        let inner =
+            kind | masq(internal, SVC_F_MASQ_PODS) | masq(&fe.from_outside, SVC_F_MASQUERADE);
+        out.insert(key.internal(), entry(name, internal, inner, affinity));
+    } else {
+        outside_flags |= masq(&fe.from_pods, SVC_F_MASQ_PODS);
     }
-    if let Some(node_port) = port.node_port {
-        let families = port.cluster_ips.iter().map(IpAddr::is_ipv6);
-        let mut seen = [false; 2];
-        for ipv6 in families {
-            if std::mem::replace(&mut seen[usize::from(ipv6)], true) {
-                continue;
-            }
-            let any_address = if ipv6 {
-                IpAddr::V6(Ipv6Addr::UNSPECIFIED)
-            } else {
-                IpAddr::V4(Ipv4Addr::UNSPECIFIED)
-            };
-            out.insert(
-                ServiceKey::new(any_address, node_port, proto),
-                service(name, outside, ipv6, any, SVC_F_NODEPORT | policy, affinity),
-            );
+    out.insert(key, entry(name, &fe.from_outside, outside_flags, affinity));
+}
+
+/// The frontends of one Service port, both families.
+pub fn frontends(entry: &ServiceEntry, nodes: &NodeConfigs, out: &mut Wanted) {
+    let Some(proto) = ip_proto(entry.port.name.protocol) else {
+        return;
+    };
+    let name = entry.port.name.to_string();
+    for (ipv6, node) in [(false, &nodes[0]), (true, &nodes[1])] {
+        for fe in frontend::frontends(entry, node, ipv6).frontends {
+            render(&name, &fe, node.cluster_cidr.is_some(), proto, out);
         }
     }
 }
 
 /// Every frontend of the snapshot.
-pub fn wanted(state: &ProxyState) -> Wanted {
+pub fn wanted(state: &ProxyState, nodes: &NodeConfigs) -> Wanted {
     let mut out = Wanted::new();
     for entry in state.entries.values() {
-        frontends(entry, &mut out);
+        frontends(entry, nodes, &mut out);
     }
     out
 }
@@ -129,11 +125,19 @@ pub fn wanted(state: &ProxyState) -> Wanted {
 pub struct WantedTable {
     pub wanted: Wanted,
     keys_of: HashMap<ServicePortName, Vec<ServiceKey>>,
+    nodes: NodeConfigs,
 }
 
 impl WantedTable {
-    pub fn full(state: &ProxyState) -> Self {
-        let mut table = Self::default();
+    pub fn new(nodes: NodeConfigs) -> Self {
+        Self {
+            nodes,
+            ..Self::default()
+        }
+    }
+
+    pub fn full(state: &ProxyState, nodes: NodeConfigs) -> Self {
+        let mut table = Self::new(nodes);
         for (name, entry) in &state.entries {
             table.set(name, Some(entry));
         }
@@ -148,7 +152,7 @@ impl WantedTable {
         }
         if let Some(entry) = entry {
             let mut mine = Wanted::new();
-            frontends(entry, &mut mine);
+            frontends(entry, &self.nodes, &mut mine);
             let keys: Vec<ServiceKey> = mine.keys().copied().collect();
             touched.extend(&keys);
             self.wanted.extend(mine);
@@ -168,8 +172,18 @@ impl WantedTable {
     }
 }
 
-/// A frontend as text, for snapshots and logs: `198.18.128.9:80/tcp`, `*:30080/tcp` (v4).
+/// A frontend as text, for snapshots and logs: `198.18.128.9:80/tcp`, `*:30080/tcp (v4)`,
+/// with ` internal` for an internal-scope entry.
 pub fn describe(key: &ServiceKey) -> String {
+    let text = describe_address(key);
+    if key.is_internal() {
+        format!("{text} internal")
+    } else {
+        text
+    }
+}
+
+fn describe_address(key: &ServiceKey) -> String {
     let ip = layout::ip(&key.addr, key.family);
     let port = u16::from_be(key.port);
     let proto = match key.proto {
@@ -232,6 +246,8 @@ mod tests {
                     (SVC_F_LOCAL_ONLY, "local"),
                     (SVC_F_MASQUERADE, "masquerade"),
                     (SVC_F_DROP, "drop"),
+                    (SVC_F_MASQ_PODS, "masquerade-pods"),
+                    (SVC_F_INTERNAL, "internal"),
                 ]
                 .iter()
                 .filter(|(bit, _)| w.flags & bit != 0)
@@ -246,6 +262,20 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    fn nodes() -> NodeConfigs {
+        let cidr = |t: &str, len| Some((t.parse().expect("ip"), len));
+        [
+            NodeConfig {
+                cluster_cidr: cidr("198.19.0.0", 16),
+                masquerade_all: false,
+            },
+            NodeConfig {
+                cluster_cidr: cidr("2001:2::", 48),
+                masquerade_all: false,
+            },
+        ]
     }
 
     #[test]
@@ -291,15 +321,16 @@ mod tests {
         ));
         let (state, _) = t.snapshot(&ProxyState::default());
         expect![[r#"
-            *:30053/udp (v4) -> [] nodeport,local,drop affinity=0
-            *:30080/tcp (v4) -> [198.19.1.10:8080 198.19.2.10:8080] nodeport,masquerade affinity=10800
-            *:30080/tcp (v6) -> [2001:2:0:101::10:8080] nodeport,masquerade affinity=10800
-            10.96.0.10:80/tcp -> [198.19.1.10:8080 198.19.2.10:8080]  affinity=10800
-            10.96.0.11:53/udp -> [198.19.2.11:5353]  affinity=0
+            *:30053/udp (v4) -> [] nodeport,drop,internal affinity=0
+            *:30053/udp (v4) internal -> [198.19.2.11:5353] nodeport affinity=0
+            *:30080/tcp (v4) -> [198.19.1.10:8080 198.19.2.10:8080] nodeport,masquerade,masquerade-pods affinity=10800
+            *:30080/tcp (v6) -> [2001:2:0:101::10:8080] nodeport,masquerade,masquerade-pods affinity=10800
+            10.96.0.10:80/tcp -> [198.19.1.10:8080 198.19.2.10:8080] masquerade affinity=10800
+            10.96.0.11:53/udp -> [198.19.2.11:5353] masquerade affinity=0
             10.96.0.12:80/tcp -> []  affinity=0
-            198.18.2.1:80/tcp -> [198.19.1.10:8080 198.19.2.10:8080] external,masquerade affinity=10800
-            [fd00::10]:80/tcp -> [2001:2:0:101::10:8080]  affinity=10800
+            198.18.2.1:80/tcp -> [198.19.1.10:8080 198.19.2.10:8080] external,masquerade,masquerade-pods affinity=10800
+            [fd00::10]:80/tcp -> [2001:2:0:101::10:8080] masquerade affinity=10800
         "#]]
-        .assert_eq(&text(&wanted(&state)));
+        .assert_eq(&text(&wanted(&state, &nodes())));
     }
 }

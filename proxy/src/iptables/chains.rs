@@ -5,8 +5,10 @@ use sha2::{Digest, Sha256};
 
 use crate::model::ServicePortName;
 
-/// Every chain kpx creates starts with this, so a real kube-proxy (`KUBE-`) can coexist and
-/// `--cleanup` knows what is its own.
+/// Every chain kpx's iptables mode creates starts with this, so a real kube-proxy (`KUBE-`) can
+/// coexist and `--cleanup` knows what is its own (`netfilter::cleanup` takes it as a parameter;
+/// another mode's iptables part has its own, which must not start with `KPX-`: starting in
+/// another mode removes every `KPX-` chain).
 pub const PREFIX: &str = "KPX-";
 pub const SERVICES: &str = "KPX-SERVICES";
 pub const EXTERNAL_SERVICES: &str = "KPX-EXTERNAL-SERVICES";
@@ -19,16 +21,10 @@ pub const CANARY: &str = "KPX-PROXY-CANARY";
 /// The packet mark asking for masquerade (bit 14, as kube-proxy's default).
 pub const MASQ_MARK: &str = "0x4000";
 
-/// A jump from a built-in chain, kept in place with `-C`/`-I` (never through restore).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Jump {
-    pub table: &'static str,
-    pub from: &'static str,
-    pub to: &'static str,
-    /// Extra match arguments before `-j`.
-    pub matches: &'static [&'static str],
-    pub comment: &'static str,
-}
+/// The jumps from built-in chains are data of the shared netfilter module: render puts the
+/// missing ones first in line in the sync's restore, the canary check looks for them, and
+/// cleanup removes whatever targets a `KPX-` chain.
+pub use crate::netfilter::Jump;
 
 pub const JUMPS: &[Jump] = &[
     Jump {
@@ -73,6 +69,15 @@ pub const JUMPS: &[Jump] = &[
         matches: &["-m", "conntrack", "--ctstate", "NEW"],
         comment: "kpx externally-visible service portals",
     },
+    // The node's own connections to an external or load-balancer IP (or a NodePort) of a
+    // Service without endpoints are refused too, as kube-proxy's nftables mode does.
+    Jump {
+        table: "filter",
+        from: "OUTPUT",
+        to: EXTERNAL_SERVICES,
+        matches: &["-m", "conntrack", "--ctstate", "NEW"],
+        comment: "kpx externally-visible service portals",
+    },
     Jump {
         table: "filter",
         from: "FORWARD",
@@ -95,32 +100,6 @@ pub const JUMPS: &[Jump] = &[
         comment: "kpx forwarding rules",
     },
 ];
-
-impl Jump {
-    /// The rule as `iptables-save` prints it, after `-A FROM ` / `-I FROM 1 `.
-    pub fn spec(&self) -> String {
-        let mut spec = String::new();
-        for m in self.matches {
-            spec.push_str(m);
-            spec.push(' ');
-        }
-        spec.push_str(&format!(
-            "-m comment --comment \"{}\" -j {}",
-            self.comment, self.to
-        ));
-        spec
-    }
-
-    /// Whether `saved` (an `iptables-save -t TABLE` output) holds this jump.
-    pub fn present_in(&self, saved: &str) -> bool {
-        let prefix = format!("-A {} ", self.from);
-        saved.lines().any(|l| {
-            l.starts_with(&prefix)
-                && l.contains(&format!("--comment \"{}\"", self.comment))
-                && l.ends_with(&format!("-j {}", self.to))
-        })
-    }
-}
 
 /// Chains that exist in every sync, per table.
 pub const NAT_BASE: &[&str] = &[SERVICES, NODEPORTS, POSTROUTING, MARK_MASQ, CANARY];
@@ -164,6 +143,19 @@ pub fn service_chain(name: &ServicePortName) -> String {
 /// The chain of external traffic (NodePort, external and load-balancer IPs).
 pub fn external_chain(name: &ServicePortName) -> String {
     format!("KPX-EXT-{}", hash16(&["ext", &port_id(name)]))
+}
+
+/// The chain of the `n`th distinct set of routes among a Service port's frontends that is
+/// not a plain jump to an endpoint chain (`n` = 0 is `external_chain`; kube-proxy's
+/// semantics never need a second one, the frontend model might).
+pub fn external_chain_n(name: &ServicePortName, n: usize) -> String {
+    if n == 0 {
+        return external_chain(name);
+    }
+    format!(
+        "KPX-EXT-{}",
+        hash16(&["ext", &port_id(name), &n.to_string()])
+    )
 }
 
 /// Local endpoints only, for `externalTrafficPolicy: Local`.

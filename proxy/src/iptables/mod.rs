@@ -1,6 +1,7 @@
 //! The iptables backend: kube-proxy's proven layout with kpx's own chains (see `README.md`).
 //! `render` is the plan (pure); this module applies it with one `iptables-restore --noflush`
-//! per sync and keeps the jumps from the built-in chains in place.
+//! per sync and keeps the jumps from the built-in chains in place. Running the tools, the jumps
+//! as data, the canary and the cleanup of a prefix are the shared [`crate::netfilter`]'s.
 
 pub mod chains;
 mod dump;
@@ -11,10 +12,8 @@ pub mod trace;
 
 use std::collections::BTreeSet;
 
-use serde_json::Value;
-
-use crate::backend::{Backend, BackendError, SyncReport};
-use crate::model::{Changes, ProxyState};
+use crate::backend::{Backend, BackendError, Count, Dump, SyncInput, SyncReport, Unit};
+use crate::netfilter::{self, ToolCleanup};
 use exec::Tool;
 use render::{Fragments, RenderConfig};
 
@@ -39,6 +38,14 @@ impl IptablesBackend {
     }
 }
 
+/// Removes every `KPX-` chain `tool` shows, in every table, and the rules jumping to them; needs
+/// no running backend (kube-proxy's `iptables.CleanupLeftovers`). Quiet and cheap when there is
+/// nothing, or no such tool or family here. Run it for each of [`Tool::EVERY`] to remove
+/// leftovers of both flavours and families.
+pub fn cleanup(tool: Tool) -> Result<ToolCleanup, BackendError> {
+    netfilter::cleanup::cleanup(&tool, chains::PREFIX)
+}
+
 /// kpx chains present in an `iptables-save` output.
 fn kpx_chains(saved: &str) -> BTreeSet<String> {
     saved
@@ -55,21 +62,24 @@ impl Backend for IptablesBackend {
         "iptables"
     }
 
-    fn sync(
-        &mut self,
-        state: &ProxyState,
-        changes: &Changes,
-        full: bool,
-    ) -> Result<SyncReport, BackendError> {
+    fn sync(&mut self, input: SyncInput<'_>) -> Result<SyncReport, BackendError> {
+        let SyncInput {
+            state,
+            changes,
+            full,
+            ..
+        } = input;
         // A full sync reads both tables once: kpx chains to drop, jumps to restore.
         let (existing, missing) = if full {
             let nat = self.tool.save("nat")?;
             let filter = self.tool.save("filter")?;
-            let missing: Vec<chains::Jump> = chains::JUMPS
-                .iter()
-                .filter(|j| !j.present_in(if j.table == "nat" { &nat } else { &filter }))
-                .copied()
-                .collect();
+            let missing = netfilter::jump::missing(chains::JUMPS, |table| {
+                if table == "nat" {
+                    &nat
+                } else {
+                    &filter
+                }
+            });
             (kpx_chains(&nat), missing)
         } else {
             (BTreeSet::new(), Vec::new())
@@ -88,8 +98,8 @@ impl Backend for IptablesBackend {
         }
         let report = SyncReport {
             full,
-            rules_written: plan.rules_written,
-            rules_total: plan.rules_total,
+            written: Count::new(plan.rules_written, Unit::Rules),
+            total: Count::new(plan.rules_total, Unit::Rules),
             chains_written: plan.chains_written,
             chains_deleted: plan.chains_deleted,
         };
@@ -98,72 +108,21 @@ impl Backend for IptablesBackend {
     }
 
     fn lost_state(&mut self) -> Option<String> {
-        // Only the chains the check needs (`-S CHAIN`), like kube-proxy's canary: saving whole
-        // tables every sync period costs as much as the tables are large.
-        let canary = format!("-A {} -j RETURN", chains::CANARY);
-        for table in ["nat", "filter"] {
-            match self.tool.run(&["-t", table, "-S", chains::CANARY]) {
-                Ok(text) if text.lines().any(|l| l == canary) => {}
-                Ok(_) => return Some(format!("the {table} canary rule is gone")),
-                Err(e) => return Some(format!("the {table} canary chain is gone: {e}")),
-            }
-        }
-        for jump in chains::JUMPS {
-            match self.tool.run(&["-t", jump.table, "-S", jump.from]) {
-                Ok(text) if jump.present_in(&text) => {}
-                Ok(_) => {
-                    return Some(format!(
-                        "the jump from {} {} to {} is gone",
-                        jump.table, jump.from, jump.to
-                    ))
-                }
-                Err(e) => return Some(format!("cannot read {} {}: {e}", jump.table, jump.from)),
-            }
-        }
-        None
+        netfilter::canary::lost(
+            &self.tool,
+            chains::CANARY,
+            &["nat", "filter"],
+            chains::JUMPS,
+        )
     }
 
     fn cleanup(&mut self) -> Result<(), BackendError> {
-        let mut input = String::new();
-        for table in ["nat", "filter", "mangle"] {
-            let saved = self.tool.save(table)?;
-            let ours = kpx_chains(&saved);
-            // Rules in built-in chains that jump to ours.
-            let jumps: Vec<String> = saved
-                .lines()
-                .filter(|l| {
-                    l.starts_with("-A ") && !l.starts_with(&format!("-A {}", chains::PREFIX))
-                })
-                .filter(|l| {
-                    ours.iter()
-                        .any(|c| l.ends_with(&format!("-j {c}")) || l.contains(&format!("-j {c} ")))
-                })
-                .map(|l| format!("-D{}", &l[2..]))
-                .collect();
-            if ours.is_empty() && jumps.is_empty() {
-                continue;
-            }
-            input.push_str(&format!("*{table}\n"));
-            for chain in &ours {
-                input.push_str(&format!(":{chain} - [0:0]\n"));
-            }
-            for rule in &jumps {
-                input.push_str(rule);
-                input.push('\n');
-            }
-            for chain in &ours {
-                input.push_str(&format!("-X {chain}\n"));
-            }
-            input.push_str("COMMIT\n");
-        }
-        if !input.is_empty() {
-            self.tool.restore(&input)?;
-        }
+        cleanup(self.tool)?;
         self.applied.clear();
         Ok(())
     }
 
-    fn dump(&self) -> Result<Value, BackendError> {
+    fn dump(&self) -> Result<Dump, BackendError> {
         Ok(dump::read(
             &self.tool.save("nat")?,
             &self.tool.save("filter")?,

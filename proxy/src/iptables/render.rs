@@ -19,7 +19,8 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::sync::{Arc, OnceLock};
 
-use super::chains::{self, affinity_list, external_chain, local_chain, service_chain};
+use super::chains::{self, affinity_list, local_chain, service_chain};
+use crate::model::frontend::{self, EndpointSet, FrontendKind, NodeConfig, Route};
 use crate::model::{Changes, Endpoint, ProxyState, ServiceEntry, ServicePortName};
 
 #[derive(Debug, Clone, Default)]
@@ -31,6 +32,19 @@ pub struct RenderConfig {
     pub masquerade_all: bool,
     /// `--nodeport-addresses`: CIDRs NodePorts answer on; empty means every local address.
     pub nodeport_addresses: Vec<String>,
+    /// `--conntrack-tcp-be-liberal`: conntrack accepts out-of-window TCP packets, so forwarded
+    /// packets it marks INVALID need not be dropped (kube-proxy then leaves out its drop rule).
+    pub conntrack_tcp_be_liberal: bool,
+}
+
+/// Rules every full plan writes besides the Service ports' own: the filter canary and forward
+/// rules, the nat canary and mark chain, the postrouting tail, and one NodePort dispatch per
+/// `--nodeport-addresses` CIDR (one for all local addresses without).
+fn fixed_rules(cfg: &RenderConfig) -> usize {
+    let invalid = usize::from(!cfg.conntrack_tcp_be_liberal);
+    let filter = 1 + 2 + invalid;
+    let nat = 1 + 1 + 3 + cfg.nodeport_addresses.len().max(1);
+    filter + nat
 }
 
 /// The rules one Service port contributes, cached between syncs.
@@ -172,161 +186,213 @@ fn endpoint_rules(
     }
 }
 
-/// The rules of one Service port.
+/// The frontend model's node configuration for this family.
+fn node_config(cfg: &RenderConfig) -> NodeConfig {
+    let cluster_cidr = cfg.cluster_cidr.as_deref().and_then(|cidr| {
+        let (ip, len) = cidr.split_once('/')?;
+        Some((ip.parse().ok()?, len.parse().ok()?))
+    });
+    NodeConfig {
+        cluster_cidr,
+        masquerade_all: cfg.masquerade_all,
+    }
+}
+
+fn set_chain(name: &ServicePortName, set: EndpointSet) -> String {
+    match set {
+        EndpointSet::Cluster => service_chain(name),
+        EndpointSet::Local => local_chain(name),
+    }
+}
+
+/// The filter-table target and comment of a route that is not to endpoints.
+fn verdict(route: &Route, ipv6: bool) -> Option<(&'static str, &'static str)> {
+    match route {
+        Route::To { .. } => None,
+        Route::Reject => Some((reject(ipv6), "has no endpoints")),
+        Route::Drop => Some(("DROP", "has no local endpoints")),
+    }
+}
+
+/// The rules of one Service port: the frontend model's routes (`model/frontend.rs`), written
+/// as chains. A frontend whose sources all go to one endpoint set jumps straight to that
+/// set's chain, with its masquerade rules at the top of it (kube-proxy's cluster IP layout);
+/// one whose sources differ goes through a `KPX-EXT-*` chain that tells pods
+/// (`-s --cluster-cidr`), the node (`--src-type LOCAL`) and the rest apart. What no route
+/// takes to endpoints is rejected or dropped in the filter table.
 pub fn fragment(cfg: &RenderConfig, entry: &ServiceEntry) -> Fragment {
     let mut f = Fragment::default();
-    let family = |ip: &IpAddr| ip.is_ipv6() == cfg.ipv6;
+    let node = node_config(cfg);
+    let model = frontend::frontends(entry, &node, cfg.ipv6);
+    if model.frontends.is_empty() {
+        return f;
+    }
     let port = &entry.port;
     // Rendered once: it appears in nearly every rule's comment.
     let name = port.name.to_string();
     let name = name.as_str();
     let proto = port.name.protocol.lower();
-    let vips: Vec<&IpAddr> = port.cluster_ips.iter().filter(|ip| family(ip)).collect();
-    if vips.is_empty() {
-        return f;
-    }
-    let cluster: Vec<&Endpoint> = entry
-        .selected
-        .cluster
-        .iter()
-        .filter(|e| family(&e.ip))
-        .collect();
-    let local: Vec<&Endpoint> = entry
-        .selected
-        .local
-        .iter()
-        .filter(|e| family(&e.ip))
-        .collect();
-    let svc_chain = service_chain(&port.name);
-    let no_endpoints = if entry.selected.any {
-        ("DROP", "has no local endpoints")
-    } else {
-        (reject(cfg.ipv6), "has no endpoints")
-    };
     let match_port = |p: u16| format!("-p {proto} -m {proto} --dport {p}");
+    let cidr = cfg.cluster_cidr.as_deref();
 
-    for vip in &vips {
-        if cluster.is_empty() {
-            f.filter_services.push(format!(
-                "-A {} -d {} {} -m comment --comment \"{name} {}\" -j {}",
+    // Masquerade rules at the top of each set chain, for the frontends that jump straight in.
+    let mut masq_rules: Vec<(EndpointSet, String)> = Vec::new();
+    // The distinct route triples that need a chain of their own, and the chains' names.
+    let mut routed: Vec<([Route; 3], String)> = Vec::new();
+    for fe in &model.frontends {
+        let routes = fe.routes();
+        let dispatch = |target: &str| match fe.kind {
+            FrontendKind::NodePort => format!(
+                "-A {} {} -m comment --comment \"{name}\" -j {target}",
+                chains::NODEPORTS,
+                match_port(fe.port)
+            ),
+            kind => format!(
+                "-A {} -d {} {} -m comment --comment \"{name} {}\" -j {target}",
                 chains::SERVICES,
-                host(vip),
-                match_port(port.port),
-                no_endpoints.1,
-                no_endpoints.0
-            ));
-        } else {
-            f.nat_services.push(format!(
-                "-A {} -d {} {} -m comment --comment \"{name} cluster IP\" -j {svc_chain}",
-                chains::SERVICES,
-                host(vip),
-                match_port(port.port)
-            ));
-        }
-    }
-    if !cluster.is_empty() {
-        let mut rules = Vec::new();
-        if cfg.masquerade_all {
-            rules.push(format!(
-                "-A {svc_chain} -m comment --comment \"{name} cluster IP\" -j {}",
-                chains::MARK_MASQ
-            ));
-        } else if let Some(cidr) = &cfg.cluster_cidr {
-            // Traffic from outside the pod network (the node itself) needs SNAT for replies.
-            rules.push(format!(
-                "-A {svc_chain} ! -s {cidr} -m comment --comment \"{name} cluster IP\" -j {}",
-                chains::MARK_MASQ
-            ));
-        }
-        endpoint_rules(&svc_chain, name, entry, &cluster, &mut rules);
-        f.chains.push((svc_chain.clone(), rules));
-    }
-
-    if port.is_external() {
-        let ext_chain = external_chain(&port.name);
-        let external_ips: Vec<&IpAddr> = port
-            .external_ips
-            .iter()
-            .chain(&port.load_balancer_ips)
-            .filter(|ip| family(ip))
-            .collect();
-        let serving = if port.external_policy_local {
-            !local.is_empty() || !cluster.is_empty()
-        } else {
-            !cluster.is_empty()
-        };
-        if serving {
-            let mut rules = Vec::new();
-            if port.external_policy_local {
-                if !cluster.is_empty() {
-                    if let Some(cidr) = &cfg.cluster_cidr {
-                        rules.push(format!("-A {ext_chain} -s {cidr} -m comment --comment \"pod traffic for {name} external destinations\" -j {svc_chain}"));
-                    }
-                    rules.push(format!("-A {ext_chain} -m comment --comment \"masquerade LOCAL traffic for {name} external destinations\" -m addrtype --src-type LOCAL -j {}", chains::MARK_MASQ));
-                    rules.push(format!("-A {ext_chain} -m comment --comment \"route LOCAL traffic for {name} external destinations\" -m addrtype --src-type LOCAL -j {svc_chain}"));
-                }
-                if local.is_empty() {
-                    // No endpoint here: traffic from outside is dropped in the filter table.
+                host(&fe.ip),
+                match_port(fe.port),
+                if kind == FrontendKind::ClusterIp {
+                    "cluster IP"
                 } else {
-                    let svl = local_chain(&port.name);
-                    rules.push(format!("-A {ext_chain} -j {svl}"));
-                    let mut local_rules = Vec::new();
-                    endpoint_rules(&svl, name, entry, &local, &mut local_rules);
-                    f.chains.push((svl, local_rules));
+                    "external IP"
                 }
-            } else {
-                rules.push(format!("-A {ext_chain} -m comment --comment \"masquerade traffic for {name} external destinations\" -j {}", chains::MARK_MASQ));
-                rules.push(format!("-A {ext_chain} -j {svc_chain}"));
-            }
-            f.chains.push((ext_chain.clone(), rules));
-            for ip in &external_ips {
-                f.nat_services.push(format!(
-                    "-A {} -d {} {} -m comment --comment \"{name} external IP\" -j {ext_chain}",
-                    chains::SERVICES,
-                    host(ip),
-                    match_port(port.port)
-                ));
-            }
-            if let Some(node_port) = port.node_port {
-                f.nat_nodeports.push(format!(
-                    "-A {} {} -m comment --comment \"{name}\" -j {ext_chain}",
-                    chains::NODEPORTS,
-                    match_port(node_port)
-                ));
-            }
-        }
-        let outside_has_endpoints = if port.external_policy_local {
-            !local.is_empty()
-        } else {
-            !cluster.is_empty()
+            ),
         };
-        if !outside_has_endpoints {
-            for ip in &external_ips {
-                f.filter_external.push(format!(
-                    "-A {} -d {} {} -m comment --comment \"{name} {}\" -j {}",
-                    chains::EXTERNAL_SERVICES,
-                    host(ip),
-                    match_port(port.port),
-                    no_endpoints.1,
-                    no_endpoints.0
-                ));
+        let push_dispatch = |f: &mut Fragment, rule: String| {
+            if fe.kind == FrontendKind::NodePort {
+                f.nat_nodeports.push(rule);
+            } else {
+                f.nat_services.push(rule);
             }
-            if let Some(node_port) = port.node_port {
-                f.filter_external.push(format!(
-                    "-A {} -m addrtype --dst-type LOCAL {} -m comment --comment \"{name} {}\" -j {}",
+        };
+        // What is not taken to endpoints is refused or dropped in the filter table (after
+        // nat: a packet DNATed for another source no longer matches the frontend address).
+        if let Some((target, why)) = routes.iter().find_map(|r| verdict(r, cfg.ipv6)) {
+            let rule = match fe.kind {
+                FrontendKind::ClusterIp => format!(
+                    "-A {} -d {} {} -m comment --comment \"{name} {why}\" -j {target}",
+                    chains::SERVICES,
+                    host(&fe.ip),
+                    match_port(fe.port)
+                ),
+                FrontendKind::NodePort => format!(
+                    "-A {} -m addrtype --dst-type LOCAL {} -m comment --comment \"{name} {why}\" -j {target}",
                     chains::EXTERNAL_SERVICES,
-                    match_port(node_port),
-                    no_endpoints.1,
-                    no_endpoints.0
-                ));
+                    match_port(fe.port)
+                ),
+                _ => format!(
+                    "-A {} -d {} {} -m comment --comment \"{name} {why}\" -j {target}",
+                    chains::EXTERNAL_SERVICES,
+                    host(&fe.ip),
+                    match_port(fe.port)
+                ),
+            };
+            if fe.kind == FrontendKind::ClusterIp {
+                f.filter_services.push(rule);
+            } else {
+                f.filter_external.push(rule);
             }
         }
+        if !routes.iter().any(|r| r.set().is_some()) {
+            continue;
+        }
+        let masq: Vec<bool> = routes.iter().map(|r| r.masquerade()).collect();
+        let direct = fe.kind == FrontendKind::ClusterIp
+            && fe.from_pods.same_target(&fe.from_node)
+            && fe.from_node.same_target(&fe.from_outside)
+            && (masq == [false, false, false]
+                || masq == [true, true, true]
+                || (masq == [false, true, true] && cidr.is_some()));
+        if direct {
+            let set = fe.from_outside.set().unwrap_or(EndpointSet::Cluster);
+            let chain = set_chain(&port.name, set);
+            let source = match masq.as_slice() {
+                [true, true, true] => Some(String::new()),
+                [false, true, true] => cidr.map(|c| format!(" ! -s {c}")),
+                _ => None,
+            };
+            if let Some(source) = source {
+                masq_rules.push((
+                    set,
+                    format!(
+                        "-A {chain} -d {} {}{source} -m comment --comment \"{name} cluster IP\" -j {}",
+                        host(&fe.ip),
+                        match_port(fe.port),
+                        chains::MARK_MASQ
+                    ),
+                ));
+            }
+            push_dispatch(&mut f, dispatch(&chain));
+            continue;
+        }
+        let triple = [
+            fe.from_pods.clone(),
+            fe.from_node.clone(),
+            fe.from_outside.clone(),
+        ];
+        let chain = match routed.iter().find(|(t, _)| *t == triple) {
+            Some((_, chain)) => chain.clone(),
+            None => {
+                let chain = chains::external_chain_n(&port.name, routed.len());
+                routed.push((triple, chain.clone()));
+                chain
+            }
+        };
+        push_dispatch(&mut f, dispatch(&chain));
     }
+
+    for ([pods, node_route, outside], chain) in &routed {
+        let mut rules = Vec::new();
+        let jump =
+            |route: &Route| set_chain(&port.name, route.set().unwrap_or(EndpointSet::Cluster));
+        if let (Some(cidr), Route::To { .. }) = (cidr, pods) {
+            if pods != outside {
+                if pods.masquerade() {
+                    rules.push(format!("-A {chain} -s {cidr} -m comment --comment \"masquerade pod traffic for {name} external destinations\" -j {}", chains::MARK_MASQ));
+                }
+                rules.push(format!("-A {chain} -s {cidr} -m comment --comment \"pod traffic for {name} external destinations\" -j {}", jump(pods)));
+            }
+        }
+        if node_route != outside && node_route.set().is_some() {
+            if node_route.masquerade() {
+                rules.push(format!("-A {chain} -m comment --comment \"masquerade LOCAL traffic for {name} external destinations\" -m addrtype --src-type LOCAL -j {}", chains::MARK_MASQ));
+            }
+            rules.push(format!("-A {chain} -m comment --comment \"route LOCAL traffic for {name} external destinations\" -m addrtype --src-type LOCAL -j {}", jump(node_route)));
+        }
+        if outside.set().is_some() {
+            if outside.masquerade() {
+                rules.push(format!("-A {chain} -m comment --comment \"masquerade traffic for {name} external destinations\" -j {}", chains::MARK_MASQ));
+            }
+            rules.push(format!("-A {chain} -j {}", jump(outside)));
+        }
+        f.chains.push((chain.clone(), rules));
+    }
+
+    for (set, endpoints) in &model.sets {
+        let chain = set_chain(&port.name, *set);
+        let mut rules: Vec<String> = masq_rules
+            .iter()
+            .filter(|(s, _)| s == set)
+            .map(|(_, r)| r.clone())
+            .collect();
+        let endpoints: Vec<&Endpoint> = endpoints.iter().collect();
+        endpoint_rules(&chain, name, entry, &endpoints, &mut rules);
+        f.chains.push((chain, rules));
+    }
+
     if let Some(hc) = port.health_check_node_port {
         f.filter_nodeports.push(format!("-A {} -p tcp -m tcp --dport {hc} -m comment --comment \"{name} health check node port\" -j ACCEPT", chains::NODEPORTS));
     }
+    // A pod reaching itself through the Service: only such a packet has the same source and
+    // destination after DNAT.
     let mut hairpin = BTreeSet::new();
-    for ep in cluster.iter().chain(&local).filter(|e| e.local) {
+    for ep in model
+        .sets
+        .iter()
+        .flat_map(|(_, eps)| eps.iter())
+        .filter(|e| e.local)
+    {
         hairpin.insert(format!(
             "-A {} -s {} -d {} -m comment --comment \"hairpin\" -j MASQUERADE",
             chains::POSTROUTING,
@@ -448,6 +514,13 @@ pub fn plan(
         }
         // The canary: someone flushing the tables removes it, and the next check resyncs.
         emit(&mut out, &format!("-A {} -j RETURN", chains::CANARY));
+        if !cfg.conntrack_tcp_be_liberal {
+            // Forwarded packets conntrack cannot place (out of the TCP window, e.g. after a
+            // DNAT's conntrack entry was replaced) would otherwise leave un-NATed with the
+            // pod's or the Service's address and reset the client's connection (kube-proxy's
+            // KUBE-FORWARD rule; kubernetes#74839).
+            emit(&mut out, &format!("-A {} -m conntrack --ctstate INVALID -m comment --comment \"kpx: drop packets conntrack marks INVALID\" -j DROP", chains::FORWARD));
+        }
         emit(&mut out, &format!("-A {} -m comment --comment \"kpx forwarding rules\" -m mark --mark {m}/{m} -j ACCEPT", chains::FORWARD, m = chains::MASQ_MARK));
         emit(&mut out, &format!("-A {} -m comment --comment \"kpx forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT", chains::FORWARD));
         for f in fragments.values() {
@@ -562,6 +635,12 @@ pub fn plan(
         }
         out.push_str("COMMIT\n");
     }
+    // Hairpin rules are shared between a Service's ports (written once per endpoint).
+    let hairpin = fragments
+        .values()
+        .flat_map(|f| &f.hairpin)
+        .collect::<BTreeSet<_>>()
+        .len();
     let rules_total = fragments
         .values()
         .map(|f| {
@@ -570,11 +649,11 @@ pub fn plan(
                 + f.filter_services.len()
                 + f.filter_external.len()
                 + f.filter_nodeports.len()
-                + f.hairpin.len()
                 + f.digests.iter().map(|(_, _, n)| n).sum::<usize>()
         })
         .sum::<usize>()
-        + 9;
+        + hairpin
+        + fixed_rules(cfg);
     Plan {
         restore: out,
         full,

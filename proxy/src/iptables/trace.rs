@@ -26,6 +26,8 @@ pub struct Outcome {
     pub masquerade: bool,
     /// REJECT or DROP from the filter table when not DNATed.
     pub verdict: Option<String>,
+    /// `--seconds` of a `recent --rcheck` passed on the way (session affinity).
+    pub affinity: Option<u32>,
 }
 
 fn tokenize(rule: &str) -> Vec<String> {
@@ -163,6 +165,14 @@ impl Walker<'_> {
             .unwrap_or_default();
         let mut state = state;
         for (i, rule) in rules.iter().enumerate().skip(from) {
+            if let Some(at) = rule.iter().position(|w| w == "--rcheck") {
+                let seconds = rule[at..]
+                    .iter()
+                    .position(|w| w == "--seconds")
+                    .and_then(|j| rule.get(at + j + 1))
+                    .and_then(|s| s.parse().ok());
+                state.affinity = state.affinity.or(seconds);
+            }
             let Some(prob) = matches(rule, self.packet) else {
                 continue;
             };
@@ -201,12 +211,30 @@ impl Walker<'_> {
 /// Every way `packet` can go through the plan's nat `KPX-SERVICES` and, when not DNATed, the
 /// filter table's Service rejects.
 pub fn trace(restore: &str, packet: &Packet) -> Vec<Outcome> {
+    trace_through(restore, packet, &["KPX-SERVICES", "KPX-EXTERNAL-SERVICES"])
+}
+
+/// The filter chains a packet not DNATed passes, by where it enters: kpx's jumps from the
+/// built-in chains (`chains::JUMPS`) for OUTPUT (the node's own), INPUT (to a local address)
+/// and FORWARD.
+pub fn filter_chains(from_node: bool, to_local: bool) -> &'static [&'static str] {
+    match (from_node, to_local) {
+        (true, _) => &["KPX-SERVICES", "KPX-EXTERNAL-SERVICES"],
+        (false, true) => &["KPX-EXTERNAL-SERVICES"],
+        (false, false) => &["KPX-EXTERNAL-SERVICES", "KPX-SERVICES"],
+    }
+}
+
+/// As [`trace`], with the filter chains given; a DNATed packet that reaches its own source is
+/// masqueraded when `KPX-POSTROUTING` has the hairpin rule for it.
+pub fn trace_through(restore: &str, packet: &Packet, filter_chains: &[&str]) -> Vec<Outcome> {
     let chains = parse(restore);
     let start = Outcome {
         probability: 1.0,
         dnat: None,
         masquerade: false,
         verdict: None,
+        affinity: None,
     };
     let mut nat = Walker {
         chains: &chains,
@@ -217,8 +245,29 @@ pub fn trace(restore: &str, packet: &Packet) -> Vec<Outcome> {
         nat.out.push(rest);
     }
     let mut out = Vec::new();
-    for o in nat.out {
-        if o.dnat.is_some() {
+    for mut o in nat.out {
+        if let Some(to) = &o.dnat {
+            let host = to.rsplit_once(':').map_or(to.as_str(), |(h, _)| h);
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            if host.parse::<IpAddr>().ok() == Some(packet.src) {
+                let hairpin = chains
+                    .get(&("nat".to_string(), "KPX-POSTROUTING".to_string()))
+                    .is_some_and(|rules| {
+                        rules.iter().any(|r| {
+                            matches(
+                                r,
+                                &Packet {
+                                    dst: packet.src,
+                                    ..packet.clone()
+                                },
+                            )
+                            .is_some()
+                                && target(r).0 == "MASQUERADE"
+                                && r.iter().any(|w| w == "-s")
+                        })
+                    });
+                o.masquerade |= hairpin;
+            }
             out.push(o);
             continue;
         }
@@ -228,7 +277,7 @@ pub fn trace(restore: &str, packet: &Packet) -> Vec<Outcome> {
             packet,
             out: Vec::new(),
         };
-        for chain in ["KPX-SERVICES", "KPX-EXTERNAL-SERVICES"] {
+        for chain in filter_chains {
             if let Some(rest) = filter.walk("filter", chain, 0, o.clone(), 0) {
                 if rest.verdict.is_some() {
                     filter.out.push(rest);

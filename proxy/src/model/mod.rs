@@ -2,6 +2,7 @@
 //! snapshot and the [`Changes`] since the previous one out. No I/O here.
 
 pub mod endpoints;
+pub mod frontend;
 pub mod refuse;
 pub mod service;
 pub mod state;

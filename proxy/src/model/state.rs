@@ -30,6 +30,8 @@ impl ProxyState {
 }
 
 /// Conntrack entries to delete after a sync, so UDP flows do not stick to a gone endpoint.
+/// kube-proxy's `deleteStaleEndpointConnections` / `deleteStaleServiceConntrackEntries`
+/// (`pkg/proxy/conntrack/cleanup.go`): by Service address, and by NodePort on any address.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum ConntrackCleanup {
     /// Flows to `vip:port` answered by `endpoint`.
@@ -43,6 +45,21 @@ pub enum ConntrackCleanup {
     Service {
         vip: IpAddr,
         port: u16,
+        protocol: Protocol,
+    },
+    /// Flows to the NodePort `node_port` on any local address, answered by `endpoint`
+    /// (kube-proxy's `ClearEntriesForPortNAT`: `--dport` and `--dst-nat`). The family is the
+    /// endpoint's.
+    NodePortEndpoint {
+        node_port: u16,
+        protocol: Protocol,
+        endpoint: IpAddr,
+    },
+    /// All flows of one family to the NodePort `node_port` on any address (the Service had no
+    /// endpoints, so they were rejected; kube-proxy's `ClearEntriesForPort`).
+    NodePort {
+        ipv6: bool,
+        node_port: u16,
         protocol: Protocol,
     },
 }
@@ -73,7 +90,10 @@ pub fn service_addresses(port: &ServicePort) -> impl Iterator<Item = IpAddr> + '
         .copied()
 }
 
-/// The conntrack cleanups UDP needs between two versions of a Service port.
+/// The conntrack cleanups UDP needs between two versions of a Service port: for every endpoint
+/// that stopped serving, its flows to each Service address and to the NodePort; for a Service
+/// port that goes from no endpoints to some, every flow to its addresses and its NodePort
+/// (they were rejected and would stay so until their entries time out).
 pub fn udp_cleanups(
     old: Option<&ServiceEntry>,
     new: Option<&ServiceEntry>,
@@ -107,6 +127,13 @@ pub fn udp_cleanups(
                     endpoint: *gone,
                 });
             }
+            if let Some(node_port) = old.port.node_port {
+                out.insert(ConntrackCleanup::NodePortEndpoint {
+                    node_port,
+                    protocol: Protocol::Udp,
+                    endpoint: *gone,
+                });
+            }
         }
     }
     if let Some(new) = new {
@@ -117,6 +144,19 @@ pub fn udp_cleanups(
                     port: new.port.port,
                     protocol: Protocol::Udp,
                 });
+            }
+            if let Some(node_port) = new.port.node_port {
+                // One per family the Service has: the NodePort answers on every node address
+                // of each of its families.
+                let families: BTreeSet<bool> =
+                    new.port.cluster_ips.iter().map(IpAddr::is_ipv6).collect();
+                for ipv6 in families {
+                    out.insert(ConntrackCleanup::NodePort {
+                        ipv6,
+                        node_port,
+                        protocol: Protocol::Udp,
+                    });
+                }
             }
         }
     }

@@ -102,6 +102,7 @@ fn full_plan() {
         :KPX-FORWARD - [0:0]
         :KPX-PROXY-CANARY - [0:0]
         -A KPX-PROXY-CANARY -j RETURN
+        -A KPX-FORWARD -m conntrack --ctstate INVALID -m comment --comment "kpx: drop packets conntrack marks INVALID" -j DROP
         -A KPX-FORWARD -m comment --comment "kpx forwarding rules" -m mark --mark 0x4000/0x4000 -j ACCEPT
         -A KPX-FORWARD -m comment --comment "kpx forwarding conntrack rule" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
         -A KPX-SERVICES -d 10.96.0.11/32 -p udp -m udp --dport 53 -m comment --comment "ns/empty/UDP has no endpoints" -j REJECT --reject-with icmp-port-unreachable
@@ -133,10 +134,10 @@ fn full_plan() {
         -A KPX-EXT-SPPMRL3VLYWNTCXH -m comment --comment "masquerade LOCAL traffic for ns/np/TCP external destinations" -m addrtype --src-type LOCAL -j KPX-MARK-MASQ
         -A KPX-EXT-SPPMRL3VLYWNTCXH -m comment --comment "route LOCAL traffic for ns/np/TCP external destinations" -m addrtype --src-type LOCAL -j KPX-SVC-EMZIA3F3AUVSPVV2
         -A KPX-EXT-SPPMRL3VLYWNTCXH -j KPX-SVL-2VVLB7UUXYMD23GY
-        -A KPX-SVC-EMZIA3F3AUVSPVV2 ! -s 198.18.128.0/17 -m comment --comment "ns/np/TCP cluster IP" -j KPX-MARK-MASQ
+        -A KPX-SVC-EMZIA3F3AUVSPVV2 -d 10.96.0.12/32 -p tcp -m tcp --dport 80 ! -s 198.18.128.0/17 -m comment --comment "ns/np/TCP cluster IP" -j KPX-MARK-MASQ
         -A KPX-SVC-EMZIA3F3AUVSPVV2 -p tcp -m comment --comment "ns/np/TCP affinity" -m recent --name KPX-SEP-RFPU36D6RB3XRZQ7 --rcheck --seconds 10800 --reap -j DNAT --to-destination 198.18.128.3:8080
         -A KPX-SVC-EMZIA3F3AUVSPVV2 -p tcp -m comment --comment "ns/np/TCP" -m recent --name KPX-SEP-RFPU36D6RB3XRZQ7 --set -j DNAT --to-destination 198.18.128.3:8080
-        -A KPX-SVC-HU7XKBSX5JJPFAMG ! -s 198.18.128.0/17 -m comment --comment "ns/web:http/TCP cluster IP" -j KPX-MARK-MASQ
+        -A KPX-SVC-HU7XKBSX5JJPFAMG -d 10.96.0.10/32 -p tcp -m tcp --dport 80 ! -s 198.18.128.0/17 -m comment --comment "ns/web:http/TCP cluster IP" -j KPX-MARK-MASQ
         -A KPX-SVC-HU7XKBSX5JJPFAMG -p tcp -m comment --comment "ns/web:http/TCP" -m statistic --mode random --probability 0.5000000000 -j DNAT --to-destination 198.18.128.2:8080
         -A KPX-SVC-HU7XKBSX5JJPFAMG -p tcp -m comment --comment "ns/web:http/TCP" -j DNAT --to-destination 198.18.129.2:8080
         -A KPX-SVL-2VVLB7UUXYMD23GY -p tcp -m comment --comment "ns/np/TCP affinity" -m recent --name KPX-SEP-RFPU36D6RB3XRZQ7 --rcheck --seconds 10800 --reap -j DNAT --to-destination 198.18.128.3:8080
@@ -169,7 +170,7 @@ fn one_endpoint_change_rewrites_only_that_chain() {
     expect![[r#"
         *nat
         :KPX-SVC-HU7XKBSX5JJPFAMG - [0:0]
-        -A KPX-SVC-HU7XKBSX5JJPFAMG ! -s 198.18.128.0/17 -m comment --comment "ns/web:http/TCP cluster IP" -j KPX-MARK-MASQ
+        -A KPX-SVC-HU7XKBSX5JJPFAMG -d 10.96.0.10/32 -p tcp -m tcp --dport 80 ! -s 198.18.128.0/17 -m comment --comment "ns/web:http/TCP cluster IP" -j KPX-MARK-MASQ
         -A KPX-SVC-HU7XKBSX5JJPFAMG -p tcp -m comment --comment "ns/web:http/TCP" -m statistic --mode random --probability 0.5000000000 -j DNAT --to-destination 198.18.128.2:8080
         -A KPX-SVC-HU7XKBSX5JJPFAMG -p tcp -m comment --comment "ns/web:http/TCP" -j DNAT --to-destination 198.18.129.9:8080
         COMMIT
@@ -303,6 +304,7 @@ fn each_family_renders_only_its_own_addresses() {
         :KPX-FORWARD - [0:0]
         :KPX-PROXY-CANARY - [0:0]
         -A KPX-PROXY-CANARY -j RETURN
+        -A KPX-FORWARD -m conntrack --ctstate INVALID -m comment --comment "kpx: drop packets conntrack marks INVALID" -j DROP
         -A KPX-FORWARD -m comment --comment "kpx forwarding rules" -m mark --mark 0x4000/0x4000 -j ACCEPT
         -A KPX-FORWARD -m comment --comment "kpx forwarding conntrack rule" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
         -A KPX-SERVICES -d fd00::21/128 -p udp -m udp --dport 53 -m comment --comment "ns/v6-empty/UDP has no endpoints" -j REJECT --reject-with icmp6-port-unreachable
@@ -326,7 +328,7 @@ fn each_family_renders_only_its_own_addresses() {
         -A KPX-SERVICES -m comment --comment "kpx service nodeports" -m addrtype --dst-type LOCAL -j KPX-NODEPORTS
         -A KPX-EXT-BUTFEI65FHB6QTVV -m comment --comment "masquerade traffic for ns/dual:http/TCP external destinations" -j KPX-MARK-MASQ
         -A KPX-EXT-BUTFEI65FHB6QTVV -j KPX-SVC-M6CWKSMZ5PYYT4NJ
-        -A KPX-SVC-M6CWKSMZ5PYYT4NJ ! -s fd00:10::/64 -m comment --comment "ns/dual:http/TCP cluster IP" -j KPX-MARK-MASQ
+        -A KPX-SVC-M6CWKSMZ5PYYT4NJ -d fd00::20/128 -p tcp -m tcp --dport 80 ! -s fd00:10::/64 -m comment --comment "ns/dual:http/TCP cluster IP" -j KPX-MARK-MASQ
         -A KPX-SVC-M6CWKSMZ5PYYT4NJ -p tcp -m comment --comment "ns/dual:http/TCP" -m statistic --mode random --probability 0.5000000000 -j DNAT --to-destination [fd00:10::4]:8080
         -A KPX-SVC-M6CWKSMZ5PYYT4NJ -p tcp -m comment --comment "ns/dual:http/TCP" -j DNAT --to-destination [fd00:10::5]:8080
         COMMIT
@@ -375,4 +377,46 @@ fn chains_are_declared_and_written_in_name_order() {
         .collect();
     written.dedup();
     assert_eq!(written, declared);
+}
+
+#[test]
+fn the_rule_count_is_the_rules_a_full_restore_writes() {
+    // Two --nodeport-addresses CIDRs (two dispatch rules) and a two-port Service whose local
+    // endpoint's hairpin rule is written once: the count used to say 9 fixed rules and one
+    // hairpin rule per port.
+    let mut t = ChangeTracker::new("n1");
+    t.apply_service(service(
+        "multi",
+        json!({"type": "NodePort", "clusterIP": "10.96.0.20", "ports": [
+            {"name": "a", "port": 80, "nodePort": 30001},
+            {"name": "b", "port": 81, "nodePort": 30002}]}),
+    ));
+    let slice: EndpointSlice = serde_json::from_value(json!({
+        "metadata": {"name": "multi-1", "namespace": "ns", "labels": {"kubernetes.io/service-name": "multi"}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": ["198.18.128.9"], "nodeName": "n1", "conditions": {"ready": true}}],
+        "ports": [{"name": "a", "port": 8080}, {"name": "b", "port": 8081}],
+    }))
+    .expect("slice");
+    t.apply_slice(slice);
+    let (state, changes) = t.snapshot(&ProxyState::default());
+    for liberal in [false, true] {
+        let cfg = RenderConfig {
+            nodeport_addresses: vec!["198.18.0.0/24".into(), "198.18.1.0/24".into()],
+            conntrack_tcp_be_liberal: liberal,
+            ..cfg()
+        };
+        let plan = full_plan_with(&cfg, &state, &changes);
+        let written = plan
+            .restore
+            .lines()
+            .filter(|l| l.starts_with("-A ") || l.starts_with("-I "))
+            .count();
+        assert_eq!(plan.rules_total, written, "{}", plan.restore);
+        assert_eq!(
+            plan.restore.contains("--ctstate INVALID"),
+            !liberal,
+            "INVALID drop only without --conntrack-tcp-be-liberal"
+        );
+    }
 }

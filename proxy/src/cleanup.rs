@@ -1,0 +1,239 @@
+//! Cleanup across modes, as kube-proxy's `platformCleanup` (`cmd/kube-proxy/app/server_linux.go`):
+//! `kpx-proxy --cleanup` removes what every mode left (`cleanupAndExit`: every mode's
+//! `CleanupLeftovers`, an error if any failed), and starting in one mode first removes what the
+//! *other* modes left, best effort (`Options.Run` in `server.go` ignores that error: the mode
+//! starts anyway). Each mode's cleanup is a module-level function that needs no running backend:
+//! [`iptables::cleanup`] (every `KPX-` chain and the jumps to them, per tool: both families,
+//! both flavours) and [`ebpf::cleanup`] (the pinned links and maps). Only kpx's own state is
+//! removed: never kube-proxy's `KUBE-` chains, never another program's pins.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use crate::backend::BackendError;
+use crate::ebpf::{self, EbpfCleanup};
+use crate::iptables;
+use crate::netfilter::{Flavour, Tool, ToolCleanup};
+
+/// What a cleanup looks at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CleanupTargets {
+    /// The iptables tools whose `KPX-` chains are removed.
+    pub iptables: Vec<Tool>,
+    /// The eBPF mode's pin directory (`--bpf-pin-dir`), if it is cleaned.
+    pub ebpf_pin_dir: Option<PathBuf>,
+}
+
+/// The mode a proxy starts in, for [`CleanupTargets::left_by_others`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Running {
+    /// iptables of this flavour (both families).
+    Iptables(Flavour),
+    Ebpf,
+}
+
+impl CleanupTargets {
+    /// Everything every mode may have left: `--cleanup`.
+    pub fn every_mode(ebpf_pin_dir: PathBuf) -> Self {
+        Self {
+            iptables: Tool::EVERY.to_vec(),
+            ebpf_pin_dir: Some(ebpf_pin_dir),
+        }
+    }
+
+    /// What the modes other than `running` may have left, for a start in `running`. iptables
+    /// of the other flavour counts as another mode: every packet traverses both the legacy and
+    /// the nft tables, so stale `KPX-` rules in the flavour not in use would still DNAT. The
+    /// running flavour's own stale chains are the backend's business (its first full sync
+    /// removes those no longer wanted).
+    pub fn left_by_others(running: Running, ebpf_pin_dir: PathBuf) -> Self {
+        match running {
+            Running::Iptables(flavour) => Self {
+                iptables: Tool::EVERY
+                    .into_iter()
+                    .filter(|t| t.flavour != flavour)
+                    .collect(),
+                ebpf_pin_dir: Some(ebpf_pin_dir),
+            },
+            Running::Ebpf => Self {
+                iptables: Tool::EVERY.to_vec(),
+                ebpf_pin_dir: None,
+            },
+        }
+    }
+}
+
+/// What a cleanup removed, per mode.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    pub iptables: Vec<ToolCleanup>,
+    pub ebpf: Option<EbpfCleanup>,
+}
+
+impl Report {
+    /// Whether nothing was removed.
+    pub fn is_empty(&self) -> bool {
+        self.iptables.iter().all(|t| t.removed.is_empty())
+            && self.ebpf.as_ref().is_none_or(EbpfCleanup::is_empty)
+    }
+
+    /// One info line per mode that had leftovers (what was skipped was said at debug level).
+    pub fn log(&self) {
+        for t in self.iptables.iter().filter(|t| !t.removed.is_empty()) {
+            tracing::info!(
+                tool = %t.tool,
+                chains = t.chains(),
+                jumps = t.jumps(),
+                "removed kpx iptables chains and the jumps to them"
+            );
+        }
+        if let Some(e) = self.ebpf.as_ref().filter(|e| !e.is_empty()) {
+            tracing::info!(
+                pin_dir = %e.pin_dir.display(),
+                links = e.links.len(),
+                maps = e.maps.len(),
+                "detached kpx BPF programs and removed their pins"
+            );
+        }
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_empty() {
+            return f.write_str("nothing of kpx was left");
+        }
+        let mut parts = Vec::new();
+        for t in self.iptables.iter().filter(|t| !t.removed.is_empty()) {
+            parts.push(format!(
+                "{}: {} chains, {} jumps",
+                t.tool,
+                t.chains(),
+                t.jumps()
+            ));
+        }
+        if let Some(e) = self.ebpf.as_ref().filter(|e| !e.is_empty()) {
+            parts.push(format!(
+                "ebpf {}: {} links, {} maps",
+                e.pin_dir.display(),
+                e.links.len(),
+                e.maps.len()
+            ));
+        }
+        f.write_str(&parts.join("; "))
+    }
+}
+
+/// A cleanup that failed somewhere; `report` holds what the others removed.
+#[derive(Debug, thiserror::Error)]
+#[error("cleanup failed: {}", failures.iter().map(|(what, e)| format!("{what}: {e}")).collect::<Vec<_>>().join("; "))]
+pub struct CleanupError {
+    pub report: Box<Report>,
+    /// What failed (`iptables-nft`, `ebpf /sys/fs/bpf/kpx`) and why.
+    pub failures: Vec<(String, BackendError)>,
+}
+
+/// Runs every cleanup `targets` names; one failing does not stop the others (as
+/// `platformCleanup` runs every `CleanupLeftovers` and reports whether any failed).
+pub fn cleanup_all(targets: &CleanupTargets) -> Result<Report, CleanupError> {
+    let mut report = Report::default();
+    let mut failures = Vec::new();
+    for tool in &targets.iptables {
+        match iptables::cleanup(*tool) {
+            Ok(t) => report.iptables.push(t),
+            Err(e) => failures.push((tool.binary(""), e)),
+        }
+    }
+    if let Some(pin_dir) = &targets.ebpf_pin_dir {
+        match ebpf::cleanup(pin_dir) {
+            Ok(e) => report.ebpf = Some(e),
+            Err(e) => failures.push((format!("ebpf {}", pin_dir.display()), e)),
+        }
+    }
+    if failures.is_empty() {
+        Ok(report)
+    } else {
+        Err(CleanupError {
+            report: Box::new(report),
+            failures,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::netfilter::Leftovers;
+
+    fn tools(t: &CleanupTargets) -> Vec<String> {
+        t.iptables.iter().map(|t| t.binary("")).collect()
+    }
+
+    #[test]
+    fn cleanup_looks_at_every_mode_and_a_start_at_the_others_only() {
+        let pins = PathBuf::from("/sys/fs/bpf/kpx");
+        let all = CleanupTargets::every_mode(pins.clone());
+        assert_eq!(
+            tools(&all),
+            [
+                "iptables-nft",
+                "ip6tables-nft",
+                "iptables-legacy",
+                "ip6tables-legacy"
+            ]
+        );
+        assert_eq!(all.ebpf_pin_dir.as_ref(), Some(&pins));
+
+        let ebpf = CleanupTargets::left_by_others(Running::Ebpf, pins.clone());
+        assert_eq!(tools(&ebpf), tools(&all));
+        assert_eq!(
+            ebpf.ebpf_pin_dir, None,
+            "the running mode's pins are its own"
+        );
+
+        let nft = CleanupTargets::left_by_others(Running::Iptables(Flavour::Nft), pins.clone());
+        assert_eq!(tools(&nft), ["iptables-legacy", "ip6tables-legacy"]);
+        assert_eq!(nft.ebpf_pin_dir.as_ref(), Some(&pins));
+        let legacy = CleanupTargets::left_by_others(Running::Iptables(Flavour::Legacy), pins);
+        assert_eq!(tools(&legacy), ["iptables-nft", "ip6tables-nft"]);
+    }
+
+    #[test]
+    fn the_report_says_what_each_mode_removed() {
+        let mut report = Report::default();
+        assert!(report.is_empty());
+        assert_eq!(report.to_string(), "nothing of kpx was left");
+        report.iptables.push(ToolCleanup {
+            tool: "iptables-legacy".into(),
+            skipped: Some("not installed".into()),
+            ..Default::default()
+        });
+        report.ebpf = Some(EbpfCleanup {
+            pin_dir: "/p".into(),
+            skipped: Some("/p does not exist".into()),
+            ..Default::default()
+        });
+        assert!(report.is_empty(), "skipped targets removed nothing");
+        report.iptables.push(ToolCleanup {
+            tool: "iptables-nft".into(),
+            removed: vec![Leftovers {
+                table: "nat".into(),
+                chains: vec!["KPX-SERVICES".into(), "KPX-SVC-A".into()],
+                jumps: vec!["-A OUTPUT -j KPX-SERVICES".into()],
+            }],
+            skipped: None,
+        });
+        report.ebpf = Some(EbpfCleanup {
+            pin_dir: "/p".into(),
+            links: vec!["tc-ingress-2".into()],
+            maps: vec!["kpx_services".into()],
+            dir_removed: true,
+            skipped: None,
+        });
+        assert!(!report.is_empty());
+        assert_eq!(
+            report.to_string(),
+            "iptables-nft: 2 chains, 1 jumps; ebpf /p: 1 links, 1 maps"
+        );
+    }
+}
