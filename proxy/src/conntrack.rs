@@ -133,6 +133,7 @@ mod tests {
             serving: true,
             terminating: false,
             local: false,
+            hints: Default::default(),
         }
     }
 

@@ -26,6 +26,7 @@ fn ep(address: &str, port: u16, flags: &str) -> Endpoint {
         serving: ready || terminating,
         terminating,
         local: flags.contains('l'),
+        hints: Default::default(),
     }
 }
 
