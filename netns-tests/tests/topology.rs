@@ -6,8 +6,6 @@
 //!   endpoints — all of them when their zone has none (kube-proxy's `topologyModeFromHints`).
 //! - `service.kubernetes.io/headless`: a Service with the label gets no rules, and a programmed
 //!   one loses them when it gains the label (kube-proxy's Service label selector).
-//! - Endpoints that all exist but none serves: refused, not a hang (kube-proxy treats "no
-//!   usable endpoint" as "no endpoint").
 //!
 //! The eBPF backend's socket load balancing also applies to pods (they sit in the node's
 //! cgroup), so pod clients see the same selection on every backend.
@@ -312,56 +310,6 @@ async fn headless_labelled_services_get_no_rules() {
             "answered again once unlabelled",
             || traffic::http(client, vip, 5, TIMEOUT),
             all_answer,
-        )
-        .await?;
-        Ok(())
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn endpoints_that_exist_but_none_serves_are_refused_at_once() {
-    on_every_backend("topology-none-serving", |backend| async move {
-        let mut lab = Lab::start("noserve", backend, 2, 0).await?;
-        lab.add_pod(0, "web-a").await?;
-        lab.add_pod(1, "web-b").await?;
-        lab.add_pod(0, "client").await?;
-        let client = &lab.pod("client").ns;
-        let svc = create_service(
-            &lab,
-            "web",
-            json!({"ports": [{"name": "http", "port": 80, "targetPort": 8080}]}),
-        )
-        .await?;
-        let vip = target(cluster_ip(&svc), 80);
-        set_endpoints(&lab, "web", &[ready("web-a"), ready("web-b")], http_port()).await?;
-        eventually(
-            &lab,
-            "served",
-            || traffic::http(client, vip, 5, TIMEOUT),
-            all_answer,
-        )
-        .await?;
-        // Both still listed, neither ready nor serving-and-terminating: no usable endpoint.
-        let unready = |pod| Ep {
-            pod,
-            ready: false,
-            serving: false,
-            terminating: false,
-        };
-        let gone = |pod| Ep {
-            pod,
-            ready: false,
-            serving: false,
-            terminating: true,
-        };
-        set_endpoints(&lab, "web", &[unready("web-a"), gone("web-b")], http_port()).await?;
-        // kube-proxy rejects (REJECT / RST) rather than dropping: refused, not timed out.
-        eventually(
-            &lab,
-            "refused",
-            || traffic::http(client, vip, 3, TIMEOUT),
-            |o| o.iter().all(|x| *x == Outcome::Refused),
         )
         .await?;
         Ok(())
