@@ -245,9 +245,9 @@ pub fn frontends(entry: &ServiceEntry, node: &NodeConfig, ipv6: bool) -> Fronten
         affinity_seconds: port.affinity_seconds,
     };
 
-    // Cluster IPs: internalTrafficPolicy decides the endpoints (the tracker already narrowed
-    // `cluster` to local ones for Local); masquerade everything with --masquerade-all, else
-    // what comes from outside the pod network when it can be told apart.
+    // Cluster IPs: internalTrafficPolicy decides the endpoint set (this node's for Local, the
+    // cluster's, topology applied, otherwise); masquerade everything with --masquerade-all,
+    // else what comes from outside the pod network when it can be told apart.
     let internal_set = if port.internal_policy_local {
         EndpointSet::Local
     } else {
