@@ -52,6 +52,24 @@ fn slice(service: &str, family: &str, endpoints: &[Ep], ports: Value) -> Value {
     })
 }
 
+/// A slice whose endpoints carry zone hints (as the EndpointSlice controller writes them for
+/// `trafficDistribution: PreferClose`): address, node, zone.
+fn hinted_slice(service: &str, endpoints: &[(&str, &str, &str)]) -> Value {
+    let endpoints: Vec<Value> = endpoints
+        .iter()
+        .map(|(addr, node, zone)| {
+            json!({"addresses": [addr], "nodeName": node, "zone": zone,
+                   "conditions": {"ready": true, "serving": true, "terminating": false},
+                   "hints": {"forZones": [{"name": zone}]}})
+        })
+        .collect();
+    json!({
+        "metadata": {"name": format!("{service}-ipv4"), "namespace": "ns",
+                     "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4", "endpoints": endpoints, "ports": http(),
+    })
+}
+
 fn http() -> Value {
     json!([{"name": "http", "port": 8080, "protocol": "TCP"}])
 }
@@ -383,6 +401,33 @@ pub fn all() -> Vec<Case> {
                 to(From::Pod(POD), cluster_ip, 80, reach(&all_eps, Seen::Node)),
                 to(From::Outside(OUTSIDE), cluster_ip, 80, reach(&all_eps, Seen::Node)),
             ],
+        },
+        Case {
+            name: "topology hints (trafficDistribution PreferClose): this zone's endpoints, on every frontend",
+            services: vec![web(json!({"type": "NodePort", "clusterIP": cluster_ip,
+                                      "trafficDistribution": "PreferClose",
+                                      "ports": [{"name": "http", "port": 80, "nodePort": 30080}]}))],
+            slices: vec![hinted_slice("web", &[(LOCAL_EP, "n1", "zone-a"), (REMOTE_EP, "n2", "zone-b")])],
+            node: Node {
+                zone: Some("zone-a"),
+                ..with_cidr()
+            },
+            probes: vec![
+                to(From::Pod(POD), cluster_ip, 80, reach(&local_ep, Seen::Client)),
+                to(From::Node, cluster_ip, 80, reach(&local_ep, Seen::Node)),
+                to(From::Outside(OUTSIDE), NODE_IP4, 30080, reach(&local_ep, Seen::Node)),
+            ],
+        },
+        Case {
+            name: "topology hints for another zone only: every endpoint (kube-proxy's fallback)",
+            services: vec![web(json!({"clusterIP": cluster_ip, "trafficDistribution": "PreferClose",
+                                      "ports": [{"name": "http", "port": 80}]}))],
+            slices: vec![hinted_slice("web", &[(LOCAL_EP, "n1", "zone-b"), (REMOTE_EP, "n2", "zone-b")])],
+            node: Node {
+                zone: Some("zone-a"),
+                ..with_cidr()
+            },
+            probes: vec![to(From::Pod(POD), cluster_ip, 80, reach(&all_eps, Seen::Client))],
         },
         Case {
             name: "cluster-cidr absent: nothing told apart, so no cluster IP masquerade and pods are outside clients of external frontends",

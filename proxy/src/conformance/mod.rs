@@ -133,6 +133,8 @@ pub struct Node {
     pub masquerade_all: bool,
     /// `--nodeport-addresses`.
     pub nodeport_addresses: Vec<&'static str>,
+    /// The node's `topology.kubernetes.io/zone` label.
+    pub zone: Option<&'static str>,
 }
 
 impl Node {
@@ -213,6 +215,10 @@ pub struct Case {
 impl Case {
     pub fn state(&self) -> ProxyState {
         let mut tracker = ChangeTracker::new(NODE);
+        if let Some(zone) = self.node.zone {
+            let labels = [("topology.kubernetes.io/zone".to_string(), zone.to_string())].into();
+            tracker.set_node_labels(Some(&labels));
+        }
         for s in &self.services {
             let svc: Service = serde_json::from_value(s.clone()).expect("a Service in a case");
             tracker.apply_service(svc);
@@ -303,6 +309,7 @@ fn the_table_covers_what_the_issue_lists() {
         "nodeport-addresses",
         "masquerade-all",
         "cluster-cidr absent",
+        "topology hints",
     ] {
         assert!(
             names.iter().any(|n| n.starts_with(wanted)),
