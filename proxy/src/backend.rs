@@ -184,6 +184,8 @@ pub struct SyncReport {
     /// Chains (or sets, maps) created or rewritten, and deleted.
     pub chains_written: usize,
     pub chains_deleted: usize,
+    /// `total` per kernel table, where the backend has tables (iptables: `nat`, `filter`).
+    pub per_table: Vec<(&'static str, Count)>,
 }
 
 /// One Service port as a backend reads it back from the kernel (`kpx-proxy dump`).
@@ -201,7 +203,7 @@ pub struct DumpedService {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub no_endpoints: Option<String>,
     /// The backend's own view of each frontend (eBPF: map entries), when it has one.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub frontends: Vec<DumpedFrontend>,
 }
 
@@ -236,7 +238,7 @@ pub struct DumpedFlow {
 pub struct Dump {
     pub backend: String,
     pub services: Vec<DumpedService>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub conntrack: Vec<DumpedFlow>,
 }
 

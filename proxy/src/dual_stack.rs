@@ -57,6 +57,7 @@ impl<B: Backend> Backend for DualStack<B> {
                     total: t.total + report.total,
                     chains_written: t.chains_written + report.chains_written,
                     chains_deleted: t.chains_deleted + report.chains_deleted,
+                    per_table: add_tables(t.per_table, report.per_table),
                 },
             });
             Ok(())
@@ -105,6 +106,20 @@ impl<B: Backend> Backend for DualStack<B> {
         }
         .sorted())
     }
+}
+
+/// Per-table counts of two families, table by table.
+fn add_tables(
+    mut into: Vec<(&'static str, crate::backend::Count)>,
+    other: Vec<(&'static str, crate::backend::Count)>,
+) -> Vec<(&'static str, crate::backend::Count)> {
+    for (table, count) in other {
+        match into.iter_mut().find(|(t, _)| *t == table) {
+            Some((_, c)) => *c = *c + count,
+            None => into.push((table, count)),
+        }
+    }
+    into
 }
 
 fn merge_service(into: &mut DumpedService, other: DumpedService) {
@@ -168,6 +183,10 @@ mod tests {
                 total: Count::new(10, Unit::Rules),
                 chains_written: 1,
                 chains_deleted: 0,
+                per_table: vec![
+                    ("nat", Count::new(7, Unit::Rules)),
+                    ("filter", Count::new(3, Unit::Rules)),
+                ],
             })
         }
         fn lost_state(&mut self) -> Option<String> {
@@ -236,6 +255,13 @@ mod tests {
             .expect("test data is valid");
         assert_eq!(report.written, Count::new(6, Unit::Rules));
         assert_eq!(report.total.to_string(), "20 rules");
+        assert_eq!(
+            report.per_table,
+            [
+                ("nat", Count::new(14, Unit::Rules)),
+                ("filter", Count::new(6, Unit::Rules))
+            ]
+        );
         assert!(!report.full);
     }
 

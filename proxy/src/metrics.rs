@@ -24,6 +24,11 @@ pub struct RefusedLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TableLabel {
+    pub table: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MapLabel {
     pub map: String,
 }
@@ -33,8 +38,8 @@ pub enum ModeMetrics {
     Iptables {
         /// `kubeproxy_sync_proxy_rules_iptables_restore_failures_total`.
         restore_failures: Counter,
-        /// `kubeproxy_sync_proxy_rules_iptables_total`: rules programmed.
-        rules_total: Gauge,
+        /// `kubeproxy_sync_proxy_rules_iptables_total{table}`: rules programmed per table.
+        rules_total: Family<TableLabel, Gauge>,
         /// `kubeproxy_sync_proxy_rules_iptables_last`: rules the last sync wrote.
         rules_last: Gauge,
     },
@@ -82,7 +87,7 @@ impl Metrics {
             mode: match mode {
                 "iptables" => ModeMetrics::Iptables {
                     restore_failures: Counter::default(),
-                    rules_total: Gauge::default(),
+                    rules_total: Family::default(),
                     rules_last: Gauge::default(),
                 },
                 "ebpf" => ModeMetrics::Ebpf {
@@ -143,7 +148,7 @@ impl Metrics {
                 );
                 registry.register(
                     "kubeproxy_sync_proxy_rules_iptables_total",
-                    "Total number of iptables rules owned by kpx-proxy",
+                    "Total number of iptables rules owned by kpx-proxy, per table",
                     rules_total.clone(),
                 );
                 registry.register(
@@ -211,7 +216,13 @@ impl Metrics {
                 rules_last,
                 ..
             } => {
-                rules_total.set(report.total.n as i64);
+                for (table, count) in &report.per_table {
+                    rules_total
+                        .get_or_create(&TableLabel {
+                            table: table.to_string(),
+                        })
+                        .set(count.n as i64);
+                }
                 rules_last.set(report.written.n as i64);
             }
             ModeMetrics::Ebpf {

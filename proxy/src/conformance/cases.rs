@@ -26,8 +26,15 @@ fn service(name: &str, spec: Value) -> Value {
     json!({"metadata": {"name": name, "namespace": "ns"}, "spec": spec})
 }
 
+/// A LoadBalancer Service with its ingress IPs; `"IP/Proxy"` gives that ingress `ipMode: Proxy`.
 fn lb_service(name: &str, spec: Value, ingress: &[&str]) -> Value {
-    let ingress: Vec<Value> = ingress.iter().map(|i| json!({"ip": i})).collect();
+    let ingress: Vec<Value> = ingress
+        .iter()
+        .map(|i| match i.strip_suffix("/Proxy") {
+            Some(ip) => json!({"ip": ip, "ipMode": "Proxy"}),
+            None => json!({"ip": i, "ipMode": "VIP"}),
+        })
+        .collect();
     json!({"metadata": {"name": name, "namespace": "ns"}, "spec": spec,
            "status": {"loadBalancer": {"ingress": ingress}}})
 }
@@ -188,17 +195,19 @@ pub fn all() -> Vec<Case> {
             ],
         },
         Case {
-            name: "load-balancer IP (externalTrafficPolicy Cluster)",
+            name: "load-balancer IP (externalTrafficPolicy Cluster), and one with ipMode Proxy not programmed",
             services: vec![lb_service(
                 "web",
                 json!({"type": "LoadBalancer", "clusterIP": cluster_ip,
                        "ports": [{"name": "http", "port": 80, "nodePort": 30090}]}),
-                &[lb_ip],
+                &[lb_ip, "198.19.65.11/Proxy"],
             )],
             slices: vec![web_slice(both())],
             node: with_cidr(),
             probes: vec![
                 to(From::Outside(OUTSIDE), lb_ip, 80, reach(&all_eps, Seen::Node)),
+                // ipMode Proxy: the load balancer itself proxies to the node; not programmed.
+                to(From::Outside(OUTSIDE), "198.19.65.11", 80, Outcome::NotAService),
                 to(From::Pod(POD), lb_ip, 80, reach(&all_eps, Seen::Node)),
                 to(From::Outside(OUTSIDE), NODE_IP4, 30090, reach(&all_eps, Seen::Node)),
             ],
@@ -367,6 +376,22 @@ pub fn all() -> Vec<Case> {
                 to(From::Outside(OUTSIDE6), NODE_IP6, 30100, reach(&["[2001:2:0:8000::2]:8080"], Seen::Node)),
                 to(From::Outside(OUTSIDE), NODE_IP4, 30100, reach(&local_ep, Seen::Node)),
                 to(From::Node, "2001:2:0:4000::20", 80, reach(&["[2001:2:0:8000::2]:8080"], Seen::Node)),
+            ],
+        },
+        Case {
+            name: "dual-stack terminating fallback per family: IPv4 ready, IPv6 only terminating",
+            services: vec![service("dual", json!({
+                "clusterIP": "198.19.0.20", "clusterIPs": ["198.19.0.20", "2001:2:0:4000::20"],
+                "ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "RequireDualStack",
+                "ports": [{"name": "http", "port": 80}]}))],
+            slices: vec![
+                slice("dual", "IPv4", &[(LOCAL_EP, "n1", READY)], http()),
+                slice("dual", "IPv6", &[("2001:2:0:8000::2", "n1", (false, true, true))], http()),
+            ],
+            node: with_cidr(),
+            probes: vec![
+                to(From::Pod(POD), "198.19.0.20", 80, reach(&local_ep, Seen::Client)),
+                to(From::Pod("2001:2:0:8000::3"), "2001:2:0:4000::20", 80, reach(&["[2001:2:0:8000::2]:8080"], Seen::Client)),
             ],
         },
         Case {

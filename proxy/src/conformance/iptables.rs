@@ -90,7 +90,9 @@ impl Runner for IptablesRunner {
             }
             return Outcome::Reach {
                 endpoints: dnat,
-                seen: if probe.from == From::Node || masqueraded {
+                // The node's own traffic counts as masqueraded only when it is: to a local
+                // frontend address the kernel would pick that address as the source.
+                seen: if masqueraded {
                     Seen::Node
                 } else {
                     Seen::Client

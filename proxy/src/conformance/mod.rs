@@ -51,7 +51,9 @@ pub enum From {
 /// What the endpoint sees as the client's address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Seen {
-    /// The client's own address.
+    /// The client's own address (for the node: the source the kernel picked, unrewritten —
+    /// which for a frontend address local to the node is that address itself, so the node's
+    /// routes to local frontends must masquerade).
     Client,
     /// The node's (masqueraded).
     Node,

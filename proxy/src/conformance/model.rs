@@ -78,7 +78,7 @@ impl Runner for ModelRunner {
                         .iter()
                         .map(|e| endpoint_text(e.ip, e.port))
                         .collect(),
-                    seen: if src.is_none() || *masquerade || hairpin {
+                    seen: if *masquerade || hairpin {
                         Seen::Node
                     } else {
                         Seen::Client

@@ -74,6 +74,55 @@ impl EbpfConfig {
     }
 }
 
+/// The programs this binary carries, as a digest: pinned links of other programs (an upgrade's
+/// predecessor) are replaced at start, since a restarted proxy otherwise keeps its
+/// predecessor's links and the old programs would read the new maps with the old semantics.
+fn programs_version() -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    hasher.update(objects::TC_LB);
+    hasher.update(objects::SOCK_LB);
+    hasher
+        .finalize()
+        .iter()
+        .take(16)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The file beside the link pins naming the programs they run.
+fn version_file(config: &EbpfConfig) -> PathBuf {
+    config.pin_dir.join(VERSION_FILE)
+}
+
+const VERSION_FILE: &str = "programs.version";
+
+/// Detaches pinned links left by other programs (their maps stay adopted): traffic goes
+/// unbalanced for the moment until the new links are attached, instead of the old programs
+/// running on indefinitely.
+fn replace_links_of_other_programs(config: &EbpfConfig) -> Result<(), BackendError> {
+    let links = config.links();
+    if attach::pinned_links(&links).is_empty() {
+        return Ok(());
+    }
+    let current = std::fs::read_to_string(version_file(config)).unwrap_or_default();
+    if current.trim() == programs_version() {
+        return Ok(());
+    }
+    let removed =
+        attach::detach_all(&links).map_err(|e| error("detaching the previous programs", e))?;
+    tracing::info!(
+        links = removed.len(),
+        "replacing the links of other BPF programs (an upgrade)"
+    );
+    Ok(())
+}
+
+fn write_programs_version(config: &EbpfConfig) -> Result<(), BackendError> {
+    std::fs::write(version_file(config), programs_version())
+        .map_err(|e| error("writing the programs' version", e))
+}
+
 /// The cookie the kernel gives this network namespace (what `bpf_get_netns_cookie` returns
 /// for the node's own sockets).
 fn netns_cookie() -> std::io::Result<u64> {
@@ -130,6 +179,11 @@ impl EbpfBackend {
         accept_local()?;
         let mut tc = load(&config, objects::TC_LB)?;
         attach::load_tc(&mut tc).map_err(|e| error("loading kpx_tc_lb", e))?;
+        // Written before any program is attached: the new programs read it from their first
+        // packet (the maps of a previous run are adopted as they are).
+        set_clients(&mut tc, &config.clients()?)
+            .map_err(|e| error("writing how clients are told apart", e))?;
+        replace_links_of_other_programs(&config)?;
         let sock = match &config.cgroup {
             Some(cgroup) => {
                 let mut sock = load(&config, objects::SOCK_LB)?;
@@ -146,9 +200,8 @@ impl EbpfBackend {
                 "adopted the pinned maps of a previous run"
             );
         }
-        set_clients(&mut tc, &config.clients()?)
-            .map_err(|e| error("writing how clients are told apart", e))?;
         attach::attach_tc(&mut tc, &config.links()).map_err(|e| error("attaching tc", e))?;
+        write_programs_version(&config)?;
         let stop = Arc::new(AtomicBool::new(false));
         spawn_watcher(config.clone(), stop.clone())?;
         let table = wanted::WantedTable::new(config.node_configs());
@@ -221,6 +274,11 @@ pub fn cleanup(pin_dir: &Path) -> Result<EbpfCleanup, BackendError> {
                 ))
             }
         }
+    }
+    match std::fs::remove_file(pin_dir.join(VERSION_FILE)) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(error("removing the programs' version", e)),
     }
     report.dir_removed = remove_dir_if_empty(pin_dir)?;
     Ok(report)
@@ -375,6 +433,7 @@ impl Backend for EbpfBackend {
             total: Count::new(self.programmed.services.len(), Unit::MapEntries),
             chains_written: 0,
             chains_deleted: 0,
+            per_table: Vec::new(),
         })
     }
 

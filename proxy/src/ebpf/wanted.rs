@@ -77,6 +77,12 @@ fn render(name: &str, fe: &Frontend, pods_known: bool, proto: u8, out: &mut Want
     } else {
         &fe.from_node
     };
+    // One internal entry serves the node and (known) pods alike: their routes must name the
+    // same endpoints (kube-proxy's semantics give them that; masquerade may differ).
+    debug_assert!(
+        !pods_known || fe.from_pods.same_target(&fe.from_node),
+        "{name}: pods and the node go to different endpoints"
+    );
     let twin =
         !internal.same_target(&fe.from_outside) || !fe.from_node.same_target(&fe.from_outside);
     let local_only = if fe.from_outside.set() == Some(frontend::EndpointSet::Local) {

@@ -100,6 +100,13 @@ impl Backend for IptablesBackend {
             full,
             written: Count::new(plan.rules_written, Unit::Rules),
             total: Count::new(plan.rules_total, Unit::Rules),
+            per_table: vec![
+                (
+                    "nat",
+                    Count::new(plan.rules_total - plan.filter_rules_total, Unit::Rules),
+                ),
+                ("filter", Count::new(plan.filter_rules_total, Unit::Rules)),
+            ],
             chains_written: plan.chains_written,
             chains_deleted: plan.chains_deleted,
         };

@@ -41,10 +41,11 @@ pub struct RenderConfig {
 /// rules, the nat canary and mark chain, the postrouting tail, and one NodePort dispatch per
 /// `--nodeport-addresses` CIDR (one for all local addresses without).
 fn fixed_rules(cfg: &RenderConfig) -> usize {
-    let invalid = usize::from(!cfg.conntrack_tcp_be_liberal);
-    let filter = 1 + 2 + invalid;
-    let nat = 1 + 1 + 3 + cfg.nodeport_addresses.len().max(1);
-    filter + nat
+    fixed_filter_rules(cfg) + 1 + 1 + 3 + cfg.nodeport_addresses.len().max(1)
+}
+
+fn fixed_filter_rules(cfg: &RenderConfig) -> usize {
+    1 + 2 + usize::from(!cfg.conntrack_tcp_be_liberal)
 }
 
 /// The rules one Service port contributes, cached between syncs.
@@ -96,6 +97,8 @@ pub struct Plan {
     pub chains_deleted: usize,
     /// Rules kpx has in the kernel once this plan is applied.
     pub rules_total: usize,
+    /// Of those, in the filter table (the rest are nat's).
+    pub filter_rules_total: usize,
     /// The fragments to keep once this plan is applied.
     pub fragments: Fragments,
 }
@@ -654,6 +657,11 @@ pub fn plan(
         .sum::<usize>()
         + hairpin
         + fixed_rules(cfg);
+    let filter_rules_total = fragments
+        .values()
+        .map(|f| f.filter_services.len() + f.filter_external.len() + f.filter_nodeports.len())
+        .sum::<usize>()
+        + fixed_filter_rules(cfg);
     Plan {
         restore: out,
         full,
@@ -661,6 +669,7 @@ pub fn plan(
         chains_written,
         chains_deleted,
         rules_total,
+        filter_rules_total,
         fragments,
     }
 }

@@ -298,6 +298,24 @@ fn available(e: &Endpoint, mode: Topology, place: Place<'_>) -> bool {
 }
 
 /// kube-proxy's `CategorizeEndpoints` (`pkg/proxy/topology.go`) for one Service port.
+/// [`select`] for each IP family on its own: kube-proxy runs one proxier per family, each
+/// seeing only its family's slices, so readiness fallback, topology and `Local` are decided
+/// per family (an IPv4 endpoint ready does not stop IPv6 falling back to a terminating one).
+pub fn select_per_family(endpoints: &[Endpoint], uses: Uses, place: Place<'_>) -> Selected {
+    let v4 = endpoints.iter().filter(|e| e.ip.is_ipv4()).count();
+    if v4 == 0 || v4 == endpoints.len() {
+        return select(endpoints, uses, place);
+    }
+    let (ipv4, ipv6): (Vec<Endpoint>, Vec<Endpoint>) =
+        endpoints.iter().cloned().partition(|e| e.ip.is_ipv4());
+    let (a, b) = (select(&ipv4, uses, place), select(&ipv6, uses, place));
+    Selected {
+        cluster: a.cluster.into_iter().chain(b.cluster).collect(),
+        local: a.local.into_iter().chain(b.local).collect(),
+        any: a.any || b.any,
+    }
+}
+
 pub fn select(endpoints: &[Endpoint], uses: Uses, place: Place<'_>) -> Selected {
     let mut out = Selected::default();
     if uses.cluster {

@@ -262,7 +262,15 @@ pub fn service_ports(
         .as_ref()
         .and_then(|s| s.load_balancer.as_ref())
         .and_then(|lb| lb.ingress.as_ref())
-        .map(|ingress| ingress.iter().filter_map(|i| i.ip.clone()).collect())
+        // `ipMode: Proxy`: the load balancer delivers to the node itself (proxy protocol or a
+        // TCP proxy), so the address is not programmed (kube-proxy 1.30+, LoadBalancerIPMode).
+        .map(|ingress| {
+            ingress
+                .iter()
+                .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
+                .filter_map(|i| i.ip.clone())
+                .collect()
+        })
         .unwrap_or_default();
     let load_balancer_ips = if ty == "LoadBalancer" {
         let ips = parse_ips(&ingress, "status.loadBalancer.ingress.ip", &name, skips);

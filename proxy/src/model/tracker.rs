@@ -9,8 +9,8 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::endpoints::{
-    merge, port_endpoints, select, slice_endpoints, slice_service, Place, SliceEndpoints, Uses,
-    ZONE_LABEL,
+    merge, port_endpoints, select_per_family, slice_endpoints, slice_service, Place,
+    SliceEndpoints, Uses, ZONE_LABEL,
 };
 use super::refuse::Protected;
 use super::service::{service_key, service_ports, NamespacedName, Skipped};
@@ -242,7 +242,7 @@ impl ChangeTracker {
                 node: &self.node_name,
                 zone: &self.zone,
             };
-            let selected = select(&endpoints, Uses::of(&port), place);
+            let selected = select_per_family(&endpoints, Uses::of(&port), place);
             out.insert(
                 name,
                 ServiceEntry {

@@ -413,6 +413,12 @@ fn the_rule_count_is_the_rules_a_full_restore_writes() {
             .filter(|l| l.starts_with("-A ") || l.starts_with("-I "))
             .count();
         assert_eq!(plan.rules_total, written, "{}", plan.restore);
+        let filter_section = &plan.restore[..plan.restore.find("*nat").unwrap_or(0)];
+        let filter_written = filter_section
+            .lines()
+            .filter(|l| l.starts_with("-A ") || l.starts_with("-I "))
+            .count();
+        assert_eq!(plan.filter_rules_total, filter_written, "per table");
         assert_eq!(
             plan.restore.contains("--ctstate INVALID"),
             !liberal,
