@@ -63,6 +63,15 @@ struct {
 	__uint(max_entries, 1);
 } kpx_config SEC(".maps");
 
+/* A digest of the programs whose links are pinned beside the maps (written by user space; a
+ * proxy carrying other programs replaces the links). Read by no program. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, 1);
+} kpx_version SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__type(key, __u32);

@@ -125,6 +125,28 @@ pub fn set_config(ebpf: &mut Ebpf, config: &Config) -> Result<(), ApplyError> {
         .map_err(|source| ApplyError::Map { map, source })
 }
 
+/// The digest of the programs whose links are pinned (`kpx_version`; 0: none recorded).
+pub fn programs_version(ebpf: &Ebpf) -> Result<u64, ApplyError> {
+    let map = "kpx_version";
+    let handle = ebpf.map(map).ok_or(ApplyError::Missing(map))?;
+    let array: Array<&MapData, u64> =
+        Array::try_from(handle).map_err(|source| ApplyError::Map { map, source })?;
+    array
+        .get(&0, 0)
+        .map_err(|source| ApplyError::Map { map, source })
+}
+
+/// Records the digest of the programs whose links are pinned.
+pub fn set_programs_version(ebpf: &mut Ebpf, version: u64) -> Result<(), ApplyError> {
+    let map = "kpx_version";
+    let handle = ebpf.map_mut(map).ok_or(ApplyError::Missing(map))?;
+    let mut array: Array<&mut MapData, u64> =
+        Array::try_from(handle).map_err(|source| ApplyError::Map { map, source })?;
+    array
+        .set(0, version, 0)
+        .map_err(|source| ApplyError::Map { map, source })
+}
+
 /// Writes how the programs tell the node, pods and outside clients apart.
 pub fn set_clients(ebpf: &mut Ebpf, clients: &Clients) -> Result<(), ApplyError> {
     let map = "kpx_clients";

@@ -26,6 +26,7 @@ pub const MAPS: &[&str] = &[
     "kpx_config",
     "kpx_node_addrs",
     "kpx_clients",
+    "kpx_version",
     "kpx_sock_rev",
 ];
 

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aya::Ebpf;
-use kpx_ebpf::apply::{apply, set_clients, set_config, set_node_addrs, ApplyError};
+use kpx_ebpf::apply::{self, apply, set_clients, set_config, set_node_addrs, ApplyError};
 use kpx_ebpf::layout::{address, Clients, Config, NodeAddr};
 use kpx_ebpf::objects::{self, Capacity, LoadError};
 use kpx_ebpf::plan::{plan, plan_keys, Programmed};
@@ -77,36 +77,30 @@ impl EbpfConfig {
 /// The programs this binary carries, as a digest: pinned links of other programs (an upgrade's
 /// predecessor) are replaced at start, since a restarted proxy otherwise keeps its
 /// predecessor's links and the old programs would read the new maps with the old semantics.
-fn programs_version() -> String {
+/// Kept in the pinned `kpx_version` map (bpffs holds no regular files).
+fn programs_version() -> u64 {
     use sha2::{Digest, Sha256};
     let mut hasher = Sha256::new();
     hasher.update(objects::TC_LB);
     hasher.update(objects::SOCK_LB);
-    hasher
-        .finalize()
-        .iter()
-        .take(16)
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    let digest = hasher.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    // Never 0, which means "none recorded".
+    u64::from_le_bytes(first).max(1)
 }
-
-/// The file beside the link pins naming the programs they run.
-fn version_file(config: &EbpfConfig) -> PathBuf {
-    config.pin_dir.join(VERSION_FILE)
-}
-
-const VERSION_FILE: &str = "programs.version";
 
 /// Detaches pinned links left by other programs (their maps stay adopted): traffic goes
 /// unbalanced for the moment until the new links are attached, instead of the old programs
 /// running on indefinitely.
-fn replace_links_of_other_programs(config: &EbpfConfig) -> Result<(), BackendError> {
+fn replace_links_of_other_programs(tc: &Ebpf, config: &EbpfConfig) -> Result<(), BackendError> {
     let links = config.links();
     if attach::pinned_links(&links).is_empty() {
         return Ok(());
     }
-    let current = std::fs::read_to_string(version_file(config)).unwrap_or_default();
-    if current.trim() == programs_version() {
+    let recorded =
+        apply::programs_version(tc).map_err(|e| error("reading the programs' version", e))?;
+    if recorded == programs_version() {
         return Ok(());
     }
     let removed =
@@ -116,11 +110,6 @@ fn replace_links_of_other_programs(config: &EbpfConfig) -> Result<(), BackendErr
         "replacing the links of other BPF programs (an upgrade)"
     );
     Ok(())
-}
-
-fn write_programs_version(config: &EbpfConfig) -> Result<(), BackendError> {
-    std::fs::write(version_file(config), programs_version())
-        .map_err(|e| error("writing the programs' version", e))
 }
 
 /// The cookie the kernel gives this network namespace (what `bpf_get_netns_cookie` returns
@@ -183,7 +172,7 @@ impl EbpfBackend {
         // packet (the maps of a previous run are adopted as they are).
         set_clients(&mut tc, &config.clients()?)
             .map_err(|e| error("writing how clients are told apart", e))?;
-        replace_links_of_other_programs(&config)?;
+        replace_links_of_other_programs(&tc, &config)?;
         let sock = match &config.cgroup {
             Some(cgroup) => {
                 let mut sock = load(&config, objects::SOCK_LB)?;
@@ -201,7 +190,8 @@ impl EbpfBackend {
             );
         }
         attach::attach_tc(&mut tc, &config.links()).map_err(|e| error("attaching tc", e))?;
-        write_programs_version(&config)?;
+        apply::set_programs_version(&mut tc, programs_version())
+            .map_err(|e| error("writing the programs' version", e))?;
         let stop = Arc::new(AtomicBool::new(false));
         spawn_watcher(config.clone(), stop.clone())?;
         let table = wanted::WantedTable::new(config.node_configs());
@@ -274,11 +264,6 @@ pub fn cleanup(pin_dir: &Path) -> Result<EbpfCleanup, BackendError> {
                 ))
             }
         }
-    }
-    match std::fs::remove_file(pin_dir.join(VERSION_FILE)) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(error("removing the programs' version", e)),
     }
     report.dir_removed = remove_dir_if_empty(pin_dir)?;
     Ok(report)
