@@ -24,10 +24,12 @@ fn endpoint(i: usize, spec: &str) -> Endpoint {
             "t" => e.terminating = true,
             "l" => e.local = true,
             _ if flag.starts_with("z=") => {
-                e.hints.zones = flag[2..].split('|').map(String::from).collect()
+                let zones = flag[2..].split('|').map(String::from).collect();
+                e.hints = Hints::new(zones, e.hints.nodes().to_vec());
             }
             _ if flag.starts_with("n=") => {
-                e.hints.nodes = flag[2..].split('|').map(String::from).collect()
+                let nodes = flag[2..].split('|').map(String::from).collect();
+                e.hints = Hints::new(e.hints.zones().to_vec(), nodes);
             }
             other => panic!("unknown flag {other:?}"),
         }

@@ -56,8 +56,8 @@ fn slices_hints_are_read_including_for_nodes() {
     let mut skips = Vec::new();
     let eps = slice_endpoints(&zoned_slice("web"), "n1", &mut skips);
     let first = &eps[0].1[0];
-    assert_eq!(first.hints.zones, ["zone-a"]);
-    assert_eq!(first.hints.nodes, ["n1"]);
+    assert_eq!(first.hints.zones(), ["zone-a"]);
+    assert_eq!(first.hints.nodes(), ["n1"]);
     assert!(skips.is_empty());
 }
 
