@@ -24,9 +24,12 @@ enum Kind {
     ReplicationController,
 }
 
-/// Creates and deletes issued and not yet seen in the pod cache.
+/// Creates and deletes issued and not yet seen in the pod cache. Creates are the names the API
+/// server gave the new pods: an adopted orphan's update (owner now this workload) is not one of
+/// them (kube's expectations count pod additions only), else a pass could run before a new pod
+/// is seen and create one more.
 struct Expectations {
-    creates: usize,
+    creates: BTreeSet<String>,
     deletes: BTreeSet<String>,
     until: Instant,
 }
@@ -73,8 +76,9 @@ pub async fn run(client: Client, shutdown: impl std::future::Future<Output = ()>
                         }
                         if deleted || pod.metadata.deletion_timestamp.is_some() {
                             exp.deletes.remove(&name);
-                        } else if owner.is_some_and(|o| o.name == key.1.1) && exp.creates > 0 {
-                            exp.creates -= 1;
+                        }
+                        if owner.is_some_and(|o| o.name == key.1.1) || deleted {
+                            exp.creates.remove(&name);
                         }
                     }
                     // Any workload of the namespace may own or select it.
@@ -88,7 +92,7 @@ pub async fn run(client: Client, shutdown: impl std::future::Future<Output = ()>
                     continue;
                 }
                 let now = Instant::now();
-                expected.retain(|_, e| (e.creates > 0 || !e.deletes.is_empty()) && e.until > now);
+                expected.retain(|_, e| (!e.creates.is_empty() || !e.deletes.is_empty()) && e.until > now);
                 for item in std::mem::take(&mut dirty) {
                     if expected.contains_key(&item) {
                         dirty.insert(item); // still waiting to see its own writes
@@ -146,6 +150,7 @@ async fn pass(
         uid: w.uid.clone(),
         field_path: None,
     };
+    let mut creates = BTreeSet::new();
     for pod in &decision.create {
         // kube's replica_set.go: a refused create is a `FailedCreate` Warning on the workload.
         let created = pod_api.create(pod).await.inspect_err(|e| {
@@ -156,6 +161,7 @@ async fn pass(
             );
         })?;
         let name = created.metadata.name.unwrap_or_default();
+        creates.insert(name.clone());
         events.normal(
             about.clone(),
             "SuccessfulCreate",
@@ -188,7 +194,7 @@ async fn pass(
         return Ok(None);
     }
     Ok(Some(Expectations {
-        creates: decision.create.len(),
+        creates,
         deletes: decision.delete.iter().cloned().collect(),
         until: Instant::now() + Duration::from_secs(10),
     }))
