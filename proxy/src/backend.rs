@@ -13,7 +13,7 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Changes, ConntrackCleanup, ProxyState};
+use crate::model::{Changes, ConntrackCleanup, ProxyState, Refusal};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -90,7 +90,13 @@ impl NodeState {
                     ip,
                 })
             })
-            .filter(|a| !a.ip.is_loopback() && !is_link_local(&a.ip))
+            // The same loopback and link-local ranges the proxy never programs (refuse.rs).
+            .filter(|a| {
+                !matches!(
+                    crate::model::refuse::special(a.ip),
+                    Some(Refusal::Loopback | Refusal::LinkLocal)
+                )
+            })
             .collect();
         Self { addresses }
     }
@@ -103,13 +109,6 @@ impl NodeState {
 /// kube-proxy's IPVS mode binds every Service address to this dummy interface: those are
 /// Service addresses, not the node's.
 const KUBE_IPVS: &str = "kube-ipvs0";
-
-fn is_link_local(ip: &IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => v4.is_link_local(),
-        IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
-    }
-}
 
 /// One sync's input.
 #[derive(Debug, Clone, Copy)]
