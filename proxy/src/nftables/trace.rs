@@ -21,7 +21,7 @@
 //! (`nft_nat_validate`, `nft_masq_validate`), `reject` only on prerouting/input/forward/output
 //! (`nft_reject_validate`), `update @set` only into a set with `flags dynamic`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
 
@@ -501,6 +501,11 @@ fn parse_elements(c: &mut Cursor, with_values: bool) -> Res<Vec<(Vec<Key>, Optio
         while c.eat(".") {
             key.push(Key::parse(c.next("an element component")?));
         }
+        // Per-element options (nft writes them after the key, before the value); they change
+        // nothing a trace sees.
+        while let Some("comment" | "timeout" | "expires") = c.peek() {
+            c.pos += 2;
+        }
         let mut value = None;
         if c.eat(":") {
             let first = c.next("an element value")?;
@@ -519,7 +524,6 @@ fn parse_elements(c: &mut Cursor, with_values: bool) -> Res<Vec<(Vec<Key>, Optio
                 }
             });
         }
-        // Per-element options nft accepts; they change nothing a trace sees.
         while let Some("comment" | "timeout" | "expires") = c.peek() {
             c.pos += 2;
         }
@@ -1444,8 +1448,49 @@ impl Ruleset {
     /// The tables as text, sorted (chains with their rules, sets with their elements), for
     /// comparing two rulesets with a readable difference.
     pub fn listing(&self) -> String {
+        self.list(false)
+    }
+
+    /// As [`listing`](Self::listing), but with slot maps resolved: a `dnat … numgen random mod
+    /// N offset B map @m` rule shows the N values it picks from instead of `B` and `@m`, and
+    /// the maps only such rules use are left out but for a count of the slots no rule picks
+    /// (leaked elements). Two tables that DNAT every packet alike list the same whatever
+    /// slots their endpoint sets were given (a partial sync allocates them by history, a full
+    /// one afresh) and however many shard maps are declared.
+    pub fn listing_by_behaviour(&self) -> String {
+        self.list(true)
+    }
+
+    fn list(&self, resolved: bool) -> String {
         let mut out = String::new();
         for ((family, name), t) in &self.tables {
+            // Slot maps: used by a numgen DNAT, and by nothing else.
+            let mut picked: BTreeMap<&str, BTreeSet<u64>> = BTreeMap::new();
+            let mut other_use: BTreeSet<&str> = BTreeSet::new();
+            for ch in t.chains.values() {
+                for r in &ch.rules {
+                    for item in &r.items {
+                        match item {
+                            Item::Stmt(Stmt::Dnat(Dnat::Numgen {
+                                modulus,
+                                offset,
+                                map,
+                            })) => picked
+                                .entry(map)
+                                .or_default()
+                                .extend(*offset..offset + u64::from(*modulus)),
+                            _ => other_use.extend(rule_refs(std::slice::from_ref(item)).1),
+                        }
+                    }
+                }
+            }
+            let slot_map = |name: &str| {
+                resolved
+                    && !other_use.contains(name)
+                    && t.sets.get(name).is_some_and(|s| {
+                        s.is_map && s.key_arity == 1 && matches!(s.value, Some(ValueKind::Data(_)))
+                    })
+            };
             out.push_str(&format!("table {family} {name}\n"));
             for (cname, ch) in &t.chains {
                 match &ch.base {
@@ -1456,10 +1501,57 @@ impl Ruleset {
                     None => out.push_str(&format!("  chain {cname}\n")),
                 }
                 for r in &ch.rules {
-                    out.push_str(&format!("    {}\n", r.text));
+                    match r.items.iter().find_map(|i| match i {
+                        Item::Stmt(Stmt::Dnat(Dnat::Numgen {
+                            modulus,
+                            offset,
+                            map,
+                        })) if slot_map(map) => Some((modulus, offset, map)),
+                        _ => None,
+                    }) {
+                        Some((modulus, offset, map)) => {
+                            let values: Vec<String> = (*offset..offset + u64::from(*modulus))
+                                .map(|slot| {
+                                    match t
+                                        .sets
+                                        .get(map.as_str())
+                                        .and_then(|s| s.elements.get(&vec![Key::Num(slot)]))
+                                    {
+                                        Some(Some(Value::Data(d))) => d
+                                            .iter()
+                                            .map(Key::to_string)
+                                            .collect::<Vec<_>>()
+                                            .join(" . "),
+                                        _ => "<missing>".to_string(),
+                                    }
+                                })
+                                .collect();
+                            let pick =
+                                format!("numgen random mod {modulus} offset {offset} map @{map}");
+                            let text = r.text.replace(
+                                &pick,
+                                &format!("numgen random mod {modulus} [{}]", values.join(", ")),
+                            );
+                            out.push_str(&format!("    {text}\n"));
+                        }
+                        None => out.push_str(&format!("    {}\n", r.text)),
+                    }
                 }
             }
             for (sname, s) in &t.sets {
+                if slot_map(sname) {
+                    let empty = BTreeSet::new();
+                    let used = picked.get(sname.as_str()).unwrap_or(&empty);
+                    let leaked = s
+                        .elements
+                        .keys()
+                        .filter(|k| !matches!(k.as_slice(), [Key::Num(n)] if used.contains(n)))
+                        .count();
+                    if leaked > 0 {
+                        out.push_str(&format!("  map {sname}: {leaked} slot(s) no rule picks\n"));
+                    }
+                    continue;
+                }
                 out.push_str(&format!(
                     "  {} {sname} ({} part(s){}{})\n",
                     if s.is_map { "map" } else { "set" },

@@ -1,0 +1,305 @@
+//! The nftables plan, interpreted: the full plan of each family (`render::full_text`) applied
+//! to the in-memory nftables (`nftables/trace.rs`), which refuses what the kernel would, and
+//! each probe traced through the hooks its packet passes (a pod's or an outside client's:
+//! prerouting, then input or forward and postrouting; the node's: output, postrouting).
+
+use std::collections::BTreeSet;
+
+use super::{node_ips, node_source, Case, From, Outcome, Probe, Runner, Seen};
+use crate::nftables::render::{self, RenderConfig};
+use crate::nftables::trace::{self, Packet, Path, Ruleset};
+
+pub fn config(case: &Case, ipv6: bool) -> RenderConfig {
+    RenderConfig {
+        ipv6,
+        cluster_cidr: case.node.cidr(ipv6).map(str::to_string),
+        masquerade_all: case.node.masquerade_all,
+        nodeport_addresses: case
+            .node
+            .nodeport_addresses
+            .iter()
+            .filter(|c| c.contains(':') == ipv6)
+            .map(|c| c.to_string())
+            .collect(),
+        conntrack_tcp_be_liberal: false,
+    }
+}
+
+pub struct NftablesRunner {
+    /// Both families' tables, or why the interpreter refused the plan.
+    ruleset: Result<Ruleset, String>,
+}
+
+impl NftablesRunner {
+    pub fn new(case: &Case) -> Self {
+        Self::edited(case, |text| text)
+    }
+
+    /// The plan with `edit` applied to each family's text first (to show the table catches a
+    /// broken plan).
+    fn edited(case: &Case, edit: impl Fn(String) -> String) -> Self {
+        let state = case.state();
+        let mut ruleset = Ruleset::new();
+        let mut loaded = Ok(());
+        for ipv6 in [false, true] {
+            let text = edit(render::full_text(&config(case, ipv6), &state));
+            if let Err(e) = ruleset.apply(&text) {
+                loaded = Err(format!("the {} plan is refused: {e}", family(ipv6)));
+                break;
+            }
+        }
+        Self {
+            ruleset: loaded.map(|()| ruleset),
+        }
+    }
+}
+
+fn family(ipv6: bool) -> &'static str {
+    if ipv6 {
+        "ip6"
+    } else {
+        "ip"
+    }
+}
+
+/// An outcome no Kubernetes promise has, so the table reports it as a mismatch with `why`.
+fn odd(why: String) -> Outcome {
+    Outcome::Reach {
+        endpoints: [why].into(),
+        seen: Seen::Client,
+        affinity: None,
+    }
+}
+
+impl Runner for NftablesRunner {
+    fn name(&self) -> &'static str {
+        "nftables"
+    }
+
+    fn outcome(&self, probe: &Probe) -> Outcome {
+        let ruleset = match &self.ruleset {
+            Ok(r) => r,
+            Err(e) => return odd(format!("<{e}>")),
+        };
+        let ipv6 = probe.to.is_ipv6();
+        let local = node_ips();
+        let (src, path) = match probe.from {
+            From::Pod(ip) | From::RemotePod(ip) | From::Outside(ip) => {
+                (super::ip(ip), Path::Forwarded)
+            }
+            From::Node => (node_source(ipv6), Path::Node),
+        };
+        let packet = Packet {
+            src,
+            dst: probe.to,
+            protocol: probe.protocol.lower(),
+            dport: probe.port,
+            local: &local,
+        };
+        let outcomes: Vec<_> = trace::trace(ruleset, &packet, path)
+            .into_iter()
+            .filter(|o| o.probability > 1e-9)
+            .collect();
+        if let Some(e) = outcomes.iter().find_map(|o| {
+            o.verdict
+                .as_deref()
+                .filter(|v| v.starts_with("error"))
+                .map(str::to_string)
+        }) {
+            return odd(format!("<{e}>"));
+        }
+        let dnat: BTreeSet<String> = outcomes.iter().filter_map(|o| o.dnat.clone()).collect();
+        if !dnat.is_empty() {
+            if outcomes.iter().any(|o| o.dnat.is_none()) {
+                return odd(format!(
+                    "<some ways not DNATed: {}>",
+                    trace::describe(&outcomes).join(", ")
+                ));
+            }
+            if outcomes.iter().any(|o| o.verdict.is_some()) {
+                return odd(format!(
+                    "<dropped or rejected after DNAT: {}>",
+                    trace::describe(&outcomes).join(", ")
+                ));
+            }
+            let masqueraded = outcomes.iter().all(|o| o.masquerade);
+            if !masqueraded && outcomes.iter().any(|o| o.masquerade) {
+                return odd(format!(
+                    "<masqueraded on some ways only: {}>",
+                    trace::describe(&outcomes).join(", ")
+                ));
+            }
+            return Outcome::Reach {
+                endpoints: dnat,
+                seen: if masqueraded {
+                    Seen::Node
+                } else {
+                    Seen::Client
+                },
+                affinity: outcomes.iter().find_map(|o| o.affinity),
+            };
+        }
+        match outcomes.iter().find_map(|o| o.verdict.as_deref()) {
+            Some(v) if v.starts_with("reject") => Outcome::Reject,
+            Some("drop") => Outcome::Drop,
+            _ => Outcome::NotAService,
+        }
+    }
+}
+
+/// The table is not passed by a runner that cannot fail: plans missing the masquerade, or
+/// whose DNAT goes to one slot only, or that the kernel would refuse, give mismatches.
+#[test]
+fn a_broken_plan_fails_the_table() {
+    for (what, edit) in [
+        (
+            "no masquerade",
+            (|t: String| t.replace(" masquerade fully-random", " accept")) as fn(String) -> String,
+        ),
+        ("one slot only", |t: String| {
+            t.replace("numgen random mod 2 offset", "numgen random mod 1 offset")
+        }),
+        ("no reject", |t: String| {
+            t.replace("reject with tcp reset", "accept")
+                .replace("reject-chain reject", "reject-chain accept")
+        }),
+        ("a dangling goto", |t: String| {
+            t.replace("add chain ip kpx reject-chain\n", "")
+        }),
+    ] {
+        let failures = super::run(|case| Box::new(NftablesRunner::edited(case, edit)));
+        assert!(!failures.is_empty(), "{what}: the table still passes");
+    }
+}
+
+/// A partial sync applied on top of the full plan of state A leaves what the full plan of
+/// state B would (once the housekeeping tick has deleted what went stale), for every pair of
+/// cases taken as A and B (their Services share names, so B changes, adds and removes
+/// Service ports of A); right after the partial sync, before housekeeping, every probe of B
+/// already gets what the table wants.
+#[test]
+fn a_partial_plan_on_a_full_one_is_the_full_plan_of_the_new_state() {
+    use crate::model::{ChangeTracker, Changes, ProxyState};
+    use crate::nftables::render::{Applied, Existing};
+    use k8s_openapi::api::core::v1::Service;
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+    let services = |c: &Case| -> Vec<Service> {
+        c.services
+            .iter()
+            .map(|v| serde_json::from_value(v.clone()).expect("a Service in a case"))
+            .collect()
+    };
+    let slices = |c: &Case| -> Vec<EndpointSlice> {
+        c.slices
+            .iter()
+            .map(|v| serde_json::from_value(v.clone()).expect("a slice in a case"))
+            .collect()
+    };
+    let mut failures = Vec::new();
+    let all = super::cases::all();
+    for a in &all {
+        for b in &all {
+            let mut tracker = ChangeTracker::new(super::NODE);
+            if let Some(zone) = b.node.zone {
+                let labels = [("topology.kubernetes.io/zone".to_string(), zone.to_string())].into();
+                tracker.set_node_labels(Some(&labels));
+            }
+            tracker.reset_services(services(a));
+            tracker.reset_slices(slices(a));
+            let (state_a, _) = tracker.snapshot(&ProxyState::default());
+            tracker.reset_services(services(b));
+            tracker.reset_slices(slices(b));
+            let (state_b, changes) = tracker.snapshot(&state_a);
+            let mut ruleset = Ruleset::new();
+            let mut fresh = Ruleset::new();
+            let pair = format!("{:?} -> {:?}", a.name, b.name);
+            let step = |rs: &mut Ruleset, what: &str, text: &str| {
+                rs.apply(text)
+                    .map_err(|e| format!("{pair}: {what} refused: {e}"))
+            };
+            let mut result = Ok(());
+            for ipv6 in [false, true] {
+                let cfg = config(b, ipv6);
+                let mut applied = Applied::default();
+                let full_a = render::plan(
+                    &cfg,
+                    &state_a,
+                    &Changes::default(),
+                    true,
+                    &Existing::default(),
+                    &mut applied,
+                );
+                let partial = render::plan(
+                    &cfg,
+                    &state_b,
+                    &changes,
+                    false,
+                    &Existing::default(),
+                    &mut applied,
+                );
+                result = step(&mut ruleset, "full plan of A", &full_a.text)
+                    .and_then(|()| step(&mut ruleset, "partial plan A -> B", &partial.text))
+                    .and_then(|()| {
+                        step(
+                            &mut fresh,
+                            "full plan of B",
+                            &render::full_text(&cfg, &state_b),
+                        )
+                    });
+                if result.is_err() {
+                    break;
+                }
+                // Housekeeping runs after the probes below.
+                let stale = render::stale_text(&cfg, &applied);
+                let runner = NftablesRunner {
+                    ruleset: Ok(ruleset.clone()),
+                };
+                for probe in b.probes.iter().filter(|p| p.to.is_ipv6() == ipv6) {
+                    let got = runner.outcome(probe);
+                    if !super::satisfies(&got, &probe.want) {
+                        failures.push(format!(
+                            "{pair}: after the partial sync, {:?} -> {}:{}/{}: got {got}, want {}",
+                            probe.from, probe.to, probe.port, probe.protocol, probe.want
+                        ));
+                    }
+                }
+                result = step(&mut ruleset, "housekeeping", &stale);
+                if result.is_err() {
+                    break;
+                }
+            }
+            match result {
+                Err(e) => failures.push(e),
+                // Slots are allocated by history in a partial sync and afresh in a full one,
+                // and shard maps once declared stay (`Applied::shards_declared`): compared by
+                // what the DNAT rules pick, everything else as written.
+                Ok(()) if ruleset.listing_by_behaviour() != fresh.listing_by_behaviour() => {
+                    failures.push(format!(
+                        "{pair}: full A + partial A -> B + housekeeping differs from full B:\n{}",
+                        difference(
+                            &ruleset.listing_by_behaviour(),
+                            &fresh.listing_by_behaviour()
+                        )
+                    ))
+                }
+                Ok(()) => {}
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failure(s):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// The lines only one of two listings has, marked `-` (partial) and `+` (full).
+fn difference(partial: &str, full: &str) -> String {
+    let p: BTreeSet<&str> = partial.lines().collect();
+    let f: BTreeSet<&str> = full.lines().collect();
+    let mut out: Vec<String> = p.difference(&f).map(|l| format!("  - {l}")).collect();
+    out.extend(f.difference(&p).map(|l| format!("  + {l}")));
+    out.join("\n")
+}
