@@ -196,10 +196,14 @@ fn a_partial_plan_on_a_full_one_is_the_full_plan_of_the_new_state() {
             .map(|v| serde_json::from_value(v.clone()).expect("a slice in a case"))
             .collect()
     };
+    // `$KPX_NFT_PARTIALS`: where to write each pair's transactions in order (to replay them
+    // into a throwaway namespace's kernel by hand: `unshare -n sh -c 'for f in …; do nft -f
+    // $f; done'`).
+    let dump = std::env::var_os("KPX_NFT_PARTIALS").map(std::path::PathBuf::from);
     let mut failures = Vec::new();
     let all = super::cases::all();
-    for a in &all {
-        for b in &all {
+    for (i, a) in all.iter().enumerate() {
+        for (j, b) in all.iter().enumerate() {
             let mut tracker = ChangeTracker::new(super::NODE);
             if let Some(zone) = b.node.zone {
                 let labels = [("topology.kubernetes.io/zone".to_string(), zone.to_string())].into();
@@ -252,6 +256,13 @@ fn a_partial_plan_on_a_full_one_is_the_full_plan_of_the_new_state() {
                 }
                 // Housekeeping runs after the probes below.
                 let stale = render::stale_text(&cfg, &applied);
+                if let Some(dir) = &dump {
+                    let fam = if ipv6 { 6 } else { 4 };
+                    for (n, text) in [(1, &full_a.text), (2, &partial.text), (3, &stale)] {
+                        let name = format!("{i:02}-{j:02}-{fam}-{n}.nft");
+                        std::fs::write(dir.join(name), text).expect("writing a transaction");
+                    }
+                }
                 let runner = NftablesRunner {
                     ruleset: Ok(ruleset.clone()),
                 };
