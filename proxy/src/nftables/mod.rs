@@ -143,7 +143,7 @@ fn netlink_ready(changes: &[ElementChange]) -> bool {
         };
         matches!(
             (map, key),
-            (MapId::Endpoints(_), Key::Slot(_)) | (MapId::Hairpin, Key::Pair(..))
+            (MapId::Endpoints(..), Key::Slot(_)) | (MapId::Hairpin, Key::Pair(..))
         )
     })
 }
