@@ -4,7 +4,8 @@
 //! *other* modes left, best effort (`Options.Run` in `server.go` ignores that error: the mode
 //! starts anyway). Each mode's cleanup is a module-level function that needs no running backend:
 //! [`iptables::cleanup`] (every `KPX-` chain and the jumps to them, per tool: both families,
-//! both flavours) and [`ebpf::cleanup`] (the pinned links and maps). Only kpx's own state is
+//! both flavours), [`ebpf::cleanup`] (the pinned links and maps) and
+//! [`crate::nftables::cleanup`] (the `ip kpx` and `ip6 kpx` tables). Only kpx's own state is
 //! removed: never kube-proxy's `KUBE-` chains, never another program's pins.
 
 use std::fmt;
@@ -22,6 +23,8 @@ pub struct CleanupTargets {
     pub iptables: Vec<Tool>,
     /// The eBPF mode's pin directory (`--bpf-pin-dir`), if it is cleaned.
     pub ebpf_pin_dir: Option<PathBuf>,
+    /// kpx's nftables tables (`ip kpx`, `ip6 kpx`).
+    pub nftables: bool,
 }
 
 /// The mode a proxy starts in, for [`CleanupTargets::left_by_others`].
@@ -30,6 +33,7 @@ pub enum Running {
     /// iptables of this flavour (both families).
     Iptables(Flavour),
     Ebpf,
+    Nftables,
 }
 
 impl CleanupTargets {
@@ -38,6 +42,7 @@ impl CleanupTargets {
         Self {
             iptables: Tool::EVERY.to_vec(),
             ebpf_pin_dir: Some(ebpf_pin_dir),
+            nftables: true,
         }
     }
 
@@ -54,10 +59,17 @@ impl CleanupTargets {
                     .filter(|t| t.flavour != flavour)
                     .collect(),
                 ebpf_pin_dir: Some(ebpf_pin_dir),
+                nftables: true,
             },
             Running::Ebpf => Self {
                 iptables: Tool::EVERY.to_vec(),
                 ebpf_pin_dir: None,
+                nftables: true,
+            },
+            Running::Nftables => Self {
+                iptables: Tool::EVERY.to_vec(),
+                ebpf_pin_dir: Some(ebpf_pin_dir),
+                nftables: false,
             },
         }
     }
@@ -68,6 +80,8 @@ impl CleanupTargets {
 pub struct Report {
     pub iptables: Vec<ToolCleanup>,
     pub ebpf: Option<EbpfCleanup>,
+    /// nftables tables deleted.
+    pub nftables: usize,
 }
 
 impl Report {
@@ -75,6 +89,7 @@ impl Report {
     pub fn is_empty(&self) -> bool {
         self.iptables.iter().all(|t| t.removed.is_empty())
             && self.ebpf.as_ref().is_none_or(EbpfCleanup::is_empty)
+            && self.nftables == 0
     }
 
     /// One info line per mode that had leftovers (what was skipped was said at debug level).
@@ -94,6 +109,9 @@ impl Report {
                 maps = e.maps.len(),
                 "detached kpx BPF programs and removed their pins"
             );
+        }
+        if self.nftables > 0 {
+            tracing::info!(tables = self.nftables, "deleted kpx nftables tables");
         }
     }
 }
@@ -119,6 +137,9 @@ impl fmt::Display for Report {
                 e.links.len(),
                 e.maps.len()
             ));
+        }
+        if self.nftables > 0 {
+            parts.push(format!("nftables: {} tables", self.nftables));
         }
         f.write_str(&parts.join("; "))
     }
@@ -148,6 +169,12 @@ pub fn cleanup_all(targets: &CleanupTargets) -> Result<Report, CleanupError> {
         match ebpf::cleanup(pin_dir) {
             Ok(e) => report.ebpf = Some(e),
             Err(e) => failures.push((format!("ebpf {}", pin_dir.display()), e)),
+        }
+    }
+    if targets.nftables {
+        match crate::nftables::cleanup() {
+            Ok(n) => report.nftables = n,
+            Err(e) => failures.push(("nftables".into(), e)),
         }
     }
     if failures.is_empty() {

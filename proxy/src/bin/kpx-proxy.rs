@@ -286,6 +286,7 @@ fn cleanup(args: &Args) -> anyhow::Result<()> {
 fn cleanup_other_modes(settings: &Settings, args: &Args) {
     let running = match settings.mode {
         ProxyMode::Ebpf => Running::Ebpf,
+        ProxyMode::Nftables => Running::Nftables,
         ProxyMode::Iptables => Running::Iptables(match Flavour::parse(&args.kpx.iptables_mode) {
             Some(Some(flavour)) => flavour,
             Some(None) => Tool::detect(false).flavour,

@@ -14,6 +14,8 @@ pub enum ProxyMode {
     Iptables,
     /// BPF programs: socket-level and tc per-packet load balancing.
     Ebpf,
+    /// kpx's own nftables table per family (kube-proxy's successor mode).
+    Nftables,
 }
 
 /// Which `KubeProxyConfiguration` section holds a mode's `syncPeriod`, `minSyncPeriod` and
@@ -50,6 +52,12 @@ pub const MODES: &[ModeSpec] = &[
         section: Section::Iptables,
         start: start::ebpf,
     },
+    ModeSpec {
+        mode: ProxyMode::Nftables,
+        needs: "nft (nftables 1.0 or newer) in PATH and a kernel with nf_tables, nat and fib; IPv6 Services need the ip6 family",
+        section: Section::Nftables,
+        start: start::nftables,
+    },
 ];
 
 impl ProxyMode {
@@ -58,6 +66,7 @@ impl ProxyMode {
         match self {
             ProxyMode::Iptables => "iptables",
             ProxyMode::Ebpf => "ebpf",
+            ProxyMode::Nftables => "nftables",
         }
     }
 
@@ -76,7 +85,7 @@ impl ProxyMode {
         }
         let allowed = Self::allowed();
         Err(match text {
-            "ipvs" | "nftables" => {
+            "ipvs" => {
                 format!("not implemented by kpx yet (allowed: {allowed})")
             }
             "kernelspace" => format!("Windows only (allowed: {allowed})"),
@@ -113,10 +122,10 @@ mod tests {
         assert_eq!(ProxyMode::parse(""), Ok(ProxyMode::Iptables));
         assert_eq!(
             ProxyMode::parse("ipvs"),
-            Err("not implemented by kpx yet (allowed: iptables, ebpf)".into())
+            Err("not implemented by kpx yet (allowed: iptables, ebpf, nftables)".into())
         );
         assert!(ProxyMode::parse("userspace")
             .expect_err("unknown")
-            .contains("allowed: iptables, ebpf"));
+            .contains("allowed: iptables, ebpf, nftables"));
     }
 }

@@ -149,3 +149,65 @@ pub fn ebpf(settings: &Settings, kpx: &KpxFlags) -> Result<Box<dyn Backend>, Sta
         })?;
     Ok(Box::new(backend))
 }
+
+pub fn nftables_config(
+    settings: &Settings,
+    ipv6: bool,
+) -> Result<crate::nftables::render::RenderConfig, ConfigError> {
+    let c = render_config(settings, ipv6)?;
+    Ok(crate::nftables::render::RenderConfig {
+        ipv6,
+        cluster_cidr: c.cluster_cidr,
+        masquerade_all: c.masquerade_all,
+        nodeport_addresses: c.nodeport_addresses,
+        conntrack_tcp_be_liberal: c.conntrack_tcp_be_liberal,
+    })
+}
+
+/// One table per family; IPv6 when the kernel takes an `ip6` table (checked with a throwaway
+/// transaction that creates nothing: `nft -c`).
+pub fn nftables(settings: &Settings, _kpx: &KpxFlags) -> Result<Box<dyn Backend>, StartError> {
+    use crate::nftables::NftablesBackend;
+    let works = |family: &str| {
+        std::process::Command::new("nft")
+            .args(["-c", &format!("add table {family} kpx-probe")])
+            .output()
+    };
+    match works("ip") {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => {
+            return Err(StartError::Backend {
+                mode: "nftables",
+                source: BackendError::Command {
+                    command: "nft -c add table ip kpx-probe".into(),
+                    status: out.status.to_string(),
+                    stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                },
+            })
+        }
+        Err(source) => {
+            return Err(StartError::Backend {
+                mode: "nftables",
+                source: BackendError::Spawn {
+                    command: "nft".into(),
+                    source,
+                },
+            })
+        }
+    }
+    let secondary = match works("ip6") {
+        Ok(out) if out.status.success() => {
+            Some(NftablesBackend::new(nftables_config(settings, true)?))
+        }
+        _ => {
+            tracing::warn!(
+                "nft cannot create an ip6 table here: IPv6 Services are not programmed (IPv4 only)"
+            );
+            None
+        }
+    };
+    Ok(Box::new(DualStack::new(
+        NftablesBackend::new(nftables_config(settings, false)?),
+        secondary,
+    )))
+}

@@ -211,7 +211,7 @@ fn bad_values_name_the_field_the_value_and_what_is_allowed() {
     let err = |body: &str| resolve(&[], Some(&with(body))).expect_err(body).to_string();
     assert_eq!(
         err("mode: ipvs"),
-        "mode \"ipvs\": not implemented by kpx yet (allowed: iptables, ebpf)"
+        "mode \"ipvs\": not implemented by kpx yet (allowed: iptables, ebpf, nftables)"
     );
     assert!(err("detectLocalMode: NodeCIDR")
         .starts_with("detectLocalMode \"NodeCIDR\": kpx tells pod traffic by clusterCIDR only"));

@@ -15,7 +15,7 @@
 //!
 //! and every backend added later plugs in one more runner.
 
-mod cases;
+pub(crate) mod cases;
 mod ebpf;
 mod iptables;
 mod model;

@@ -1,0 +1,364 @@
+//! The nftables backend: kpx's own table per family (`ip kpx`, `ip6 kpx`; layout and why in
+//! `README.md`). `render` is the plan (pure); this module applies it as one `nft -f -`
+//! transaction per sync — or, when a sync changes only endpoint addresses, as one netlink batch
+//! of element operations, which costs the same whatever the table's size (`nft` first lists
+//! every chain and set of the table into its cache). What was committed is kept in memory;
+//! only a full sync reads back the table's names, to remove what is foreign to the plan.
+
+pub mod chains;
+mod dump;
+pub mod netlink;
+pub mod render;
+
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::backend::{Backend, BackendError, Count, Dump, SyncInput, SyncReport, Unit};
+use netlink::{ElementOp, Family, Nft};
+use render::{Applied, ElementChange, Existing, Key, MapId, RenderConfig, Value};
+
+/// How long a chain that lost its last reference waits before it is deleted (kube-proxy waits
+/// a second: kernels before 6.2 may still run a packet through it).
+const STALE_GRACE: Duration = Duration::from_secs(1);
+
+pub struct NftablesBackend {
+    cfg: RenderConfig,
+    applied: Applied,
+    /// The ruleset generation after kpx's last commit: another value means someone else
+    /// committed since, and the lost-state check looks closer.
+    generation: Option<u32>,
+    /// When the stale chains and sets were flushed.
+    stale_since: Option<Instant>,
+    nft: Option<Nft>,
+}
+
+impl NftablesBackend {
+    pub fn new(cfg: RenderConfig) -> Self {
+        Self {
+            cfg,
+            applied: Applied::default(),
+            generation: None,
+            stale_since: None,
+            nft: None,
+        }
+    }
+
+    fn family(&self) -> Family {
+        if self.cfg.ipv6 {
+            Family::Ip6
+        } else {
+            Family::Ip
+        }
+    }
+
+    fn family_name(&self) -> &'static str {
+        if self.cfg.ipv6 {
+            "ip6"
+        } else {
+            "ip"
+        }
+    }
+
+    /// The netlink socket, opened on first use (in the namespace the backend runs in).
+    fn netlink(&mut self) -> Result<&mut Nft, BackendError> {
+        if self.nft.is_none() {
+            self.nft =
+                Some(Nft::open().map_err(|e| BackendError::kernel("netlink (nf_tables)", e))?);
+        }
+        self.nft
+            .as_mut()
+            .ok_or_else(|| BackendError::kernel("netlink (nf_tables)", "not open"))
+    }
+
+    fn existing(&mut self) -> Result<Existing, BackendError> {
+        let family = self.family();
+        let nft = self.netlink()?;
+        if nft
+            .table(family, chains::TABLE)
+            .map_err(|e| BackendError::kernel("reading the kpx table", e))?
+            .is_none()
+        {
+            return Ok(Existing::default());
+        }
+        let chains = nft
+            .chains(family, chains::TABLE)
+            .map_err(|e| BackendError::kernel("listing the kpx table's chains", e))?;
+        let sets = nft
+            .sets(family, chains::TABLE)
+            .map_err(|e| BackendError::kernel("listing the kpx table's sets", e))?;
+        Ok(Existing {
+            chains: chains.into_iter().collect(),
+            sets: sets.into_iter().collect(),
+        })
+    }
+
+    fn record_generation(&mut self) {
+        self.generation = self.netlink().ok().and_then(|n| n.generation().ok());
+    }
+
+    fn commit_elements(&mut self, changes: &[ElementChange]) -> Result<(), BackendError> {
+        let ops: Vec<ElementOp> = changes.iter().map(element_op).collect();
+        let family = self.family();
+        let generation = self
+            .netlink()?
+            .commit_elements(family, chains::TABLE, &ops)
+            .map_err(|e| {
+                BackendError::kernel("writing endpoint elements (nf_tables netlink)", e)
+            })?;
+        self.generation = Some(generation);
+        Ok(())
+    }
+}
+
+fn element_op(change: &ElementChange) -> ElementOp {
+    let key = |k: &Key| match k {
+        Key::Slot(slot) => netlink::slot_key(*slot),
+        Key::Pair(a, b) => netlink::address_pair_key(*a, *b),
+        // Structural syncs go through nft; only slots and hairpin pairs take this path.
+        Key::Frontend(..) | Key::NodePort(..) => Vec::new(),
+    };
+    match change {
+        ElementChange::Delete(map, k) => ElementOp::Delete {
+            set: map.name(),
+            key: key(k),
+        },
+        ElementChange::Add(e) => ElementOp::Add {
+            set: e.map.name(),
+            key: key(&e.key),
+            data: match &e.value {
+                Some(Value::Endpoint(ip, port)) => Some(netlink::endpoint_data(*ip, *port)),
+                _ => None,
+            },
+        },
+    }
+}
+
+/// Can this change go over netlink as it is? (Endpoint slots and hairpin pairs only.)
+fn netlink_ready(changes: &[ElementChange]) -> bool {
+    changes.iter().all(|c| {
+        let (map, key) = match c {
+            ElementChange::Delete(map, key) => (*map, key),
+            ElementChange::Add(e) => (e.map, &e.key),
+        };
+        matches!(
+            (map, key),
+            (MapId::Endpoints(_), Key::Slot(_)) | (MapId::Hairpin, Key::Pair(..))
+        )
+    })
+}
+
+/// Runs `nft -f -` with `text` as one transaction.
+pub fn nft_apply(text: &str) -> Result<(), BackendError> {
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| BackendError::Spawn {
+            command: "nft -f -".into(),
+            source,
+        })?;
+    if let Some(mut stdin) = child.stdin.take() {
+        // A write error shows as nft's own failure below.
+        let _ = stdin.write_all(text.as_bytes());
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|source| BackendError::Spawn {
+            command: "nft -f -".into(),
+            source,
+        })?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // nft's errors quote the failing line; keep the first few so the log stays readable.
+    let stderr: String = stderr.lines().take(12).collect::<Vec<_>>().join("\n");
+    Err(BackendError::Command {
+        command: "nft -f -".into(),
+        status: out.status.to_string(),
+        stderr,
+    })
+}
+
+/// Runs `nft` with `args`, its standard output.
+pub fn nft_output(args: &[&str]) -> Result<String, BackendError> {
+    crate::netfilter::exec::output(Command::new("nft").args(args), "nft")
+}
+
+/// Removes kpx's nftables tables of both families, and nothing else (kube-proxy's
+/// `CleanupLeftovers` for its nftables mode deletes its own tables). Quiet when there are
+/// none, or no `nft`. Returns the tables deleted.
+pub fn cleanup() -> Result<usize, BackendError> {
+    let mut deleted = 0;
+    for (family, netlink_family) in [("ip", Family::Ip), ("ip6", Family::Ip6)] {
+        let present = match Nft::open() {
+            Ok(mut nft) => nft
+                .table(netlink_family, chains::TABLE)
+                .ok()
+                .flatten()
+                .is_some(),
+            Err(_) => false,
+        };
+        if present {
+            nft_apply(&format!("delete table {family} {}\n", chains::TABLE))?;
+            deleted += 1;
+        }
+    }
+    Ok(deleted)
+}
+
+impl Backend for NftablesBackend {
+    fn name(&self) -> &'static str {
+        "nftables"
+    }
+
+    fn sync(&mut self, input: SyncInput<'_>) -> Result<SyncReport, BackendError> {
+        let SyncInput {
+            state,
+            changes,
+            full,
+            ..
+        } = input;
+        let existing = if full {
+            self.existing()?
+        } else {
+            Existing::default()
+        };
+        let plan = render::plan(
+            &self.cfg,
+            state,
+            changes,
+            full,
+            &existing,
+            &mut self.applied,
+        );
+        let applied = match &plan.elements_only {
+            Some(elements) if netlink_ready(elements) => match self.commit_elements(elements) {
+                Ok(()) => Ok(()),
+                // A batch is all or nothing: the same change through nft is safe.
+                Err(e) => {
+                    tracing::debug!(error = %e, "netlink element batch refused; writing it with nft");
+                    nft_apply(&plan.text).map(|()| self.record_generation())
+                }
+            },
+            _ if plan.text.is_empty() => Ok(()),
+            _ => nft_apply(&plan.text).map(|()| self.record_generation()),
+        };
+        if let Err(e) = applied {
+            // What the kernel holds is unknown now: the next (full) sync starts over.
+            self.applied = Applied::default();
+            return Err(e);
+        }
+        if !self.applied.stale_chains.is_empty() || !self.applied.stale_sets.is_empty() {
+            self.stale_since.get_or_insert_with(Instant::now);
+        }
+        let rules = self.applied.rules() + render::fixed_rule_count(&self.cfg);
+        let table = if self.cfg.ipv6 { "ip6 kpx" } else { "ip kpx" };
+        Ok(SyncReport {
+            full,
+            written: Count::new(plan.rules_written + plan.elements_written, Unit::Rules),
+            total: Count::new(rules, Unit::Rules),
+            per_table: vec![(table, Count::new(rules, Unit::Rules))],
+            chains_written: plan.chains_written,
+            chains_deleted: plan.chains_deleted,
+        })
+    }
+
+    fn lost_state(&mut self) -> Option<String> {
+        let family = self.family();
+        let expected_generation = self.generation?;
+        let nft = self.netlink().ok()?;
+        let generation = nft.generation().ok()?;
+        if generation == expected_generation {
+            return None;
+        }
+        // Someone committed: look closer, once per foreign commit.
+        let table = self.family_name();
+        let nft = self.netlink().ok()?;
+        let lost = match nft.table(family, chains::TABLE) {
+            Ok(None) => Some(format!("table {table} {} was deleted", chains::TABLE)),
+            Ok(Some(_)) => match nft.rule_counts(family, chains::TABLE) {
+                Ok(counts) => missing_rules(&self.applied, &self.cfg, &counts),
+                Err(_) => None,
+            },
+            Err(_) => None,
+        };
+        if lost.is_none() {
+            self.generation = Some(generation);
+        }
+        lost
+    }
+
+    fn housekeeping(&mut self) -> Result<(), BackendError> {
+        let Some(since) = self.stale_since else {
+            return Ok(());
+        };
+        if since.elapsed() < STALE_GRACE {
+            return Ok(());
+        }
+        let text = render::stale_text(&self.cfg, &self.applied);
+        if !text.is_empty() {
+            nft_apply(&text)?;
+            self.record_generation();
+        }
+        self.applied.stale_chains.clear();
+        self.applied.stale_sets.clear();
+        self.stale_since = None;
+        Ok(())
+    }
+
+    fn cleanup(&mut self) -> Result<(), BackendError> {
+        let family = self.family_name();
+        let present = self
+            .netlink()
+            .ok()
+            .and_then(|n| {
+                n.table(
+                    if family == "ip6" {
+                        Family::Ip6
+                    } else {
+                        Family::Ip
+                    },
+                    chains::TABLE,
+                )
+                .ok()
+            })
+            .flatten()
+            .is_some();
+        if present {
+            nft_apply(&format!("delete table {family} {}\n", chains::TABLE))?;
+        }
+        self.applied = Applied::default();
+        self.generation = None;
+        Ok(())
+    }
+
+    fn dump(&self) -> Result<Dump, BackendError> {
+        let text = nft_output(&["list", "table", self.family_name(), chains::TABLE])?;
+        Ok(dump::read(&text))
+    }
+}
+
+/// A chain of the plan with fewer rules in the kernel than kpx wrote (flushed by someone).
+fn missing_rules(
+    applied: &Applied,
+    cfg: &RenderConfig,
+    counts: &std::collections::BTreeMap<String, usize>,
+) -> Option<String> {
+    let services = counts.get(chains::SERVICES).copied().unwrap_or(0);
+    if services < 2 {
+        return Some(format!("chain {} was flushed", chains::SERVICES));
+    }
+    let _ = cfg;
+    for f in applied.fragments.values() {
+        for c in &f.chains {
+            if counts.get(&c.name).copied().unwrap_or(0) < c.rules.len() {
+                return Some(format!("chain {} lost rules", c.name));
+            }
+        }
+    }
+    None
+}
