@@ -18,6 +18,7 @@ pub mod iptables;
 pub mod metrics;
 pub mod model;
 pub mod netfilter;
+pub mod nftables;
 pub mod runner;
 pub mod serve;
 pub mod watch;
