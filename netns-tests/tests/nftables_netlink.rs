@@ -188,6 +188,8 @@ fn names_and_counts_read_back_match_nft_list() -> anyhow::Result<()> {
         let absent = (
             n.table(Family::Ip6, "kpx")?,
             n.chains(Family::Ip6, "kpx")?,
+            n.sets(Family::Ip6, "kpx").map_err(|e| e.errno()),
+            n.rule_counts(Family::Ip6, "kpx")?,
             n.element_count(Family::Ip, "kpx", "no-such-set")
                 .map_err(|e| e.errno()),
         );
@@ -220,7 +222,16 @@ fn names_and_counts_read_back_match_nft_list() -> anyhow::Result<()> {
     // An interval set holds a range as its start and its end (and nft adds an interval end
     // at 0.0.0.0 before a first range that does not start there): kernel elements, not ranges.
     assert!(counts["nodeport-cidrs"] >= 2, "{counts:?}");
-    assert_eq!(absent, (None, vec![], Err(Some(libc::ENOENT))));
+    assert_eq!(
+        absent,
+        (
+            None,
+            vec![],
+            Err(Some(libc::ENOENT)),
+            BTreeMap::new(),
+            Err(Some(libc::ENOENT))
+        )
+    );
 
     // A re-created table has another handle.
     s.nft(&["-f", "-"], Some(&format!("delete table ip kpx\n{TABLE}")))?;
@@ -312,6 +323,18 @@ fn commit_elements_replaces_an_endpoint_and_fails_as_a_whole() -> anyhow::Result
     assert_eq!(count, 3);
     let map = s.nft(&["list", "map", "ip", "kpx", "endpoints-0"], None)?;
     assert!(!map.contains("198.18.4.4"), "{map}");
+
+    // Adding an existing key with other data is refused (replace = delete + add).
+    let clash = vec![ElementOp::Add {
+        set: "endpoints-0".into(),
+        key: slot_key(0),
+        data: Some(ep("198.18.6.6", 80)),
+    }];
+    let clash = s.with_nft(move |n| {
+        Ok(n.commit_elements(Family::Ip, "kpx", &clash)
+            .map_err(|e| e.errno()))
+    })?;
+    assert_eq!(clash, Err(Some(libc::EEXIST)));
 
     // A batch prepared at a generation someone else has since moved on from is refused as a
     // whole (ERESTART) and applies nothing; at the current generation it applies.

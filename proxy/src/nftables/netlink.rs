@@ -6,6 +6,10 @@
 //! Why not `nft -f`: nft lists every chain and set of the table into its cache before each
 //! transaction (34 ms for a two-element change in a 10,000-Service table, 4 ms on an empty one).
 //! A batch of NEWSETELEM/DELSETELEM messages costs the kernel only the element operations.
+//! Measured here (kernel 6.18, debug build, a table of 10,000 Service chains, 20,000 rules, 158
+//! maps, 110,000 elements): replacing one endpoint (delete + add) 0.7–1.8 ms over netlink,
+//! 57–65 ms with `nft -f`; reading back chain names 67 ms, set names 0.7 ms, rules per chain
+//! 345 ms, all element counts 89 ms, where `nft list table` takes 3.6 s.
 //!
 //! The messages are those nft 1.0.6 sends (recorded with `strace -e sendmsg -xx nft -f` in a
 //! throwaway namespace; the golden tests below hold those bytes), built with the typed messages
@@ -199,7 +203,10 @@ impl Default for Limits {
 /// One element operation of a transaction, on an existing named set or map of the table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ElementOp {
-    /// `add element <family> <table> <set> { key : data }` (`data` only for maps).
+    /// `add element <family> <table> <set> { key : data }` (`data` only for maps). Adding a key
+    /// that exists with the same data is no error; with other data the kernel refuses it
+    /// (EEXIST on kernel 6.18, `nft_add_set_elem`): replace an element by deleting it and
+    /// adding it in the same transaction.
     Add {
         set: String,
         key: Vec<u8>,
@@ -362,8 +369,8 @@ fn encode_dump(family: Family, dump: Dump<'_>, seq: u32) -> Vec<u8> {
 /// One transaction: NFNL_MSG_BATCH_BEGIN (res_id NFNL_SUBSYS_NFTABLES, with the generation it
 /// was prepared against), one NEWSETELEM/DELSETELEM per op with NLM_F_ACK, NFNL_MSG_BATCH_END.
 /// Sequence numbers: `seq` for the begin, `seq + 1 + i` for op i, then the end.
-/// NEWSETELEM carries NLM_F_CREATE as nft's `add element` does (an existing equal element is
-/// not an error; one with other data is EEXIST... only with NLM_F_EXCL, which `add` omits).
+/// NEWSETELEM carries NLM_F_CREATE and no NLM_F_EXCL, as nft's `add element`: adding an
+/// element that exists with the same data is not an error (`nft_add_set_elem`).
 fn encode_batch(family: Family, table: &str, ops: &[ElementOp], seq: u32, genid: u32) -> Vec<u8> {
     let mut out = Vec::with_capacity(40 + ops.len() * 96);
     let begin = ControlMessage::Other {
@@ -719,7 +726,12 @@ impl Nft {
                 .socket
                 .recv(&mut slice, libc::MSG_TRUNC)
                 .map_err(|source| NlError::Io {
-                    op: format!("{op}: receive"),
+                    op: match source.kind() {
+                        std::io::ErrorKind::WouldBlock => {
+                            format!("{op}: no answer within {}s", RECEIVE_TIMEOUT.as_secs())
+                        }
+                        _ => format!("{op}: receive"),
+                    },
                     source,
                 })?;
             if len > RECEIVE_BUFFER {
@@ -1004,7 +1016,6 @@ impl Nft {
         set: &str,
     ) -> Result<usize, NlError> {
         let op = format!("list elements {} {table} {set}", family.nft_name());
-        let mut count = 0;
         let total = std::cell::Cell::new(0usize);
         self.dump(
             &op,
@@ -1020,8 +1031,7 @@ impl Nft {
                 Ok(())
             },
         )?;
-        count += total.get();
-        Ok(count)
+        Ok(total.get())
     }
 
     /// One transaction of element operations on existing sets and maps of one table: all
@@ -1032,6 +1042,9 @@ impl Nft {
     /// The batch names the generation read just before it; if someone else commits in between
     /// the kernel refuses it with ERESTART and it is sent again (a few times), so the generation
     /// returned is exactly the one this commit made.
+    ///
+    /// A Kernel error means nothing was applied. An Io error once the batch was sent (a receive
+    /// that failed or timed out) leaves the outcome unknown: resync the table in full.
     pub fn commit_elements(
         &mut self,
         family: Family,
@@ -1124,6 +1137,8 @@ impl Nft {
         let mut remaining = ops.len();
         let mut first_error: Option<(usize, i32)> = None;
         let mut batch_error: Option<i32> = None;
+        let mut received = 0usize;
+        let max_messages = self.limits.max_messages;
         let result = loop {
             let step = self.receive(op, &mut |m| {
                 if m.kind != NLMSG_ERROR {
@@ -1154,7 +1169,19 @@ impl Nft {
             });
             match step {
                 Ok((true, _)) => break Ok(()),
-                Ok((false, _)) => {}
+                Ok((false, n)) => {
+                    // Only answers to this batch arrive (no multicast group is joined), but a
+                    // bound keeps a misbehaving peer from holding the sync.
+                    received += n;
+                    if received > max_messages.max(ops.len() * 2) {
+                        break Err(NlError::Limit {
+                            op: op.to_string(),
+                            what: "messages",
+                            field: "max_messages",
+                            limit: max_messages,
+                        });
+                    }
+                }
                 Err(e) => break Err(e),
             }
         };
