@@ -267,6 +267,20 @@ impl Applied {
         self.fragments.values().map(|f| f.rules()).sum::<usize>()
     }
 
+    /// Elements each map and set holds once this is applied (the lost-state check compares).
+    pub fn elements_per_map(&self) -> BTreeMap<String, usize> {
+        let mut out: BTreeMap<String, usize> = BTreeMap::new();
+        for f in self.fragments.values() {
+            for e in f.elements.iter().filter(|e| !e.map.shared()) {
+                *out.entry(e.map.name()).or_default() += 1;
+            }
+        }
+        for (map, _) in self.owners.keys() {
+            *out.entry(map.name()).or_default() += 1;
+        }
+        out
+    }
+
     pub fn elements(&self) -> usize {
         self.fragments
             .values()
