@@ -21,9 +21,10 @@ pub fn parse_backend(mode: &str) -> anyhow::Result<ProxyBackend> {
         "iptables" | "iptables-nft" => Ok(ProxyBackend::IptablesNft),
         "iptables-legacy" => Ok(ProxyBackend::IptablesLegacy),
         "ebpf" => Ok(ProxyBackend::Ebpf),
+        "nftables" => Ok(ProxyBackend::Nftables),
         other => bail!(
             "--proxy-mode {other:?}: allowed values: iptables (= iptables-nft), iptables-legacy, \
-             ebpf (ipvs and nftables are not built yet)"
+             nftables, ebpf (ipvs is not built yet)"
         ),
     }
 }

@@ -92,6 +92,8 @@ pub enum ProxyBackend {
     IptablesNft,
     IptablesLegacy,
     Ebpf,
+    /// kube-proxy's nftables mode: tables `ip kpx` and `ip6 kpx` in the node's namespace.
+    Nftables,
 }
 
 impl ProxyBackend {
@@ -100,6 +102,32 @@ impl ProxyBackend {
             ProxyBackend::IptablesNft => "iptables-nft",
             ProxyBackend::IptablesLegacy => "iptables-legacy",
             ProxyBackend::Ebpf => "ebpf",
+            ProxyBackend::Nftables => "nftables",
+        }
+    }
+
+    /// The proxy mode as kube-proxy names it (`--proxy-mode`, a KubeProxyConfiguration's
+    /// `mode`): both iptables loaders are mode `iptables`.
+    pub fn mode(self) -> &'static str {
+        match self {
+            ProxyBackend::IptablesNft | ProxyBackend::IptablesLegacy => "iptables",
+            ProxyBackend::Ebpf => "ebpf",
+            ProxyBackend::Nftables => "nftables",
+        }
+    }
+
+    /// The counter of failed syncs, by kube-proxy's metric names
+    /// (`pkg/proxy/metrics/metrics.go`: `IPTablesRestoreFailuresTotal`,
+    /// `NFTablesSyncFailuresTotal`); `None` for ebpf, whose failures are not injected.
+    pub fn sync_failures_metric(self) -> Option<&'static str> {
+        match self {
+            ProxyBackend::IptablesNft | ProxyBackend::IptablesLegacy => {
+                Some("kubeproxy_sync_proxy_rules_iptables_restore_failures_total")
+            }
+            ProxyBackend::Nftables => {
+                Some("kubeproxy_sync_proxy_rules_nftables_sync_failures_total")
+            }
+            ProxyBackend::Ebpf => None,
         }
     }
 
@@ -111,14 +139,21 @@ impl ProxyBackend {
                 vec!["--proxy-mode", "iptables", "--iptables-mode", "legacy"]
             }
             ProxyBackend::Ebpf => vec!["--proxy-mode", "ebpf"],
+            ProxyBackend::Nftables => vec!["--proxy-mode", "nftables"],
         }
     }
 
-    /// Why this kernel cannot run the backend, if it cannot (checked in a scratch namespace).
+    /// Why this kernel cannot run the backend, if it cannot (checked in a scratch namespace:
+    /// an iptables chain, or an nftables table, created there and dropped with it).
     pub fn unsupported(self) -> Option<String> {
-        let tool = match self {
-            ProxyBackend::IptablesNft => "iptables-nft",
-            ProxyBackend::IptablesLegacy => "iptables-legacy",
+        let probe: &[&str] = match self {
+            ProxyBackend::IptablesNft => &["iptables-nft", "-t", "nat", "-N", "KPX-PROBE"],
+            ProxyBackend::IptablesLegacy => &["iptables-legacy", "-t", "nat", "-N", "KPX-PROBE"],
+            // A nat chain too: the backend's base chains need nft_chain_nat.
+            ProxyBackend::Nftables => &[
+                "nft",
+                "add table ip kpx-probe ; add chain ip kpx-probe p { type nat hook prerouting priority -100 ; }",
+            ],
             ProxyBackend::Ebpf => {
                 if kpx_control::netns::cgroup2_root().is_none() {
                     return Some("no cgroup v2 file system is mounted".into());
@@ -126,6 +161,7 @@ impl ProxyBackend {
                 return kpx_ebpf::features::check_kernel().err();
             }
         };
+        let tool = probe[0];
         let name = format!(
             "{LAB_PREFIX}probe-{}-{}",
             std::process::id(),
@@ -138,13 +174,18 @@ impl ProxyBackend {
             return Some("cannot create a network namespace (root needed)".into());
         }
         let out = std::process::Command::new("ip")
-            .args(["netns", "exec", &name, tool, "-t", "nat", "-N", "KPX-PROBE"])
+            .args(["netns", "exec", &name])
+            .args(probe)
             .output();
         let _ = std::process::Command::new("ip")
             .args(["netns", "del", &name])
             .status();
         match out {
             Ok(o) if o.status.success() => None,
+            // `ip netns exec` reports a missing program as its own failure.
+            Ok(o) if String::from_utf8_lossy(&o.stderr).contains("No such file") => {
+                Some(format!("{tool} is not installed"))
+            }
             Ok(o) => Some(format!(
                 "{tool} does not work here: {}",
                 String::from_utf8_lossy(&o.stderr).trim()
@@ -158,6 +199,7 @@ pub const ALL_BACKENDS: &[ProxyBackend] = &[
     ProxyBackend::IptablesNft,
     ProxyBackend::IptablesLegacy,
     ProxyBackend::Ebpf,
+    ProxyBackend::Nftables,
 ];
 
 /// Mount points under a lab's directory (its bpffs), for `down`.
@@ -764,6 +806,9 @@ impl Lab {
             "iptables-legacy-restore",
             "ip6tables-nft-restore",
             "ip6tables-legacy-restore",
+            // The nftables backend's loader: every `nft` run fails, its reads too (the
+            // backend reads names back over netlink, not through nft).
+            "nft",
         ] {
             let real = ["/usr/sbin", "/sbin", "/usr/bin"]
                 .iter()
@@ -782,7 +827,7 @@ impl Lab {
         Ok(())
     }
 
-    /// Makes every iptables-restore of this lab's proxies fail (or work again).
+    /// Makes every iptables-restore (and `nft` run) of this lab's proxies fail (or work again).
     pub fn fail_restores(&self, fail: bool) -> anyhow::Result<()> {
         let flag = self.dir.path().join("fail-restore");
         if fail {
@@ -900,11 +945,28 @@ impl Lab {
     }
 
     /// Removes what node `i`'s proxy programmed behind its back: flushes the nat and filter
-    /// tables (iptables), or deletes every Service frontend from the pinned map (ebpf).
+    /// tables (iptables), every chain of kpx's tables (nftables: `nft flush table` empties the
+    /// chains and keeps the maps and their elements, as `iptables -F` keeps the chains), or
+    /// deletes every Service frontend from the pinned map (ebpf).
     pub fn flush_programmed(&self, i: usize) -> anyhow::Result<()> {
         let tool = match self.backend {
             ProxyBackend::IptablesNft => "iptables-nft",
             ProxyBackend::IptablesLegacy => "iptables-legacy",
+            ProxyBackend::Nftables => {
+                let ns = &self.nodes[i].ns;
+                let status = ns
+                    .command("nft")
+                    .args(["flush", "table", "ip", "kpx"])
+                    .status()?;
+                anyhow::ensure!(status.success(), "flushing table ip kpx");
+                // The IPv6 table exists once the proxy has synced that family.
+                let _ = ns
+                    .command("nft")
+                    .args(["flush", "table", "ip6", "kpx"])
+                    .stderr(Stdio::null())
+                    .status();
+                return Ok(());
+            }
             ProxyBackend::Ebpf => {
                 let pin = self
                     .pin_dir(i)
@@ -1063,16 +1125,21 @@ impl Lab {
             .join("\n")
     }
 
-    /// Runs `iptables-save` (of the lab's flavour) in a node, for failure messages and checks.
+    /// Runs `iptables-save` (of the lab's flavour) in a node, for failure messages and checks;
+    /// in an nftables lab `nft list ruleset` (kpx's tables and anyone else's).
     pub fn iptables_save(&self, node: usize) -> String {
-        let tool = match self.backend {
-            ProxyBackend::IptablesNft => "iptables-nft-save",
-            ProxyBackend::IptablesLegacy | ProxyBackend::Ebpf => "iptables-legacy-save",
+        let mut cmd = match self.backend {
+            ProxyBackend::IptablesNft => self.nodes[node].ns.command("iptables-nft-save"),
+            ProxyBackend::IptablesLegacy | ProxyBackend::Ebpf => {
+                self.nodes[node].ns.command("iptables-legacy-save")
+            }
+            ProxyBackend::Nftables => {
+                let mut cmd = self.nodes[node].ns.command("nft");
+                cmd.args(["list", "ruleset"]);
+                cmd
+            }
         };
-        self.nodes[node]
-            .ns
-            .command(tool)
-            .output()
+        cmd.output()
             .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
             .unwrap_or_default()
     }

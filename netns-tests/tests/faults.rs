@@ -103,11 +103,14 @@ async fn flushed_rules_come_back_and_failed_applies_keep_the_old_rules() {
                 .all(|o| o.pod().is_none())
         );
         let (code, metrics) = traffic::local_get(&lab.nodes[0].ns, 10249, "/metrics")?;
+        let failures = backend
+            .sync_failures_metric()
+            .ok_or_else(|| anyhow::anyhow!("{} has no sync failure counter", backend.name()))?;
         anyhow::ensure!(
             code == 200
-                && metrics.lines().any(|l| l
-                    .starts_with("kubeproxy_sync_proxy_rules_iptables_restore_failures_total")
-                    && !l.ends_with(" 0")),
+                && metrics
+                    .lines()
+                    .any(|l| l.starts_with(failures) && !l.ends_with(" 0")),
             "failures not counted:\n{metrics}"
         );
         let (health, body) = traffic::local_get(&lab.nodes[0].ns, 10256, "/healthz")?;
@@ -231,6 +234,18 @@ async fn restarting_the_proxy_under_traffic_loses_nothing_and_cleanup_removes_ev
                 lab.proxy_logs()
             );
             return cleanup_and_check(&mut lab, 0);
+        }
+        if backend == ProxyBackend::Nftables {
+            // Someone else's table (a real kube-proxy's, say) survives cleanup; ours do not.
+            let foreign = "add table ip someone-else ; add chain ip someone-else out { type nat hook output priority -100 ; } ; add rule ip someone-else out counter";
+            anyhow::ensure!(lab.nodes[0].ns.command("nft").arg(foreign).status()?.success());
+            cleanup_and_check(&mut lab, 0)?;
+            let listed = lab.iptables_save(0);
+            anyhow::ensure!(
+                listed.contains("table ip someone-else") && listed.contains("counter"),
+                "cleanup removed a foreign table:\n{listed}"
+            );
+            return Ok(());
         }
         // A rule of someone else's survives cleanup; none of ours does.
         let tool = if backend == ProxyBackend::IptablesNft {

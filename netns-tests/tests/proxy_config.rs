@@ -10,7 +10,7 @@ mod common;
 use std::net::{IpAddr, Ipv4Addr};
 
 use common::*;
-use kpx_lab::lab::{Lab, ProxyBackend, CLUSTER_CIDR, CLUSTER_CIDR_V6};
+use kpx_lab::lab::{Lab, CLUSTER_CIDR, CLUSTER_CIDR_V6};
 use kpx_lab::traffic::{self, Outcome};
 use kpx_proxy::config::file::GoDuration;
 use kpx_proxy::config::settings::{config_conf_of_configmap, parse_file, to_yaml};
@@ -21,13 +21,7 @@ const KUBEADM_CONFIGMAP: &str =
 /// kubeadm's `config.conf` for node `i` of `lab`, with what a cluster admin sets.
 fn config_for(lab: &Lab, i: usize) -> anyhow::Result<String> {
     let mut c = parse_file("kubeadm", &config_conf_of_configmap(KUBEADM_CONFIGMAP)?)?;
-    c.mode = Some(
-        match lab.backend {
-            ProxyBackend::Ebpf => "ebpf",
-            ProxyBackend::IptablesNft | ProxyBackend::IptablesLegacy => "iptables",
-        }
-        .into(),
-    );
+    c.mode = Some(lab.backend.mode().into());
     c.cluster_cidr = Some(format!("{CLUSTER_CIDR},{CLUSTER_CIDR_V6}"));
     let kubeconfig = lab.dir.path().join("proxy.kubeconfig");
     c.client_connection

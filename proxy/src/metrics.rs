@@ -51,6 +51,17 @@ pub enum ModeMetrics {
         /// `kpx_proxy_bpf_map_full_total{map}`.
         map_full: Family<MapLabel, Counter>,
     },
+    Nftables {
+        /// `kubeproxy_sync_proxy_rules_nftables_sync_failures_total`.
+        sync_failures: Counter,
+        /// `kubeproxy_sync_proxy_rules_nftables_cleanup_failures_total`: stale chains and sets
+        /// the housekeeping tick could not delete.
+        cleanup_failures: Counter,
+        /// `kpx_proxy_nftables_rules{table}`: rules in kpx's table of each family.
+        rules_total: Family<TableLabel, Gauge>,
+        /// `kpx_proxy_nftables_written_last`: rules and elements the last sync wrote.
+        written_last: Gauge,
+    },
     /// A mode without metrics of its own.
     None,
 }
@@ -94,6 +105,12 @@ impl Metrics {
                     frontends: Gauge::default(),
                     writes_last: Gauge::default(),
                     map_full: Family::default(),
+                },
+                "nftables" => ModeMetrics::Nftables {
+                    sync_failures: Counter::default(),
+                    cleanup_failures: Counter::default(),
+                    rules_total: Family::default(),
+                    written_last: Gauge::default(),
                 },
                 _ => ModeMetrics::None,
             },
@@ -178,6 +195,33 @@ impl Metrics {
                     map_full.clone(),
                 );
             }
+            ModeMetrics::Nftables {
+                sync_failures,
+                cleanup_failures,
+                rules_total,
+                written_last,
+            } => {
+                registry.register(
+                    "kubeproxy_sync_proxy_rules_nftables_sync_failures",
+                    "Cumulative proxy nftables sync failures",
+                    sync_failures.clone(),
+                );
+                registry.register(
+                    "kubeproxy_sync_proxy_rules_nftables_cleanup_failures",
+                    "Cumulative proxy nftables cleanup failures",
+                    cleanup_failures.clone(),
+                );
+                registry.register(
+                    "kpx_proxy_nftables_rules",
+                    "Rules in kpx's nftables table, per table",
+                    rules_total.clone(),
+                );
+                registry.register(
+                    "kpx_proxy_nftables_written_last",
+                    "Rules and map elements written by the last sync",
+                    written_last.clone(),
+                );
+            }
             ModeMetrics::None => {}
         }
         registry.register(
@@ -233,7 +277,31 @@ impl Metrics {
                 frontends.set(report.total.n as i64);
                 writes_last.set(report.written.n as i64);
             }
+            ModeMetrics::Nftables {
+                rules_total,
+                written_last,
+                ..
+            } => {
+                for (table, count) in &report.per_table {
+                    rules_total
+                        .get_or_create(&TableLabel {
+                            table: table.to_string(),
+                        })
+                        .set(count.n as i64);
+                }
+                written_last.set(report.written.n as i64);
+            }
             ModeMetrics::None => {}
+        }
+    }
+
+    /// Counts a failed housekeeping tick (stale chains left for the next one).
+    pub fn housekeeping_failed(&self) {
+        if let ModeMetrics::Nftables {
+            cleanup_failures, ..
+        } = &self.mode
+        {
+            cleanup_failures.inc();
         }
     }
 
@@ -249,6 +317,9 @@ impl Metrics {
                 BackendError::Command { .. } | BackendError::Spawn { .. },
             ) => {
                 restore_failures.inc();
+            }
+            (ModeMetrics::Nftables { sync_failures, .. }, _) => {
+                sync_failures.inc();
             }
             (ModeMetrics::Ebpf { map_full, .. }, BackendError::Capacity { what, .. }) => {
                 let map = what.trim_start_matches("BPF map ").to_string();

@@ -236,6 +236,7 @@ impl<B: Backend> Runner<B> {
                         }
                     }
                     if let Err(e) = tokio::task::block_in_place(|| self.backend.housekeeping()) {
+                        self.metrics.housekeeping_failed();
                         tracing::warn!(backend = self.backend.name(), error = %e, "housekeeping failed; retried on the next tick");
                     }
                     if self.retry_at.is_some_and(|r| r > Instant::now()) {

@@ -1,6 +1,7 @@
 //! The loader's baseline beside each full sync: the same rules loaded by the kernel's own
-//! tool alone (`iptables-restore` of what the proxy programmed, into an empty namespace), or
-//! the same entries written into freshly created BPF maps.
+//! tool alone (`iptables-restore` of what the proxy programmed, or `nft -f` of its tables as
+//! `nft list table` prints them, into an empty namespace), or the same entries written into
+//! freshly created BPF maps.
 
 use std::io::Write;
 use std::path::Path;
@@ -16,12 +17,17 @@ use kpx_ebpf::plan::Op;
 use crate::lab::ProxyBackend;
 use crate::netns::Netns;
 
-/// What the proxy programmed, ready to load again: iptables-save output per family, or the
-/// BPF map writes.
+/// What the proxy programmed, ready to load again: iptables-save output per family, kpx's
+/// nftables tables per family, or the BPF map writes.
 pub enum Programmed {
     Iptables(Vec<(&'static str, String)>),
+    /// `nft list table` of `ip kpx` and `ip6 kpx` (those that exist).
+    Nftables(Vec<String>),
     Maps(Vec<Op>),
 }
+
+/// kpx's nftables tables, one per family (`proxy/src/nftables`).
+const NFT_TABLES: [&str; 2] = ["ip kpx", "ip6 kpx"];
 
 impl Programmed {
     /// Reads what node `node`'s proxy programmed (after its sync).
@@ -36,6 +42,7 @@ impl Programmed {
                     .context("the ebpf lab has no pin directory")?;
                 return Ok(Self::Maps(map_writes(&dir)?));
             }
+            ProxyBackend::Nftables => return Ok(Self::Nftables(list_tables(bench)?)),
         };
         let mut saved = Vec::new();
         for tool in [v4, v6] {
@@ -60,6 +67,7 @@ impl Programmed {
                 .iter()
                 .map(|(_, t)| t.lines().filter(|l| l.starts_with("-A ")).count())
                 .sum(),
+            Self::Nftables(tables) => tables.iter().map(|t| nft_size(t)).sum(),
             Self::Maps(ops) => ops.len(),
         }
     }
@@ -87,12 +95,113 @@ impl Programmed {
                 }
                 restore(&entry, saved)
             }
+            Self::Nftables(tables) => {
+                // The proxy's full sync after `--cleanup` starts with no table at all (cleanup
+                // deletes kpx's tables), and so does this load: one `nft -f` per family, as
+                // the proxy runs one transaction per family.
+                let ns = Netns::create(scratch).await?;
+                let entry = ns.entry()?;
+                let mut total = Duration::ZERO;
+                for text in tables {
+                    total += nft_load(&entry, text)?;
+                }
+                Ok(total)
+            }
             Self::Maps(ops) => {
                 let ops = ops.clone();
                 tokio::task::spawn_blocking(move || write_maps(&ops)).await?
             }
         }
     }
+}
+
+/// `nft list table` of each of kpx's tables in the bench node (a family the proxy has not
+/// programmed has no table, and is left out).
+fn list_tables(bench: &super::setup::BenchLab) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for table in NFT_TABLES {
+        let listed = bench.lab.nodes[0]
+            .ns
+            .command("nft")
+            .arg(format!("list table {table}"))
+            .output()
+            .context("nft list table")?;
+        if listed.status.success() {
+            out.push(String::from_utf8_lossy(&listed.stdout).into_owned());
+        }
+    }
+    anyhow::ensure!(!out.is_empty(), "the proxy programmed no nftables table");
+    Ok(out)
+}
+
+/// Rules and set or map elements in `nft list table` output: the lines inside chain blocks
+/// (but their `type … hook …` and `comment` lines), and the comma-separated items of every
+/// `elements = { … }` (commas inside quoted comments do not count).
+pub fn nft_size(listed: &str) -> usize {
+    let mut n = 0;
+    let mut in_chain = false;
+    let mut in_elements = false;
+    for line in listed.lines().map(str::trim) {
+        if in_elements || line.starts_with("elements = {") {
+            let body = line.trim_start_matches("elements = {");
+            let (body, ends) = match body.strip_suffix('}') {
+                Some(b) => (b, true),
+                None => (body, false),
+            };
+            let mut quoted = false;
+            let mut item = false;
+            for c in body.chars() {
+                match c {
+                    '"' => quoted = !quoted,
+                    ',' if !quoted => {
+                        n += usize::from(item);
+                        item = false;
+                    }
+                    c if !c.is_whitespace() => item = true,
+                    _ => {}
+                }
+            }
+            n += usize::from(item);
+            in_elements = !ends;
+        } else if line.starts_with("chain ") && line.ends_with('{') {
+            in_chain = true;
+        } else if line == "}" {
+            in_chain = false;
+        } else if in_chain
+            && !line.is_empty()
+            && !line.starts_with("type ")
+            && !line.starts_with("comment ")
+        {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// One `nft -f -` of `text` in `entry`'s namespace, timed.
+fn nft_load(entry: &crate::netns::Entry, text: &str) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let mut child = entry
+        .command("nft")?
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("nft -f")?;
+    child
+        .stdin
+        .take()
+        .context("nft stdin")?
+        .write_all(text.as_bytes())?;
+    let out = child.wait_with_output()?;
+    let took = started.elapsed();
+    anyhow::ensure!(
+        out.status.success(),
+        "nft -f of the proxy's own table failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(took)
 }
 
 /// The saved rules without the built-in chains' policy lines (`:PREROUTING ACCEPT [0:0]`):
@@ -193,6 +302,13 @@ fn write_maps(ops: &[Op]) -> anyhow::Result<Duration> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn nft_size_counts_rules_and_elements() {
+        let listed = "table ip kpx {\n\tcomment \"kpx-proxy\"\n\tmap service-ips {\n\t\ttype ipv4_addr . inet_proto . inet_service : verdict\n\t\tcomment \"a, b\"\n\t\telements = { 198.18.128.1 . tcp . 80 : goto svc-a,\n\t\t\t     198.18.128.2 . tcp . 80 : goto svc-b }\n\t}\n\n\tset hairpin {\n\t\ttype ipv4_addr . ipv4_addr\n\t\telements = { 198.19.1.5 . 198.19.1.5 }\n\t}\n\n\tset empty {\n\t\ttype ipv4_addr\n\t}\n\n\tchain nat-prerouting {\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n\t\tjump services\n\t}\n\n\tchain svc-a {\n\t\tcomment \"default/a:http\"\n\t\tip daddr 198.18.128.1 tcp dport 80 ip saddr != 198.19.0.0/16 jump mark-for-masquerade\n\t\tmeta l4proto tcp dnat ip to numgen random mod 2 map @endpoints-0 comment \"x, y\"\n\t}\n}\n";
+        // 2 + 1 elements, 1 + 2 rules.
+        assert_eq!(super::nft_size(listed), 6);
+    }
+
     #[test]
     fn policies_are_dropped_and_user_chains_kept() {
         let saved = "*nat\n:PREROUTING ACCEPT [0:0]\n:KPX-SERVICES - [0:0]\n-A PREROUTING -j KPX-SERVICES\nCOMMIT\n";

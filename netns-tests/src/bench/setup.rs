@@ -76,6 +76,7 @@ impl BenchLab {
             ProxyBackend::IptablesNft => "bench-nft",
             ProxyBackend::IptablesLegacy => "bench-legacy",
             ProxyBackend::Ebpf => "bench-ebpf",
+            ProxyBackend::Nftables => "bench-nftables",
         };
         let mut lab = Lab::start(tag, backend, 1, 0).await?;
         // kube-proxy's default: the periodic check for lost rules, not a test's quick one.

@@ -23,7 +23,7 @@ enum Command {
     Up {
         #[arg(long, default_value_t = 2)]
         nodes: usize,
-        /// iptables (= iptables-nft), iptables-legacy or ebpf.
+        /// iptables (= iptables-nft), iptables-legacy, nftables or ebpf.
         #[arg(long, default_value = "iptables")]
         proxy_mode: String,
         /// How often kubelets write their node's heartbeat (kubelet's default).
@@ -58,7 +58,7 @@ enum Command {
     /// The demo: a 2-node cluster, an nginx Deployment and its Service applied with kubectl,
     /// requests spreading over the pods, a scale-up, a rolling update, then down.
     Demo {
-        /// iptables (= iptables-nft), iptables-legacy or ebpf; default: the first this
+        /// iptables (= iptables-nft), iptables-legacy, nftables or ebpf; default: the first this
         /// machine runs of ebpf, iptables.
         #[arg(long)]
         proxy_mode: Option<String>,

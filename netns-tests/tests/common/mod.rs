@@ -279,8 +279,9 @@ pub fn pods_seen(o: &[Outcome]) -> std::collections::BTreeSet<String> {
 }
 
 /// `kpx-proxy --cleanup` on node `node` (its proxy stopped first), then checks nothing of
-/// kpx is left: no KPX chain in iptables or ip6tables; for ebpf, no pin (so no attached link
-/// and no map) left under the node's bpffs directory.
+/// kpx is left: no KPX chain in iptables or ip6tables; for nftables, no `ip kpx` or `ip6 kpx`
+/// table; for ebpf, no pin (so no attached link and no map) left under the node's bpffs
+/// directory.
 pub fn cleanup_and_check(lab: &mut Lab, node: usize) -> anyhow::Result<()> {
     lab.stop_proxy(node);
     let out = lab.proxy_command(node)?.arg("--cleanup").output()?;
@@ -296,6 +297,18 @@ pub fn cleanup_and_check(lab: &mut Lab, node: usize) -> anyhow::Result<()> {
                 !pins.exists(),
                 "pins left after cleanup in {}",
                 pins.display()
+            );
+        }
+        ProxyBackend::Nftables => {
+            let listed = lab.nodes[node]
+                .ns
+                .command("nft")
+                .arg("list tables")
+                .output()?;
+            let listed = String::from_utf8_lossy(&listed.stdout);
+            anyhow::ensure!(
+                !listed.lines().any(|l| l.trim().ends_with(" kpx")),
+                "kpx tables left after cleanup:\n{listed}"
             );
         }
         _ => {

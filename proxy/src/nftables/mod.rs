@@ -99,6 +99,37 @@ impl NftablesBackend {
         self.generation = self.netlink().ok().and_then(|n| n.generation().ok());
     }
 
+    /// What someone removed, if the ruleset moved on since kpx's last commit (looked at once
+    /// per foreign commit: the table, rules per chain, elements per map).
+    fn check(&mut self, nft: &mut Nft, family: Family, expected: u32) -> Option<String> {
+        let generation = nft.generation().ok()?;
+        if generation == expected {
+            return None;
+        }
+        let table = self.family_name();
+        let lost = match nft.table(family, chains::TABLE) {
+            Ok(None) => Some(format!("table {table} {} was deleted", chains::TABLE)),
+            Ok(Some(_)) => match nft.rule_counts(family, chains::TABLE) {
+                Ok(counts) => missing_rules(&self.applied, &counts).or_else(|| {
+                    self.applied
+                        .elements_per_map()
+                        .into_iter()
+                        .find_map(|(map, want)| {
+                            let have = nft.element_count(family, chains::TABLE, &map).ok()?;
+                            (have != want)
+                                .then(|| format!("{map} holds {have} elements, kpx wrote {want}"))
+                        })
+                }),
+                Err(_) => None,
+            },
+            Err(_) => None,
+        };
+        if lost.is_none() {
+            self.generation = Some(generation);
+        }
+        lost
+    }
+
     fn commit_elements(&mut self, changes: &[ElementChange]) -> Result<(), BackendError> {
         let ops: Vec<ElementOp> = changes.iter().map(element_op).collect();
         let family = self.family();
@@ -145,7 +176,7 @@ fn netlink_ready(changes: &[ElementChange]) -> bool {
         };
         matches!(
             (map, key),
-            (MapId::Endpoints(_), Key::Slot(_)) | (MapId::Hairpin, Key::Pair(..))
+            (MapId::Endpoints(..), Key::Slot(_)) | (MapId::Hairpin, Key::Pair(..))
         )
     })
 }
@@ -272,25 +303,10 @@ impl Backend for NftablesBackend {
     fn lost_state(&mut self) -> Option<String> {
         let family = self.family();
         let expected_generation = self.generation?;
-        let nft = self.netlink().ok()?;
-        let generation = nft.generation().ok()?;
-        if generation == expected_generation {
-            return None;
-        }
-        // Someone committed: look closer, once per foreign commit.
-        let table = self.family_name();
-        let nft = self.netlink().ok()?;
-        let lost = match nft.table(family, chains::TABLE) {
-            Ok(None) => Some(format!("table {table} {} was deleted", chains::TABLE)),
-            Ok(Some(_)) => match nft.rule_counts(family, chains::TABLE) {
-                Ok(counts) => missing_rules(&self.applied, &self.cfg, &counts),
-                Err(_) => None,
-            },
-            Err(_) => None,
-        };
-        if lost.is_none() {
-            self.generation = Some(generation);
-        }
+        self.netlink().ok()?;
+        let mut nft = self.nft.take()?;
+        let lost = self.check(&mut nft, family, expected_generation);
+        self.nft = Some(nft);
         lost
     }
 
@@ -347,14 +363,12 @@ impl Backend for NftablesBackend {
 /// A chain of the plan with fewer rules in the kernel than kpx wrote (flushed by someone).
 fn missing_rules(
     applied: &Applied,
-    cfg: &RenderConfig,
     counts: &std::collections::BTreeMap<String, usize>,
 ) -> Option<String> {
     let services = counts.get(chains::SERVICES).copied().unwrap_or(0);
     if services < 2 {
         return Some(format!("chain {} was flushed", chains::SERVICES));
     }
-    let _ = cfg;
     for f in applied.fragments.values() {
         for c in &f.chains {
             if counts.get(&c.name).copied().unwrap_or(0) < c.rules.len() {

@@ -75,7 +75,7 @@ pub enum MapId {
     NoEndpointServices,
     NoEndpointNodeports,
     Hairpin,
-    Endpoints(u32),
+    Endpoints(Protocol, u32),
 }
 
 impl MapId {
@@ -86,14 +86,14 @@ impl MapId {
             MapId::NoEndpointServices => chains::NO_ENDPOINT_SERVICES.into(),
             MapId::NoEndpointNodeports => chains::NO_ENDPOINT_NODEPORTS.into(),
             MapId::Hairpin => chains::HAIRPIN.into(),
-            MapId::Endpoints(shard) => endpoint_map(shard),
+            MapId::Endpoints(proto, shard) => endpoint_map(proto, shard),
         }
     }
 
     /// Maps several Service ports may put the same key in (two Services sharing an external
     /// IP and port): the first in name order wins, as in a full sync.
     fn shared(self) -> bool {
-        !matches!(self, MapId::Endpoints(_))
+        !matches!(self, MapId::Endpoints(..))
     }
 }
 
@@ -171,10 +171,13 @@ impl Fragment {
     }
 }
 
-/// Where an endpoint set's slots are: shard `endpoints-K` and slot index within it.
+/// A shard of the endpoint maps: its protocol and number.
+pub type Shard = (Protocol, u32);
+
+/// Where an endpoint set's slots are: shard `endpoints-<proto>-K` and slot index within it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Slots {
-    pub shard: u32,
+    pub shard: Shard,
     pub index: u32,
 }
 
@@ -188,26 +191,27 @@ impl Slots {
 #[derive(Debug, Clone, Default)]
 pub struct SlotAllocator {
     by_chain: HashMap<String, Slots>,
-    /// Per shard, its used slot indexes (a bit each).
-    used: Vec<u64>,
+    /// Per protocol and shard, its used slot indexes (a bit each).
+    used: BTreeMap<Protocol, Vec<u64>>,
 }
 
 impl SlotAllocator {
-    fn get_or_allocate(&mut self, chain: &str) -> Slots {
+    fn get_or_allocate(&mut self, chain: &str, protocol: Protocol) -> Slots {
         if let Some(slots) = self.by_chain.get(chain) {
             return *slots;
         }
-        let shard = match self.used.iter().position(|u| *u != u64::MAX) {
+        let used = self.used.entry(protocol).or_default();
+        let shard = match used.iter().position(|u| *u != u64::MAX) {
             Some(s) => s,
             None => {
-                self.used.push(0);
-                self.used.len() - 1
+                used.push(0);
+                used.len() - 1
             }
         };
-        let index = self.used[shard].trailing_ones();
-        self.used[shard] |= 1 << index;
+        let index = used[shard].trailing_ones();
+        used[shard] |= 1 << index;
         let slots = Slots {
-            shard: shard as u32,
+            shard: (protocol, shard as u32),
             index,
         };
         self.by_chain.insert(chain.to_string(), slots);
@@ -216,15 +220,23 @@ impl SlotAllocator {
 
     fn free(&mut self, chain: &str) {
         if let Some(slots) = self.by_chain.remove(chain) {
-            if let Some(used) = self.used.get_mut(slots.shard as usize) {
+            let (protocol, shard) = slots.shard;
+            if let Some(used) = self
+                .used
+                .get_mut(&protocol)
+                .and_then(|u| u.get_mut(shard as usize))
+            {
                 *used &= !(1 << slots.index);
             }
         }
     }
 
     /// Shards in use (their maps must exist).
-    pub fn shards(&self) -> u32 {
-        self.used.len() as u32
+    pub fn shards(&self) -> BTreeSet<Shard> {
+        self.used
+            .iter()
+            .flat_map(|(p, u)| (0..u.len() as u32).map(move |i| (*p, i)))
+            .collect()
     }
 }
 
@@ -240,7 +252,7 @@ pub struct Applied {
     pub fragments: BTreeMap<ServicePortName, Arc<Fragment>>,
     pub slots: SlotAllocator,
     /// Shards whose maps exist.
-    pub shards_declared: u32,
+    pub shards_declared: BTreeSet<Shard>,
     /// Keys of the shared maps, and which Service ports put them there with which value.
     owners: Owners,
     /// Chains and sets no longer used, flushed of rules, to delete on a later housekeeping
@@ -253,6 +265,20 @@ pub struct Applied {
 impl Applied {
     pub fn rules(&self) -> usize {
         self.fragments.values().map(|f| f.rules()).sum::<usize>()
+    }
+
+    /// Elements each map and set holds once this is applied (the lost-state check compares).
+    pub fn elements_per_map(&self) -> BTreeMap<String, usize> {
+        let mut out: BTreeMap<String, usize> = BTreeMap::new();
+        for f in self.fragments.values() {
+            for e in f.elements.iter().filter(|e| !e.map.shared()) {
+                *out.entry(e.map.name()).or_default() += 1;
+            }
+        }
+        for (map, _) in self.owners.keys() {
+            *out.entry(map.name()).or_default() += 1;
+        }
+        out
     }
 
     pub fn elements(&self) -> usize {
@@ -422,13 +448,14 @@ fn declarations(cfg: &RenderConfig, out: &mut String) {
     );
 }
 
-fn declare_shard(cfg: &RenderConfig, shard: u32, out: &mut String) {
+fn declare_shard(cfg: &RenderConfig, (protocol, shard): Shard, out: &mut String) {
     let fam = cfg.family();
     let _ = writeln!(
         out,
-        "add map {fam} {} {} {{ typeof numgen random mod 1 : {fam} daddr . th dport ; comment \"endpoints by slot: the Service chains' random pick\" ; }}",
+        "add map {fam} {} {} {{ typeof numgen random mod 1 : {fam} daddr . {} dport ; comment \"endpoints by slot: the Service chains' random pick\" ; }}",
         chains::TABLE,
-        endpoint_map(shard)
+        endpoint_map(protocol, shard),
+        protocol.lower()
     );
 }
 
@@ -492,15 +519,15 @@ fn pick_rules(
             .extend(sets.into_iter().map(|s| (s, timeout)));
         return;
     }
-    let at = slots.get_or_allocate(chain);
+    let at = slots.get_or_allocate(chain, entry.port.name.protocol);
     let base = at.base();
     rules.push(format!(
         "meta l4proto {proto} dnat {fam} to numgen random mod {n} offset {base} map @{} comment \"{name}\"",
-        endpoint_map(at.shard)
+        endpoint_map(at.shard.0, at.shard.1)
     ));
     for (i, ep) in endpoints.iter().enumerate() {
         f.elements.push(Element {
-            map: MapId::Endpoints(at.shard),
+            map: MapId::Endpoints(at.shard.0, at.shard.1),
             key: Key::Slot(base + i as u32),
             value: Some(Value::Endpoint(ep.ip, ep.port)),
             comment: None,
@@ -780,8 +807,8 @@ fn full_plan(
 
     let mut out = String::new();
     declarations(cfg, &mut out);
-    for shard in 0..fresh.shards_declared {
-        declare_shard(cfg, shard, &mut out);
+    for shard in &fresh.shards_declared {
+        declare_shard(cfg, *shard, &mut out);
     }
     let mut planned_chains: BTreeSet<&str> = chains::BASE_CHAINS.iter().map(|c| c.0).collect();
     planned_chains.extend(chains::FIXED_CHAINS);
@@ -795,7 +822,12 @@ fn full_plan(
     ]
     .map(String::from)
     .into();
-    planned_sets.extend((0..fresh.shards_declared).map(endpoint_map));
+    planned_sets.extend(
+        fresh
+            .shards_declared
+            .iter()
+            .map(|(p, k)| endpoint_map(*p, *k)),
+    );
     let mut service_chains: Vec<&Chain> = Vec::new();
     for f in fresh.fragments.values() {
         for (set, timeout) in &f.affinity_sets {
@@ -836,8 +868,12 @@ fn full_plan(
     for set in [chains::NODEPORT_CIDRS, chains::HAIRPIN] {
         let _ = writeln!(out, "flush set {fam} {t} {set}");
     }
-    for shard in 0..fresh.shards_declared {
-        let _ = writeln!(out, "flush map {fam} {t} {}", endpoint_map(shard));
+    for (protocol, shard) in &fresh.shards_declared {
+        let _ = writeln!(
+            out,
+            "flush map {fam} {t} {}",
+            endpoint_map(*protocol, *shard)
+        );
     }
     let stale_sets: BTreeSet<String> = existing
         .sets
@@ -1079,9 +1115,11 @@ fn partial_plan(
     }
     // New shards' maps.
     let mut shards = String::new();
-    while applied.shards_declared < applied.slots.shards() {
-        declare_shard(cfg, applied.shards_declared, &mut shards);
-        applied.shards_declared += 1;
+    for shard in applied.slots.shards() {
+        if !applied.shards_declared.insert(shard) {
+            continue;
+        }
+        declare_shard(cfg, shard, &mut shards);
         structural = true;
     }
 
