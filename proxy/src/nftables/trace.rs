@@ -171,6 +171,10 @@ struct Set {
     dynamic: bool,
     timeout: Option<u32>,
     elements: BTreeMap<Vec<Key>, Option<Value>>,
+    /// The protocol word before `dport` in a `typeof`'s value (`th`, `tcp`, …).
+    typeof_port: Option<String>,
+    /// Declared by an earlier transaction (so `nft` reads its `typeof` back from the kernel).
+    committed: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -409,6 +413,8 @@ fn parse_set_block(c: &mut Cursor, is_map: bool) -> Res<Set> {
         dynamic: false,
         timeout: None,
         elements: BTreeMap::new(),
+        typeof_port: None,
+        committed: false,
     };
     loop {
         let word = c.next("a set property or '}'")?;
@@ -427,6 +433,10 @@ fn parse_set_block(c: &mut Cursor, is_map: bool) -> Res<Set> {
                             None => key_parts += 1,
                         },
                         Some(":") => value = Some((1, false)),
+                        Some("dport") if word == "typeof" && value.is_some() => {
+                            set.typeof_port =
+                                c.pos.checked_sub(1).and_then(|i| c.toks.get(i)).cloned();
+                        }
                         Some("verdict") if value.is_some() => value = Some((1, true)),
                         Some(t) if word == "type" => {
                             const TYPES: &[&str] = &[
@@ -929,10 +939,24 @@ impl Table {
     /// What the kernel checks when a rule is added: every chain and set it names exists and
     /// fits how it is used.
     fn check_rule(&self, items: &[Item]) -> Res<()> {
+        // The transport protocol the rule matched, if one (`meta l4proto tcp`, `tcp dport`).
         let mut l4proto_known = false;
+        let mut l4proto: Option<String> = None;
         for item in items {
             match item {
-                Item::Match(Match::Cmp { sel, negate, .. }) => {
+                Item::Match(Match::Cmp {
+                    sel,
+                    negate,
+                    values,
+                }) => {
+                    if let (Selector::Dport(Some(p)), false) = (sel, negate) {
+                        l4proto = Some(p.to_string());
+                    }
+                    if let (Selector::L4proto, false, [Key::Word(p)]) =
+                        (sel, negate, values.as_slice())
+                    {
+                        l4proto = Some(p.clone());
+                    }
                     l4proto_known |= matches!(sel, Selector::Dport(Some(_)))
                         || (*sel == Selector::L4proto && !negate);
                 }
@@ -983,6 +1007,21 @@ impl Table {
                         Dnat::To(_, port) => port.is_some(),
                         Dnat::Numgen { map, .. } => {
                             let s = self.set(map)?;
+                            // nft 1.0.6 rebuilds a map's `typeof` from what the kernel stores
+                            // and checks it against the rule: `th dport` there, or another
+                            // protocol's, conflicts with the rule's `meta l4proto` ("conflicting
+                            // protocols specified: tcp vs. th"). A map declared in the same
+                            // transaction is not read back, so the first load passes. Tried on
+                            // this machine (kernel 6.18, nft 1.0.6).
+                            if let (true, Some(want), Some(got)) =
+                                (s.committed, &s.typeof_port, &l4proto)
+                            {
+                                if want != got {
+                                    return Err(format!(
+                                        "nft 1.0.6 refuses this rule once @{map} exists in the kernel: its typeof's `{want} dport` conflicts with the rule's {got} (conflicting protocols specified: {got} vs. {want})"
+                                    ));
+                                }
+                            }
                             match s.value {
                                 Some(ValueKind::Data(n)) if s.key_arity == 1 && n <= 2 => n == 2,
                                 _ => {
@@ -1141,12 +1180,15 @@ impl Ruleset {
                 reason,
             })?;
         }
-        for ((family, name), table) in &next.tables {
+        for ((family, name), table) in &mut next.tables {
             table.validate().map_err(|reason| LoadError {
                 line: 0,
                 text: format!("commit of table {family} {name}"),
                 reason,
             })?;
+            for set in table.sets.values_mut() {
+                set.committed = true;
+            }
         }
         *self = next;
         Ok(())

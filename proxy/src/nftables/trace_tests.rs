@@ -539,3 +539,39 @@ fn a_table_deleted_and_loaded_again_is_the_same() {
     rs.apply(LAYOUT).expect("loaded again");
     assert_eq!(rs.listing(), before);
 }
+
+/// nft 1.0.6 reads an existing map's `typeof` back from the kernel and refuses a DNAT rule
+/// whose protocol differs from the `dport` there (`th` included); in the transaction that
+/// declares the map it does not. Each step as this machine's nft answered it.
+#[test]
+fn a_slot_maps_typeof_protocol_must_match_once_the_map_exists() {
+    let declare = |value: &str| {
+        format!(
+            "add table ip t\n\
+             add chain ip t pre {{ type nat hook prerouting priority -100 ; }}\n\
+             add map ip t m {{ typeof numgen random mod 1 : {value} ; }}\n\
+             add element ip t m {{ 0 : 198.18.1.4 . 80 }}\n\
+             add rule ip t pre meta l4proto tcp dnat ip to numgen random mod 2 offset 0 map @m"
+        )
+    };
+    let again = "add rule ip t pre meta l4proto tcp dnat ip to numgen random mod 2 offset 0 map @m";
+    let mut rs = Ruleset::new();
+    rs.apply(&declare("ip daddr . th dport"))
+        .expect("th dport: the first load passes");
+    let e = refused(&mut rs, again);
+    assert!(e.reason.contains("tcp vs. th"), "{e}");
+    let e = refused(&mut rs, &declare("ip daddr . th dport"));
+    assert!(e.reason.contains("tcp vs. th"), "a full plan again: {e}");
+
+    let mut rs = Ruleset::new();
+    rs.apply(&declare("ip daddr . tcp dport"))
+        .expect("tcp dport: the first load");
+    rs.apply(again).expect("tcp dport: a tcp rule later");
+    rs.apply(&declare("ip daddr . tcp dport"))
+        .expect("tcp dport: the full plan again");
+    let e = refused(
+        &mut rs,
+        "add rule ip t pre meta l4proto udp dnat ip to numgen random mod 2 offset 0 map @m",
+    );
+    assert!(e.reason.contains("udp vs. tcp"), "{e}");
+}
