@@ -71,6 +71,27 @@ fn odd(why: String) -> Outcome {
     }
 }
 
+/// Every way the probe's first packet can go (with a probability above zero).
+fn trace_probe(ruleset: &Ruleset, probe: &Probe) -> Vec<trace::Outcome> {
+    let ipv6 = probe.to.is_ipv6();
+    let local = node_ips();
+    let (src, path) = match probe.from {
+        From::Pod(ip) | From::RemotePod(ip) | From::Outside(ip) => (super::ip(ip), Path::Forwarded),
+        From::Node => (node_source(ipv6), Path::Node),
+    };
+    let packet = Packet {
+        src,
+        dst: probe.to,
+        protocol: probe.protocol.lower(),
+        dport: probe.port,
+        local: &local,
+    };
+    trace::trace(ruleset, &packet, path)
+        .into_iter()
+        .filter(|o| o.probability > 1e-9)
+        .collect()
+}
+
 impl Runner for NftablesRunner {
     fn name(&self) -> &'static str {
         "nftables"
@@ -81,25 +102,7 @@ impl Runner for NftablesRunner {
             Ok(r) => r,
             Err(e) => return odd(format!("<{e}>")),
         };
-        let ipv6 = probe.to.is_ipv6();
-        let local = node_ips();
-        let (src, path) = match probe.from {
-            From::Pod(ip) | From::RemotePod(ip) | From::Outside(ip) => {
-                (super::ip(ip), Path::Forwarded)
-            }
-            From::Node => (node_source(ipv6), Path::Node),
-        };
-        let packet = Packet {
-            src,
-            dst: probe.to,
-            protocol: probe.protocol.lower(),
-            dport: probe.port,
-            local: &local,
-        };
-        let outcomes: Vec<_> = trace::trace(ruleset, &packet, path)
-            .into_iter()
-            .filter(|o| o.probability > 1e-9)
-            .collect();
+        let outcomes = trace_probe(ruleset, probe);
         if let Some(e) = outcomes.iter().find_map(|o| {
             o.verdict
                 .as_deref()
@@ -313,4 +316,50 @@ fn difference(partial: &str, full: &str) -> String {
     let mut out: Vec<String> = p.difference(&f).map(|l| format!("  - {l}")).collect();
     out.extend(f.difference(&p).map(|l| format!("  + {l}")));
     out.join("\n")
+}
+
+/// Session affinity holds, not only its timeout: after the first connection of a probe that
+/// wants affinity went one way (each way in turn) and its `update @set` was recorded, the
+/// same client's next connection goes that way only (kube-proxy's `ip saddr @affinity-…`
+/// check before the random pick).
+#[test]
+fn a_client_with_affinity_sticks_to_its_first_endpoint() {
+    let mut checked = 0;
+    for case in super::cases::all() {
+        let Ok(ruleset) = NftablesRunner::new(&case).ruleset else {
+            panic!("{}: the plan is refused", case.name);
+        };
+        for probe in &case.probes {
+            let Outcome::Reach {
+                affinity: Some(seconds),
+                ..
+            } = probe.want
+            else {
+                continue;
+            };
+            let first = trace_probe(&ruleset, probe);
+            assert!(first.len() > 1, "{}: {probe:?}: one way only", case.name);
+            for way in &first {
+                let mut after = ruleset.clone();
+                after.record(way);
+                let next = trace_probe(&after, probe);
+                assert_eq!(
+                    trace::describe(&next),
+                    trace::describe(&[trace::Outcome {
+                        probability: 1.0,
+                        ..way.clone()
+                    }]),
+                    "{}: {:?} -> {}:{}: after going to {:?}",
+                    case.name,
+                    probe.from,
+                    probe.to,
+                    probe.port,
+                    way.dnat
+                );
+                assert_eq!(next[0].affinity, Some(seconds));
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 4, "only {checked} ways checked");
 }
