@@ -175,13 +175,36 @@ fn a_broken_plan_fails_the_table() {
     }
 }
 
-/// A partial sync applied on top of the full plan of state A leaves what the full plan of
-/// state B would (once the housekeeping tick has deleted what went stale), for every pair of
-/// cases taken as A and B (their Services share names, so B changes, adds and removes
-/// Service ports of A); right after the partial sync, before housekeeping, every probe of B
-/// already gets what the table wants.
 #[test]
-fn a_partial_plan_on_a_full_one_is_the_full_plan_of_the_new_state() {
+fn a_partial_sync_on_a_full_plan_is_the_full_plan_of_the_new_state() {
+    let failures = second_sync_of_every_pair(false);
+    assert!(
+        failures.is_empty(),
+        "{} failure(s):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+#[ignore = "render.rs: a full resync writes `flush set` for a stale endpoint map, which nft 1.0.6 refuses (ENOENT); un-ignore once fixed"]
+fn a_full_resync_on_a_full_plan_is_the_full_plan_of_the_new_state() {
+    let failures = second_sync_of_every_pair(true);
+    assert!(
+        failures.is_empty(),
+        "{} failure(s):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// A partial sync, or a full resync over the existing table (given the names it holds),
+/// applied on top of the full plan of state A leaves what the full plan of state B would
+/// (once the housekeeping tick has deleted what went stale), for every pair of cases taken as
+/// A and B (their Services share names, so B changes, adds and removes Service ports of A);
+/// right after the sync, before housekeeping, every probe of B already gets what the table
+/// wants.
+fn second_sync_of_every_pair(full: bool) -> Vec<String> {
     use crate::model::{ChangeTracker, Changes, ProxyState};
     use crate::nftables::render::{Applied, Existing};
     use k8s_openapi::api::core::v1::Service;
@@ -207,6 +230,7 @@ fn a_partial_plan_on_a_full_one_is_the_full_plan_of_the_new_state() {
     let all = super::cases::all();
     for (i, a) in all.iter().enumerate() {
         for (j, b) in all.iter().enumerate() {
+            let sync = if full { "full resync" } else { "partial sync" };
             let mut tracker = ChangeTracker::new(super::NODE);
             if let Some(zone) = b.node.zone {
                 let labels = [("topology.kubernetes.io/zone".to_string(), zone.to_string())].into();
@@ -217,7 +241,10 @@ fn a_partial_plan_on_a_full_one_is_the_full_plan_of_the_new_state() {
             let (state_a, _) = tracker.snapshot(&ProxyState::default());
             tracker.reset_services(services(b));
             tracker.reset_slices(slices(b));
-            let (state_b, changes) = tracker.snapshot(&state_a);
+            let (state_b, mut changes) = tracker.snapshot(&state_a);
+            if full {
+                changes = Changes::default();
+            }
             let mut ruleset = Ruleset::new();
             let mut fresh = Ruleset::new();
             let pair = format!("{:?} -> {:?}", a.name, b.name);
@@ -237,17 +264,30 @@ fn a_partial_plan_on_a_full_one_is_the_full_plan_of_the_new_state() {
                     &Existing::default(),
                     &mut applied,
                 );
-                let partial = render::plan(
-                    &cfg,
-                    &state_b,
-                    &changes,
-                    false,
-                    &Existing::default(),
-                    &mut applied,
-                );
-                result = step(&mut ruleset, "full plan of A", &full_a.text)
-                    .and_then(|()| step(&mut ruleset, "partial plan A -> B", &partial.text))
-                    .and_then(|()| {
+                result = step(&mut ruleset, "full plan of A", &full_a.text);
+                if result.is_err() {
+                    break;
+                }
+                // A full resync is given the names the table holds (as the backend reads them
+                // back over netlink).
+                let existing = if full {
+                    let (chains, sets) = ruleset.names(family(ipv6), "kpx");
+                    Existing { chains, sets }
+                } else {
+                    Existing::default()
+                };
+                let second = render::plan(&cfg, &state_b, &changes, full, &existing, &mut applied);
+                // The housekeeping tick's transaction, applied after the probes below.
+                let stale = render::stale_text(&cfg, &applied);
+                if let Some(dir) = &dump {
+                    let fam = if ipv6 { 6 } else { 4 };
+                    for (n, text) in [(1, &full_a.text), (2, &second.text), (3, &stale)] {
+                        let name = format!("{i:02}-{j:02}-{fam}-{}-{n}.nft", u8::from(full));
+                        std::fs::write(dir.join(name), text).expect("writing a transaction");
+                    }
+                }
+                result =
+                    step(&mut ruleset, &format!("{sync} A -> B"), &second.text).and_then(|()| {
                         step(
                             &mut fresh,
                             "full plan of B",
@@ -257,15 +297,6 @@ fn a_partial_plan_on_a_full_one_is_the_full_plan_of_the_new_state() {
                 if result.is_err() {
                     break;
                 }
-                // Housekeeping runs after the probes below.
-                let stale = render::stale_text(&cfg, &applied);
-                if let Some(dir) = &dump {
-                    let fam = if ipv6 { 6 } else { 4 };
-                    for (n, text) in [(1, &full_a.text), (2, &partial.text), (3, &stale)] {
-                        let name = format!("{i:02}-{j:02}-{fam}-{n}.nft");
-                        std::fs::write(dir.join(name), text).expect("writing a transaction");
-                    }
-                }
                 let runner = NftablesRunner {
                     ruleset: Ok(ruleset.clone()),
                 };
@@ -273,7 +304,7 @@ fn a_partial_plan_on_a_full_one_is_the_full_plan_of_the_new_state() {
                     let got = runner.outcome(probe);
                     if !super::satisfies(&got, &probe.want) {
                         failures.push(format!(
-                            "{pair}: after the partial sync, {:?} -> {}:{}/{}: got {got}, want {}",
+                            "{pair}: after the {sync}, {:?} -> {}:{}/{}: got {got}, want {}",
                             probe.from, probe.to, probe.port, probe.protocol, probe.want
                         ));
                     }
@@ -290,7 +321,7 @@ fn a_partial_plan_on_a_full_one_is_the_full_plan_of_the_new_state() {
                 // what the DNAT rules pick, everything else as written.
                 Ok(()) if ruleset.listing_by_behaviour() != fresh.listing_by_behaviour() => {
                     failures.push(format!(
-                        "{pair}: full A + partial A -> B + housekeeping differs from full B:\n{}",
+                        "{pair}: full A + {sync} A -> B + housekeeping differs from full B:\n{}",
                         difference(
                             &ruleset.listing_by_behaviour(),
                             &fresh.listing_by_behaviour()
@@ -301,12 +332,7 @@ fn a_partial_plan_on_a_full_one_is_the_full_plan_of_the_new_state() {
             }
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} failure(s):\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    failures
 }
 
 /// The lines only one of two listings has, marked `-` (partial) and `+` (full).

@@ -1402,8 +1402,14 @@ impl Ruleset {
                     .sets
                     .get_mut(name)
                     .ok_or_else(|| format!("{kind} @{name} does not exist"))?;
-                if set.is_map != (kind == "map") {
-                    return Err(format!("@{name} is not a {kind}"));
+                // nft 1.0.6 looks the name up among sets or maps by the word for `flush`
+                // (`flush set` of a map: ENOENT) but not for `delete` (either word deletes
+                // either kind). Both tried on this machine.
+                if verb == "flush" && set.is_map != (kind == "map") {
+                    return Err(format!(
+                        "@{name} is a {}, not a {kind} (ENOENT): `flush {kind}` finds only {kind}s",
+                        if set.is_map { "map" } else { "set" }
+                    ));
                 }
                 if verb == "flush" {
                     set.elements.clear();
@@ -1630,6 +1636,19 @@ impl Ruleset {
                 .map(|r| r.text.as_str())
                 .collect(),
         )
+    }
+
+    /// The names of a table's chains and sets (what a full resync reads back).
+    pub fn names(&self, family: &str, table: &str) -> (BTreeSet<String>, BTreeSet<String>) {
+        self.tables
+            .get(&(family.to_string(), table.to_string()))
+            .map(|t| {
+                (
+                    t.chains.keys().cloned().collect(),
+                    t.sets.keys().cloned().collect(),
+                )
+            })
+            .unwrap_or_default()
     }
 
     /// The number of elements of a set or map.

@@ -575,3 +575,22 @@ fn a_slot_maps_typeof_protocol_must_match_once_the_map_exists() {
     );
     assert!(e.reason.contains("udp vs. tcp"), "{e}");
 }
+
+/// `flush set` of a map (and `flush map` of a set) is refused, `delete` takes either word, as
+/// this machine's nft 1.0.6 answers.
+#[test]
+fn flush_names_the_kind_delete_does_not() {
+    let mut rs = loaded();
+    let e = refused(&mut rs, "flush set ip kpx endpoints-0");
+    assert!(e.reason.contains("ENOENT"), "{e}");
+    let e = refused(&mut rs, "flush map ip kpx hairpin");
+    assert!(e.reason.contains("ENOENT"), "{e}");
+    rs.apply(
+        "add map ip kpx m { typeof numgen random mod 1 : ip daddr . tcp dport ; }\n\
+         add set ip kpx s { type ipv4_addr ; }\n\
+         delete set ip kpx m\ndelete map ip kpx s",
+    )
+    .expect("delete with either word");
+    assert_eq!(rs.element_count("ip", "kpx", "m"), None);
+    assert_eq!(rs.element_count("ip", "kpx", "s"), None);
+}
