@@ -317,13 +317,17 @@ impl Backend for NftablesBackend {
         if since.elapsed() < STALE_GRACE {
             return Ok(());
         }
-        let text = render::stale_text(&self.cfg, &self.applied);
-        if !text.is_empty() {
-            nft_apply(&text)?;
+        let [sets, chains_text] = render::stale_text(&self.cfg, &self.applied);
+        if !sets.is_empty() {
+            nft_apply(&sets)?;
             self.record_generation();
+            self.applied.stale_sets.clear();
         }
-        self.applied.stale_chains.clear();
-        self.applied.stale_sets.clear();
+        if !chains_text.is_empty() {
+            nft_apply(&chains_text)?;
+            self.record_generation();
+            self.applied.stale_chains.clear();
+        }
         self.stale_since = None;
         Ok(())
     }
