@@ -12,8 +12,8 @@
 //! chain 171 ms, every map's element count 78 ms (`nft list table` of a similar table: 3.6 s).
 //!
 //! The messages are those nft 1.0.6 sends (recorded with `strace -e sendmsg -xx nft -f` in a
-//! throwaway namespace; the golden tests in `netlink_tests.rs` hold them), built with the typed messages
-//! of `netlink-packet-netfilter`. Answers are read attribute by attribute with
+//! throwaway namespace; the golden tests in `netlink_tests.rs` hold them), built with the
+//! typed messages of `netlink-packet-netfilter`. Answers are read attribute by attribute with
 //! `netlink-packet-core`'s NLA iterator and only the attributes asked for are decoded: a rule's
 //! expressions are never parsed, so a large dump costs little and new kernel attributes do not
 //! break it. Constants are named as in `linux/netfilter/nf_tables.h` and `nfnetlink.h`.
