@@ -147,6 +147,13 @@ pub enum NlError {
         field: &'static str,
         limit: usize,
     },
+    /// A name or element the kernel could not take as asked; nothing was sent.
+    #[error("nf_tables: invalid {field} {value:?}: {allowed}")]
+    Invalid {
+        field: &'static str,
+        value: String,
+        allowed: &'static str,
+    },
     /// The kernel's answer did not have the expected shape.
     #[error("nf_tables {op}: malformed answer: {detail}")]
     Malformed { op: String, detail: String },
@@ -175,6 +182,40 @@ fn malformed(op: &str, detail: impl Into<String>) -> NlError {
         op: op.to_string(),
         detail: detail.into(),
     }
+}
+
+/// `NFT_NAME_MAXLEN` (256) counts the terminating NUL.
+const NAME_MAX: usize = 255;
+
+/// A table, set or chain name as the kernel takes it: sent NUL-terminated, so a NUL inside
+/// would name another object.
+fn check_name(field: &'static str, name: &str) -> Result<(), NlError> {
+    if name.is_empty() || name.len() > NAME_MAX || name.contains('\0') {
+        return Err(NlError::Invalid {
+            field,
+            value: name.to_string(),
+            allowed: "1 to 255 bytes without NUL (NFT_NAME_MAXLEN)",
+        });
+    }
+    Ok(())
+}
+
+/// Every op names a valid set and has a key.
+fn check_ops(ops: &[ElementOp]) -> Result<(), NlError> {
+    for op in ops {
+        let (set, key) = match op {
+            ElementOp::Add { set, key, .. } | ElementOp::Delete { set, key } => (set, key),
+        };
+        check_name("set name", set)?;
+        if key.is_empty() {
+            return Err(NlError::Invalid {
+                field: "element key",
+                value: format!("{op:?}"),
+                allowed: "a key of the set's key length (slot_key, address_pair_key, ...)",
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Bounds of one request. The defaults hold a 100,000-Service table (about 300,000 rules,
@@ -917,6 +958,7 @@ impl Nft {
     /// NFT_MSG_GETTABLE for one table: None if it is absent, else its handle (a table deleted
     /// and created again has a new handle).
     pub fn table(&mut self, family: Family, table: &str) -> Result<Option<u64>, NlError> {
+        check_name("table name", table)?;
         let op = format!("get table {} {table}", family.nft_name());
         match self.request_one(
             &op,
@@ -937,6 +979,7 @@ impl Nft {
 
     /// Names of the table's chains, in the kernel's order (empty if the table is absent).
     pub fn chains(&mut self, family: Family, table: &str) -> Result<Vec<String>, NlError> {
+        check_name("table name", table)?;
         let op = format!("list chains {} {table}", family.nft_name());
         let mut names = Vec::new();
         let out = std::cell::RefCell::new(&mut names);
@@ -960,6 +1003,7 @@ impl Nft {
     /// Names of the table's named sets and maps (not the anonymous ones rules own), in the
     /// kernel's order. An absent table is a Kernel error with ENOENT.
     pub fn sets(&mut self, family: Family, table: &str) -> Result<Vec<String>, NlError> {
+        check_name("table name", table)?;
         let op = format!("list sets {} {table}", family.nft_name());
         let mut names = Vec::new();
         let out = std::cell::RefCell::new(&mut names);
@@ -987,6 +1031,7 @@ impl Nft {
         family: Family,
         table: &str,
     ) -> Result<BTreeMap<String, usize>, NlError> {
+        check_name("table name", table)?;
         let op = format!("list rules {} {table}", family.nft_name());
         let mut counts = BTreeMap::new();
         let out = std::cell::RefCell::new(&mut counts);
@@ -1024,6 +1069,8 @@ impl Nft {
         table: &str,
         set: &str,
     ) -> Result<usize, NlError> {
+        check_name("table name", table)?;
+        check_name("set name", set)?;
         let op = format!("list elements {} {table} {set}", family.nft_name());
         let total = std::cell::Cell::new(0usize);
         self.dump(
@@ -1065,6 +1112,8 @@ impl Nft {
             ops.len(),
             family.nft_name()
         );
+        check_name("table name", table)?;
+        check_ops(ops)?;
         if ops.len() > self.limits.max_ops {
             return Err(NlError::Limit {
                 op,
@@ -1108,6 +1157,8 @@ impl Nft {
             ops.len(),
             family.nft_name()
         );
+        check_name("table name", table)?;
+        check_ops(ops)?;
         if ops.len() > self.limits.max_ops {
             return Err(NlError::Limit {
                 op,

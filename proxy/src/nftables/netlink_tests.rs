@@ -332,3 +332,37 @@ fn the_generation_after_a_commit_skips_zero() {
     assert_eq!(next_generation(3), 4);
     assert_eq!(next_generation(u32::MAX), 1);
 }
+
+#[test]
+fn bad_names_and_keys_are_refused_before_anything_is_sent() {
+    let err = check_name("table name", "kp\0x").expect_err("a NUL inside");
+    assert_eq!(
+        err.to_string(),
+        "nf_tables: invalid table name \"kp\\0x\": 1 to 255 bytes without NUL (NFT_NAME_MAXLEN)"
+    );
+    assert!(check_name("set name", "").is_err());
+    assert!(check_name("set name", &"s".repeat(256)).is_err());
+    assert!(check_name("set name", &"s".repeat(255)).is_ok());
+    assert!(check_name("chain name", "svc-1a2b3c4d-default/web/tcp/http").is_ok());
+    let err = check_ops(&[ElementOp::Delete {
+        set: "hairpin".into(),
+        key: vec![],
+    }])
+    .expect_err("an empty key");
+    assert!(
+        matches!(
+            err,
+            NlError::Invalid {
+                field: "element key",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(check_ops(&[ElementOp::Add {
+        set: "endpoints-0".into(),
+        key: slot_key(1),
+        data: None,
+    }])
+    .is_ok());
+}
