@@ -366,3 +366,12 @@ fn bad_names_and_keys_are_refused_before_anything_is_sent() {
     }])
     .is_ok());
 }
+
+#[test]
+fn a_socket_can_move_to_the_backends_thread() {
+    // The backend keeps one Nft and may run its syncs on another thread than the one that
+    // opened it (the namespace stays the one it was opened in).
+    fn is_send<T: Send>() {}
+    is_send::<Nft>();
+    is_send::<NlError>();
+}
