@@ -255,7 +255,7 @@ fn a_partial_plan_on_a_full_one_is_the_full_plan_of_the_new_state() {
                     break;
                 }
                 // Housekeeping runs after the probes below.
-                let stale = render::stale_text(&cfg, &applied);
+                let stale = render::stale_text(&cfg, &applied).concat();
                 if let Some(dir) = &dump {
                     let fam = if ipv6 { 6 } else { 4 };
                     for (n, text) in [(1, &full_a.text), (2, &partial.text), (3, &stale)] {
