@@ -94,6 +94,21 @@ fn scenario() -> anyhow::Result<()> {
         tracker.apply_slice(slice(i, 0));
     }
     let (state, _) = tracker.snapshot(&ProxyState::default());
+    // A table left with an object of another shape under one of kpx's names: the first full
+    // sync fails on it, the next replaces the table.
+    nft(&["add", "table", "ip", "kpx"])?;
+    nft(&[
+        "add",
+        "map",
+        "ip",
+        "kpx",
+        "service-ips",
+        "{ type ipv4_addr : ipv4_addr ; }",
+    ])?;
+    anyhow::ensure!(
+        sync(&mut backend, &state, &Changes::default(), true).is_err(),
+        "a map of another type under kpx's name went unnoticed"
+    );
     let report = sync(&mut backend, &state, &Changes::default(), true)?;
     anyhow::ensure!(report.chains_written == 3, "{report:?}");
     let listed = nft(&["list", "table", "ip", "kpx"])?;
