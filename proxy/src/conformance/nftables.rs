@@ -277,11 +277,17 @@ fn second_sync_of_every_pair(full: bool) -> Vec<String> {
                     Existing::default()
                 };
                 let second = render::plan(&cfg, &state_b, &changes, full, &existing, &mut applied);
-                // The housekeeping tick's transaction, applied after the probes below.
+                // The housekeeping tick's transactions (stale sets, then stale chains),
+                // applied after the probes below.
                 let stale = render::stale_text(&cfg, &applied);
                 if let Some(dir) = &dump {
                     let fam = if ipv6 { 6 } else { 4 };
-                    for (n, text) in [(1, &full_a.text), (2, &second.text), (3, &stale)] {
+                    for (n, text) in [
+                        (1, &full_a.text),
+                        (2, &second.text),
+                        (3, &stale[0]),
+                        (4, &stale[1]),
+                    ] {
                         let name = format!("{i:02}-{j:02}-{fam}-{}-{n}.nft", u8::from(full));
                         std::fs::write(dir.join(name), text).expect("writing a transaction");
                     }
@@ -309,7 +315,8 @@ fn second_sync_of_every_pair(full: bool) -> Vec<String> {
                         ));
                     }
                 }
-                result = step(&mut ruleset, "housekeeping", &stale);
+                result = step(&mut ruleset, "housekeeping (sets)", &stale[0])
+                    .and_then(|()| step(&mut ruleset, "housekeeping (chains)", &stale[1]));
                 if result.is_err() {
                     break;
                 }

@@ -33,6 +33,8 @@ pub struct NftablesBackend {
     /// When the stale chains and sets were flushed.
     stale_since: Option<Instant>,
     nft: Option<Nft>,
+    /// The last full sync failed: the next replaces the table.
+    full_failed: bool,
 }
 
 impl NftablesBackend {
@@ -43,6 +45,7 @@ impl NftablesBackend {
             generation: None,
             stale_since: None,
             nft: None,
+            full_failed: false,
         }
     }
 
@@ -255,12 +258,16 @@ impl Backend for NftablesBackend {
             full,
             ..
         } = input;
-        let existing = if full {
+        // After a full sync failed, the next one replaces the table in its transaction
+        // (whatever made the kernel refuse — an object of another shape under one of kpx's
+        // names — goes with it; conntrack entries and their NAT survive).
+        let recreate = full && self.full_failed;
+        let existing = if full && !recreate {
             self.existing()?
         } else {
             Existing::default()
         };
-        let plan = render::plan(
+        let mut plan = render::plan(
             &self.cfg,
             state,
             changes,
@@ -268,6 +275,14 @@ impl Backend for NftablesBackend {
             &existing,
             &mut self.applied,
         );
+        if recreate {
+            let family = self.family_name();
+            plan.text = format!(
+                "add table {family} {t}\ndelete table {family} {t}\n{}",
+                plan.text,
+                t = chains::TABLE
+            );
+        }
         let applied = match &plan.elements_only {
             Some(elements) if netlink_ready(elements) => match self.commit_elements(elements) {
                 Ok(()) => Ok(()),
@@ -283,8 +298,10 @@ impl Backend for NftablesBackend {
         if let Err(e) = applied {
             // What the kernel holds is unknown now: the next (full) sync starts over.
             self.applied = Applied::default();
+            self.full_failed = full;
             return Err(e);
         }
+        self.full_failed = false;
         if !self.applied.stale_chains.is_empty() || !self.applied.stale_sets.is_empty() {
             self.stale_since.get_or_insert_with(Instant::now);
         }
@@ -317,13 +334,17 @@ impl Backend for NftablesBackend {
         if since.elapsed() < STALE_GRACE {
             return Ok(());
         }
-        let text = render::stale_text(&self.cfg, &self.applied);
-        if !text.is_empty() {
-            nft_apply(&text)?;
+        let [sets, chains_text] = render::stale_text(&self.cfg, &self.applied);
+        if !sets.is_empty() {
+            nft_apply(&sets)?;
             self.record_generation();
+            self.applied.stale_sets.clear();
         }
-        self.applied.stale_chains.clear();
-        self.applied.stale_sets.clear();
+        if !chains_text.is_empty() {
+            nft_apply(&chains_text)?;
+            self.record_generation();
+            self.applied.stale_chains.clear();
+        }
         self.stale_since = None;
         Ok(())
     }

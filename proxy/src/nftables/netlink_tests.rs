@@ -207,7 +207,7 @@ fn parses_a_table_and_an_absent_one() {
     let messages = payloads(&answer);
     assert_eq!(
         parse_table("get table", &messages[0].2).expect("parses"),
-        ("kpx".to_string(), 1)
+        ("kpx", 1)
     );
     // NLMSG_ERROR -ENOENT answering GETTABLE seq 1 (its header echoed; NETLINK_CAP_ACK unset).
     let absent = h(
@@ -234,7 +234,7 @@ fn parses_chains_sets_and_rules() {
     assert_eq!(messages[0].1 & NLM_F_MULTIPART, NLM_F_MULTIPART);
     assert_eq!(
         parse_chain("list chains", &messages[0].2).expect("parses"),
-        ("kpx".to_string(), "services".to_string())
+        ("kpx", "services")
     );
 
     // NFT_MSG_NEWSET "endpoints-0": flags NFT_SET_MAP (8) — a named map.
@@ -249,7 +249,7 @@ fn parses_chains_sets_and_rules() {
     let messages = payloads(&map);
     assert_eq!(
         parse_set("list sets", &messages[0].2).expect("parses"),
-        ("kpx".to_string(), "endpoints-0".to_string(), false)
+        ("kpx", "endpoints-0", false)
     );
     // "__set0" of `ip daddr { ... } drop`: flags ANONYMOUS|CONSTANT (3).
     let anonymous = h(
@@ -262,7 +262,7 @@ fn parses_chains_sets_and_rules() {
     let messages = payloads(&anonymous);
     assert_eq!(
         parse_set("list sets", &messages[0].2).expect("parses"),
-        ("kpx".to_string(), "__set0".to_string(), true)
+        ("kpx", "__set0", true)
     );
 
     // NFT_MSG_NEWRULE in "nat-output" (`jump services`): only table and chain are read.
@@ -275,7 +275,7 @@ fn parses_chains_sets_and_rules() {
     let messages = payloads(&rule);
     assert_eq!(
         parse_rule("list rules", &messages[0].2).expect("parses"),
-        ("kpx".to_string(), "nat-output".to_string())
+        ("kpx", "nat-output")
     );
 }
 
@@ -297,10 +297,7 @@ fn counts_elements_across_the_messages_of_a_dump() {
         .collect();
     assert_eq!(
         counts,
-        [
-            ("kpx".to_string(), "endpoints-0".to_string(), 2),
-            ("kpx".to_string(), "endpoints-0".to_string(), 0)
-        ]
+        [("kpx", "endpoints-0", 2), ("kpx", "endpoints-0", 0)]
     );
     assert_eq!(messages[2].0, NLMSG_DONE);
     assert_eq!(
@@ -334,4 +331,47 @@ fn malformed_answers_are_errors_not_panics() {
 fn the_generation_after_a_commit_skips_zero() {
     assert_eq!(next_generation(3), 4);
     assert_eq!(next_generation(u32::MAX), 1);
+}
+
+#[test]
+fn bad_names_and_keys_are_refused_before_anything_is_sent() {
+    let err = check_name("table name", "kp\0x").expect_err("a NUL inside");
+    assert_eq!(
+        err.to_string(),
+        "nf_tables: invalid table name \"kp\\0x\": 1 to 255 bytes without NUL (NFT_NAME_MAXLEN)"
+    );
+    assert!(check_name("set name", "").is_err());
+    assert!(check_name("set name", &"s".repeat(256)).is_err());
+    assert!(check_name("set name", &"s".repeat(255)).is_ok());
+    assert!(check_name("chain name", "svc-1a2b3c4d-default/web/tcp/http").is_ok());
+    let err = check_ops(&[ElementOp::Delete {
+        set: "hairpin".into(),
+        key: vec![],
+    }])
+    .expect_err("an empty key");
+    assert!(
+        matches!(
+            err,
+            NlError::Invalid {
+                field: "element key",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(check_ops(&[ElementOp::Add {
+        set: "endpoints-0".into(),
+        key: slot_key(1),
+        data: None,
+    }])
+    .is_ok());
+}
+
+#[test]
+fn a_socket_can_move_to_the_backends_thread() {
+    // The backend keeps one Nft and may run its syncs on another thread than the one that
+    // opened it (the namespace stays the one it was opened in).
+    fn is_send<T: Send>() {}
+    is_send::<Nft>();
+    is_send::<NlError>();
 }

@@ -881,10 +881,6 @@ fn full_plan(
         .filter(|s| !planned_sets.contains(*s))
         .cloned()
         .collect();
-    for set in &stale_sets {
-        // A foreign map may hold verdicts jumping to chains about to go.
-        let _ = writeln!(out, "flush set {fam} {t} {set}");
-    }
 
     // Elements before rules (a rule binding to a map walks its elements once, an element
     // added walks every binding).
@@ -1164,21 +1160,25 @@ fn effective(owners: &Owners, key: &(MapId, Key)) -> Option<Owned> {
     owners.get(key).and_then(|o| o.values().next().cloned())
 }
 
-/// Deletes of the chains and sets that went stale (the housekeeping tick's transaction).
-pub fn stale_text(cfg: &RenderConfig, applied: &Applied) -> String {
-    let mut out = String::new();
+/// Deletes of the stale sets, then of the stale chains: two transactions, because a foreign
+/// map may hold verdicts jumping to a chain and the kernel refuses deleting that chain in the
+/// transaction that deletes the map (EBUSY). (`delete set` takes maps too; `flush set` does
+/// not, so a full sync cannot empty a foreign map whose kind it does not know.)
+pub fn stale_text(cfg: &RenderConfig, applied: &Applied) -> [String; 2] {
+    let mut sets = String::new();
+    for set in &applied.stale_sets {
+        let _ = writeln!(sets, "delete set {} {} {set}", cfg.family(), chains::TABLE);
+    }
+    let mut chains_text = String::new();
     for chain in &applied.stale_chains {
         let _ = writeln!(
-            out,
+            chains_text,
             "delete chain {} {} {chain}",
             cfg.family(),
             chains::TABLE
         );
     }
-    for set in &applied.stale_sets {
-        let _ = writeln!(out, "delete set {} {} {set}", cfg.family(), chains::TABLE);
-    }
-    out
+    [sets, chains_text]
 }
 
 #[cfg(test)]

@@ -41,3 +41,40 @@ fn every_case_renders_and_mentions_each_service_port() {
         }
     }
 }
+
+/// The plan text of a few cases, byte for byte (`KPX_UPDATE_SNAPSHOTS=1` rewrites the files
+/// under `src/nftables/testdata/` after a deliberate change; review their diff).
+#[test]
+fn plans_match_their_snapshots() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/nftables/testdata");
+    let update = std::env::var("KPX_UPDATE_SNAPSHOTS").is_ok_and(|v| v == "1");
+    let wanted = [
+        ("cluster_IP:", false, "cluster-ip-4.nft"),
+        (
+            "externalTrafficPolicy_Local_with_local_endpoints",
+            false,
+            "etp-local-4.nft",
+        ),
+        ("session_affinity", true, "affinity-6.nft"),
+        ("no_endpoints:", false, "no-endpoints-4.nft"),
+    ];
+    for (prefix, ipv6, file) in wanted {
+        let case = cases::all()
+            .into_iter()
+            .find(|c| c.name.replace(' ', "_").starts_with(prefix))
+            .unwrap_or_else(|| panic!("no case {prefix}"));
+        let text = full_text(&cfg_for(&case, ipv6), &case.state());
+        let path = dir.join(file);
+        if update {
+            std::fs::write(&path, &text).expect("writing a snapshot");
+            continue;
+        }
+        let want = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!("{}: {e} (KPX_UPDATE_SNAPSHOTS=1 writes it)", path.display())
+        });
+        assert_eq!(
+            text, want,
+            "{file} differs (KPX_UPDATE_SNAPSHOTS=1 rewrites it)"
+        );
+    }
+}
