@@ -187,7 +187,6 @@ fn a_partial_sync_on_a_full_plan_is_the_full_plan_of_the_new_state() {
 }
 
 #[test]
-#[ignore = "render.rs: a full resync writes `flush set` for a stale endpoint map, which nft 1.0.6 refuses (ENOENT); un-ignore once fixed"]
 fn a_full_resync_on_a_full_plan_is_the_full_plan_of_the_new_state() {
     let failures = second_sync_of_every_pair(true);
     assert!(
