@@ -177,7 +177,7 @@ fn a_broken_plan_fails_the_table() {
 
 #[test]
 fn a_partial_sync_on_a_full_plan_is_the_full_plan_of_the_new_state() {
-    let failures = second_sync_of_every_pair(false);
+    let failures = second_sync_of_every_pair(Second::Partial);
     assert!(
         failures.is_empty(),
         "{} failure(s):\n{}",
@@ -188,7 +188,7 @@ fn a_partial_sync_on_a_full_plan_is_the_full_plan_of_the_new_state() {
 
 #[test]
 fn a_full_resync_on_a_full_plan_is_the_full_plan_of_the_new_state() {
-    let failures = second_sync_of_every_pair(true);
+    let failures = second_sync_of_every_pair(Second::Full);
     assert!(
         failures.is_empty(),
         "{} failure(s):\n{}",
@@ -197,13 +197,36 @@ fn a_full_resync_on_a_full_plan_is_the_full_plan_of_the_new_state() {
     );
 }
 
-/// A partial sync, or a full resync over the existing table (given the names it holds),
-/// applied on top of the full plan of state A leaves what the full plan of state B would
+/// The full sync after a failed one: the table deleted and written again in one transaction
+/// (`NftablesBackend::sync`'s `recreate`: `add table`, `delete table`, the full plan).
+#[test]
+fn a_full_sync_replacing_the_table_is_the_full_plan_of_the_new_state() {
+    let failures = second_sync_of_every_pair(Second::Recreate);
+    assert!(
+        failures.is_empty(),
+        "{} failure(s):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Second {
+    Partial,
+    /// Over the existing table, given the names it holds.
+    Full,
+    /// Replacing the table.
+    Recreate,
+}
+
+/// A partial sync, a full resync over the existing table (given the names it holds), or one
+/// replacing the table, applied on top of the full plan of state A leaves what the full plan of state B would
 /// (once the housekeeping tick has deleted what went stale), for every pair of cases taken as
 /// A and B (their Services share names, so B changes, adds and removes Service ports of A);
 /// right after the sync, before housekeeping, every probe of B already gets what the table
 /// wants.
-fn second_sync_of_every_pair(full: bool) -> Vec<String> {
+fn second_sync_of_every_pair(mode: Second) -> Vec<String> {
+    let full = mode != Second::Partial;
     use crate::model::{ChangeTracker, Changes, ProxyState};
     use crate::nftables::render::{Applied, Existing};
     use k8s_openapi::api::core::v1::Service;
@@ -229,7 +252,11 @@ fn second_sync_of_every_pair(full: bool) -> Vec<String> {
     let all = super::cases::all();
     for (i, a) in all.iter().enumerate() {
         for (j, b) in all.iter().enumerate() {
-            let sync = if full { "full resync" } else { "partial sync" };
+            let sync = match mode {
+                Second::Partial => "partial sync",
+                Second::Full => "full resync",
+                Second::Recreate => "full sync replacing the table",
+            };
             let mut tracker = ChangeTracker::new(super::NODE);
             if let Some(zone) = b.node.zone {
                 let labels = [("topology.kubernetes.io/zone".to_string(), zone.to_string())].into();
@@ -269,13 +296,21 @@ fn second_sync_of_every_pair(full: bool) -> Vec<String> {
                 }
                 // A full resync is given the names the table holds (as the backend reads them
                 // back over netlink).
-                let existing = if full {
+                let existing = if mode == Second::Full {
                     let (chains, sets) = ruleset.names(family(ipv6), "kpx");
                     Existing { chains, sets }
                 } else {
                     Existing::default()
                 };
-                let second = render::plan(&cfg, &state_b, &changes, full, &existing, &mut applied);
+                let mut second =
+                    render::plan(&cfg, &state_b, &changes, full, &existing, &mut applied);
+                if mode == Second::Recreate {
+                    let fam = family(ipv6);
+                    second.text = format!(
+                        "add table {fam} kpx\ndelete table {fam} kpx\n{}",
+                        second.text
+                    );
+                }
                 // The housekeeping tick's transactions (stale sets, then stale chains),
                 // applied after the probes below.
                 let stale = render::stale_text(&cfg, &applied);
@@ -287,7 +322,7 @@ fn second_sync_of_every_pair(full: bool) -> Vec<String> {
                         (3, &stale[0]),
                         (4, &stale[1]),
                     ] {
-                        let name = format!("{i:02}-{j:02}-{fam}-{}-{n}.nft", u8::from(full));
+                        let name = format!("{i:02}-{j:02}-{fam}-{}-{n}.nft", mode as u8);
                         std::fs::write(dir.join(name), text).expect("writing a transaction");
                     }
                 }
