@@ -517,6 +517,8 @@ fn pick_rules(
         }
         f.affinity_sets
             .extend(sets.into_iter().map(|s| (s, timeout)));
+        // A set that used the slot maps before affinity was switched on gives its slots back.
+        slots.free(chain);
         return;
     }
     let at = slots.get_or_allocate(chain, entry.port.name.protocol);
