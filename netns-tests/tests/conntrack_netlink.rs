@@ -419,3 +419,57 @@ async fn a_dump_past_the_cap_is_an_error_naming_it() {
     assert!(err.contains("node_port is 0"), "{err}");
     assert_eq!(listed(&ns).expect("list"), before);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundreds_of_matches_are_deleted_over_several_windows_of_deletes() {
+    if !root_or_skip("conntrack_netlink") {
+        return;
+    }
+    let ns = Netns::create(&format!("kpx-ct3-{}", std::process::id()))
+        .await
+        .expect("namespace");
+    // 300 flows to NodePort 30099 (more than two windows of pipelined deletes), and the
+    // table's other entries beside them.
+    create(&ns).expect("entries");
+    const MANY: u16 = 300;
+    for i in 0..MANY {
+        let sport = (41000 + i).to_string();
+        run(
+            &ns,
+            &[
+                "-I",
+                "-p",
+                "udp",
+                "-s",
+                V4_CLIENT,
+                "-d",
+                "198.18.0.2",
+                "--sport",
+                &sport,
+                "--dport",
+                "30099",
+                "-r",
+                "198.18.1.5",
+                "-q",
+                V4_CLIENT,
+                "--reply-port-src",
+                "5353",
+                "--reply-port-dst",
+                &sport,
+                "--timeout",
+                "600",
+            ],
+        )
+        .expect("entry");
+    }
+    let cleanup = vec![ConntrackCleanup::NodePort {
+        ipv6: false,
+        node_port: 30099,
+        protocol: Protocol::Udp,
+    }];
+    let report = clear_in(&ns, cleanup, Options::default())
+        .expect("enter")
+        .expect("clear");
+    assert_eq!(report.deleted, usize::from(MANY), "{report:?}");
+    assert_eq!(listed(&ns).expect("list"), all());
+}

@@ -11,6 +11,7 @@
 //! ```
 
 use std::net::IpAddr;
+use std::time::{Duration, Instant};
 
 use super::*;
 use crate::conntrack::filter::Matcher;
@@ -307,4 +308,59 @@ fn decode(hex: &str) -> Vec<u8> {
         .step_by(2)
         .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
         .collect()
+}
+
+/// Runs `f` on a thread in a network namespace of its own (unshared, so removed when the
+/// thread ends; the process's namespace is untouched). `None` without root.
+fn in_fresh_namespace<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Option<Result<T, String>> {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: ctnetlink needs root");
+        return None;
+    }
+    let thread = std::thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("unshare: {e}"))?;
+        f()
+    });
+    Some(thread.join().expect("namespace thread"))
+}
+
+#[test]
+fn every_acknowledgement_is_counted_across_windows_and_absent_entries_are_gone() {
+    // More flows than one window holds, none of them in the new namespace's empty table: each
+    // delete is answered ENOENT, and every answer of every window is counted once.
+    let template = flows(DUMP_V4).remove(1);
+    let count = DELETE_WINDOW * 2 + 7;
+    let absent: Vec<Flow> = (0..count)
+        .map(|i| {
+            let mut flow = template.clone();
+            flow.orig.src_port = 20000 + i as u16;
+            flow
+        })
+        .collect();
+    let Some(result) = in_fresh_namespace(move || {
+        let mut conn =
+            Conn::open(Instant::now() + Duration::from_secs(30)).map_err(|e| e.to_string())?;
+        let dump = match conn.dump(false, None, 10, |_| true) {
+            Ok(dump) => dump,
+            Err(DumpError::Refused(code)) => return Err(format!("refused {code}")),
+            Err(DumpError::Failed(e)) => return Err(e.to_string()),
+        };
+        let deleted = conn.delete(&absent).map_err(|e| e.to_string())?;
+        Ok((dump.entries, deleted))
+    }) else {
+        return;
+    };
+    assert_eq!(
+        result,
+        Ok((
+            0,
+            Deleted {
+                deleted: 0,
+                gone: count
+            }
+        ))
+    );
 }
