@@ -473,3 +473,33 @@ async fn hundreds_of_matches_are_deleted_over_several_windows_of_deletes() {
     assert_eq!(report.deleted, usize::from(MANY), "{report:?}");
     assert_eq!(listed(&ns).expect("list"), all());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_ipv6_cleanup_deletes_its_entry_through_the_kernel_filter() {
+    if !root_or_skip("conntrack_netlink") {
+        return;
+    }
+    let ns = Netns::create(&format!("kpx-ct4-{}", std::process::id()))
+        .await
+        .expect("namespace");
+    create(&ns).expect("entries");
+    // An IPv6 address in the kernel's filter would hide exactly this entry (its IPv6
+    // comparison is inverted), so the filter is protocol and port: the two IPv6 entries to
+    // port 53.
+    let one = vec![ConntrackCleanup::Endpoint {
+        vip: ip("2001:2::100"),
+        port: 53,
+        protocol: Protocol::Udp,
+        endpoint: ip("2001:2::11"),
+    }];
+    let report = clear_in(&ns, one, Options::default())
+        .expect("enter")
+        .expect("clear");
+    assert_eq!(report.deleted, 1, "{report:?}");
+    if kernel_filters() {
+        assert_eq!(report.dumped, 2, "{report:?}");
+    }
+    let mut left = all();
+    left.remove(&("ipv6", 40001));
+    assert_eq!(listed(&ns).expect("list"), left);
+}

@@ -220,7 +220,11 @@ fn shared<T: PartialEq + Copy>(mut items: impl Iterator<Item = Option<T>>) -> Op
 }
 
 impl KernelFilter {
-    pub fn common(cleanups: &[&ConntrackCleanup]) -> Self {
+    /// The filter for the cleanups of one family. IPv6 gets no addresses: the kernel's
+    /// `ctnetlink_filter_match_tuple` compares IPv6 addresses with `!ipv6_addr_cmp(..)`, which
+    /// drops exactly the entries whose address equals the filter's (seen on Linux 6.18: an
+    /// IPv6 address filter returns none of the entries it names).
+    pub fn common(ipv6: bool, cleanups: &[&ConntrackCleanup]) -> Self {
         let protocol = shared(
             cleanups
                 .iter()
@@ -229,11 +233,12 @@ impl KernelFilter {
         let orig_dst_port = protocol.and(shared(
             cleanups.iter().map(|c| Some(protocol_and_port(c).1)),
         ));
+        let address = |shared: Option<IpAddr>| shared.filter(|_| !ipv6);
         Self {
             protocol,
             orig_dst_port,
-            orig_dst: shared(cleanups.iter().map(|c| orig_dst(c))),
-            reply_src: shared(cleanups.iter().map(|c| reply_src(c))),
+            orig_dst: address(shared(cleanups.iter().map(|c| orig_dst(c)))),
+            reply_src: address(shared(cleanups.iter().map(|c| reply_src(c)))),
         }
     }
 
@@ -433,7 +438,7 @@ mod tests {
     fn the_kernel_filter_keeps_only_what_every_cleanup_shares() {
         let one = endpoint("10.96.0.53", 53, "198.18.1.1");
         assert_eq!(
-            KernelFilter::common(&[&one]),
+            KernelFilter::common(false, &[&one]),
             KernelFilter {
                 protocol: Some(UDP),
                 orig_dst_port: Some(53),
@@ -444,7 +449,7 @@ mod tests {
         // Two endpoints of one Service port: the address and port stay, the reply source goes.
         let two = endpoint("10.96.0.53", 53, "198.18.1.2");
         assert_eq!(
-            KernelFilter::common(&[&one, &two]),
+            KernelFilter::common(false, &[&one, &two]),
             KernelFilter {
                 protocol: Some(UDP),
                 orig_dst_port: Some(53),
@@ -455,7 +460,7 @@ mod tests {
         // A NodePort cleanup beside it has no address: only protocol and port... if shared.
         let np = node_port_endpoint(30053, "198.18.1.1");
         assert_eq!(
-            KernelFilter::common(&[&one, &np]),
+            KernelFilter::common(false, &[&one, &np]),
             KernelFilter {
                 protocol: Some(UDP),
                 orig_dst_port: None,
@@ -469,11 +474,22 @@ mod tests {
             protocol: Protocol::Tcp,
         };
         // Without a shared protocol the kernel takes no port either.
-        let mixed = KernelFilter::common(&[&one, &tcp]);
+        let mixed = KernelFilter::common(false, &[&one, &tcp]);
         assert_eq!(mixed.protocol, None);
         assert_eq!(mixed.orig_dst_port, None);
         assert_eq!(mixed.orig_dst, Some(ip("10.96.0.53")));
-        assert!(KernelFilter::common(&[]).is_empty());
+        assert!(KernelFilter::common(false, &[]).is_empty());
+        // IPv6: protocol and port only (the kernel's IPv6 address comparison is inverted).
+        let v6 = endpoint("2001:db8::53", 53, "2001:2::1");
+        assert_eq!(
+            KernelFilter::common(true, &[&v6]),
+            KernelFilter {
+                protocol: Some(UDP),
+                orig_dst_port: Some(53),
+                orig_dst: None,
+                reply_src: None,
+            }
+        );
     }
 
     #[test]
@@ -484,7 +500,7 @@ mod tests {
             endpoint("10.96.0.53", 53, "198.18.1.2"),
         ];
         let refs: Vec<&ConntrackCleanup> = cleanups.iter().collect();
-        let filter = KernelFilter::common(&refs);
+        let filter = KernelFilter::common(false, &refs);
         let passes = |f: &Flow| {
             filter.protocol.is_none_or(|p| p == f.protocol)
                 && filter.orig_dst_port.is_none_or(|p| p == f.orig.dst_port)

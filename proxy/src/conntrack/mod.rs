@@ -98,7 +98,7 @@ fn clear_family(
 ) -> Result<(), BackendError> {
     let family = netlink::family_name(ipv6);
     let matcher = Matcher::new(ipv6, cleanups);
-    let kernel_filter = KernelFilter::common(cleanups);
+    let kernel_filter = KernelFilter::common(ipv6, cleanups);
     let mut conn = Conn::open(deadline)?;
     let mut filter = (options.kernel_filter && !kernel_filter.is_empty()).then_some(&kernel_filter);
     let dump = loop {
@@ -117,10 +117,14 @@ fn clear_family(
                 filter = None;
                 conn = Conn::open(deadline)?;
             }
+            // nfnetlink answers EINVAL for a subsystem it does not have (and could not load).
             Err(DumpError::Refused(code)) => {
                 return Err(BackendError::kernel(
                     format!("dumping the {family} conntrack table"),
-                    std::io::Error::from_raw_os_error(code.saturating_abs()),
+                    format!(
+                        "{} (is the nf_conntrack_netlink module loaded?)",
+                        std::io::Error::from_raw_os_error(code.saturating_abs())
+                    ),
                 ))
             }
             Err(DumpError::Failed(e)) => return Err(e),
@@ -146,6 +150,14 @@ fn clear_family(
         already_gone = outcome.gone,
         "cleared stale conntrack entries"
     );
+    if dump.unreadable > 0 {
+        // Skipped, so a stale one among them stays until it idles out.
+        tracing::warn!(
+            family,
+            unreadable = dump.unreadable,
+            "conntrack entries that could not be read were not matched"
+        );
+    }
     if dump.capped {
         return Err(BackendError::kernel(
             format!("dumping the {family} conntrack table"),
