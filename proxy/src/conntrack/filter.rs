@@ -55,7 +55,8 @@ impl Flow {
     }
 }
 
-fn family(ipv6: bool) -> &'static str {
+/// The family as conntrack(8) and the logs name it.
+pub(super) fn family_name(ipv6: bool) -> &'static str {
     if ipv6 {
         "ipv6"
     } else {
@@ -150,7 +151,12 @@ pub struct Describe<'a>(pub &'a ConntrackCleanup);
 impl fmt::Display for Describe<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (protocol, port) = protocol_and_port(self.0);
-        write!(f, "-f {} -p {}", family(is_ipv6(self.0)), protocol.lower())?;
+        write!(
+            f,
+            "-f {} -p {}",
+            family_name(is_ipv6(self.0)),
+            protocol.lower()
+        )?;
         if let Some(vip) = orig_dst(self.0) {
             write!(f, " --orig-dst {vip}")?;
         }

@@ -96,7 +96,7 @@ fn clear_family(
     deadline: Instant,
     report: &mut Report,
 ) -> Result<(), BackendError> {
-    let family = netlink::family_name(ipv6);
+    let family = filter::family_name(ipv6);
     let matcher = Matcher::new(ipv6, cleanups);
     let kernel_filter = KernelFilter::common(ipv6, cleanups);
     let mut conn = Conn::open(deadline)?;

@@ -20,7 +20,7 @@ use netlink_packet_netfilter::{
 };
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
 
-use super::filter::{Flow, KernelFilter, Tuple};
+use super::filter::{family_name, Flow, KernelFilter, Tuple};
 use crate::backend::BackendError;
 
 /// `NFNL_SUBSYS_CTNETLINK` in the high byte of the netlink message type.
@@ -59,14 +59,6 @@ fn family(ipv6: bool) -> NetfilterProtoFamily {
         NetfilterProtoFamily::IPv6
     } else {
         NetfilterProtoFamily::IPv4
-    }
-}
-
-pub(super) fn family_name(ipv6: bool) -> &'static str {
-    if ipv6 {
-        "ipv6"
-    } else {
-        "ipv4"
     }
 }
 
