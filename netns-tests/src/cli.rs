@@ -334,3 +334,25 @@ pub fn stop_all_labs() {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proxy_modes_are_kube_proxys_names() {
+        assert_eq!(
+            parse_backend("nftables").expect("nftables"),
+            ProxyBackend::Nftables
+        );
+        assert_eq!(
+            parse_backend("iptables").expect("iptables"),
+            ProxyBackend::IptablesNft
+        );
+        let err = parse_backend("ipvs").expect_err("no ipvs yet").to_string();
+        assert!(
+            err.contains("\"ipvs\"") && err.contains("nftables"),
+            "{err}"
+        );
+    }
+}
