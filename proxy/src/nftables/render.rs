@@ -477,12 +477,14 @@ fn destination(ip: &IpAddr, port: u16) -> String {
 }
 
 /// The rules picking one of `endpoints` of a set chain, and their elements.
+#[allow(clippy::too_many_arguments)] // one call site; a struct would only rename them
 fn pick_rules(
     cfg: &RenderConfig,
     chain: &str,
     entry: &ServiceEntry,
     endpoints: &[Endpoint],
     slots: &mut SlotAllocator,
+    previous: Option<&Fragment>,
     f: &mut Fragment,
     rules: &mut Vec<String>,
 ) {
@@ -527,9 +529,38 @@ fn pick_rules(
         "meta l4proto {proto} dnat {fam} to numgen random mod {n} offset {base} map @{} comment \"{name}\"",
         endpoint_map(at.shard.0, at.shard.1)
     ));
-    for (i, ep) in endpoints.iter().enumerate() {
+    let map = MapId::Endpoints(at.shard.0, at.shard.1);
+    // An endpoint keeps the slot it had (when it is still below N), the others fill the free
+    // ones: an address swapped is one delete and one add, not a shift of every slot after it.
+    let old: HashMap<(IpAddr, u16), usize> = previous
+        .into_iter()
+        .flat_map(|p| &p.elements)
+        .filter(|e| e.map == map)
+        .filter_map(|e| match (&e.key, &e.value) {
+            (Key::Slot(slot), Some(Value::Endpoint(ip, port)))
+                if (base..base.saturating_add(1 << chains::SLOT_BITS)).contains(slot) =>
+            {
+                Some(((*ip, *port), (slot - base) as usize))
+            }
+            _ => None,
+        })
+        .collect();
+    let mut placed: Vec<Option<&Endpoint>> = vec![None; n];
+    let mut rest = Vec::new();
+    for ep in endpoints {
+        match old.get(&(ep.ip, ep.port)) {
+            Some(&i) if i < n && placed[i].is_none() => placed[i] = Some(ep),
+            _ => rest.push(ep),
+        }
+    }
+    let mut rest = rest.into_iter();
+    for slot in placed.iter_mut().filter(|s| s.is_none()) {
+        *slot = rest.next();
+    }
+    for (i, ep) in placed.into_iter().enumerate() {
+        let Some(ep) = ep else { continue };
         f.elements.push(Element {
-            map: MapId::Endpoints(at.shard.0, at.shard.1),
+            map,
             key: Key::Slot(base + i as u32),
             value: Some(Value::Endpoint(ep.ip, ep.port)),
             comment: None,
@@ -549,7 +580,13 @@ fn set_chain(name: &ServicePortName, set: EndpointSet) -> String {
 /// chain (its masquerade rule at the top of it); other frontends go through an `ext` chain
 /// telling pods (`saddr --cluster-cidr`), the node (`fib saddr type local`) and the rest
 /// apart. What no route takes to endpoints is an element of `no-endpoint-*`.
-pub fn fragment(cfg: &RenderConfig, entry: &ServiceEntry, slots: &mut SlotAllocator) -> Fragment {
+/// `previous` is what this Service port had (its endpoints keep their slots).
+pub fn fragment(
+    cfg: &RenderConfig,
+    entry: &ServiceEntry,
+    slots: &mut SlotAllocator,
+    previous: Option<&Fragment>,
+) -> Fragment {
     let mut f = Fragment::default();
     let model = frontend::frontends(entry, &cfg.node_config(), cfg.ipv6);
     if model.frontends.is_empty() {
@@ -683,7 +720,9 @@ pub fn fragment(cfg: &RenderConfig, entry: &ServiceEntry, slots: &mut SlotAlloca
             .filter(|(s, _)| s == set)
             .map(|(_, r)| r.clone())
             .collect();
-        pick_rules(cfg, &chain, entry, endpoints, slots, &mut f, &mut rules);
+        pick_rules(
+            cfg, &chain, entry, endpoints, slots, previous, &mut f, &mut rules,
+        );
         f.chains.push(Chain { name: chain, rules });
     }
 
@@ -795,7 +834,7 @@ fn full_plan(
     // Stale names of the old table are foreign to this plan and removed like foreign ones.
     let mut fresh = Applied::default();
     for (name, entry) in &state.entries {
-        let f = fragment(cfg, entry, &mut fresh.slots);
+        let f = fragment(cfg, entry, &mut fresh.slots, None);
         for e in f.elements.iter().filter(|e| e.map.shared()) {
             fresh
                 .owners
@@ -981,7 +1020,7 @@ fn partial_plan(
         let new = state
             .entries
             .get(name)
-            .map(|entry| fragment(cfg, entry, &mut applied.slots));
+            .map(|entry| fragment(cfg, entry, &mut applied.slots, old.as_deref()));
         if let Some(old) = &old {
             free_slots(old, new.as_ref(), &mut applied.slots);
         }

@@ -1573,6 +1573,10 @@ impl Ruleset {
                                     }
                                 })
                                 .collect();
+                            // Which slot holds which endpoint does not change what the rule
+                            // picks (each with 1/N): compared as a sorted list.
+                            let mut values = values;
+                            values.sort();
                             let pick =
                                 format!("numgen random mod {modulus} offset {offset} map @{map}");
                             let text = r.text.replace(

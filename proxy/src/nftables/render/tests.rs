@@ -78,3 +78,73 @@ fn plans_match_their_snapshots() {
         );
     }
 }
+
+fn web_state(
+    tracker: &mut crate::model::ChangeTracker,
+    first: usize,
+    count: usize,
+    previous: &ProxyState,
+) -> (ProxyState, Changes) {
+    let svc = serde_json::json!({"metadata": {"name": "web", "namespace": "t"},
+        "spec": {"clusterIP": "198.18.200.1", "ports": [{"name": "http", "port": 80}]}});
+    let endpoints: Vec<_> = (first..first + count)
+        .map(|e| serde_json::json!({"addresses": [format!("198.19.0.{}", e + 1)], "conditions": {"ready": true}, "nodeName": "other"}))
+        .collect();
+    let slice = serde_json::json!({"metadata": {"name": "web-1", "namespace": "t", "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4", "endpoints": endpoints, "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]});
+    tracker.apply_service(serde_json::from_value(svc).expect("service"));
+    tracker.apply_slice(serde_json::from_value(slice).expect("slice"));
+    tracker.snapshot(previous)
+}
+
+/// One address of ten replaced: one delete and one add in the endpoint map, nothing else —
+/// the other nine keep their slots — and the plan says it is elements only (the netlink path).
+/// One endpoint added: the chain's `mod N` is rewritten, so the plan is not elements only.
+#[test]
+fn an_address_swap_is_two_element_changes_and_a_new_endpoint_rewrites_the_chain() {
+    let cfg = RenderConfig::default();
+    let mut tracker = crate::model::ChangeTracker::new("this-node");
+    let (a, _) = web_state(&mut tracker, 0, 10, &ProxyState::default());
+    let mut applied = Applied::default();
+    plan(
+        &cfg,
+        &a,
+        &Changes::default(),
+        true,
+        &Existing::default(),
+        &mut applied,
+    );
+
+    let (b, changes) = web_state(&mut tracker, 1, 10, &a);
+    let p = plan(
+        &cfg,
+        &b,
+        &changes,
+        false,
+        &Existing::default(),
+        &mut applied,
+    );
+    let ops = p.elements_only.expect("an address swap is elements only");
+    assert_eq!(ops.len(), 2, "{ops:?}");
+    assert!(matches!(
+        &ops[0],
+        ElementChange::Delete(MapId::Endpoints(..), Key::Slot(_))
+    ));
+    assert!(
+        matches!(&ops[1], ElementChange::Add(e) if e.value == Some(Value::Endpoint("198.19.0.11".parse().unwrap(), 8080)))
+    );
+    assert_eq!((p.rules_written, p.chains_written), (0, 0));
+
+    let (c, changes) = web_state(&mut tracker, 1, 11, &b);
+    let p = plan(
+        &cfg,
+        &c,
+        &changes,
+        false,
+        &Existing::default(),
+        &mut applied,
+    );
+    assert!(p.elements_only.is_none(), "{}", p.text);
+    assert!(p.text.contains("numgen random mod 11"), "{}", p.text);
+    assert_eq!(p.chains_written, 1);
+}
