@@ -131,7 +131,7 @@ fn an_address_swap_is_two_element_changes_and_a_new_endpoint_rewrites_the_chain(
         ElementChange::Delete(MapId::Endpoints(..), Key::Slot(_))
     ));
     assert!(
-        matches!(&ops[1], ElementChange::Add(e) if e.value == Some(Value::Endpoint("198.19.0.11".parse().unwrap(), 8080)))
+        matches!(&ops[1], ElementChange::Add(e) if e.value == Some(Value::Endpoint("198.19.0.11".parse().expect("an address"), 8080)))
     );
     assert_eq!((p.rules_written, p.chains_written), (0, 0));
 
