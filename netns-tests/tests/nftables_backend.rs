@@ -233,6 +233,129 @@ fn scenario() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// kube-proxy's nftables table, kpx's iptables chains and kpx's nftables table on one node:
+/// each backend's syncs and cleanup leave the others exactly as they were.
+fn coexistence() -> anyhow::Result<()> {
+    use kpx_lab::bench::kube_nft::{full_sync, Layout, ServicePort};
+    use kpx_proxy::iptables::exec::{Flavour, Tool};
+    use kpx_proxy::iptables::IptablesBackend;
+
+    let mut tracker = ChangeTracker::new("this-node");
+    for i in 0..3 {
+        tracker.apply_service(service(i));
+        tracker.apply_slice(slice(i, 0));
+    }
+    let (state, _) = tracker.snapshot(&ProxyState::default());
+    let kube: Vec<ServicePort> = (0..3)
+        .map(|i| ServicePort {
+            namespace: "t".into(),
+            name: format!("web-{i}"),
+            port_name: "http".into(),
+            protocol: "tcp",
+            cluster_ip: format!("198.18.200.{}", i + 1).parse().expect("vip"),
+            port: 80,
+            endpoints: (0..3)
+                .map(|e| {
+                    format!("198.19.{i}.{}:8080", e + 1)
+                        .parse()
+                        .expect("endpoint")
+                })
+                .collect(),
+        })
+        .collect();
+    let text = full_sync(
+        &Layout {
+            cluster_cidr: Some("198.19.0.0/16".into()),
+            ..Default::default()
+        },
+        &kube,
+    );
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()?;
+    {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(text.as_bytes())?;
+    }
+    anyhow::ensure!(child.wait()?.success(), "loading kube-proxy's layout");
+    let kube_table = || nft(&["list", "table", "ip", "kube-proxy"]);
+    let before = kube_table()?;
+
+    let mut iptables = IptablesBackend::new(
+        Tool {
+            flavour: Flavour::Nft,
+            ipv6: false,
+        },
+        kpx_proxy::iptables::render::RenderConfig {
+            cluster_cidr: Some("198.19.0.0/16".into()),
+            ..Default::default()
+        },
+    );
+    let mut nftables = NftablesBackend::new(RenderConfig {
+        cluster_cidr: Some("198.19.0.0/16".into()),
+        ..Default::default()
+    });
+    let input = SyncInput {
+        state: &state,
+        changes: &Changes::default(),
+        full: true,
+        node: &NodeState::default(),
+    };
+    iptables.sync(input)?;
+    nftables.sync(input)?;
+    iptables.sync(input)?;
+    nftables.sync(input)?;
+    anyhow::ensure!(kube_table()? == before, "kube-proxy's table changed");
+    anyhow::ensure!(
+        iptables.dump()?.services.len() == 3 && nftables.dump()?.services.len() == 3,
+        "a backend lost its Services beside the other"
+    );
+    anyhow::ensure!(nftables.lost_state().is_none() && iptables.lost_state().is_none());
+    nftables.cleanup()?;
+    anyhow::ensure!(
+        kube_table()? == before,
+        "nftables cleanup changed kube-proxy's table"
+    );
+    anyhow::ensure!(
+        iptables.dump()?.services.len() == 3,
+        "nftables cleanup touched kpx's iptables chains"
+    );
+    nftables.sync(input)?;
+    iptables.cleanup()?;
+    anyhow::ensure!(
+        kube_table()? == before,
+        "iptables cleanup changed kube-proxy's table"
+    );
+    anyhow::ensure!(
+        nftables.dump()?.services.len() == 3 && nftables.lost_state().is_none(),
+        "iptables cleanup touched kpx's nftables table"
+    );
+    Ok(())
+}
+
+#[test]
+fn beside_kube_proxys_table_and_kpx_iptables_nothing_breaks() {
+    if !nix::unistd::geteuid().is_root() {
+        assert!(
+            std::env::var("KPX_REQUIRE_NETNS").map_or(true, |v| v != "1"),
+            "network namespace tests need root (KPX_REQUIRE_NETNS=1)"
+        );
+        eprintln!("SKIPPED: network namespace tests need root");
+        return;
+    }
+    let scratch = Scratch::new("beside").expect("a scratch namespace");
+    scratch
+        .entry
+        .enter(coexistence)
+        .expect("entering the namespace")
+        .expect("the scenario");
+}
+
 #[test]
 fn syncs_foreign_names_elements_only_changes_lost_state_dump_and_cleanup() {
     if !nix::unistd::geteuid().is_root() {
