@@ -318,8 +318,11 @@ fn fixed_rules(cfg: &RenderConfig) -> Vec<(&'static str, String)> {
     let nodeport_match = if cfg.nodeport_addresses.is_empty() {
         format!("fib daddr type local {fam} daddr != {}", cfg.loopback())
     } else {
+        // Loopback never, even inside a given CIDR (kube-proxy skips it too: a packet from
+        // 127.0.0.1 DNATed off the node would be dropped as martian).
         format!(
-            "fib daddr type local {fam} daddr @{}",
+            "fib daddr type local {fam} daddr != {} {fam} daddr @{}",
+            cfg.loopback(),
             chains::NODEPORT_CIDRS
         )
     };
@@ -438,7 +441,7 @@ fn declarations(cfg: &RenderConfig, out: &mut String) {
     }
     let _ = writeln!(
         out,
-        "add set {fam} {t} {} {{ type {addr} ; flags interval ; comment \"--nodeport-addresses\" ; }}",
+        "add set {fam} {t} {} {{ type {addr} ; flags interval ; auto-merge ; comment \"--nodeport-addresses (overlapping CIDRs merged)\" ; }}",
         chains::NODEPORT_CIDRS
     );
     let _ = writeln!(
@@ -469,6 +472,24 @@ fn declare_affinity_set(cfg: &RenderConfig, name: &str, timeout: u32, out: &mut 
     );
 }
 
+/// nft refuses comments over 128 characters, and the longest kpx writes is 50 characters of
+/// text around the Service port's name: a name over 76 is cut (with `~` at the end) so that
+/// a long namespace and Service name cannot make every sync fail. Names are ASCII (DNS labels).
+const COMMENT_NAME_MAX: usize = 76;
+
+fn comment_name(name: &ServicePortName) -> String {
+    let mut text = name.to_string();
+    if text.len() > COMMENT_NAME_MAX {
+        let mut cut = COMMENT_NAME_MAX - 1;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push('~');
+    }
+    text
+}
+
 fn destination(ip: &IpAddr, port: u16) -> String {
     match ip {
         IpAddr::V4(v4) => format!("{v4}:{port}"),
@@ -490,7 +511,7 @@ fn pick_rules(
 ) {
     let fam = cfg.family();
     let proto = entry.port.name.protocol.lower();
-    let name = entry.port.name.to_string();
+    let name = comment_name(&entry.port.name);
     let endpoints = &endpoints[..endpoints.len().min(chains::MAX_ENDPOINTS_PER_SET)];
     let n = endpoints.len();
     if let Some(timeout) = entry.port.affinity_seconds {
@@ -594,7 +615,7 @@ pub fn fragment(
     }
     let fam = cfg.family();
     let port = &entry.port;
-    let name = port.name.to_string();
+    let name = comment_name(&port.name);
     let proto = port.name.protocol;
     let cidr = cfg.cluster_cidr.as_deref();
     let comment: Arc<str> = Arc::from(name.as_str());
@@ -1077,27 +1098,29 @@ fn partial_plan(
             applied.stale_sets.insert(set.clone());
         }
         // Elements: the endpoint slots are this port's own; shared keys by ownership.
-        let old_own: HashMap<&Key, &Element> = o
+        // Keyed by map and key: two endpoint sets of one port may sit at the same slot
+        // number in different shards.
+        let old_own: HashMap<(MapId, &Key), &Element> = o
             .elements
             .iter()
             .filter(|e| !e.map.shared())
-            .map(|e| (&e.key, e))
+            .map(|e| ((e.map, &e.key), e))
             .collect();
-        let new_own: HashMap<&Key, &Element> = n
+        let new_own: HashMap<(MapId, &Key), &Element> = n
             .elements
             .iter()
             .filter(|e| !e.map.shared())
-            .map(|e| (&e.key, e))
+            .map(|e| ((e.map, &e.key), e))
             .collect();
         for (key, e) in &old_own {
             match new_own.get(key) {
-                Some(ne) if ne.value == e.value && ne.map == e.map => {}
-                _ => changed_elements.push(ElementChange::Delete(e.map, (*key).clone())),
+                Some(ne) if ne.value == e.value => {}
+                _ => changed_elements.push(ElementChange::Delete(e.map, e.key.clone())),
             }
         }
         for (key, e) in &new_own {
             match old_own.get(key) {
-                Some(oe) if oe.value == e.value && oe.map == e.map => {}
+                Some(oe) if oe.value == e.value => {}
                 _ => changed_elements.push(ElementChange::Add((*e).clone())),
             }
         }

@@ -492,6 +492,8 @@ fn parse_set_block(c: &mut Cursor, is_map: bool) -> Res<Set> {
             "policy" => {
                 c.next("a set policy")?;
             }
+            // Overlapping intervals merged by nft (kpx's nodeport-cidrs).
+            "auto-merge" => {}
             other => return Err(unknown(other, "in a set declaration")),
         }
     }

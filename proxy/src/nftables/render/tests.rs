@@ -148,3 +148,150 @@ fn an_address_swap_is_two_element_changes_and_a_new_endpoint_rewrites_the_chain(
     assert!(p.text.contains("numgen random mod 11"), "{}", p.text);
     assert_eq!(p.chains_written, 1);
 }
+
+fn service_json(name: &str, ip: &str, local: bool) -> serde_json::Value {
+    let mut spec = serde_json::json!({"clusterIP": ip, "ports": [{"name": "http", "port": 80, "nodePort": 30080}]});
+    if local {
+        spec["type"] = "NodePort".into();
+        spec["externalTrafficPolicy"] = "Local".into();
+    }
+    serde_json::json!({"metadata": {"name": name, "namespace": "t"}, "spec": spec})
+}
+
+fn slice_json(name: &str, endpoints: &[(&str, &str)]) -> serde_json::Value {
+    let endpoints: Vec<_> = endpoints
+        .iter()
+        .map(|(ip, node)| serde_json::json!({"addresses": [ip], "conditions": {"ready": true}, "nodeName": node}))
+        .collect();
+    serde_json::json!({"metadata": {"name": format!("{name}-1"), "namespace": "t", "labels": {"kubernetes.io/service-name": name}},
+        "addressType": "IPv4", "endpoints": endpoints, "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]})
+}
+
+/// A Service port's two endpoint sets at the same slot number in different shards (the
+/// cluster's in the second shard, this node's in a slot freed in the first): a changed remote
+/// address is still deleted and added (the diff is per map and key, not per key).
+#[test]
+fn two_sets_at_one_slot_number_in_two_shards_still_see_their_changes() {
+    let cfg = RenderConfig::default();
+    let mut tracker = crate::model::ChangeTracker::new("this-node");
+    let apply = |tracker: &mut crate::model::ChangeTracker,
+                 svc: serde_json::Value,
+                 slice: serde_json::Value| {
+        tracker.apply_service(serde_json::from_value(svc).expect("service"));
+        tracker.apply_slice(serde_json::from_value(slice).expect("slice"));
+    };
+    for i in 0..64 {
+        let name = format!("a{i:02}");
+        apply(
+            &mut tracker,
+            service_json(&name, &format!("198.18.1.{}", i + 1), false),
+            slice_json(&name, &[(&format!("198.19.1.{}", i + 1), "other")]),
+        );
+    }
+    apply(
+        &mut tracker,
+        service_json("x", "198.18.2.1", true),
+        slice_json("x", &[("198.19.2.1", "other")]),
+    );
+    let (s1, _) = tracker.snapshot(&ProxyState::default());
+    let mut applied = Applied::default();
+    plan(
+        &cfg,
+        &s1,
+        &Changes::default(),
+        true,
+        &Existing::default(),
+        &mut applied,
+    );
+
+    // a00 goes (its slot 0 of endpoints-tcp-0 is free), x gains a local endpoint (svl-x takes it).
+    let a00: k8s_openapi::api::discovery::v1::EndpointSlice =
+        serde_json::from_value(slice_json("a00", &[])).expect("slice");
+    tracker.delete_slice(&a00);
+    let svc: k8s_openapi::api::core::v1::Service =
+        serde_json::from_value(service_json("a00", "198.18.1.1", false)).expect("service");
+    tracker.delete_service(&svc);
+    apply(
+        &mut tracker,
+        service_json("x", "198.18.2.1", true),
+        slice_json("x", &[("198.19.2.1", "other"), ("198.19.2.9", "this-node")]),
+    );
+    let (s2, changes) = tracker.snapshot(&s1);
+    let p = plan(
+        &cfg,
+        &s2,
+        &changes,
+        false,
+        &Existing::default(),
+        &mut applied,
+    );
+    assert!(
+        p.text
+            .contains("add element ip kpx endpoints-tcp-0 { 0 : 198.19.2.9 . 8080"),
+        "{}",
+        p.text
+    );
+
+    // The remote endpoint moves: deleted and added in endpoints-tcp-1, whatever sits at slot 0
+    // of endpoints-tcp-0.
+    apply(
+        &mut tracker,
+        service_json("x", "198.18.2.1", true),
+        slice_json("x", &[("198.19.2.2", "other"), ("198.19.2.9", "this-node")]),
+    );
+    let (s3, changes) = tracker.snapshot(&s2);
+    let p = plan(
+        &cfg,
+        &s3,
+        &changes,
+        false,
+        &Existing::default(),
+        &mut applied,
+    );
+    assert!(
+        p.text
+            .contains("delete element ip kpx endpoints-tcp-1 { 0 }"),
+        "{}",
+        p.text
+    );
+    assert!(
+        p.text
+            .contains("add element ip kpx endpoints-tcp-1 { 0 : 198.19.2.2 . 8080 }"),
+        "{}",
+        p.text
+    );
+}
+
+/// The longest names Kubernetes allows (namespace and Service 63 characters, port name 15):
+/// every comment stays within nft's 128 characters.
+#[test]
+fn comments_of_the_longest_names_fit_nfts_limit() {
+    let ns = "n".repeat(63);
+    let name = "s".repeat(63);
+    let svc = serde_json::json!({"metadata": {"name": name, "namespace": ns},
+        "spec": {"clusterIP": "198.18.3.1", "type": "NodePort", "externalTrafficPolicy": "Local", "sessionAffinity": "ClientIP",
+                 "ports": [{"name": "abcdefghijklmno", "port": 80, "nodePort": 30090}]}});
+    let slice = serde_json::json!({"metadata": {"name": format!("{name}-1"), "namespace": ns, "labels": {"kubernetes.io/service-name": name}},
+        "addressType": "IPv4", "endpoints": [{"addresses": ["198.19.3.1"], "conditions": {"ready": true}, "nodeName": "this-node"}],
+        "ports": [{"name": "abcdefghijklmno", "port": 8080, "protocol": "TCP"}]});
+    let mut tracker = crate::model::ChangeTracker::new("this-node");
+    tracker.apply_service(serde_json::from_value(svc).expect("service"));
+    tracker.apply_slice(serde_json::from_value(slice).expect("slice"));
+    let (state, _) = tracker.snapshot(&ProxyState::default());
+    let cfg = RenderConfig {
+        cluster_cidr: Some("198.19.0.0/16".into()),
+        ..Default::default()
+    };
+    let text = full_text(&cfg, &state);
+    let mut comments = 0;
+    for part in text.split("comment \"").skip(1) {
+        let comment = part.split('"').next().unwrap_or_default();
+        assert!(
+            comment.len() <= 128,
+            "{} characters: {comment}",
+            comment.len()
+        );
+        comments += 1;
+    }
+    assert!(comments > 5 && text.contains('~'), "{text}");
+}
