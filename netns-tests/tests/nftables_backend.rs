@@ -193,10 +193,23 @@ fn scenario() -> anyhow::Result<()> {
         "service-ips",
         "{ 198.18.200.1 . tcp . 80 }",
     ])?;
+    // A partial sync right after it (before any periodic check) notices and is full, so its
+    // own commit cannot hide the loss.
+    let report = sync(&mut backend, &next, &Changes::default(), false)?;
+    anyhow::ensure!(
+        report.full,
+        "a partial sync over a foreign deletion: {report:?}"
+    );
+    let restored = nft(&["list", "map", "ip", "kpx", "service-ips"])?;
+    anyhow::ensure!(
+        restored.contains("198.18.200.1 . tcp . 80"),
+        "not restored:\n{restored}"
+    );
+    nft(&["flush", "chain", "ip", "kpx", "masquerading"])?;
     let why = backend.lost_state();
     anyhow::ensure!(
-        why.as_deref().is_some_and(|w| w.contains("service-ips")),
-        "{why:?}"
+        why.as_deref().is_some_and(|w| w.contains("masquerading")),
+        "a flushed fixed chain: {why:?}"
     );
     sync(&mut backend, &next, &Changes::default(), true)?;
     anyhow::ensure!(

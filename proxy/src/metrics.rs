@@ -74,6 +74,8 @@ pub struct Metrics {
     pub last_sync_timestamp: Gauge<f64, AtomicU64>,
     /// Every mode's failed syncs (`kpx_proxy_sync_failures_total`).
     pub sync_failures: Counter,
+    /// Stale-flow cleanups that failed (`kpx_proxy_conntrack_cleanup_failures_total`).
+    pub conntrack_failures: Counter,
     pub mode: ModeMetrics,
     pub service_changes: Counter,
     pub services: Gauge,
@@ -95,6 +97,7 @@ impl Metrics {
             network_programming: Histogram::new(exponential_buckets(0.001, 2.0, 20)),
             last_sync_timestamp: Gauge::default(),
             sync_failures: Counter::default(),
+            conntrack_failures: Counter::default(),
             mode: match mode {
                 "iptables" => ModeMetrics::Iptables {
                     restore_failures: Counter::default(),
@@ -224,6 +227,11 @@ impl Metrics {
             }
             ModeMetrics::None => {}
         }
+        registry.register(
+            "kpx_proxy_conntrack_cleanup_failures",
+            "Stale conntrack cleanups that failed (tried again with the next sync)",
+            m.conntrack_failures.clone(),
+        );
         registry.register(
             "kubeproxy_sync_proxy_rules_service_changes",
             "Cumulative proxy rules Service changes",

@@ -77,16 +77,24 @@ pub fn clear_with(
     }
     let deadline = Instant::now() + options.time;
     let mut report = Report::default();
+    // A failing family does not keep the other's stale flows: both are tried, the first
+    // error is returned.
+    let mut failed = None;
     for ipv6 in [false, true] {
         let family: Vec<&ConntrackCleanup> = cleanups
             .iter()
             .filter(|c| filter::is_ipv6(c) == ipv6)
             .collect();
         if !family.is_empty() {
-            clear_family(ipv6, &family, options, deadline, &mut report)?;
+            if let Err(e) = clear_family(ipv6, &family, options, deadline, &mut report) {
+                failed.get_or_insert(e);
+            }
         }
     }
-    Ok(report)
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(report),
+    }
 }
 
 fn clear_family(

@@ -12,6 +12,7 @@ pub mod render;
 #[cfg(test)]
 pub mod trace;
 
+use std::collections::HashMap;
 use std::io::Write as _;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -30,8 +31,8 @@ pub struct NftablesBackend {
     /// The ruleset generation after kpx's last commit: another value means someone else
     /// committed since, and the lost-state check looks closer.
     generation: Option<u32>,
-    /// When the stale chains and sets were flushed.
-    stale_since: Option<Instant>,
+    /// When each stale chain and set was flushed (each waits its own grace second).
+    stale_since: HashMap<String, Instant>,
     nft: Option<Nft>,
     /// The last full sync failed: the next replaces the table.
     full_failed: bool,
@@ -43,7 +44,7 @@ impl NftablesBackend {
             cfg,
             applied: Applied::default(),
             generation: None,
-            stale_since: None,
+            stale_since: HashMap::new(),
             nft: None,
             full_failed: false,
         }
@@ -113,7 +114,7 @@ impl NftablesBackend {
         let lost = match nft.table(family, chains::TABLE) {
             Ok(None) => Some(format!("table {table} {} was deleted", chains::TABLE)),
             Ok(Some(_)) => match nft.rule_counts(family, chains::TABLE) {
-                Ok(counts) => missing_rules(&self.applied, &counts).or_else(|| {
+                Ok(counts) => missing_rules(&self.applied, &self.cfg, &counts).or_else(|| {
                     self.applied
                         .elements_per_map()
                         .into_iter()
@@ -255,9 +256,17 @@ impl Backend for NftablesBackend {
         let SyncInput {
             state,
             changes,
-            full,
+            mut full,
             ..
         } = input;
+        // Someone else committed since kpx's last commit and removed some of its state: this
+        // sync must be full, or kpx's own commit would hide the loss from the next check.
+        if !full {
+            if let Some(why) = self.lost_state() {
+                tracing::warn!(reason = %why, "programmed state missing; this sync is full");
+                full = true;
+            }
+        }
         // After a full sync failed, the next one replaces the table in its transaction
         // (whatever made the kernel refuse — an object of another shape under one of kpx's
         // names — goes with it; conntrack entries and their NAT survive).
@@ -302,8 +311,16 @@ impl Backend for NftablesBackend {
             return Err(e);
         }
         self.full_failed = false;
-        if !self.applied.stale_chains.is_empty() || !self.applied.stale_sets.is_empty() {
-            self.stale_since.get_or_insert_with(Instant::now);
+        let now = Instant::now();
+        let stale: Vec<&String> = self
+            .applied
+            .stale_chains
+            .iter()
+            .chain(&self.applied.stale_sets)
+            .collect();
+        self.stale_since.retain(|name, _| stale.contains(&name));
+        for name in stale {
+            self.stale_since.entry(name.clone()).or_insert(now);
         }
         let rules = self.applied.rules() + render::fixed_rule_count(&self.cfg);
         let table = if self.cfg.ipv6 { "ip6 kpx" } else { "ip kpx" };
@@ -328,24 +345,42 @@ impl Backend for NftablesBackend {
     }
 
     fn housekeeping(&mut self) -> Result<(), BackendError> {
-        let Some(since) = self.stale_since else {
-            return Ok(());
+        let ready = |name: &String| {
+            self.stale_since
+                .get(name)
+                .is_some_and(|t| t.elapsed() >= STALE_GRACE)
         };
-        if since.elapsed() < STALE_GRACE {
-            return Ok(());
-        }
-        let [sets, chains_text] = render::stale_text(&self.cfg, &self.applied);
-        if !sets.is_empty() {
-            nft_apply(&sets)?;
+        let sets: Vec<String> = self
+            .applied
+            .stale_sets
+            .iter()
+            .filter(|n| ready(n))
+            .cloned()
+            .collect();
+        let chains: Vec<String> = self
+            .applied
+            .stale_chains
+            .iter()
+            .filter(|n| ready(n))
+            .cloned()
+            .collect();
+        let [sets_text, chains_text] = render::stale_text_of(&self.cfg, &sets, &chains);
+        if !sets_text.is_empty() {
+            nft_apply(&sets_text)?;
             self.record_generation();
-            self.applied.stale_sets.clear();
+            for set in &sets {
+                self.applied.stale_sets.remove(set);
+                self.stale_since.remove(set);
+            }
         }
         if !chains_text.is_empty() {
             nft_apply(&chains_text)?;
             self.record_generation();
-            self.applied.stale_chains.clear();
+            for chain in &chains {
+                self.applied.stale_chains.remove(chain);
+                self.stale_since.remove(chain);
+            }
         }
-        self.stale_since = None;
         Ok(())
     }
 
@@ -384,11 +419,17 @@ impl Backend for NftablesBackend {
 /// A chain of the plan with fewer rules in the kernel than kpx wrote (flushed by someone).
 fn missing_rules(
     applied: &Applied,
+    cfg: &RenderConfig,
     counts: &std::collections::BTreeMap<String, usize>,
 ) -> Option<String> {
-    let services = counts.get(chains::SERVICES).copied().unwrap_or(0);
-    if services < 2 {
-        return Some(format!("chain {} was flushed", chains::SERVICES));
+    let mut fixed: HashMap<&str, usize> = HashMap::new();
+    for (chain, _) in render::fixed_rules(cfg) {
+        *fixed.entry(chain).or_default() += 1;
+    }
+    for (chain, want) in fixed {
+        if counts.get(chain).copied().unwrap_or(0) < want {
+            return Some(format!("chain {chain} lost rules"));
+        }
     }
     for f in applied.fragments.values() {
         for c in &f.chains {

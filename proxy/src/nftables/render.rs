@@ -313,7 +313,7 @@ pub enum ElementChange {
 }
 
 /// The rules of a fixed (non Service) part of the table.
-fn fixed_rules(cfg: &RenderConfig) -> Vec<(&'static str, String)> {
+pub fn fixed_rules(cfg: &RenderConfig) -> Vec<(&'static str, String)> {
     let fam = cfg.family();
     let nodeport_match = if cfg.nodeport_addresses.is_empty() {
         format!("fib daddr type local {fam} daddr != {}", cfg.loopback())
@@ -943,6 +943,15 @@ fn full_plan(
         .filter(|s| !planned_sets.contains(*s))
         .cloned()
         .collect();
+    // Emptied now where their kind is known from the name (a partial sync may declare such a
+    // shard again before housekeeping deletes it; `flush set` refuses maps and vice versa).
+    for set in &stale_sets {
+        if set.starts_with("endpoints-") {
+            let _ = writeln!(out, "flush map {fam} {t} {set}");
+        } else if set.starts_with("aff-") {
+            let _ = writeln!(out, "flush set {fam} {t} {set}");
+        }
+    }
 
     // Elements before rules (a rule binding to a map walks its elements once, an element
     // added walks every binding).
@@ -1179,6 +1188,7 @@ fn partial_plan(
         if !applied.shards_declared.insert(shard) {
             continue;
         }
+        applied.stale_sets.remove(&endpoint_map(shard.0, shard.1));
         declare_shard(cfg, shard, &mut shards);
         structural = true;
     }
@@ -1229,12 +1239,28 @@ fn effective(owners: &Owners, key: &(MapId, Key)) -> Option<Owned> {
 /// transaction that deletes the map (EBUSY). (`delete set` takes maps too; `flush set` does
 /// not, so a full sync cannot empty a foreign map whose kind it does not know.)
 pub fn stale_text(cfg: &RenderConfig, applied: &Applied) -> [String; 2] {
-    let mut sets = String::new();
-    for set in &applied.stale_sets {
-        let _ = writeln!(sets, "delete set {} {} {set}", cfg.family(), chains::TABLE);
+    let sets: Vec<String> = applied.stale_sets.iter().cloned().collect();
+    let chains: Vec<String> = applied.stale_chains.iter().cloned().collect();
+    stale_text_of(cfg, &sets, &chains)
+}
+
+/// [`stale_text`] of some of the stale names (those whose grace second is over).
+pub fn stale_text_of(
+    cfg: &RenderConfig,
+    sets: &[String],
+    chains_to_delete: &[String],
+) -> [String; 2] {
+    let mut sets_text = String::new();
+    for set in sets {
+        let _ = writeln!(
+            sets_text,
+            "delete set {} {} {set}",
+            cfg.family(),
+            chains::TABLE
+        );
     }
     let mut chains_text = String::new();
-    for chain in &applied.stale_chains {
+    for chain in chains_to_delete {
         let _ = writeln!(
             chains_text,
             "delete chain {} {} {chain}",
@@ -1242,7 +1268,7 @@ pub fn stale_text(cfg: &RenderConfig, applied: &Applied) -> [String; 2] {
             chains::TABLE
         );
     }
-    [sets, chains_text]
+    [sets_text, chains_text]
 }
 
 #[cfg(test)]

@@ -295,3 +295,67 @@ fn comments_of_the_longest_names_fit_nfts_limit() {
     }
     assert!(comments > 5 && text.contains('~'), "{text}");
 }
+
+/// A full sync finding an endpoint shard it no longer uses empties it (its kind known from
+/// its name) and marks it stale; a partial sync needing that shard again takes it back.
+#[test]
+fn a_stale_shard_is_emptied_and_taken_back_when_needed_again() {
+    let cfg = RenderConfig::default();
+    let mut tracker = crate::model::ChangeTracker::new("this-node");
+    let apply = |tracker: &mut crate::model::ChangeTracker, i: usize| {
+        let name = format!("b{i:02}");
+        tracker.apply_service(
+            serde_json::from_value(service_json(&name, &format!("198.18.4.{}", i + 1), false))
+                .expect("service"),
+        );
+        tracker.apply_slice(
+            serde_json::from_value(slice_json(
+                &name,
+                &[(&format!("198.19.4.{}", i + 1), "other")],
+            ))
+            .expect("slice"),
+        );
+    };
+    apply(&mut tracker, 0);
+    let (s1, _) = tracker.snapshot(&ProxyState::default());
+    let existing = Existing {
+        chains: BTreeSet::new(),
+        sets: ["endpoints-tcp-1".to_string()].into(),
+    };
+    let mut applied = Applied::default();
+    let p = plan(
+        &cfg,
+        &s1,
+        &Changes::default(),
+        true,
+        &existing,
+        &mut applied,
+    );
+    assert!(
+        p.text.contains("flush map ip kpx endpoints-tcp-1\n"),
+        "{}",
+        p.text
+    );
+    assert!(applied.stale_sets.contains("endpoints-tcp-1"));
+    for i in 1..65 {
+        apply(&mut tracker, i);
+    }
+    let (s2, changes) = tracker.snapshot(&s1);
+    let p = plan(
+        &cfg,
+        &s2,
+        &changes,
+        false,
+        &Existing::default(),
+        &mut applied,
+    );
+    assert!(
+        p.text.contains("add map ip kpx endpoints-tcp-1 "),
+        "{}",
+        p.text
+    );
+    assert!(
+        !applied.stale_sets.contains("endpoints-tcp-1"),
+        "still to be deleted"
+    );
+}
