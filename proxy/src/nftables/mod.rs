@@ -101,6 +101,9 @@ impl NftablesBackend {
 
     fn record_generation(&mut self) {
         self.generation = self.netlink().ok().and_then(|n| n.generation().ok());
+        if let Some(g) = self.generation {
+            ours::record(g);
+        }
     }
 
     /// What someone removed, if the ruleset moved on since kpx's last commit (looked at once
@@ -108,6 +111,11 @@ impl NftablesBackend {
     fn check(&mut self, nft: &mut Nft, family: Family, expected: u32) -> Option<String> {
         let generation = nft.generation().ok()?;
         if generation == expected {
+            return None;
+        }
+        // Commits of kpx's other family (dual-stack) move the namespace's generation too.
+        if ours::all_between(expected, generation) {
+            self.generation = Some(generation);
             return None;
         }
         let table = self.family_name();
@@ -144,6 +152,7 @@ impl NftablesBackend {
                 BackendError::kernel("writing endpoint elements (nf_tables netlink)", e)
             })?;
         self.generation = Some(generation);
+        ours::record(generation);
         Ok(())
     }
 }
@@ -183,6 +192,82 @@ fn netlink_ready(changes: &[ElementChange]) -> bool {
             (MapId::Endpoints(..), Key::Slot(_)) | (MapId::Hairpin, Key::Pair(..))
         )
     })
+}
+
+/// The ruleset generations kpx's own commits made, per network namespace: a backend seeing the
+/// generation move tells the other family's commits from someone else's.
+mod ours {
+    use std::collections::{HashMap, VecDeque};
+    use std::os::unix::fs::MetadataExt;
+    use std::sync::Mutex;
+
+    /// Enough for the commits between two checks of one backend (the other family's sync and
+    /// housekeeping); older ones only cost a closer look.
+    const KEEP: usize = 64;
+
+    static OURS: Mutex<Option<HashMap<u64, VecDeque<u32>>>> = Mutex::new(None);
+
+    /// The calling thread's network namespace.
+    fn netns() -> Option<u64> {
+        std::fs::metadata("/proc/thread-self/ns/net")
+            .ok()
+            .map(|m| m.ino())
+    }
+
+    pub fn record(generation: u32) {
+        let (Some(ns), Ok(mut ours)) = (netns(), OURS.lock()) else {
+            return;
+        };
+        let list = ours.get_or_insert_with(HashMap::new).entry(ns).or_default();
+        list.push_back(generation);
+        while list.len() > KEEP {
+            list.pop_front();
+        }
+    }
+
+    /// Whether every generation after `from` up to `to` was kpx's own (generations count up
+    /// by one per commit and skip 0).
+    pub fn all_between(from: u32, to: u32) -> bool {
+        let (Some(ns), Ok(ours)) = (netns(), OURS.lock()) else {
+            return false;
+        };
+        let Some(list) = ours.as_ref().and_then(|o| o.get(&ns)) else {
+            return false;
+        };
+        let mut g = from;
+        for _ in 0..KEEP {
+            g = g.wrapping_add(1).max(1);
+            if !list.contains(&g) {
+                return false;
+            }
+            if g == to {
+                return true;
+            }
+        }
+        false
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn only_a_run_of_kpx_generations_counts_as_kpx_s() {
+            for g in [4_000_000_001, 4_000_000_002, 4_000_000_004] {
+                super::record(g);
+            }
+            assert!(super::all_between(4_000_000_000, 4_000_000_002));
+            assert!(
+                !super::all_between(4_000_000_000, 4_000_000_004),
+                "003 was someone else's"
+            );
+            assert!(!super::all_between(4_000_000_004, 4_000_000_005));
+            super::record(u32::MAX);
+            super::record(1);
+            assert!(
+                super::all_between(u32::MAX - 1, 1),
+                "generations skip 0 when they wrap"
+            );
+        }
+    }
 }
 
 /// Runs `nft -f -` with `text` as one transaction.
