@@ -219,7 +219,7 @@ fn bad_options_name_the_option_and_change_nothing() {
         (vec!["--services", "0"], "--services"),
         (
             vec!["--backends", "ipvs,bogus"],
-            "allowed values: iptables-nft, iptables-legacy, ebpf, ipvs, nftables",
+            "allowed values: iptables-nft, iptables-legacy, ebpf, nftables, ipvs",
         ),
         (vec!["--rounds", "0"], "--rounds 0: allowed values: 1 to 20"),
         (
