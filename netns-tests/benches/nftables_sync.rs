@@ -612,7 +612,7 @@ fn end_to_end(services: usize, latency_samples: usize) -> Value {
         }
         samples.sort_by(f64::total_cmp);
         // One poll's cost, the measurement's resolution.
-        let (_, poll_s, _) = timed(|| nft(&["list", "map", "ip", "kpx", "endpoints-0"], None));
+        let (_, poll_s, _) = timed(|| nft(&["list", "map", "ip", "kpx", "endpoints-tcp-0"], None));
         println!(
             "network programming latency at {services} Services (API write -> address in the kernel's endpoint map, polled; one poll {:.1} ms): p50 {:.1} ms, p90 {:.1} ms, max {:.1} ms ({} changes)",
             poll_s * 1000.0,

@@ -51,6 +51,17 @@ pub enum ModeMetrics {
         /// `kpx_proxy_bpf_map_full_total{map}`.
         map_full: Family<MapLabel, Counter>,
     },
+    Nftables {
+        /// `kubeproxy_sync_proxy_rules_nftables_sync_failures_total`.
+        sync_failures: Counter,
+        /// `kubeproxy_sync_proxy_rules_nftables_cleanup_failures_total`: stale chains and sets
+        /// the housekeeping tick could not delete.
+        cleanup_failures: Counter,
+        /// `kpx_proxy_nftables_rules{table}`: rules in kpx's table of each family.
+        rules_total: Family<TableLabel, Gauge>,
+        /// `kpx_proxy_nftables_written_last`: rules and elements the last sync wrote.
+        written_last: Gauge,
+    },
     /// A mode without metrics of its own.
     None,
 }
@@ -63,6 +74,8 @@ pub struct Metrics {
     pub last_sync_timestamp: Gauge<f64, AtomicU64>,
     /// Every mode's failed syncs (`kpx_proxy_sync_failures_total`).
     pub sync_failures: Counter,
+    /// Stale-flow cleanups that failed (`kpx_proxy_conntrack_cleanup_failures_total`).
+    pub conntrack_failures: Counter,
     pub mode: ModeMetrics,
     pub service_changes: Counter,
     pub services: Gauge,
@@ -84,6 +97,7 @@ impl Metrics {
             network_programming: Histogram::new(exponential_buckets(0.001, 2.0, 20)),
             last_sync_timestamp: Gauge::default(),
             sync_failures: Counter::default(),
+            conntrack_failures: Counter::default(),
             mode: match mode {
                 "iptables" => ModeMetrics::Iptables {
                     restore_failures: Counter::default(),
@@ -94,6 +108,12 @@ impl Metrics {
                     frontends: Gauge::default(),
                     writes_last: Gauge::default(),
                     map_full: Family::default(),
+                },
+                "nftables" => ModeMetrics::Nftables {
+                    sync_failures: Counter::default(),
+                    cleanup_failures: Counter::default(),
+                    rules_total: Family::default(),
+                    written_last: Gauge::default(),
                 },
                 _ => ModeMetrics::None,
             },
@@ -178,8 +198,40 @@ impl Metrics {
                     map_full.clone(),
                 );
             }
+            ModeMetrics::Nftables {
+                sync_failures,
+                cleanup_failures,
+                rules_total,
+                written_last,
+            } => {
+                registry.register(
+                    "kubeproxy_sync_proxy_rules_nftables_sync_failures",
+                    "Cumulative proxy nftables sync failures",
+                    sync_failures.clone(),
+                );
+                registry.register(
+                    "kubeproxy_sync_proxy_rules_nftables_cleanup_failures",
+                    "Cumulative proxy nftables cleanup failures",
+                    cleanup_failures.clone(),
+                );
+                registry.register(
+                    "kpx_proxy_nftables_rules",
+                    "Rules in kpx's nftables table, per table",
+                    rules_total.clone(),
+                );
+                registry.register(
+                    "kpx_proxy_nftables_written_last",
+                    "Rules and map elements written by the last sync",
+                    written_last.clone(),
+                );
+            }
             ModeMetrics::None => {}
         }
+        registry.register(
+            "kpx_proxy_conntrack_cleanup_failures",
+            "Stale conntrack cleanups that failed (tried again with the next sync)",
+            m.conntrack_failures.clone(),
+        );
         registry.register(
             "kubeproxy_sync_proxy_rules_service_changes",
             "Cumulative proxy rules Service changes",
@@ -233,7 +285,31 @@ impl Metrics {
                 frontends.set(report.total.n as i64);
                 writes_last.set(report.written.n as i64);
             }
+            ModeMetrics::Nftables {
+                rules_total,
+                written_last,
+                ..
+            } => {
+                for (table, count) in &report.per_table {
+                    rules_total
+                        .get_or_create(&TableLabel {
+                            table: table.to_string(),
+                        })
+                        .set(count.n as i64);
+                }
+                written_last.set(report.written.n as i64);
+            }
             ModeMetrics::None => {}
+        }
+    }
+
+    /// Counts a failed housekeeping tick (stale chains left for the next one).
+    pub fn housekeeping_failed(&self) {
+        if let ModeMetrics::Nftables {
+            cleanup_failures, ..
+        } = &self.mode
+        {
+            cleanup_failures.inc();
         }
     }
 
@@ -249,6 +325,9 @@ impl Metrics {
                 BackendError::Command { .. } | BackendError::Spawn { .. },
             ) => {
                 restore_failures.inc();
+            }
+            (ModeMetrics::Nftables { sync_failures, .. }, _) => {
+                sync_failures.inc();
             }
             (ModeMetrics::Ebpf { map_full, .. }, BackendError::Capacity { what, .. }) => {
                 let map = what.trim_start_matches("BPF map ").to_string();

@@ -96,6 +96,8 @@ pub struct Runner<B: Backend> {
     node_changed: bool,
     /// Health-check node ports, updated after each successful sync.
     health_check: Option<crate::healthcheck::HealthCheckServer>,
+    /// Stale-flow cleanups that failed, tried again with the next sync's (bounded).
+    conntrack_retry: std::collections::BTreeSet<crate::model::ConntrackCleanup>,
 }
 
 impl<B: Backend> Runner<B> {
@@ -124,6 +126,7 @@ impl<B: Backend> Runner<B> {
             node: NodeState::read(),
             node_changed: false,
             health_check: None,
+            conntrack_retry: Default::default(),
         }
     }
 
@@ -236,6 +239,7 @@ impl<B: Backend> Runner<B> {
                         }
                     }
                     if let Err(e) = tokio::task::block_in_place(|| self.backend.housekeeping()) {
+                        self.metrics.housekeeping_failed();
                         tracing::warn!(backend = self.backend.name(), error = %e, "housekeeping failed; retried on the next tick");
                     }
                     if self.retry_at.is_some_and(|r| r > Instant::now()) {
@@ -348,12 +352,17 @@ impl<B: Backend> Runner<B> {
                 if let Some(hc) = self.health_check.as_mut() {
                     hc.sync(&self.state);
                 }
-                if !changes.conntrack.is_empty() {
-                    let cleanups = changes.conntrack.clone();
+                if !changes.conntrack.is_empty() || !self.conntrack_retry.is_empty() {
+                    let mut cleanups = std::mem::take(&mut self.conntrack_retry);
+                    cleanups.extend(changes.conntrack.iter().cloned());
                     if let Err(e) =
                         tokio::task::block_in_place(|| self.backend.clear_stale_flows(&cleanups))
                     {
-                        tracing::warn!(error = %e, "clearing stale conntrack entries failed");
+                        self.metrics.conntrack_failures.inc();
+                        tracing::warn!(error = %e, cleanups = cleanups.len(), "clearing stale conntrack entries failed; retried with the next sync");
+                        // Bounded: past this many a stale flow waits for its conntrack timeout.
+                        const RETRY_MAX: usize = 10_000;
+                        self.conntrack_retry = cleanups.into_iter().take(RETRY_MAX).collect();
                     }
                 }
                 tracing::debug!(

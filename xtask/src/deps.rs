@@ -44,6 +44,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("iptables-nft", "iptables"),
     ("iptables-legacy", "iptables"),
+    // The nftables backend applies its plan with nft.
+    ("nft", "nftables"),
     ("conntrack", "conntrack"),
     ("clang-19", "clang-19"),
     ("/usr/include/bpf/bpf_helpers.h", "libbpf-dev"),
@@ -73,7 +75,7 @@ pub fn install() -> anyhow::Result<Tools> {
     missing.dedup();
     let mut apt_updated = false;
     if missing.is_empty() {
-        say("system packages: present (iproute2, iptables, conntrack, clang-19, libbpf-dev, iperf3, fonts-dejavu-core)");
+        say("system packages: present (iproute2, iptables, nftables, conntrack, clang-19, libbpf-dev, iperf3, fonts-dejavu-core)");
     } else {
         if !is_root() {
             bail!("missing packages {missing:?}; installing them needs root (apt-get install)");

@@ -19,6 +19,7 @@ pub(crate) mod cases;
 mod ebpf;
 mod iptables;
 mod model;
+mod nftables;
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -290,6 +291,11 @@ fn the_ebpf_plan_answers_the_table() {
 }
 
 #[test]
+fn the_nftables_plan_answers_the_table() {
+    check(|case| Box::new(nftables::NftablesRunner::new(case)));
+}
+
+#[test]
 fn the_table_covers_what_the_issue_lists() {
     let names: Vec<&str> = cases::all().iter().map(|c| c.name).collect();
     for wanted in [
@@ -330,6 +336,8 @@ fn no_backend_decides_a_route_itself() {
         ("iptables/mod.rs", include_str!("../iptables/mod.rs")),
         ("ebpf/wanted.rs", include_str!("../ebpf/wanted.rs")),
         ("ebpf/backend.rs", include_str!("../ebpf/backend.rs")),
+        ("nftables/render.rs", include_str!("../nftables/render.rs")),
+        ("nftables/mod.rs", include_str!("../nftables/mod.rs")),
     ];
     let deciding = [
         "external_policy_local",

@@ -57,8 +57,10 @@ pub const SETS_PER_SHARD: u32 = 64;
 pub const SLOT_BITS: u32 = 16;
 pub const MAX_ENDPOINTS_PER_SET: usize = 1 << SLOT_BITS;
 
-pub fn endpoint_map(shard: u32) -> String {
-    format!("endpoints-{shard}")
+/// One map per protocol: nft re-reads a map's `typeof` from the kernel on later
+/// transactions, and a `th dport` there conflicts with the rule's `meta l4proto tcp`.
+pub fn endpoint_map(protocol: crate::model::Protocol, shard: u32) -> String {
+    format!("endpoints-{}-{shard}", protocol.lower())
 }
 
 fn hash8(parts: &[&str]) -> String {

@@ -9,7 +9,10 @@ pub mod chains;
 mod dump;
 pub mod netlink;
 pub mod render;
+#[cfg(test)]
+pub mod trace;
 
+use std::collections::HashMap;
 use std::io::Write as _;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -28,9 +31,11 @@ pub struct NftablesBackend {
     /// The ruleset generation after kpx's last commit: another value means someone else
     /// committed since, and the lost-state check looks closer.
     generation: Option<u32>,
-    /// When the stale chains and sets were flushed.
-    stale_since: Option<Instant>,
+    /// When each stale chain and set was flushed (each waits its own grace second).
+    stale_since: HashMap<String, Instant>,
     nft: Option<Nft>,
+    /// The last full sync failed: the next replaces the table.
+    full_failed: bool,
 }
 
 impl NftablesBackend {
@@ -39,8 +44,9 @@ impl NftablesBackend {
             cfg,
             applied: Applied::default(),
             generation: None,
-            stale_since: None,
+            stale_since: HashMap::new(),
             nft: None,
+            full_failed: false,
         }
     }
 
@@ -95,6 +101,45 @@ impl NftablesBackend {
 
     fn record_generation(&mut self) {
         self.generation = self.netlink().ok().and_then(|n| n.generation().ok());
+        if let Some(g) = self.generation {
+            ours::record(g);
+        }
+    }
+
+    /// What someone removed, if the ruleset moved on since kpx's last commit (looked at once
+    /// per foreign commit: the table, rules per chain, elements per map).
+    fn check(&mut self, nft: &mut Nft, family: Family, expected: u32) -> Option<String> {
+        let generation = nft.generation().ok()?;
+        if generation == expected {
+            return None;
+        }
+        // Commits of kpx's other family (dual-stack) move the namespace's generation too.
+        if ours::all_between(expected, generation) {
+            self.generation = Some(generation);
+            return None;
+        }
+        let table = self.family_name();
+        let lost = match nft.table(family, chains::TABLE) {
+            Ok(None) => Some(format!("table {table} {} was deleted", chains::TABLE)),
+            Ok(Some(_)) => match nft.rule_counts(family, chains::TABLE) {
+                Ok(counts) => missing_rules(&self.applied, &self.cfg, &counts).or_else(|| {
+                    self.applied
+                        .elements_per_map()
+                        .into_iter()
+                        .find_map(|(map, want)| {
+                            let have = nft.element_count(family, chains::TABLE, &map).ok()?;
+                            (have != want)
+                                .then(|| format!("{map} holds {have} elements, kpx wrote {want}"))
+                        })
+                }),
+                Err(_) => None,
+            },
+            Err(_) => None,
+        };
+        if lost.is_none() {
+            self.generation = Some(generation);
+        }
+        lost
     }
 
     fn commit_elements(&mut self, changes: &[ElementChange]) -> Result<(), BackendError> {
@@ -107,6 +152,7 @@ impl NftablesBackend {
                 BackendError::kernel("writing endpoint elements (nf_tables netlink)", e)
             })?;
         self.generation = Some(generation);
+        ours::record(generation);
         Ok(())
     }
 }
@@ -143,9 +189,85 @@ fn netlink_ready(changes: &[ElementChange]) -> bool {
         };
         matches!(
             (map, key),
-            (MapId::Endpoints(_), Key::Slot(_)) | (MapId::Hairpin, Key::Pair(..))
+            (MapId::Endpoints(..), Key::Slot(_)) | (MapId::Hairpin, Key::Pair(..))
         )
     })
+}
+
+/// The ruleset generations kpx's own commits made, per network namespace: a backend seeing the
+/// generation move tells the other family's commits from someone else's.
+mod ours {
+    use std::collections::{HashMap, VecDeque};
+    use std::os::unix::fs::MetadataExt;
+    use std::sync::Mutex;
+
+    /// Enough for the commits between two checks of one backend (the other family's sync and
+    /// housekeeping); older ones only cost a closer look.
+    const KEEP: usize = 64;
+
+    static OURS: Mutex<Option<HashMap<u64, VecDeque<u32>>>> = Mutex::new(None);
+
+    /// The calling thread's network namespace.
+    fn netns() -> Option<u64> {
+        std::fs::metadata("/proc/thread-self/ns/net")
+            .ok()
+            .map(|m| m.ino())
+    }
+
+    pub fn record(generation: u32) {
+        let (Some(ns), Ok(mut ours)) = (netns(), OURS.lock()) else {
+            return;
+        };
+        let list = ours.get_or_insert_with(HashMap::new).entry(ns).or_default();
+        list.push_back(generation);
+        while list.len() > KEEP {
+            list.pop_front();
+        }
+    }
+
+    /// Whether every generation after `from` up to `to` was kpx's own (generations count up
+    /// by one per commit and skip 0).
+    pub fn all_between(from: u32, to: u32) -> bool {
+        let (Some(ns), Ok(ours)) = (netns(), OURS.lock()) else {
+            return false;
+        };
+        let Some(list) = ours.as_ref().and_then(|o| o.get(&ns)) else {
+            return false;
+        };
+        let mut g = from;
+        for _ in 0..KEEP {
+            g = g.wrapping_add(1).max(1);
+            if !list.contains(&g) {
+                return false;
+            }
+            if g == to {
+                return true;
+            }
+        }
+        false
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn only_a_run_of_kpx_generations_counts_as_kpx_s() {
+            for g in [4_000_000_001, 4_000_000_002, 4_000_000_004] {
+                super::record(g);
+            }
+            assert!(super::all_between(4_000_000_000, 4_000_000_002));
+            assert!(
+                !super::all_between(4_000_000_000, 4_000_000_004),
+                "003 was someone else's"
+            );
+            assert!(!super::all_between(4_000_000_004, 4_000_000_005));
+            super::record(u32::MAX);
+            super::record(1);
+            assert!(
+                super::all_between(u32::MAX - 1, 1),
+                "generations skip 0 when they wrap"
+            );
+        }
+    }
 }
 
 /// Runs `nft -f -` with `text` as one transaction.
@@ -219,15 +341,27 @@ impl Backend for NftablesBackend {
         let SyncInput {
             state,
             changes,
-            full,
+            mut full,
             ..
         } = input;
-        let existing = if full {
+        // Someone else committed since kpx's last commit and removed some of its state: this
+        // sync must be full, or kpx's own commit would hide the loss from the next check.
+        if !full {
+            if let Some(why) = self.lost_state() {
+                tracing::warn!(reason = %why, "programmed state missing; this sync is full");
+                full = true;
+            }
+        }
+        // After a full sync failed, the next one replaces the table in its transaction
+        // (whatever made the kernel refuse — an object of another shape under one of kpx's
+        // names — goes with it; conntrack entries and their NAT survive).
+        let recreate = full && self.full_failed;
+        let existing = if full && !recreate {
             self.existing()?
         } else {
             Existing::default()
         };
-        let plan = render::plan(
+        let mut plan = render::plan(
             &self.cfg,
             state,
             changes,
@@ -235,6 +369,14 @@ impl Backend for NftablesBackend {
             &existing,
             &mut self.applied,
         );
+        if recreate {
+            let family = self.family_name();
+            plan.text = format!(
+                "add table {family} {t}\ndelete table {family} {t}\n{}",
+                plan.text,
+                t = chains::TABLE
+            );
+        }
         let applied = match &plan.elements_only {
             Some(elements) if netlink_ready(elements) => match self.commit_elements(elements) {
                 Ok(()) => Ok(()),
@@ -250,10 +392,20 @@ impl Backend for NftablesBackend {
         if let Err(e) = applied {
             // What the kernel holds is unknown now: the next (full) sync starts over.
             self.applied = Applied::default();
+            self.full_failed = full;
             return Err(e);
         }
-        if !self.applied.stale_chains.is_empty() || !self.applied.stale_sets.is_empty() {
-            self.stale_since.get_or_insert_with(Instant::now);
+        self.full_failed = false;
+        let now = Instant::now();
+        let stale: Vec<&String> = self
+            .applied
+            .stale_chains
+            .iter()
+            .chain(&self.applied.stale_sets)
+            .collect();
+        self.stale_since.retain(|name, _| stale.contains(&name));
+        for name in stale {
+            self.stale_since.entry(name.clone()).or_insert(now);
         }
         let rules = self.applied.rules() + render::fixed_rule_count(&self.cfg);
         let table = if self.cfg.ipv6 { "ip6 kpx" } else { "ip kpx" };
@@ -270,43 +422,50 @@ impl Backend for NftablesBackend {
     fn lost_state(&mut self) -> Option<String> {
         let family = self.family();
         let expected_generation = self.generation?;
-        let nft = self.netlink().ok()?;
-        let generation = nft.generation().ok()?;
-        if generation == expected_generation {
-            return None;
-        }
-        // Someone committed: look closer, once per foreign commit.
-        let table = self.family_name();
-        let nft = self.netlink().ok()?;
-        let lost = match nft.table(family, chains::TABLE) {
-            Ok(None) => Some(format!("table {table} {} was deleted", chains::TABLE)),
-            Ok(Some(_)) => match nft.rule_counts(family, chains::TABLE) {
-                Ok(counts) => missing_rules(&self.applied, &self.cfg, &counts),
-                Err(_) => None,
-            },
-            Err(_) => None,
-        };
-        if lost.is_none() {
-            self.generation = Some(generation);
-        }
+        self.netlink().ok()?;
+        let mut nft = self.nft.take()?;
+        let lost = self.check(&mut nft, family, expected_generation);
+        self.nft = Some(nft);
         lost
     }
 
     fn housekeeping(&mut self) -> Result<(), BackendError> {
-        let Some(since) = self.stale_since else {
-            return Ok(());
+        let ready = |name: &String| {
+            self.stale_since
+                .get(name)
+                .is_some_and(|t| t.elapsed() >= STALE_GRACE)
         };
-        if since.elapsed() < STALE_GRACE {
-            return Ok(());
-        }
-        let text = render::stale_text(&self.cfg, &self.applied);
-        if !text.is_empty() {
-            nft_apply(&text)?;
+        let sets: Vec<String> = self
+            .applied
+            .stale_sets
+            .iter()
+            .filter(|n| ready(n))
+            .cloned()
+            .collect();
+        let chains: Vec<String> = self
+            .applied
+            .stale_chains
+            .iter()
+            .filter(|n| ready(n))
+            .cloned()
+            .collect();
+        let [sets_text, chains_text] = render::stale_text_of(&self.cfg, &sets, &chains);
+        if !sets_text.is_empty() {
+            nft_apply(&sets_text)?;
             self.record_generation();
+            for set in &sets {
+                self.applied.stale_sets.remove(set);
+                self.stale_since.remove(set);
+            }
         }
-        self.applied.stale_chains.clear();
-        self.applied.stale_sets.clear();
-        self.stale_since = None;
+        if !chains_text.is_empty() {
+            nft_apply(&chains_text)?;
+            self.record_generation();
+            for chain in &chains {
+                self.applied.stale_chains.remove(chain);
+                self.stale_since.remove(chain);
+            }
+        }
         Ok(())
     }
 
@@ -348,11 +507,15 @@ fn missing_rules(
     cfg: &RenderConfig,
     counts: &std::collections::BTreeMap<String, usize>,
 ) -> Option<String> {
-    let services = counts.get(chains::SERVICES).copied().unwrap_or(0);
-    if services < 2 {
-        return Some(format!("chain {} was flushed", chains::SERVICES));
+    let mut fixed: HashMap<&str, usize> = HashMap::new();
+    for (chain, _) in render::fixed_rules(cfg) {
+        *fixed.entry(chain).or_default() += 1;
     }
-    let _ = cfg;
+    for (chain, want) in fixed {
+        if counts.get(chain).copied().unwrap_or(0) < want {
+            return Some(format!("chain {chain} lost rules"));
+        }
+    }
     for f in applied.fragments.values() {
         for c in &f.chains {
             if counts.get(&c.name).copied().unwrap_or(0) < c.rules.len() {

@@ -75,7 +75,7 @@ pub enum MapId {
     NoEndpointServices,
     NoEndpointNodeports,
     Hairpin,
-    Endpoints(u32),
+    Endpoints(Protocol, u32),
 }
 
 impl MapId {
@@ -86,14 +86,14 @@ impl MapId {
             MapId::NoEndpointServices => chains::NO_ENDPOINT_SERVICES.into(),
             MapId::NoEndpointNodeports => chains::NO_ENDPOINT_NODEPORTS.into(),
             MapId::Hairpin => chains::HAIRPIN.into(),
-            MapId::Endpoints(shard) => endpoint_map(shard),
+            MapId::Endpoints(proto, shard) => endpoint_map(proto, shard),
         }
     }
 
     /// Maps several Service ports may put the same key in (two Services sharing an external
     /// IP and port): the first in name order wins, as in a full sync.
     fn shared(self) -> bool {
-        !matches!(self, MapId::Endpoints(_))
+        !matches!(self, MapId::Endpoints(..))
     }
 }
 
@@ -171,10 +171,13 @@ impl Fragment {
     }
 }
 
-/// Where an endpoint set's slots are: shard `endpoints-K` and slot index within it.
+/// A shard of the endpoint maps: its protocol and number.
+pub type Shard = (Protocol, u32);
+
+/// Where an endpoint set's slots are: shard `endpoints-<proto>-K` and slot index within it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Slots {
-    pub shard: u32,
+    pub shard: Shard,
     pub index: u32,
 }
 
@@ -188,26 +191,27 @@ impl Slots {
 #[derive(Debug, Clone, Default)]
 pub struct SlotAllocator {
     by_chain: HashMap<String, Slots>,
-    /// Per shard, its used slot indexes (a bit each).
-    used: Vec<u64>,
+    /// Per protocol and shard, its used slot indexes (a bit each).
+    used: BTreeMap<Protocol, Vec<u64>>,
 }
 
 impl SlotAllocator {
-    fn get_or_allocate(&mut self, chain: &str) -> Slots {
+    fn get_or_allocate(&mut self, chain: &str, protocol: Protocol) -> Slots {
         if let Some(slots) = self.by_chain.get(chain) {
             return *slots;
         }
-        let shard = match self.used.iter().position(|u| *u != u64::MAX) {
+        let used = self.used.entry(protocol).or_default();
+        let shard = match used.iter().position(|u| *u != u64::MAX) {
             Some(s) => s,
             None => {
-                self.used.push(0);
-                self.used.len() - 1
+                used.push(0);
+                used.len() - 1
             }
         };
-        let index = self.used[shard].trailing_ones();
-        self.used[shard] |= 1 << index;
+        let index = used[shard].trailing_ones();
+        used[shard] |= 1 << index;
         let slots = Slots {
-            shard: shard as u32,
+            shard: (protocol, shard as u32),
             index,
         };
         self.by_chain.insert(chain.to_string(), slots);
@@ -216,15 +220,23 @@ impl SlotAllocator {
 
     fn free(&mut self, chain: &str) {
         if let Some(slots) = self.by_chain.remove(chain) {
-            if let Some(used) = self.used.get_mut(slots.shard as usize) {
+            let (protocol, shard) = slots.shard;
+            if let Some(used) = self
+                .used
+                .get_mut(&protocol)
+                .and_then(|u| u.get_mut(shard as usize))
+            {
                 *used &= !(1 << slots.index);
             }
         }
     }
 
     /// Shards in use (their maps must exist).
-    pub fn shards(&self) -> u32 {
-        self.used.len() as u32
+    pub fn shards(&self) -> BTreeSet<Shard> {
+        self.used
+            .iter()
+            .flat_map(|(p, u)| (0..u.len() as u32).map(move |i| (*p, i)))
+            .collect()
     }
 }
 
@@ -240,7 +252,7 @@ pub struct Applied {
     pub fragments: BTreeMap<ServicePortName, Arc<Fragment>>,
     pub slots: SlotAllocator,
     /// Shards whose maps exist.
-    pub shards_declared: u32,
+    pub shards_declared: BTreeSet<Shard>,
     /// Keys of the shared maps, and which Service ports put them there with which value.
     owners: Owners,
     /// Chains and sets no longer used, flushed of rules, to delete on a later housekeeping
@@ -253,6 +265,20 @@ pub struct Applied {
 impl Applied {
     pub fn rules(&self) -> usize {
         self.fragments.values().map(|f| f.rules()).sum::<usize>()
+    }
+
+    /// Elements each map and set holds once this is applied (the lost-state check compares).
+    pub fn elements_per_map(&self) -> BTreeMap<String, usize> {
+        let mut out: BTreeMap<String, usize> = BTreeMap::new();
+        for f in self.fragments.values() {
+            for e in f.elements.iter().filter(|e| !e.map.shared()) {
+                *out.entry(e.map.name()).or_default() += 1;
+            }
+        }
+        for (map, _) in self.owners.keys() {
+            *out.entry(map.name()).or_default() += 1;
+        }
+        out
     }
 
     pub fn elements(&self) -> usize {
@@ -287,13 +313,16 @@ pub enum ElementChange {
 }
 
 /// The rules of a fixed (non Service) part of the table.
-fn fixed_rules(cfg: &RenderConfig) -> Vec<(&'static str, String)> {
+pub fn fixed_rules(cfg: &RenderConfig) -> Vec<(&'static str, String)> {
     let fam = cfg.family();
     let nodeport_match = if cfg.nodeport_addresses.is_empty() {
         format!("fib daddr type local {fam} daddr != {}", cfg.loopback())
     } else {
+        // Loopback never, even inside a given CIDR (kube-proxy skips it too: a packet from
+        // 127.0.0.1 DNATed off the node would be dropped as martian).
         format!(
-            "fib daddr type local {fam} daddr @{}",
+            "fib daddr type local {fam} daddr != {} {fam} daddr @{}",
+            cfg.loopback(),
             chains::NODEPORT_CIDRS
         )
     };
@@ -412,7 +441,7 @@ fn declarations(cfg: &RenderConfig, out: &mut String) {
     }
     let _ = writeln!(
         out,
-        "add set {fam} {t} {} {{ type {addr} ; flags interval ; comment \"--nodeport-addresses\" ; }}",
+        "add set {fam} {t} {} {{ type {addr} ; flags interval ; auto-merge ; comment \"--nodeport-addresses (overlapping CIDRs merged)\" ; }}",
         chains::NODEPORT_CIDRS
     );
     let _ = writeln!(
@@ -422,13 +451,14 @@ fn declarations(cfg: &RenderConfig, out: &mut String) {
     );
 }
 
-fn declare_shard(cfg: &RenderConfig, shard: u32, out: &mut String) {
+fn declare_shard(cfg: &RenderConfig, (protocol, shard): Shard, out: &mut String) {
     let fam = cfg.family();
     let _ = writeln!(
         out,
-        "add map {fam} {} {} {{ typeof numgen random mod 1 : {fam} daddr . th dport ; comment \"endpoints by slot: the Service chains' random pick\" ; }}",
+        "add map {fam} {} {} {{ typeof numgen random mod 1 : {fam} daddr . {} dport ; comment \"endpoints by slot: the Service chains' random pick\" ; }}",
         chains::TABLE,
-        endpoint_map(shard)
+        endpoint_map(protocol, shard),
+        protocol.lower()
     );
 }
 
@@ -442,6 +472,24 @@ fn declare_affinity_set(cfg: &RenderConfig, name: &str, timeout: u32, out: &mut 
     );
 }
 
+/// nft refuses comments over 128 characters, and the longest kpx writes is 50 characters of
+/// text around the Service port's name: a name over 76 is cut (with `~` at the end) so that
+/// a long namespace and Service name cannot make every sync fail. Names are ASCII (DNS labels).
+const COMMENT_NAME_MAX: usize = 76;
+
+fn comment_name(name: &ServicePortName) -> String {
+    let mut text = name.to_string();
+    if text.len() > COMMENT_NAME_MAX {
+        let mut cut = COMMENT_NAME_MAX - 1;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push('~');
+    }
+    text
+}
+
 fn destination(ip: &IpAddr, port: u16) -> String {
     match ip {
         IpAddr::V4(v4) => format!("{v4}:{port}"),
@@ -450,18 +498,20 @@ fn destination(ip: &IpAddr, port: u16) -> String {
 }
 
 /// The rules picking one of `endpoints` of a set chain, and their elements.
+#[allow(clippy::too_many_arguments)] // one call site; a struct would only rename them
 fn pick_rules(
     cfg: &RenderConfig,
     chain: &str,
     entry: &ServiceEntry,
     endpoints: &[Endpoint],
     slots: &mut SlotAllocator,
+    previous: Option<&Fragment>,
     f: &mut Fragment,
     rules: &mut Vec<String>,
 ) {
     let fam = cfg.family();
     let proto = entry.port.name.protocol.lower();
-    let name = entry.port.name.to_string();
+    let name = comment_name(&entry.port.name);
     let endpoints = &endpoints[..endpoints.len().min(chains::MAX_ENDPOINTS_PER_SET)];
     let n = endpoints.len();
     if let Some(timeout) = entry.port.affinity_seconds {
@@ -490,17 +540,48 @@ fn pick_rules(
         }
         f.affinity_sets
             .extend(sets.into_iter().map(|s| (s, timeout)));
+        // A set that used the slot maps before affinity was switched on gives its slots back.
+        slots.free(chain);
         return;
     }
-    let at = slots.get_or_allocate(chain);
+    let at = slots.get_or_allocate(chain, entry.port.name.protocol);
     let base = at.base();
     rules.push(format!(
         "meta l4proto {proto} dnat {fam} to numgen random mod {n} offset {base} map @{} comment \"{name}\"",
-        endpoint_map(at.shard)
+        endpoint_map(at.shard.0, at.shard.1)
     ));
-    for (i, ep) in endpoints.iter().enumerate() {
+    let map = MapId::Endpoints(at.shard.0, at.shard.1);
+    // An endpoint keeps the slot it had (when it is still below N), the others fill the free
+    // ones: an address swapped is one delete and one add, not a shift of every slot after it.
+    let old: HashMap<(IpAddr, u16), usize> = previous
+        .into_iter()
+        .flat_map(|p| &p.elements)
+        .filter(|e| e.map == map)
+        .filter_map(|e| match (&e.key, &e.value) {
+            (Key::Slot(slot), Some(Value::Endpoint(ip, port)))
+                if (base..base.saturating_add(1 << chains::SLOT_BITS)).contains(slot) =>
+            {
+                Some(((*ip, *port), (slot - base) as usize))
+            }
+            _ => None,
+        })
+        .collect();
+    let mut placed: Vec<Option<&Endpoint>> = vec![None; n];
+    let mut rest = Vec::new();
+    for ep in endpoints {
+        match old.get(&(ep.ip, ep.port)) {
+            Some(&i) if i < n && placed[i].is_none() => placed[i] = Some(ep),
+            _ => rest.push(ep),
+        }
+    }
+    let mut rest = rest.into_iter();
+    for slot in placed.iter_mut().filter(|s| s.is_none()) {
+        *slot = rest.next();
+    }
+    for (i, ep) in placed.into_iter().enumerate() {
+        let Some(ep) = ep else { continue };
         f.elements.push(Element {
-            map: MapId::Endpoints(at.shard),
+            map,
             key: Key::Slot(base + i as u32),
             value: Some(Value::Endpoint(ep.ip, ep.port)),
             comment: None,
@@ -520,7 +601,13 @@ fn set_chain(name: &ServicePortName, set: EndpointSet) -> String {
 /// chain (its masquerade rule at the top of it); other frontends go through an `ext` chain
 /// telling pods (`saddr --cluster-cidr`), the node (`fib saddr type local`) and the rest
 /// apart. What no route takes to endpoints is an element of `no-endpoint-*`.
-pub fn fragment(cfg: &RenderConfig, entry: &ServiceEntry, slots: &mut SlotAllocator) -> Fragment {
+/// `previous` is what this Service port had (its endpoints keep their slots).
+pub fn fragment(
+    cfg: &RenderConfig,
+    entry: &ServiceEntry,
+    slots: &mut SlotAllocator,
+    previous: Option<&Fragment>,
+) -> Fragment {
     let mut f = Fragment::default();
     let model = frontend::frontends(entry, &cfg.node_config(), cfg.ipv6);
     if model.frontends.is_empty() {
@@ -528,7 +615,7 @@ pub fn fragment(cfg: &RenderConfig, entry: &ServiceEntry, slots: &mut SlotAlloca
     }
     let fam = cfg.family();
     let port = &entry.port;
-    let name = port.name.to_string();
+    let name = comment_name(&port.name);
     let proto = port.name.protocol;
     let cidr = cfg.cluster_cidr.as_deref();
     let comment: Arc<str> = Arc::from(name.as_str());
@@ -654,7 +741,9 @@ pub fn fragment(cfg: &RenderConfig, entry: &ServiceEntry, slots: &mut SlotAlloca
             .filter(|(s, _)| s == set)
             .map(|(_, r)| r.clone())
             .collect();
-        pick_rules(cfg, &chain, entry, endpoints, slots, &mut f, &mut rules);
+        pick_rules(
+            cfg, &chain, entry, endpoints, slots, previous, &mut f, &mut rules,
+        );
         f.chains.push(Chain { name: chain, rules });
     }
 
@@ -766,7 +855,7 @@ fn full_plan(
     // Stale names of the old table are foreign to this plan and removed like foreign ones.
     let mut fresh = Applied::default();
     for (name, entry) in &state.entries {
-        let f = fragment(cfg, entry, &mut fresh.slots);
+        let f = fragment(cfg, entry, &mut fresh.slots, None);
         for e in f.elements.iter().filter(|e| e.map.shared()) {
             fresh
                 .owners
@@ -780,8 +869,8 @@ fn full_plan(
 
     let mut out = String::new();
     declarations(cfg, &mut out);
-    for shard in 0..fresh.shards_declared {
-        declare_shard(cfg, shard, &mut out);
+    for shard in &fresh.shards_declared {
+        declare_shard(cfg, *shard, &mut out);
     }
     let mut planned_chains: BTreeSet<&str> = chains::BASE_CHAINS.iter().map(|c| c.0).collect();
     planned_chains.extend(chains::FIXED_CHAINS);
@@ -795,7 +884,12 @@ fn full_plan(
     ]
     .map(String::from)
     .into();
-    planned_sets.extend((0..fresh.shards_declared).map(endpoint_map));
+    planned_sets.extend(
+        fresh
+            .shards_declared
+            .iter()
+            .map(|(p, k)| endpoint_map(*p, *k)),
+    );
     let mut service_chains: Vec<&Chain> = Vec::new();
     for f in fresh.fragments.values() {
         for (set, timeout) in &f.affinity_sets {
@@ -836,8 +930,12 @@ fn full_plan(
     for set in [chains::NODEPORT_CIDRS, chains::HAIRPIN] {
         let _ = writeln!(out, "flush set {fam} {t} {set}");
     }
-    for shard in 0..fresh.shards_declared {
-        let _ = writeln!(out, "flush map {fam} {t} {}", endpoint_map(shard));
+    for (protocol, shard) in &fresh.shards_declared {
+        let _ = writeln!(
+            out,
+            "flush map {fam} {t} {}",
+            endpoint_map(*protocol, *shard)
+        );
     }
     let stale_sets: BTreeSet<String> = existing
         .sets
@@ -845,9 +943,14 @@ fn full_plan(
         .filter(|s| !planned_sets.contains(*s))
         .cloned()
         .collect();
+    // Emptied now where their kind is known from the name (a partial sync may declare such a
+    // shard again before housekeeping deletes it; `flush set` refuses maps and vice versa).
     for set in &stale_sets {
-        // A foreign map may hold verdicts jumping to chains about to go.
-        let _ = writeln!(out, "flush set {fam} {t} {set}");
+        if set.starts_with("endpoints-") {
+            let _ = writeln!(out, "flush map {fam} {t} {set}");
+        } else if set.starts_with("aff-") {
+            let _ = writeln!(out, "flush set {fam} {t} {set}");
+        }
     }
 
     // Elements before rules (a rule binding to a map walks its elements once, an element
@@ -947,7 +1050,7 @@ fn partial_plan(
         let new = state
             .entries
             .get(name)
-            .map(|entry| fragment(cfg, entry, &mut applied.slots));
+            .map(|entry| fragment(cfg, entry, &mut applied.slots, old.as_deref()));
         if let Some(old) = &old {
             free_slots(old, new.as_ref(), &mut applied.slots);
         }
@@ -1004,27 +1107,29 @@ fn partial_plan(
             applied.stale_sets.insert(set.clone());
         }
         // Elements: the endpoint slots are this port's own; shared keys by ownership.
-        let old_own: HashMap<&Key, &Element> = o
+        // Keyed by map and key: two endpoint sets of one port may sit at the same slot
+        // number in different shards.
+        let old_own: HashMap<(MapId, &Key), &Element> = o
             .elements
             .iter()
             .filter(|e| !e.map.shared())
-            .map(|e| (&e.key, e))
+            .map(|e| ((e.map, &e.key), e))
             .collect();
-        let new_own: HashMap<&Key, &Element> = n
+        let new_own: HashMap<(MapId, &Key), &Element> = n
             .elements
             .iter()
             .filter(|e| !e.map.shared())
-            .map(|e| (&e.key, e))
+            .map(|e| ((e.map, &e.key), e))
             .collect();
         for (key, e) in &old_own {
             match new_own.get(key) {
-                Some(ne) if ne.value == e.value && ne.map == e.map => {}
-                _ => changed_elements.push(ElementChange::Delete(e.map, (*key).clone())),
+                Some(ne) if ne.value == e.value => {}
+                _ => changed_elements.push(ElementChange::Delete(e.map, e.key.clone())),
             }
         }
         for (key, e) in &new_own {
             match old_own.get(key) {
-                Some(oe) if oe.value == e.value && oe.map == e.map => {}
+                Some(oe) if oe.value == e.value => {}
                 _ => changed_elements.push(ElementChange::Add((*e).clone())),
             }
         }
@@ -1079,9 +1184,12 @@ fn partial_plan(
     }
     // New shards' maps.
     let mut shards = String::new();
-    while applied.shards_declared < applied.slots.shards() {
-        declare_shard(cfg, applied.shards_declared, &mut shards);
-        applied.shards_declared += 1;
+    for shard in applied.slots.shards() {
+        if !applied.shards_declared.insert(shard) {
+            continue;
+        }
+        applied.stale_sets.remove(&endpoint_map(shard.0, shard.1));
+        declare_shard(cfg, shard, &mut shards);
         structural = true;
     }
 
@@ -1126,21 +1234,41 @@ fn effective(owners: &Owners, key: &(MapId, Key)) -> Option<Owned> {
     owners.get(key).and_then(|o| o.values().next().cloned())
 }
 
-/// Deletes of the chains and sets that went stale (the housekeeping tick's transaction).
-pub fn stale_text(cfg: &RenderConfig, applied: &Applied) -> String {
-    let mut out = String::new();
-    for chain in &applied.stale_chains {
+/// Deletes of the stale sets, then of the stale chains: two transactions, because a foreign
+/// map may hold verdicts jumping to a chain and the kernel refuses deleting that chain in the
+/// transaction that deletes the map (EBUSY). (`delete set` takes maps too; `flush set` does
+/// not, so a full sync cannot empty a foreign map whose kind it does not know.)
+pub fn stale_text(cfg: &RenderConfig, applied: &Applied) -> [String; 2] {
+    let sets: Vec<String> = applied.stale_sets.iter().cloned().collect();
+    let chains: Vec<String> = applied.stale_chains.iter().cloned().collect();
+    stale_text_of(cfg, &sets, &chains)
+}
+
+/// [`stale_text`] of some of the stale names (those whose grace second is over).
+pub fn stale_text_of(
+    cfg: &RenderConfig,
+    sets: &[String],
+    chains_to_delete: &[String],
+) -> [String; 2] {
+    let mut sets_text = String::new();
+    for set in sets {
         let _ = writeln!(
-            out,
+            sets_text,
+            "delete set {} {} {set}",
+            cfg.family(),
+            chains::TABLE
+        );
+    }
+    let mut chains_text = String::new();
+    for chain in chains_to_delete {
+        let _ = writeln!(
+            chains_text,
             "delete chain {} {} {chain}",
             cfg.family(),
             chains::TABLE
         );
     }
-    for set in &applied.stale_sets {
-        let _ = writeln!(out, "delete set {} {} {set}", cfg.family(), chains::TABLE);
-    }
-    out
+    [sets_text, chains_text]
 }
 
 #[cfg(test)]
