@@ -518,7 +518,7 @@ fn missing_rules(
     }
     for f in applied.fragments.values() {
         for c in &f.chains {
-            if counts.get(&c.name).copied().unwrap_or(0) < c.rules.len() {
+            if counts.get(&c.name).copied().unwrap_or(0) < c.count {
                 return Some(format!("chain {} lost rules", c.name));
             }
         }
