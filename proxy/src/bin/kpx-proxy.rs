@@ -341,7 +341,7 @@ mod tests {
         let err = parse(&["kpx-proxy", "--proxy-mode", "ipvs"]).expect_err("not a mode yet");
         assert!(
             err.to_string()
-                .contains("[possible values: iptables, ebpf]"),
+                .contains("[possible values: iptables, ebpf, nftables]"),
             "{err}"
         );
     }
