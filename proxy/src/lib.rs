@@ -15,6 +15,7 @@ pub mod dual_stack;
 pub mod ebpf;
 pub mod healthcheck;
 pub mod iptables;
+pub mod ipvs;
 pub mod metrics;
 pub mod model;
 pub mod netfilter;

@@ -18,6 +18,8 @@
 pub(crate) mod cases;
 mod ebpf;
 mod iptables;
+mod ipvs;
+pub(crate) use ipvs::config as ipvs_config;
 mod model;
 mod nftables;
 
@@ -288,6 +290,11 @@ fn the_iptables_plan_answers_the_table() {
 #[test]
 fn the_ebpf_plan_answers_the_table() {
     check(|case| Box::new(ebpf::EbpfRunner::new(case)));
+}
+
+#[test]
+fn the_ipvs_plan_answers_the_table() {
+    check(|case| Box::new(ipvs::IpvsRunner::new(case)));
 }
 
 #[test]
