@@ -9,3 +9,7 @@ pub mod plan;
 pub mod rules;
 #[cfg(test)]
 pub mod trace;
+pub mod diff;
+pub mod config;
+
+pub use config::IpvsConfig;

@@ -107,6 +107,8 @@ pub fn ip_port(ip: IpAddr, port: u16) -> String {
 /// What one virtual server holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VirtualServer {
+    /// The frontend's protocol (a firewall-mark server's key does not say it).
+    pub protocol: Protocol,
     pub scheduler: String,
     /// `sessionAffinity: ClientIP`: persistence with this timeout, in seconds.
     pub persistence: Option<u32>,
@@ -294,6 +296,7 @@ fn virtual_server(cfg: &PlanConfig, f: &Frontend, route: &Route) -> VirtualServe
     dests.sort();
     dests.dedup();
     VirtualServer {
+        protocol: f.protocol,
         scheduler: cfg.scheduler.clone(),
         persistence: f.affinity_seconds,
         dests,
