@@ -183,8 +183,12 @@ pub struct SyncReport {
     /// Chains (or sets, maps) created or rewritten, and deleted.
     pub chains_written: usize,
     pub chains_deleted: usize,
-    /// `total` per kernel table, where the backend has tables (iptables: `nat`, `filter`).
+    /// `total` per kernel table, where the backend has tables (iptables: `nat`, `filter`;
+    /// ipvs: its family, `IPv4` or `IPv6`, for `kpx_proxy_ipvs_virtual_servers{ip_family}`).
     pub per_table: Vec<(&'static str, Count)>,
+    /// Kernel messages this sync sent (ipvs: generic netlink messages, for
+    /// `kpx_proxy_ipvs_netlink_messages_total`); 0 for backends that do not count them.
+    pub messages: usize,
 }
 
 /// One Service port as a backend reads it back from the kernel (`kpx-proxy dump`).

@@ -5,8 +5,11 @@
 //! starts anyway). Each mode's cleanup is a module-level function that needs no running backend:
 //! [`iptables::cleanup`] (every `KPX-` chain and the jumps to them, per tool: both families,
 //! both flavours), [`ebpf::cleanup`] (the pinned links and maps) and
-//! [`crate::nftables::cleanup`] (the `ip kpx` and `ip6 kpx` tables). Only kpx's own state is
-//! removed: never kube-proxy's `KUBE-` chains, never another program's pins.
+//! [`crate::nftables::cleanup`] (the `ip kpx` and `ip6 kpx` tables) and
+//! [`crate::ipvs::cleanup_all`] (the virtual servers kpx owns, `kpx-ipvs0`, the `KPXV-` chains
+//! and ipsets). Only kpx's own state is removed: never kube-proxy's `KUBE-` chains, never
+//! another program's pins. The IPVS mode's chains are `KPXV-`, not `KPX-`, so the iptables
+//! cleanup (every `KPX-` chain) leaves them to the IPVS one, which removes them in its order.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -25,6 +28,19 @@ pub struct CleanupTargets {
     pub ebpf_pin_dir: Option<PathBuf>,
     /// kpx's nftables tables (`ip kpx`, `ip6 kpx`).
     pub nftables: bool,
+    /// What the IPVS mode left: always for `--cleanup`; for a start in another mode only when
+    /// [`crate::ipvs::leftovers_present`] finds something (a quick look, no ipset or iptables
+    /// runs on a node that never ran ipvs).
+    pub ipvs: IpvsTarget,
+}
+
+/// Whether and when the IPVS mode's leftovers are removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IpvsTarget {
+    Skip,
+    /// Removed if [`crate::ipvs::leftovers_present`] says there are any.
+    IfPresent,
+    Always,
 }
 
 /// The mode a proxy starts in, for [`CleanupTargets::left_by_others`].
@@ -34,6 +50,7 @@ pub enum Running {
     Iptables(Flavour),
     Ebpf,
     Nftables,
+    Ipvs,
 }
 
 impl CleanupTargets {
@@ -43,6 +60,7 @@ impl CleanupTargets {
             iptables: Tool::EVERY.to_vec(),
             ebpf_pin_dir: Some(ebpf_pin_dir),
             nftables: true,
+            ipvs: IpvsTarget::Always,
         }
     }
 
@@ -50,8 +68,10 @@ impl CleanupTargets {
     /// of the other flavour counts as another mode: every packet traverses both the legacy and
     /// the nft tables, so stale `KPX-` rules in the flavour not in use would still DNAT. The
     /// running flavour's own stale chains are the backend's business (its first full sync
-    /// removes those no longer wanted).
+    /// removes those no longer wanted). The IPVS mode's small iptables part is `KPXV-` chains,
+    /// not `KPX-`: every iptables tool is cleaned of `KPX-` in ipvs mode.
     pub fn left_by_others(running: Running, ebpf_pin_dir: PathBuf) -> Self {
+        let ipvs = IpvsTarget::IfPresent;
         match running {
             Running::Iptables(flavour) => Self {
                 iptables: Tool::EVERY
@@ -60,16 +80,25 @@ impl CleanupTargets {
                     .collect(),
                 ebpf_pin_dir: Some(ebpf_pin_dir),
                 nftables: true,
+                ipvs,
             },
             Running::Ebpf => Self {
                 iptables: Tool::EVERY.to_vec(),
                 ebpf_pin_dir: None,
                 nftables: true,
+                ipvs,
             },
             Running::Nftables => Self {
                 iptables: Tool::EVERY.to_vec(),
                 ebpf_pin_dir: Some(ebpf_pin_dir),
                 nftables: false,
+                ipvs,
+            },
+            Running::Ipvs => Self {
+                iptables: Tool::EVERY.to_vec(),
+                ebpf_pin_dir: Some(ebpf_pin_dir),
+                nftables: true,
+                ipvs: IpvsTarget::Skip,
             },
         }
     }
@@ -82,6 +111,8 @@ pub struct Report {
     pub ebpf: Option<EbpfCleanup>,
     /// nftables tables deleted.
     pub nftables: usize,
+    /// What the IPVS cleanup removed, as it says (virtual servers, kpx-ipvs0, chains, ipsets).
+    pub ipvs: Vec<String>,
 }
 
 impl Report {
@@ -90,6 +121,7 @@ impl Report {
         self.iptables.iter().all(|t| t.removed.is_empty())
             && self.ebpf.as_ref().is_none_or(EbpfCleanup::is_empty)
             && self.nftables == 0
+            && self.ipvs.is_empty()
     }
 
     /// One info line per mode that had leftovers (what was skipped was said at debug level).
@@ -112,6 +144,9 @@ impl Report {
         }
         if self.nftables > 0 {
             tracing::info!(tables = self.nftables, "deleted kpx nftables tables");
+        }
+        if !self.ipvs.is_empty() {
+            tracing::info!(removed = %self.ipvs.join(", "), "removed what kpx's ipvs mode left");
         }
     }
 }
@@ -140,6 +175,9 @@ impl fmt::Display for Report {
         }
         if self.nftables > 0 {
             parts.push(format!("nftables: {} tables", self.nftables));
+        }
+        if !self.ipvs.is_empty() {
+            parts.push(format!("ipvs: {}", self.ipvs.join(", ")));
         }
         f.write_str(&parts.join("; "))
     }
@@ -175,6 +213,17 @@ pub fn cleanup_all(targets: &CleanupTargets) -> Result<Report, CleanupError> {
         match crate::nftables::cleanup() {
             Ok(n) => report.nftables = n,
             Err(e) => failures.push(("nftables".into(), e)),
+        }
+    }
+    let ipvs = match targets.ipvs {
+        IpvsTarget::Skip => false,
+        IpvsTarget::IfPresent => crate::ipvs::leftovers_present(),
+        IpvsTarget::Always => true,
+    };
+    if ipvs {
+        match crate::ipvs::cleanup_all() {
+            Ok(removed) => report.ipvs = removed,
+            Err(e) => failures.push(("ipvs".into(), e)),
         }
     }
     if failures.is_empty() {
@@ -226,6 +275,61 @@ mod tests {
     }
 
     #[test]
+    fn ipvs_is_cleaned_by_cleanup_and_by_every_other_mode_and_ipvs_cleans_every_other() {
+        let pins = PathBuf::from("/sys/fs/bpf/kpx");
+        assert_eq!(
+            CleanupTargets::every_mode(pins.clone()).ipvs,
+            IpvsTarget::Always
+        );
+        for running in [
+            Running::Iptables(Flavour::Nft),
+            Running::Iptables(Flavour::Legacy),
+            Running::Ebpf,
+            Running::Nftables,
+        ] {
+            let t = CleanupTargets::left_by_others(running, pins.clone());
+            assert_eq!(t.ipvs, IpvsTarget::IfPresent, "{running:?}");
+        }
+        let ipvs = CleanupTargets::left_by_others(Running::Ipvs, pins.clone());
+        assert_eq!(ipvs.ipvs, IpvsTarget::Skip, "the running mode's own state");
+        assert_eq!(
+            tools(&ipvs),
+            tools(&CleanupTargets::every_mode(pins.clone())),
+            "every KPX- chain of both flavours: ipvs's own chains are KPXV-"
+        );
+        assert_eq!(ipvs.ebpf_pin_dir.as_ref(), Some(&pins));
+        assert!(ipvs.nftables);
+    }
+
+    #[test]
+    fn the_iptables_cleanup_leaves_the_ipvs_modes_kpxv_chains_alone() {
+        let saved = "*nat\n\
+:PREROUTING ACCEPT [0:0]\n\
+:OUTPUT ACCEPT [0:0]\n\
+:KPX-SERVICES - [0:0]\n\
+:KPXV-SERVICES - [0:0]\n\
+:KPXV-POSTROUTING - [0:0]\n\
+-A PREROUTING -j KPX-SERVICES\n\
+-A PREROUTING -j KPXV-SERVICES\n\
+-A KPXV-SERVICES -m set --match-set KPXV-CLUSTER-IP dst,dst -j ACCEPT\n\
+COMMIT\n";
+        let found = crate::netfilter::cleanup::leftovers(saved, iptables::chains::PREFIX);
+        assert_eq!(
+            found,
+            vec![Leftovers {
+                table: "nat".into(),
+                chains: vec!["KPX-SERVICES".into()],
+                jumps: vec!["-A PREROUTING -j KPX-SERVICES".into()],
+            }]
+        );
+        let ipvs = crate::netfilter::cleanup::leftovers(saved, crate::ipvs::layout::PREFIX);
+        assert_eq!(
+            ipvs.iter().map(|l| l.chains.clone()).collect::<Vec<_>>(),
+            [vec!["KPXV-POSTROUTING".to_string(), "KPXV-SERVICES".into()]]
+        );
+    }
+
+    #[test]
     fn the_report_says_what_each_mode_removed() {
         let mut report = Report::default();
         assert!(report.is_empty());
@@ -262,5 +366,13 @@ mod tests {
             report.to_string(),
             "iptables-nft: 2 chains, 1 jumps; ebpf /p: 1 links, 1 maps"
         );
+        let mut ipvs_only = Report {
+            ipvs: vec!["2 virtual servers".into(), "kpx-ipvs0".into()],
+            ..Default::default()
+        };
+        assert!(!ipvs_only.is_empty());
+        assert_eq!(ipvs_only.to_string(), "ipvs: 2 virtual servers, kpx-ipvs0");
+        ipvs_only.ipvs.clear();
+        assert!(ipvs_only.is_empty());
     }
 }

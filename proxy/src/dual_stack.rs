@@ -58,6 +58,7 @@ impl<B: Backend> Backend for DualStack<B> {
                     chains_written: t.chains_written + report.chains_written,
                     chains_deleted: t.chains_deleted + report.chains_deleted,
                     per_table: add_tables(t.per_table, report.per_table),
+                    messages: t.messages + report.messages,
                 },
             });
             Ok(())
@@ -187,6 +188,7 @@ mod tests {
                     ("nat", Count::new(7, Unit::Rules)),
                     ("filter", Count::new(3, Unit::Rules)),
                 ],
+                messages: 0,
             })
         }
         fn lost_state(&mut self) -> Option<String> {

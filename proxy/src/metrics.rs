@@ -33,6 +33,12 @@ pub struct MapLabel {
     pub map: String,
 }
 
+/// kube-proxy's `ip_family` label: `IPv4` or `IPv6` (`v1.IPFamily`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FamilyLabel {
+    pub ip_family: String,
+}
+
 /// The metrics only one mode has, under kube-proxy's per-mode names.
 pub enum ModeMetrics {
     Iptables {
@@ -61,6 +67,19 @@ pub enum ModeMetrics {
         rules_total: Family<TableLabel, Gauge>,
         /// `kpx_proxy_nftables_written_last`: rules and elements the last sync wrote.
         written_last: Gauge,
+    },
+    /// kube-proxy's IPVS proxier counts only its iptables-restore failures
+    /// (`metrics.IPTablesRestoreFailuresTotal` in `pkg/proxy/ipvs/proxier.go`); IPVS and ipset
+    /// failures count in the common `kpx_proxy_sync_failures_total` only, as there.
+    Ipvs {
+        /// `kubeproxy_sync_proxy_rules_iptables_restore_failures_total`: the iptables part's.
+        restore_failures: Counter,
+        /// `kpx_proxy_ipvs_virtual_servers{ip_family}`: virtual servers programmed per family
+        /// (the backend's `SyncReport::per_table`, keyed `IPv4` / `IPv6`).
+        virtual_servers: Family<FamilyLabel, Gauge>,
+        /// `kpx_proxy_ipvs_netlink_messages_total`: IPVS netlink messages sent
+        /// (`SyncReport::messages`).
+        netlink_messages: Counter,
     },
     /// A mode without metrics of its own.
     None,
@@ -114,6 +133,11 @@ impl Metrics {
                     cleanup_failures: Counter::default(),
                     rules_total: Family::default(),
                     written_last: Gauge::default(),
+                },
+                "ipvs" => ModeMetrics::Ipvs {
+                    restore_failures: Counter::default(),
+                    virtual_servers: Family::default(),
+                    netlink_messages: Counter::default(),
                 },
                 _ => ModeMetrics::None,
             },
@@ -225,6 +249,27 @@ impl Metrics {
                     written_last.clone(),
                 );
             }
+            ModeMetrics::Ipvs {
+                restore_failures,
+                virtual_servers,
+                netlink_messages,
+            } => {
+                registry.register(
+                    "kubeproxy_sync_proxy_rules_iptables_restore_failures",
+                    "Cumulative proxy iptables restore failures",
+                    restore_failures.clone(),
+                );
+                registry.register(
+                    "kpx_proxy_ipvs_virtual_servers",
+                    "IPVS virtual servers programmed by kpx-proxy, per IP family",
+                    virtual_servers.clone(),
+                );
+                registry.register(
+                    "kpx_proxy_ipvs_netlink_messages",
+                    "IPVS generic netlink messages sent (each one acknowledged by the kernel)",
+                    netlink_messages.clone(),
+                );
+            }
             ModeMetrics::None => {}
         }
         registry.register(
@@ -299,6 +344,20 @@ impl Metrics {
                 }
                 written_last.set(report.written.n as i64);
             }
+            ModeMetrics::Ipvs {
+                virtual_servers,
+                netlink_messages,
+                ..
+            } => {
+                for (family, count) in &report.per_table {
+                    virtual_servers
+                        .get_or_create(&FamilyLabel {
+                            ip_family: family.to_string(),
+                        })
+                        .set(count.n as i64);
+                }
+                netlink_messages.inc_by(report.messages as u64);
+            }
             ModeMetrics::None => {}
         }
     }
@@ -329,6 +388,16 @@ impl Metrics {
             (ModeMetrics::Nftables { sync_failures, .. }, _) => {
                 sync_failures.inc();
             }
+            // The iptables part's restore only: ipset and netlink failures are not
+            // iptables-restore failures (kube-proxy counts those nowhere but in its logs).
+            (
+                ModeMetrics::Ipvs {
+                    restore_failures, ..
+                },
+                BackendError::Command { command, .. } | BackendError::Spawn { command, .. },
+            ) if is_iptables_restore(command) => {
+                restore_failures.inc();
+            }
             (ModeMetrics::Ebpf { map_full, .. }, BackendError::Capacity { what, .. }) => {
                 let map = what.trim_start_matches("BPF map ").to_string();
                 map_full.get_or_create(&MapLabel { map }).inc();
@@ -336,6 +405,14 @@ impl Metrics {
             _ => {}
         }
     }
+}
+
+/// Whether `command` is an iptables-restore of either family and flavour
+/// (`iptables-nft-restore`, `ip6tables-legacy-restore`, …).
+fn is_iptables_restore(command: &str) -> bool {
+    let name = command.split_whitespace().next().unwrap_or("");
+    let name = name.rsplit('/').next().unwrap_or(name);
+    (name.starts_with("iptables") || name.starts_with("ip6tables")) && name.ends_with("-restore")
 }
 
 /// kube-proxy's health: healthy while syncs succeed at least every two sync periods.
@@ -378,5 +455,77 @@ impl Health {
             .duration_since(reference)
             .unwrap_or_default();
         (age <= self.sync_period * 2, last, error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{BackendError, Count, SyncReport, Unit};
+
+    fn text(m: &Metrics) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &m.registry).expect("encode");
+        out
+    }
+
+    fn command_failed(command: &str) -> BackendError {
+        BackendError::Command {
+            command: command.into(),
+            status: "exit status: 1".into(),
+            stderr: "injected".into(),
+        }
+    }
+
+    #[test]
+    fn ipvs_mode_has_kube_proxys_restore_counter_and_kpxs_virtual_servers_and_messages() {
+        let m = Metrics::new("ipvs");
+        m.synced(&SyncReport {
+            full: true,
+            total: Count::new(5, Unit::VirtualServers),
+            per_table: vec![
+                ("IPv4", Count::new(3, Unit::VirtualServers)),
+                ("IPv6", Count::new(2, Unit::VirtualServers)),
+            ],
+            messages: 12,
+            ..Default::default()
+        });
+        m.synced(&SyncReport {
+            per_table: vec![("IPv4", Count::new(4, Unit::VirtualServers))],
+            messages: 2,
+            ..Default::default()
+        });
+        // Only the iptables part's restore is an iptables-restore failure.
+        m.failed(&command_failed("ip6tables-legacy-restore"));
+        m.failed(&command_failed("ipset restore"));
+        m.failed(&BackendError::kernel("IPVS new service", "EINVAL"));
+        let t = text(&m);
+        for line in [
+            "kubeproxy_sync_proxy_rules_iptables_restore_failures_total 1",
+            "kpx_proxy_ipvs_virtual_servers{ip_family=\"IPv4\"} 4",
+            "kpx_proxy_ipvs_virtual_servers{ip_family=\"IPv6\"} 2",
+            "kpx_proxy_ipvs_netlink_messages_total 14",
+            "kpx_proxy_sync_failures_total 3",
+        ] {
+            assert!(t.lines().any(|l| l == line), "{line} missing from\n{t}");
+        }
+        assert!(!t.contains("nftables"), "{t}");
+        // Other modes do not register the ipvs metrics.
+        let t = text(&Metrics::new("iptables"));
+        assert!(!t.contains("kpx_proxy_ipvs_"), "{t}");
+    }
+
+    #[test]
+    fn iptables_restore_commands_are_told_from_the_others() {
+        for yes in [
+            "iptables-nft-restore",
+            "ip6tables-legacy-restore",
+            "/usr/sbin/iptables-restore --noflush",
+        ] {
+            assert!(is_iptables_restore(yes), "{yes}");
+        }
+        for no in ["ipset restore", "iptables-nft-save", "nft", "conntrack"] {
+            assert!(!is_iptables_restore(no), "{no}");
+        }
     }
 }

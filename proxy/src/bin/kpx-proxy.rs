@@ -34,7 +34,8 @@ struct Args {
     #[arg(long)]
     master: Option<String>,
     /// Remove what every proxy mode left (iptables and ip6tables of both flavours, the eBPF
-    /// pins under --bpf-pin-dir), then exit.
+    /// pins under --bpf-pin-dir, kpx's nftables tables, the IPVS mode's virtual servers,
+    /// kpx-ipvs0, chains and ipsets), then exit.
     #[arg(long)]
     cleanup: bool,
 }
@@ -287,6 +288,7 @@ fn cleanup_other_modes(settings: &Settings, args: &Args) {
     let running = match settings.mode {
         ProxyMode::Ebpf => Running::Ebpf,
         ProxyMode::Nftables => Running::Nftables,
+        ProxyMode::Ipvs => Running::Ipvs,
         ProxyMode::Iptables => Running::Iptables(match Flavour::parse(&args.kpx.iptables_mode) {
             Some(Some(flavour)) => flavour,
             Some(None) => Tool::detect(false).flavour,
@@ -338,12 +340,82 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains("--nodeport-addresses"), "{text}");
         assert!(text.contains("\"eth0\": not a CIDR"), "{text}");
-        let err = parse(&["kpx-proxy", "--proxy-mode", "ipvs"]).expect_err("not a mode yet");
+        let (args, _) = parse(&["kpx-proxy", "--proxy-mode", "ipvs"]).expect("ipvs is a mode");
+        assert_eq!(args.kube.proxy_mode, ProxyMode::Ipvs);
+        let err = parse(&["kpx-proxy", "--proxy-mode", "userspace"]).expect_err("not a mode");
         assert!(
             err.to_string()
-                .contains("[possible values: iptables, ebpf, nftables]"),
+                .contains("[possible values: iptables, ebpf, nftables, ipvs]"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn ipvs_flags_parse_as_kube_proxys_and_bad_values_name_the_flag() {
+        let (args, m) = parse(&[
+            "kpx-proxy",
+            "--proxy-mode",
+            "ipvs",
+            "--ipvs-scheduler",
+            "mh",
+            "--ipvs-strict-arp",
+            "--ipvs-tcp-timeout",
+            "15m",
+            "--ipvs-tcpfin-timeout",
+            "30s",
+            "--ipvs-udp-timeout",
+            "10s",
+            "--ipvs-exclude-cidrs",
+            "198.18.100.0/24,2001:2:1::/64",
+            "--ipvs-min-sync-period",
+            "2s",
+            "--ipvs-sync-period",
+            "1m",
+        ])
+        .expect("valid");
+        let (s, _) = Settings::resolve(&args.kube, |id| given(&m, id)).expect("valid");
+        assert_eq!(s.ipvs.scheduler(), "mh");
+        assert!(s.ipvs.strict_arp);
+        assert_eq!(s.ipvs.tcp_timeout, Duration::from_secs(900));
+        assert_eq!(s.ipvs.tcpfin_timeout, Duration::from_secs(30));
+        assert_eq!(s.ipvs.udp_timeout, Duration::from_secs(10));
+        let cidrs: Vec<String> = s
+            .ipvs
+            .exclude_cidrs
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(cidrs, ["198.18.100.0/24", "2001:2:1::/64"]);
+        assert_eq!(
+            (s.min_sync_period, s.sync_period),
+            (Duration::from_secs(2), Duration::from_secs(60))
+        );
+        let (args, _) = parse(&["kpx-proxy"]).expect("defaults");
+        let i = &args.kube.ipvs;
+        assert_eq!(
+            i.ipvs_scheduler, "",
+            "kube-proxy's default: empty, meaning rr"
+        );
+        assert_eq!(
+            (i.ipvs_min_sync_period, i.ipvs_sync_period),
+            (Duration::from_secs(1), Duration::from_secs(30))
+        );
+        assert_eq!(i.ipvs_tcp_timeout, Duration::ZERO);
+        for (argv, says) in [
+            (
+                ["--ipvs-scheduler", "fifo"],
+                "allowed values: rr, wrr, lc, wlc, lblc, lblcr, dh, sh, sed, nq, mh",
+            ),
+            (["--ipvs-exclude-cidrs", "198.18.0.0/33"], "not a CIDR"),
+            (["--ipvs-sync-period", "0s"], "must be greater than 0"),
+            (["--ipvs-udp-timeout", "10x"], ""),
+        ] {
+            let err = parse(&["kpx-proxy", argv[0], argv[1]])
+                .expect_err(argv[1])
+                .to_string();
+            assert!(err.contains(argv[0]), "{err}");
+            assert!(err.contains(says), "{err}");
+        }
     }
 
     #[test]

@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::mode::ProxyMode;
+
 /// The API version kube-proxy reads.
 pub const API_VERSION: &str = "kubeproxy.config.k8s.io/v1alpha1";
 pub const KIND: &str = "KubeProxyConfiguration";
@@ -240,10 +242,11 @@ const CONNTRACK: &str =
 const OTHER_MODE: &str = "only read in another proxy mode";
 const WINDOWS: &str = "Windows only";
 
-/// Every field set (to something other than its empty value) that kpx does not implement, so
-/// the proxy can warn once per field. kubeadm's default file, which writes every field empty
+/// Every field set (to something other than its empty value) that kpx does not implement in
+/// `mode`, so the proxy can warn once per field: the `ipvs` and `nftables` sections count as
+/// implemented in their own mode only. kubeadm's default file, which writes every field empty
 /// or null, yields none.
-pub fn unimplemented_fields(c: &KubeProxyConfiguration) -> Vec<Unimplemented> {
+pub fn unimplemented_fields(c: &KubeProxyConfiguration, mode: ProxyMode) -> Vec<Unimplemented> {
     let mut out = Vec::new();
     let mut add = |set: bool, field: &str, why: &'static str| {
         if set {
@@ -334,7 +337,7 @@ pub fn unimplemented_fields(c: &KubeProxyConfiguration) -> Vec<Unimplemented> {
             "kpx masquerades to the egress interface's address",
         );
     }
-    if let Some(ipvs) = &c.ipvs {
+    if let Some(ipvs) = c.ipvs.as_ref().filter(|_| mode != ProxyMode::Ipvs) {
         add(
             ipvs.exclude_cidrs.as_ref().is_some_and(|v| !v.is_empty()),
             "ipvs.excludeCIDRs",
@@ -381,23 +384,29 @@ pub fn unimplemented_fields(c: &KubeProxyConfiguration) -> Vec<Unimplemented> {
         add(set_value(&log.vmodule), "logging.vmodule", why);
     }
     if let Some(nft) = &c.nftables {
+        // In nftables mode only the mark is kpx's own; the rest is read.
+        let other = mode != ProxyMode::Nftables;
         add(
-            set_true(&nft.masquerade_all),
+            other && set_true(&nft.masquerade_all),
             "nftables.masqueradeAll",
             OTHER_MODE,
         );
         add(
             nft.masquerade_bit.is_some(),
             "nftables.masqueradeBit",
-            OTHER_MODE,
+            if other {
+                OTHER_MODE
+            } else {
+                "kpx's table uses its own fixed masquerade mark"
+            },
         );
         add(
-            set_duration(&nft.min_sync_period),
+            other && set_duration(&nft.min_sync_period),
             "nftables.minSyncPeriod",
             OTHER_MODE,
         );
         add(
-            set_duration(&nft.sync_period),
+            other && set_duration(&nft.sync_period),
             "nftables.syncPeriod",
             OTHER_MODE,
         );

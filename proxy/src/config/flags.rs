@@ -35,6 +35,29 @@ fn metrics_address(text: &str) -> Result<SocketAddr, String> {
     parse_bind_address(text, METRICS_PORT)
 }
 
+/// `--ipvs-scheduler`: one of kube-proxy's IPVS schedulers, or "" for kube-proxy's default (rr).
+pub fn ipvs_scheduler(text: &str) -> Result<String, String> {
+    if text.is_empty() {
+        return Ok(String::new());
+    }
+    crate::ipvs::config::check_scheduler(text).map(|()| text.to_string())
+}
+
+/// One `--ipvs-exclude-cidrs` entry.
+pub fn exclude_cidr(text: &str) -> Result<ipnet::IpNet, String> {
+    text.trim()
+        .parse::<ipnet::IpNet>()
+        .map_err(|_| format!("{text:?}: not a CIDR (e.g. 198.18.0.0/24 or 2001:2::/64)"))
+}
+
+/// `--ipvs-sync-period`: kube-proxy requires it to be greater than 0.
+fn positive_duration(text: &str) -> Result<Duration, String> {
+    match kpx_control::daemon::parse_duration(text)? {
+        d if d.is_zero() => Err("must be greater than 0".into()),
+        d => Ok(d),
+    }
+}
+
 /// kube-proxy's flags. A flag given on the command line overrides the `--config` file; one
 /// left at its default (or taken from its environment variable) does not (see
 /// `Settings::resolve`).
@@ -99,6 +122,44 @@ pub struct KubeProxyFlags {
     /// Node object's, else the first address of each family on the node (file: bindAddress).
     #[arg(long, value_delimiter = ',')]
     pub node_ip: Vec<IpAddr>,
+    #[command(flatten)]
+    pub ipvs: IpvsFlags,
+}
+
+/// kube-proxy's `--ipvs-*` flags, named and defaulted as in its `cmd/kube-proxy/app/options.go`;
+/// read in ipvs mode only.
+#[derive(Debug, Clone, Args)]
+pub struct IpvsFlags {
+    /// The IPVS scheduler (file: ipvs.scheduler): rr, wrr, lc, wlc, lblc, lblcr, dh, sh, sed,
+    /// nq or mh; empty: rr.
+    #[arg(long, default_value = "", value_parser = ipvs_scheduler)]
+    pub ipvs_scheduler: String,
+    /// Strict ARP: arp_ignore=1 and arp_announce=2 in the node's namespace, so the node does not
+    /// answer ARP for Service addresses (file: ipvs.strictARP).
+    #[arg(long)]
+    pub ipvs_strict_arp: bool,
+    /// The timeout for idle IPVS TCP connections, 0 to leave as-is (file: ipvs.tcpTimeout).
+    #[arg(long, default_value = "0s", value_parser = kpx_control::daemon::parse_duration)]
+    pub ipvs_tcp_timeout: Duration,
+    /// The timeout for IPVS TCP connections after a FIN, 0 to leave as-is (file:
+    /// ipvs.tcpFinTimeout).
+    #[arg(long, default_value = "0s", value_parser = kpx_control::daemon::parse_duration)]
+    pub ipvs_tcpfin_timeout: Duration,
+    /// The timeout for IPVS UDP packets, 0 to leave as-is (file: ipvs.udpTimeout).
+    #[arg(long, default_value = "0s", value_parser = kpx_control::daemon::parse_duration)]
+    pub ipvs_udp_timeout: Duration,
+    /// CIDRs (comma-separated) whose virtual servers the IPVS mode never touches (file:
+    /// ipvs.excludeCIDRs).
+    #[arg(long, value_delimiter = ',', value_parser = exclude_cidr)]
+    pub ipvs_exclude_cidrs: Vec<ipnet::IpNet>,
+    /// The shortest time between two IPVS syncs; in ipvs mode it overrides --min-sync-period
+    /// (file: ipvs.minSyncPeriod).
+    #[arg(long, default_value = "1s", value_parser = kpx_control::daemon::parse_duration)]
+    pub ipvs_min_sync_period: Duration,
+    /// How often IPVS rules are checked and refreshed even without changes, greater than 0; in
+    /// ipvs mode it overrides --sync-period (file: ipvs.syncPeriod).
+    #[arg(long, default_value = "30s", value_parser = positive_duration)]
+    pub ipvs_sync_period: Duration,
 }
 
 /// kpx's own flags: how each backend finds its kernel pieces (no kube-proxy equivalent).

@@ -16,7 +16,7 @@ pub mod settings;
 pub mod start;
 
 pub use file::KubeProxyConfiguration;
-pub use flags::{KpxFlags, KubeProxyFlags};
+pub use flags::{IpvsFlags, KpxFlags, KubeProxyFlags};
 pub use mode::{ProxyMode, MODES};
 pub use net::{ClusterCidrs, NodePortAddress, NodePortAddresses};
 pub use settings::Settings;

@@ -16,6 +16,8 @@ pub enum ProxyMode {
     Ebpf,
     /// kpx's own nftables table per family (kube-proxy's successor mode).
     Nftables,
+    /// Kernel IPVS virtual servers per frontend, with ipsets and a small iptables part.
+    Ipvs,
 }
 
 /// Which `KubeProxyConfiguration` section holds a mode's `syncPeriod`, `minSyncPeriod` and
@@ -58,6 +60,12 @@ pub const MODES: &[ModeSpec] = &[
         section: Section::Nftables,
         start: start::nftables,
     },
+    ModeSpec {
+        mode: ProxyMode::Ipvs,
+        needs: "kernel IPVS (ip_vs and the scheduler's module), ipset and iptables (nft or legacy) in PATH, and a `dummy` link type for kpx-ipvs0",
+        section: Section::Ipvs,
+        start: start::ipvs,
+    },
 ];
 
 impl ProxyMode {
@@ -67,6 +75,7 @@ impl ProxyMode {
             ProxyMode::Iptables => "iptables",
             ProxyMode::Ebpf => "ebpf",
             ProxyMode::Nftables => "nftables",
+            ProxyMode::Ipvs => "ipvs",
         }
     }
 
@@ -85,9 +94,6 @@ impl ProxyMode {
         }
         let allowed = Self::allowed();
         Err(match text {
-            "ipvs" => {
-                format!("not implemented by kpx yet (allowed: {allowed})")
-            }
             "kernelspace" => format!("Windows only (allowed: {allowed})"),
             _ => format!("unknown proxy mode (allowed: {allowed})"),
         })
@@ -120,12 +126,14 @@ mod tests {
             assert_eq!(ProxyMode::parse(mode.name()), Ok(*mode));
         }
         assert_eq!(ProxyMode::parse(""), Ok(ProxyMode::Iptables));
+        assert_eq!(ProxyMode::parse("ipvs"), Ok(ProxyMode::Ipvs));
+        assert_eq!(ProxyMode::Ipvs.spec().section, Section::Ipvs);
         assert_eq!(
-            ProxyMode::parse("ipvs"),
-            Err("not implemented by kpx yet (allowed: iptables, ebpf, nftables)".into())
+            ProxyMode::parse("kernelspace"),
+            Err("Windows only (allowed: iptables, ebpf, nftables, ipvs)".into())
         );
         assert!(ProxyMode::parse("userspace")
             .expect_err("unknown")
-            .contains("allowed: iptables, ebpf, nftables"));
+            .contains("allowed: iptables, ebpf, nftables, ipvs"));
     }
 }

@@ -33,8 +33,35 @@ pub struct Settings {
     pub node_ips: Vec<IpAddr>,
     /// `oomScoreAdj`, applied to the proxy's own process when set.
     pub oom_score_adj: Option<i32>,
+    /// kube-proxy's IPVS settings (`--ipvs-*`, the file's `ipvs` section), used in ipvs mode.
+    pub ipvs: IpvsSettings,
     /// The file as read (every field kpx does not act on is written back unchanged).
     pub file: Option<KubeProxyConfiguration>,
+}
+
+/// The IPVS mode's own settings (its periods are `Settings::{sync_period, min_sync_period}`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct IpvsSettings {
+    /// `--ipvs-scheduler` / `ipvs.scheduler`, checked against kube-proxy's schedulers; "" is
+    /// kube-proxy's default, rr.
+    pub scheduler: String,
+    pub strict_arp: bool,
+    /// Zero: the kernel's value is left as it is.
+    pub tcp_timeout: Duration,
+    pub tcpfin_timeout: Duration,
+    pub udp_timeout: Duration,
+    pub exclude_cidrs: Vec<ipnet::IpNet>,
+}
+
+impl IpvsSettings {
+    /// The scheduler the backend is given: "" is rr, as in kube-proxy.
+    pub fn scheduler(&self) -> &str {
+        if self.scheduler.is_empty() {
+            "rr"
+        } else {
+            &self.scheduler
+        }
+    }
 }
 
 impl Settings {
@@ -55,6 +82,7 @@ impl Settings {
             kubeconfig: None,
             node_ips: Vec::new(),
             oom_score_adj: None,
+            ipvs: IpvsSettings::default(),
             file: None,
         }
     }
@@ -77,6 +105,10 @@ impl Settings {
             unimplemented = settings.apply_file(file)?;
         }
         settings.apply_flags(flags, given)?;
+        // Which sections are another mode's depends on the mode a flag may have changed.
+        if let Some(file) = &settings.file {
+            unimplemented = file::unimplemented_fields(file, settings.mode);
+        }
         Ok((settings, unimplemented))
     }
 
@@ -150,8 +182,14 @@ impl Settings {
             Section::Nftables => c.nftables.as_ref().map_or((None, None, None), |s| {
                 (s.sync_period, s.min_sync_period, s.masquerade_all)
             }),
+            // The ipvs section has no masqueradeAll: kube-proxy's conversion reads the
+            // iptables section's for every mode but nftables.
             Section::Ipvs => c.ipvs.as_ref().map_or((None, None, None), |s| {
-                (s.sync_period, s.min_sync_period, None)
+                (
+                    s.sync_period,
+                    s.min_sync_period,
+                    c.iptables.as_ref().and_then(|i| i.masquerade_all),
+                )
             }),
         };
         if let Some(GoDuration(d)) = sync.filter(|d| !d.is_zero()) {
@@ -208,7 +246,10 @@ impl Settings {
             }
             next.oom_score_adj = Some(adj);
         }
-        let unimplemented = file::unimplemented_fields(&c);
+        if let Some(ipvs) = &c.ipvs {
+            next.ipvs.apply_file(ipvs)?;
+        }
+        let unimplemented = file::unimplemented_fields(&c, next.mode);
         next.file = Some(c);
         *self = next;
         Ok(unimplemented)
@@ -272,6 +313,35 @@ impl Settings {
         if given("node_ip") {
             self.node_ips = flags.node_ip.clone();
         }
+        let ipvs = &flags.ipvs;
+        if given("ipvs_scheduler") {
+            self.ipvs.scheduler = ipvs.ipvs_scheduler.clone();
+        }
+        if given("ipvs_strict_arp") {
+            self.ipvs.strict_arp = ipvs.ipvs_strict_arp;
+        }
+        if given("ipvs_tcp_timeout") {
+            self.ipvs.tcp_timeout = ipvs.ipvs_tcp_timeout;
+        }
+        if given("ipvs_tcpfin_timeout") {
+            self.ipvs.tcpfin_timeout = ipvs.ipvs_tcpfin_timeout;
+        }
+        if given("ipvs_udp_timeout") {
+            self.ipvs.udp_timeout = ipvs.ipvs_udp_timeout;
+        }
+        if given("ipvs_exclude_cidrs") {
+            self.ipvs.exclude_cidrs = ipvs.ipvs_exclude_cidrs.clone();
+        }
+        // kube-proxy: the ipvs-specific periods win over --sync-period/--min-sync-period in
+        // ipvs mode only (`processV1Alpha1Flags`); in other modes they are not read.
+        if self.mode == ProxyMode::Ipvs {
+            if given("ipvs_min_sync_period") {
+                self.min_sync_period = ipvs.ipvs_min_sync_period;
+            }
+            if given("ipvs_sync_period") {
+                self.sync_period = ipvs.ipvs_sync_period;
+            }
+        }
         Ok(())
     }
 
@@ -325,7 +395,23 @@ impl Settings {
                 let s = c.ipvs.get_or_insert_with(Default::default);
                 s.sync_period = sync;
                 s.min_sync_period = min_sync;
+                c.iptables
+                    .get_or_insert_with(Default::default)
+                    .masquerade_all = Some(self.masquerade_all);
             }
+        }
+        // The ipvs section's other fields: effective in ipvs mode, and whenever they were set
+        // (a file read in another mode keeps them as written when they are the defaults).
+        if self.mode == ProxyMode::Ipvs || self.ipvs != IpvsSettings::default() {
+            let s = c.ipvs.get_or_insert_with(Default::default);
+            let i = &self.ipvs;
+            s.scheduler = Some(i.scheduler.clone());
+            s.strict_arp = Some(i.strict_arp);
+            s.tcp_timeout = Some(GoDuration(i.tcp_timeout));
+            s.tcp_fin_timeout = Some(GoDuration(i.tcpfin_timeout));
+            s.udp_timeout = Some(GoDuration(i.udp_timeout));
+            s.exclude_cidrs = (!i.exclude_cidrs.is_empty())
+                .then(|| i.exclude_cidrs.iter().map(ToString::to_string).collect());
         }
         c.conntrack
             .get_or_insert_with(Default::default)
@@ -359,6 +445,38 @@ impl Settings {
             path: path.display().to_string(),
             source,
         })
+    }
+}
+
+impl IpvsSettings {
+    /// Overlays the file's `ipvs` section (zero durations and "" are kube-proxy's "unset").
+    /// Checked whatever the mode, so a bad value is named before anyone switches to ipvs.
+    fn apply_file(&mut self, s: &file::Ipvs) -> Result<(), ConfigError> {
+        if let Some(name) = s.scheduler.as_deref().filter(|t| !t.is_empty()) {
+            crate::ipvs::config::check_scheduler(name)
+                .map_err(|why| ConfigError::invalid("ipvs.scheduler", name, why))?;
+            self.scheduler = name.to_string();
+        }
+        if let Some(strict) = s.strict_arp {
+            self.strict_arp = strict;
+        }
+        for (value, into) in [
+            (s.tcp_timeout, &mut self.tcp_timeout),
+            (s.tcp_fin_timeout, &mut self.tcpfin_timeout),
+            (s.udp_timeout, &mut self.udp_timeout),
+        ] {
+            if let Some(GoDuration(d)) = value.filter(|d| !d.is_zero()) {
+                *into = d;
+            }
+        }
+        if let Some(list) = s.exclude_cidrs.as_ref().filter(|l| !l.is_empty()) {
+            self.exclude_cidrs = list
+                .iter()
+                .map(|e| super::flags::exclude_cidr(e))
+                .collect::<Result<_, _>>()
+                .map_err(|why| ConfigError::invalid("ipvs.excludeCIDRs", list.join(","), why))?;
+        }
+        Ok(())
     }
 }
 

@@ -54,9 +54,8 @@ pub fn render_config(settings: &Settings, ipv6: bool) -> Result<RenderConfig, Co
     })
 }
 
-/// The iptables backend of each IP family this node can program: IPv4, and IPv6 too when
-/// ip6tables works here (dual-stack, as kube-proxy runs when both families are usable).
-pub fn iptables(settings: &Settings, kpx: &KpxFlags) -> Result<Box<dyn Backend>, StartError> {
+/// The IPv4 and IPv6 iptables tools `--iptables-mode` names (auto: the flavour already in use).
+pub fn iptables_tools(kpx: &KpxFlags) -> Result<(Tool, Tool), ConfigError> {
     let flavour = Flavour::parse(&kpx.iptables_mode).ok_or_else(|| {
         ConfigError::invalid(
             "--iptables-mode",
@@ -76,6 +75,13 @@ pub fn iptables(settings: &Settings, kpx: &KpxFlags) -> Result<Box<dyn Backend>,
         flavour: v4.flavour,
         ipv6: true,
     };
+    Ok((v4, v6))
+}
+
+/// The iptables backend of each IP family this node can program: IPv4, and IPv6 too when
+/// ip6tables works here (dual-stack, as kube-proxy runs when both families are usable).
+pub fn iptables(settings: &Settings, kpx: &KpxFlags) -> Result<Box<dyn Backend>, StartError> {
+    let (v4, v6) = iptables_tools(kpx)?;
     let secondary = match v6.unusable() {
         None => Some(IptablesBackend::new(v6, render_config(settings, true)?)),
         Some(why) => {
@@ -210,4 +216,59 @@ pub fn nftables(settings: &Settings, _kpx: &KpxFlags) -> Result<Box<dyn Backend>
         NftablesBackend::new(nftables_config(settings, false)?),
         secondary,
     )))
+}
+
+/// The IPVS backend's configuration of one family, its iptables part driven by `tool`.
+pub fn ipvs_config(
+    settings: &Settings,
+    ipv6: bool,
+    tool: Tool,
+) -> Result<crate::ipvs::IpvsConfig, ConfigError> {
+    let i = &settings.ipvs;
+    // A scheduler from the file is checked when read and one from a flag when parsed; checked
+    // once more here so no path hands the kernel a name it has no module for.
+    crate::ipvs::config::check_scheduler(i.scheduler())
+        .map_err(|why| ConfigError::invalid("--ipvs-scheduler", i.scheduler.as_str(), why))?;
+    let c = render_config(settings, ipv6)?;
+    Ok(crate::ipvs::IpvsConfig {
+        plan: crate::ipvs::plan::PlanConfig {
+            ipv6,
+            cluster_cidr: c.cluster_cidr,
+            masquerade_all: c.masquerade_all,
+            nodeport_addresses: c.nodeport_addresses,
+            scheduler: i.scheduler().to_string(),
+            conntrack_tcp_be_liberal: c.conntrack_tcp_be_liberal,
+        },
+        iptables: tool,
+        strict_arp: i.strict_arp,
+        tcp_timeout: i.tcp_timeout,
+        tcpfin_timeout: i.tcpfin_timeout,
+        udp_timeout: i.udp_timeout,
+        // Each family's instance only ever lists its own family's virtual servers.
+        exclude_cidrs: i
+            .exclude_cidrs
+            .iter()
+            .filter(|c| matches!(c, ipnet::IpNet::V6(_)) == ipv6)
+            .copied()
+            .collect(),
+    })
+}
+
+/// One IPVS instance per family, IPv6 when ip6tables works here (its iptables part needs it),
+/// started by the backend, which probes IPVS first.
+pub fn ipvs(settings: &Settings, kpx: &KpxFlags) -> Result<Box<dyn Backend>, StartError> {
+    let (v4, v6) = iptables_tools(kpx)?;
+    let secondary = match v6.unusable() {
+        None => Some(ipvs_config(settings, true, v6)?),
+        Some(why) => {
+            tracing::warn!(reason = %why, "IPv6 Services are not programmed (IPv4 only)");
+            None
+        }
+    };
+    crate::ipvs::start(ipvs_config(settings, false, v4)?, secondary).map_err(|source| {
+        StartError::Backend {
+            mode: "ipvs",
+            source,
+        }
+    })
 }

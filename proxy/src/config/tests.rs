@@ -210,8 +210,16 @@ fn bad_values_name_the_field_the_value_and_what_is_allowed() {
     };
     let err = |body: &str| resolve(&[], Some(&with(body))).expect_err(body).to_string();
     assert_eq!(
-        err("mode: ipvs"),
-        "mode \"ipvs\": not implemented by kpx yet (allowed: iptables, ebpf, nftables)"
+        err("mode: kernelspace"),
+        "mode \"kernelspace\": Windows only (allowed: iptables, ebpf, nftables, ipvs)"
+    );
+    assert_eq!(
+        err("ipvs:\n  scheduler: fifo"),
+        "ipvs.scheduler \"fifo\": allowed values: rr, wrr, lc, wlc, lblc, lblcr, dh, sh, sed, nq, mh"
+    );
+    assert_eq!(
+        err("ipvs:\n  excludeCIDRs: [198.18.0.0/24, 198.18.1.0]"),
+        "ipvs.excludeCIDRs \"198.18.0.0/24,198.18.1.0\": \"198.18.1.0\": not a CIDR (e.g. 198.18.0.0/24 or 2001:2::/64)"
     );
     assert!(err("detectLocalMode: NodeCIDR")
         .starts_with("detectLocalMode \"NodeCIDR\": kpx tells pod traffic by clusterCIDR only"));
@@ -266,7 +274,7 @@ portRange: 30000-32767
 showHiddenMetricsForVersion: "1.29"
 "#;
     let c = parse_file("test", file).expect("valid");
-    let fields: Vec<String> = unimplemented_fields(&c)
+    let fields: Vec<String> = unimplemented_fields(&c, ProxyMode::Iptables)
         .into_iter()
         .map(|u| u.field)
         .collect();
@@ -376,4 +384,263 @@ fn hard_fail_and_oom_score_adj_flags_override_the_file_and_are_range_checked() {
     assert!(s.bind_address_hard_fail);
     let err = Cli::try_parse_from(["kpx-proxy", "--oom-score-adj", "-1001"]).expect_err("range");
     assert!(err.to_string().contains("--oom-score-adj"), "{err}");
+}
+
+const IPVS_FILE: &str = r#"
+apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+mode: ipvs
+iptables:
+  masqueradeAll: true
+  syncPeriod: 5m0s
+ipvs:
+  excludeCIDRs: [198.18.200.0/24, "2001:2:ff::/64"]
+  minSyncPeriod: 2s
+  scheduler: mh
+  strictARP: true
+  syncPeriod: 1m0s
+  tcpFinTimeout: 30s
+  tcpTimeout: 15m0s
+  udpTimeout: 10s
+nftables:
+  syncPeriod: 45s
+"#;
+
+#[test]
+fn the_ipvs_section_is_read_in_ipvs_mode_and_only_reported_in_others() {
+    let (s, unimplemented) = resolve(&[], Some(IPVS_FILE)).expect("valid");
+    assert_eq!(s.mode, ProxyMode::Ipvs);
+    let fields: Vec<&str> = unimplemented.iter().map(|u| u.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        ["nftables.syncPeriod"],
+        "the ipvs section is implemented"
+    );
+    assert_eq!(s.ipvs.scheduler(), "mh");
+    assert!(s.ipvs.strict_arp);
+    assert_eq!(s.ipvs.tcp_timeout, Duration::from_secs(900));
+    assert_eq!(s.ipvs.tcpfin_timeout, Duration::from_secs(30));
+    assert_eq!(s.ipvs.udp_timeout, Duration::from_secs(10));
+    let cidrs: Vec<String> = s
+        .ipvs
+        .exclude_cidrs
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(cidrs, ["198.18.200.0/24", "2001:2:ff::/64"]);
+    // The periods are the ipvs section's; masqueradeAll is the iptables section's (the ipvs
+    // section has none), as in kube-proxy's conversion.
+    assert_eq!(s.sync_period, Duration::from_secs(60));
+    assert_eq!(s.min_sync_period, Duration::from_secs(2));
+    assert!(s.masquerade_all);
+
+    // The same file in another mode: every set ipvs field is named as another mode's.
+    let (s, unimplemented) =
+        resolve(&["--proxy-mode", "nftables"], Some(IPVS_FILE)).expect("valid");
+    assert_eq!(s.mode, ProxyMode::Nftables);
+    let iptables_file = IPVS_FILE.replace("mode: ipvs", "mode: iptables");
+    let (s, unimplemented_iptables) = resolve(&[], Some(&iptables_file)).expect("valid");
+    assert_eq!(
+        s.sync_period,
+        Duration::from_secs(300),
+        "the iptables section's"
+    );
+    let fields: Vec<&str> = unimplemented_iptables
+        .iter()
+        .filter(|u| u.why == "only read in another proxy mode")
+        .map(|u| u.field.as_str())
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            "ipvs.excludeCIDRs",
+            "ipvs.minSyncPeriod",
+            "ipvs.scheduler",
+            "ipvs.strictARP",
+            "ipvs.syncPeriod",
+            "ipvs.tcpFinTimeout",
+            "ipvs.tcpTimeout",
+            "ipvs.udpTimeout",
+            "nftables.syncPeriod",
+        ]
+    );
+    // What is another mode's follows the mode a flag chose.
+    let fields: Vec<&str> = unimplemented.iter().map(|u| u.field.as_str()).collect();
+    assert!(fields.contains(&"ipvs.scheduler"), "{fields:?}");
+    assert!(!fields.contains(&"nftables.syncPeriod"), "{fields:?}");
+}
+
+#[test]
+fn the_nftables_section_is_not_reported_in_nftables_mode() {
+    let file = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nmode: nftables\nnftables:\n  syncPeriod: 45s\n  masqueradeBit: 14\n";
+    let (s, unimplemented) = resolve(&[], Some(file)).expect("valid");
+    assert_eq!(s.sync_period, Duration::from_secs(45));
+    let fields: Vec<(&str, &str)> = unimplemented
+        .iter()
+        .map(|u| (u.field.as_str(), u.why))
+        .collect();
+    assert_eq!(
+        fields,
+        [(
+            "nftables.masqueradeBit",
+            "kpx's table uses its own fixed masquerade mark"
+        )]
+    );
+}
+
+#[test]
+fn ipvs_flags_override_the_file_and_the_ipvs_periods_only_count_in_ipvs_mode() {
+    let (s, _) = resolve(
+        &[
+            "--ipvs-scheduler",
+            "rr",
+            "--ipvs-udp-timeout",
+            "0s",
+            "--ipvs-exclude-cidrs",
+            "198.18.7.0/24",
+            "--ipvs-sync-period",
+            "10s",
+            "--min-sync-period",
+            "3s",
+        ],
+        Some(IPVS_FILE),
+    )
+    .expect("valid");
+    assert_eq!(s.ipvs.scheduler(), "rr");
+    assert_eq!(
+        s.ipvs.udp_timeout,
+        Duration::ZERO,
+        "0s given: keep the kernel's"
+    );
+    assert_eq!(
+        s.ipvs.tcp_timeout,
+        Duration::from_secs(900),
+        "not given: the file's"
+    );
+    assert!(
+        s.ipvs.strict_arp,
+        "a bool flag left false does not override the file"
+    );
+    assert_eq!(s.ipvs.exclude_cidrs.len(), 1);
+    assert_eq!(
+        s.sync_period,
+        Duration::from_secs(10),
+        "--ipvs-sync-period wins in ipvs mode"
+    );
+    assert_eq!(
+        s.min_sync_period,
+        Duration::from_secs(3),
+        "--min-sync-period, no --ipvs-min-sync-period"
+    );
+    let (s, _) = resolve(
+        &[
+            "--proxy-mode",
+            "ipvs",
+            "--sync-period",
+            "20s",
+            "--ipvs-min-sync-period",
+            "0s",
+        ],
+        None,
+    )
+    .expect("valid");
+    assert_eq!(
+        (s.sync_period, s.min_sync_period),
+        (Duration::from_secs(20), Duration::ZERO)
+    );
+    assert_eq!(s.ipvs.scheduler, "", "kube-proxy's default: empty");
+    assert_eq!(s.ipvs.scheduler(), "rr", "which is rr");
+    let (s, _) = resolve(
+        &["--proxy-mode", "iptables", "--ipvs-sync-period", "10s"],
+        None,
+    )
+    .expect("valid");
+    assert_eq!(
+        s.sync_period,
+        Duration::from_secs(30),
+        "not read in iptables mode"
+    );
+}
+
+#[test]
+fn write_config_to_round_trips_the_ipvs_section() {
+    let (s, _) = resolve(
+        &["--ipvs-tcp-timeout", "5m", "--ipvs-strict-arp"],
+        Some(IPVS_FILE),
+    )
+    .expect("valid");
+    let written = to_yaml(&s.to_file());
+    let back = parse_file("written", &written).expect("what kpx writes, kpx reads");
+    let mut again = Settings::defaults();
+    let unimplemented = again.apply_file(back).expect("valid");
+    assert_eq!(
+        unimplemented
+            .iter()
+            .map(|u| u.field.as_str())
+            .collect::<Vec<_>>(),
+        ["nftables.syncPeriod"]
+    );
+    again.file = s.file.clone();
+    assert_eq!(again, s, "{written}");
+    assert!(written.contains("scheduler: mh"), "{written}");
+    assert!(written.contains("tcpTimeout: 5m0s"), "{written}");
+    assert!(written.contains("strictARP: true"), "{written}");
+    // A flag given in another mode is written too, so the file says what was asked.
+    let (s, _) = resolve(&["--ipvs-scheduler", "sh"], None).expect("valid");
+    assert_eq!(s.mode, ProxyMode::Iptables);
+    let back = parse_file("written", &to_yaml(&s.to_file())).expect("valid");
+    assert_eq!(back.ipvs.and_then(|i| i.scheduler).as_deref(), Some("sh"));
+}
+
+#[test]
+fn each_family_gets_its_own_ipvs_config() {
+    use crate::netfilter::{Flavour, Tool};
+    let (s, _) = resolve(
+        &["--cluster-cidr", "198.18.64.0/18,2001:2:40::/56"],
+        Some(IPVS_FILE),
+    )
+    .expect("valid");
+    let v4 = Tool {
+        flavour: Flavour::Legacy,
+        ipv6: false,
+    };
+    let c = start::ipvs_config(&s, false, v4).expect("valid");
+    assert!(!c.plan.ipv6);
+    assert_eq!(c.plan.scheduler, "mh");
+    assert_eq!(c.plan.cluster_cidr.as_deref(), Some("198.18.64.0/18"));
+    assert!(c.plan.masquerade_all);
+    assert_eq!(c.iptables, v4);
+    assert!(c.strict_arp);
+    assert_eq!(
+        (c.tcp_timeout, c.tcpfin_timeout, c.udp_timeout),
+        (
+            Duration::from_secs(900),
+            Duration::from_secs(30),
+            Duration::from_secs(10)
+        )
+    );
+    let excluded: Vec<String> = c.exclude_cidrs.iter().map(ToString::to_string).collect();
+    assert_eq!(excluded, ["198.18.200.0/24"], "IPv4's only");
+    let v6 = Tool {
+        flavour: Flavour::Legacy,
+        ipv6: true,
+    };
+    let c = start::ipvs_config(&s, true, v6).expect("valid");
+    assert!(c.plan.ipv6);
+    assert_eq!(c.plan.cluster_cidr.as_deref(), Some("2001:2:40::/56"));
+    let excluded: Vec<String> = c.exclude_cidrs.iter().map(ToString::to_string).collect();
+    assert_eq!(excluded, ["2001:2:ff::/64"]);
+    // Without a scheduler anywhere: kube-proxy's rr.
+    let c = start::ipvs_config(&Settings::defaults(), false, v4).expect("valid");
+    assert_eq!(c.plan.scheduler, "rr");
+    // A bad scheduler that reached the settings some other way is still refused.
+    let mut bad = Settings::defaults();
+    bad.ipvs.scheduler = "fifo".into();
+    let err = start::ipvs_config(&bad, false, v4)
+        .expect_err("fifo")
+        .to_string();
+    assert!(
+        err.starts_with("--ipvs-scheduler \"fifo\": allowed values: rr,"),
+        "{err}"
+    );
 }

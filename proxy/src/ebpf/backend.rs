@@ -419,6 +419,7 @@ impl Backend for EbpfBackend {
             chains_written: 0,
             chains_deleted: 0,
             per_table: Vec::new(),
+            messages: 0,
         })
     }
 

@@ -109,6 +109,7 @@ impl Backend for IptablesBackend {
             ],
             chains_written: plan.chains_written,
             chains_deleted: plan.chains_deleted,
+            messages: 0,
         };
         self.applied = plan.fragments;
         Ok(report)

@@ -414,6 +414,7 @@ impl Backend for NftablesBackend {
             written: Count::new(plan.rules_written + plan.elements_written, Unit::Rules),
             total: Count::new(rules, Unit::Rules),
             per_table: vec![(table, Count::new(rules, Unit::Rules))],
+            messages: 0,
             chains_written: plan.chains_written,
             chains_deleted: plan.chains_deleted,
         })
