@@ -3,14 +3,14 @@
 //! (masquerade, reject, hairpin) through the shared netfilter module. See the proxy README's
 //! "The IPVS backend" for the layout and why.
 
-pub mod config;
-pub mod diff;
 pub mod ipset;
 pub mod layout;
 pub mod plan;
 pub mod rules;
 #[cfg(test)]
 pub mod trace;
+pub mod diff;
+pub mod config;
 
 pub use config::IpvsConfig;
 
