@@ -22,9 +22,10 @@ pub fn parse_backend(mode: &str) -> anyhow::Result<ProxyBackend> {
         "iptables-legacy" => Ok(ProxyBackend::IptablesLegacy),
         "ebpf" => Ok(ProxyBackend::Ebpf),
         "nftables" => Ok(ProxyBackend::Nftables),
+        "ipvs" => Ok(ProxyBackend::Ipvs),
         other => bail!(
             "--proxy-mode {other:?}: allowed values: iptables (= iptables-nft), iptables-legacy, \
-             nftables, ebpf (ipvs is not built yet)"
+             nftables, ebpf, ipvs"
         ),
     }
 }
@@ -349,10 +350,18 @@ mod tests {
             parse_backend("iptables").expect("iptables"),
             ProxyBackend::IptablesNft
         );
-        let err = parse_backend("ipvs").expect_err("no ipvs yet").to_string();
+        assert_eq!(parse_backend("ipvs").expect("ipvs"), ProxyBackend::Ipvs);
+        let err = parse_backend("userspace")
+            .expect_err("not a mode")
+            .to_string();
         assert!(
-            err.contains("\"ipvs\"") && err.contains("nftables"),
+            err.contains("\"userspace\"") && err.contains("nftables, ebpf, ipvs"),
             "{err}"
         );
+        // Every lab backend is reachable by its mode name or its own.
+        for b in crate::lab::ALL_BACKENDS {
+            let parsed = parse_backend(b.name()).unwrap_or_else(|e| panic!("{}: {e}", b.name()));
+            assert_eq!(parsed, *b);
+        }
     }
 }

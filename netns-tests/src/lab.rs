@@ -94,6 +94,9 @@ pub enum ProxyBackend {
     Ebpf,
     /// kube-proxy's nftables mode: tables `ip kpx` and `ip6 kpx` in the node's namespace.
     Nftables,
+    /// kube-proxy's ipvs mode: IPVS virtual servers, `kpx-ipvs0`, ipsets and `KPXV-` chains in
+    /// the node's namespace.
+    Ipvs,
 }
 
 impl ProxyBackend {
@@ -103,6 +106,7 @@ impl ProxyBackend {
             ProxyBackend::IptablesLegacy => "iptables-legacy",
             ProxyBackend::Ebpf => "ebpf",
             ProxyBackend::Nftables => "nftables",
+            ProxyBackend::Ipvs => "ipvs",
         }
     }
 
@@ -113,15 +117,18 @@ impl ProxyBackend {
             ProxyBackend::IptablesNft | ProxyBackend::IptablesLegacy => "iptables",
             ProxyBackend::Ebpf => "ebpf",
             ProxyBackend::Nftables => "nftables",
+            ProxyBackend::Ipvs => "ipvs",
         }
     }
 
     /// The counter of failed syncs, by kube-proxy's metric names
     /// (`pkg/proxy/metrics/metrics.go`: `IPTablesRestoreFailuresTotal`,
-    /// `NFTablesSyncFailuresTotal`); `None` for ebpf, whose failures are not injected.
+    /// `NFTablesSyncFailuresTotal`); `None` for ebpf, whose failures are not injected. ipvs:
+    /// kube-proxy's IPVS proxier counts its iptables-restore failures there, and the lab's
+    /// injected failure is an iptables-restore one.
     pub fn sync_failures_metric(self) -> Option<&'static str> {
         match self {
-            ProxyBackend::IptablesNft | ProxyBackend::IptablesLegacy => {
+            ProxyBackend::IptablesNft | ProxyBackend::IptablesLegacy | ProxyBackend::Ipvs => {
                 Some("kubeproxy_sync_proxy_rules_iptables_restore_failures_total")
             }
             ProxyBackend::Nftables => {
@@ -140,13 +147,17 @@ impl ProxyBackend {
             }
             ProxyBackend::Ebpf => vec!["--proxy-mode", "ebpf"],
             ProxyBackend::Nftables => vec!["--proxy-mode", "nftables"],
+            ProxyBackend::Ipvs => vec!["--proxy-mode", "ipvs"],
         }
     }
 
     /// Why this kernel cannot run the backend, if it cannot (checked in a scratch namespace:
-    /// an iptables chain, or an nftables table, created there and dropped with it).
+    /// an iptables chain, or an nftables table, created there and dropped with it; for ipvs,
+    /// whether the namespace has IPVS at all).
     pub fn unsupported(self) -> Option<String> {
         let probe: &[&str] = match self {
+            // /proc/net/ip_vs is per network namespace: it is there once ip_vs is loaded.
+            ProxyBackend::Ipvs => &["test", "-e", "/proc/net/ip_vs"],
             ProxyBackend::IptablesNft => &["iptables-nft", "-t", "nat", "-N", "KPX-PROBE"],
             ProxyBackend::IptablesLegacy => &["iptables-legacy", "-t", "nat", "-N", "KPX-PROBE"],
             // A nat chain too: the backend's base chains need nft_chain_nat.
@@ -182,6 +193,7 @@ impl ProxyBackend {
             .status();
         match out {
             Ok(o) if o.status.success() => None,
+            Ok(_) if self == ProxyBackend::Ipvs => Some(ipvs_missing()),
             // `ip netns exec` reports a missing program as its own failure.
             Ok(o) if String::from_utf8_lossy(&o.stderr).contains("No such file") => {
                 Some(format!("{tool} is not installed"))
@@ -195,11 +207,27 @@ impl ProxyBackend {
     }
 }
 
+/// Why a namespace has no IPVS: the kernel has none, or its module is not loaded (loading a
+/// module is the node's business, not the lab's).
+fn ipvs_missing() -> String {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let listed = ["modules.dep", "modules.builtin"].iter().any(|f| {
+        std::fs::read_to_string(format!("/lib/modules/{}/{f}", release.trim()))
+            .is_ok_and(|t| t.contains("/ip_vs.ko"))
+    });
+    if listed {
+        "ip_vs is not loaded (modprobe ip_vs and the scheduler's ip_vs_rr)".into()
+    } else {
+        "the kernel has no IPVS (ip_vs)".into()
+    }
+}
+
 pub const ALL_BACKENDS: &[ProxyBackend] = &[
     ProxyBackend::IptablesNft,
     ProxyBackend::IptablesLegacy,
     ProxyBackend::Ebpf,
     ProxyBackend::Nftables,
+    ProxyBackend::Ipvs,
 ];
 
 /// Mount points under a lab's directory (its bpffs), for `down`.
@@ -947,9 +975,15 @@ impl Lab {
     /// Removes what node `i`'s proxy programmed behind its back: flushes the nat and filter
     /// tables (iptables), every chain of kpx's tables (nftables: `nft flush table` empties the
     /// chains and keeps the maps and their elements, as `iptables -F` keeps the chains), or
-    /// deletes every Service frontend from the pinned map (ebpf).
+    /// deletes every Service frontend from the pinned map (ebpf), or clears the IPVS table
+    /// (`ipvsadm -C`: every virtual server, as a foreign tool would).
     pub fn flush_programmed(&self, i: usize) -> anyhow::Result<()> {
         let tool = match self.backend {
+            ProxyBackend::Ipvs => {
+                let status = self.nodes[i].ns.command("ipvsadm").arg("-C").status()?;
+                anyhow::ensure!(status.success(), "ipvsadm -C (is ipvsadm installed?)");
+                return Ok(());
+            }
             ProxyBackend::IptablesNft => "iptables-nft",
             ProxyBackend::IptablesLegacy => "iptables-legacy",
             ProxyBackend::Nftables => {
@@ -1126,7 +1160,8 @@ impl Lab {
     }
 
     /// Runs `iptables-save` (of the lab's flavour) in a node, for failure messages and checks;
-    /// in an nftables lab `nft list ruleset` (kpx's tables and anyone else's).
+    /// in an nftables lab `nft list ruleset` (kpx's tables and anyone else's); in an ipvs lab
+    /// `ipvsadm -Ln` then `iptables-save` (the IPVS table, then the iptables part).
     pub fn iptables_save(&self, node: usize) -> String {
         let mut cmd = match self.backend {
             ProxyBackend::IptablesNft => self.nodes[node].ns.command("iptables-nft-save"),
@@ -1136,6 +1171,11 @@ impl Lab {
             ProxyBackend::Nftables => {
                 let mut cmd = self.nodes[node].ns.command("nft");
                 cmd.args(["list", "ruleset"]);
+                cmd
+            }
+            ProxyBackend::Ipvs => {
+                let mut cmd = self.nodes[node].ns.command("sh");
+                cmd.args(["-c", "ipvsadm -Ln; iptables-save"]);
                 cmd
             }
         };

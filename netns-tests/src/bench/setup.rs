@@ -77,6 +77,7 @@ impl BenchLab {
             ProxyBackend::IptablesLegacy => "bench-legacy",
             ProxyBackend::Ebpf => "bench-ebpf",
             ProxyBackend::Nftables => "bench-nftables",
+            ProxyBackend::Ipvs => "bench-ipvs",
         };
         let mut lab = Lab::start(tag, backend, 1, 0).await?;
         // kube-proxy's default: the periodic check for lost rules, not a test's quick one.
