@@ -235,3 +235,73 @@ async fn switching_modes_leaves_nothing_of_the_earlier_mode_and_cleanup_removes_
     })
     .await;
 }
+
+/// What the IPVS mode holds in node 0: `ipvsadm -Ln`'s virtual servers, kpx-ipvs0, and
+/// `KPXV-` chains in any flavour or family.
+fn ipvs_state(lab: &Lab) -> anyhow::Result<(String, bool, bool)> {
+    let ns = &lab.nodes[0].ns;
+    let table = ns.command("ipvsadm").arg("-Ln").output()?;
+    anyhow::ensure!(
+        table.status.success(),
+        "ipvsadm -Ln (is ipvsadm installed?)"
+    );
+    let dummy = ns
+        .command("ip")
+        .args(["link", "show", "kpx-ipvs0"])
+        .output()?;
+    let chains = saved(lab)?.iter().any(|(_, t)| t.contains("KPXV-"));
+    Ok((
+        String::from_utf8_lossy(&table.stdout).to_string(),
+        dummy.status.success(),
+        chains,
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switching_to_ipvs_and_back_leaves_nothing_of_the_earlier_mode() {
+    on_one_backend("mode-switch-ipvs", |_| async move {
+        for needed in [ProxyBackend::Ipvs, ProxyBackend::IptablesNft] {
+            if let Some(why) = needed.unsupported() {
+                eprintln!("SKIPPED mode-switch-ipvs: it needs {}: {why}", needed.name());
+                return Ok(());
+            }
+        }
+        let mut lab = Lab::start("mswv", ProxyBackend::IptablesNft, 1, 0).await?;
+        lab.add_pod(0, "web-a").await?;
+        lab.add_pod(0, "client").await?;
+        let svc = create_service(
+            &lab,
+            "web",
+            json!({"selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}),
+        )
+        .await?;
+        set_endpoints(&lab, "web", &[ready("web-a")], http_port()).await?;
+        let vip = target(cluster_ip(&svc), 80);
+        let listed = format!("{}:80", cluster_ip(&svc));
+        // 1. iptables.
+        until(&lab, "iptables rules", || programmed_iptables(&lab)).await?;
+        works(&lab, vip, "iptables").await?;
+        lab.stop_proxy(0);
+        // 2. ipvs: the Service works through a virtual server; no KPX- chain is left.
+        lab.backend = ProxyBackend::Ipvs;
+        lab.start_proxy(0)?;
+        until(&lab, "the virtual server", || {
+            ipvs_state(&lab).is_ok_and(|(table, _, _)| table.contains(&listed))
+        })
+        .await?;
+        ensure_no_kpx_chains(&lab, "after starting ipvs")?;
+        works(&lab, vip, "ipvs").await?;
+        lab.stop_proxy(0);
+        // 3. iptables again: no virtual server, kpx-ipvs0 or KPXV- chain is left.
+        lab.backend = ProxyBackend::IptablesNft;
+        lab.start_proxy(0)?;
+        until(&lab, "iptables rules again", || programmed_iptables(&lab)).await?;
+        let (table, dummy, chains) = ipvs_state(&lab)?;
+        anyhow::ensure!(!table.contains(&listed), "virtual server left:\n{table}");
+        anyhow::ensure!(!dummy, "kpx-ipvs0 left");
+        anyhow::ensure!(!chains, "KPXV- chains left");
+        works(&lab, vip, "iptables again").await?;
+        Ok(())
+    })
+    .await;
+}
