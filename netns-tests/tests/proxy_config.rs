@@ -32,7 +32,13 @@ fn config_for(lab: &Lab, i: usize) -> anyhow::Result<String> {
     c.node_port_addresses = Some(vec!["primary".into()]);
     let sync =
         kpx_control::daemon::parse_duration(&lab.proxy_sync_period).map_err(anyhow::Error::msg)?;
-    c.iptables.get_or_insert_with(Default::default).sync_period = Some(GoDuration(sync));
+    // In the mode's own section, as kube-proxy's conversion reads it.
+    let sync = Some(GoDuration(sync));
+    match lab.backend.mode() {
+        "nftables" => c.nftables.get_or_insert_with(Default::default).sync_period = sync,
+        "ipvs" => c.ipvs.get_or_insert_with(Default::default).sync_period = sync,
+        _ => c.iptables.get_or_insert_with(Default::default).sync_period = sync,
+    }
     Ok(to_yaml(&c))
 }
 
