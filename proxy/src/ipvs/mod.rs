@@ -3,8 +3,12 @@
 //! (masquerade, reject, hairpin) through the shared netfilter module. See the proxy README's
 //! "The IPVS backend" for the layout and why.
 
+pub mod dummy;
 pub mod ipset;
 pub mod layout;
+pub mod netlink;
+#[cfg(test)]
+mod netlink_tests;
 pub mod plan;
 pub mod rules;
 #[cfg(test)]
