@@ -779,6 +779,8 @@ pub(crate) struct Conn {
     /// Messages sent, and `sendmsg` calls made.
     pub messages: u64,
     pub sendmsg_calls: u64,
+    /// Every datagram received, while recording (the tests' recorded kernel answers).
+    recorded: Option<Vec<Vec<u8>>>,
 }
 
 impl Conn {
@@ -804,6 +806,7 @@ impl Conn {
             buffer: vec![0; RECV_BUFFER],
             messages: 0,
             sendmsg_calls: 0,
+            recorded: None,
         })
     }
 
@@ -855,7 +858,12 @@ impl Conn {
                         ),
                     ))
                 }
-                Ok(n) => return frames(&self.buffer[..n]).map_err(|e| BackendError::kernel(op, e)),
+                Ok(n) => {
+                    if let Some(recorded) = &mut self.recorded {
+                        recorded.push(self.buffer[..n].to_vec());
+                    }
+                    return frames(&self.buffer[..n]).map_err(|e| BackendError::kernel(op, e));
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     return Err(BackendError::kernel(
@@ -965,6 +973,16 @@ impl Ipvs {
         (self.conn.messages, self.conn.sendmsg_calls)
     }
 
+    /// Starts keeping a copy of every datagram the kernel sends (and drops what was kept).
+    pub fn record(&mut self) {
+        self.conn.recorded = Some(Vec::new());
+    }
+
+    /// The datagrams received since [`record`](Self::record), and stops recording.
+    pub fn take_recorded(&mut self) -> Vec<Vec<u8>> {
+        self.conn.recorded.take().unwrap_or_default()
+    }
+
     /// How many operations [`apply`](Self::apply) sends before reading their ACKs.
     pub fn window(&self) -> usize {
         self.window
@@ -1063,7 +1081,9 @@ impl Ipvs {
     /// Pipelined: every op is sent with NLM_F_ACK and its own sequence number, as many per
     /// `sendmsg` as the window and [`MAX_DATAGRAM`] allow; every ACK of a datagram is read and
     /// matched by sequence before the next is sent. One result per op, in order: `Ok`, or the
-    /// kernel's errno (negative, e.g. `-libc::EEXIST`). A failed op does not stop the others
+    /// kernel's errno, negative. What the kernel answers (6.1): EEXIST for a service or
+    /// destination that exists, ESRCH for any command on a service that does not, ENOENT for
+    /// a destination that does not, EINVAL for a NAT destination of the other family. A failed op does not stop the others
     /// (the kernel goes on with the rest of the datagram). `Err` only when the socket fails;
     /// the ops of the datagrams already sent may then be applied: resync from a dump.
     pub fn apply(&mut self, ops: &[Op]) -> Result<Vec<Result<(), i32>>, IpvsError> {
