@@ -448,8 +448,13 @@ fn bad_answers_are_errors_not_guesses() {
     assert!(decode_service(&no_key).is_err());
     // An attribute claiming more bytes than there are.
     assert!(decode_service(&hex("40 00 01 00  02 00 00 00")).is_err());
-    // A netlink message longer than its datagram.
+    // A netlink message longer than its datagram, shorter than its header, of length 0
+    // (which would never advance), an NLMSG_ERROR without its code.
     assert!(frames(&hex("40 00 00 00  02 00 00 00  01 00 00 00  00 00 00 00")).is_err());
+    assert!(frames(&hex("04 00 00 00  02 00 00 00  01 00 00 00  00 00 00 00")).is_err());
+    assert!(frames(&hex("00 00 00 00  02 00 00 00  01 00 00 00  00 00 00 00")).is_err());
+    assert!(frames(&hex("10 00 00 00  02 00 00 00  01 00 00 00  00 00 00 00")).is_err());
+    assert!(genl_split(&[1, 1]).is_err());
 }
 
 #[test]
