@@ -924,8 +924,9 @@ fn refused(op: &str, code: i32) -> IpvsError {
 
 impl Ipvs {
     /// Opens the socket and resolves the IPVS family's id. `Unavailable` when the kernel has
-    /// no such family: the `ip_vs` module is not loaded (nlctrl does not load it: it declares
-    /// no generic netlink family alias) or the kernel is built without it.
+    /// no such family: no `ip_vs` module (nlctrl asks modprobe for the module's alias
+    /// `net-pf-16-proto-16-family-IPVS` first, so a loadable module is loaded by this call
+    /// where modprobe works) or a kernel built without it.
     pub fn open() -> Result<Ipvs, IpvsError> {
         let mut conn = Conn::open(NETLINK_GENERIC, "generic netlink (NETLINK_GENERIC)")?;
         let op = "resolving the IPVS generic netlink family";
@@ -934,7 +935,7 @@ impl Ipvs {
             match conn.transact(&encode_resolve(seq), seq, op)? {
                 Ok(answers) => answers,
                 Err(code) if code == -libc::ENOENT => return Err(IpvsError::Unavailable(
-                    "the kernel has no IPVS generic netlink family (modprobe ip_vs; CONFIG_IP_VS)"
+                    "the kernel has no IPVS generic netlink family (no ip_vs module; CONFIG_IP_VS)"
                         .to_string(),
                 )),
                 Err(code) => return Err(refused(op, code)),
