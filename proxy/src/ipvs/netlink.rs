@@ -779,6 +779,8 @@ pub(crate) struct Conn {
     /// Messages sent, and `sendmsg` calls made.
     pub messages: u64,
     pub sendmsg_calls: u64,
+    /// Every datagram received, while recording (the tests' recorded kernel answers).
+    recorded: Option<Vec<Vec<u8>>>,
 }
 
 impl Conn {
@@ -804,6 +806,7 @@ impl Conn {
             buffer: vec![0; RECV_BUFFER],
             messages: 0,
             sendmsg_calls: 0,
+            recorded: None,
         })
     }
 
@@ -855,7 +858,12 @@ impl Conn {
                         ),
                     ))
                 }
-                Ok(n) => return frames(&self.buffer[..n]).map_err(|e| BackendError::kernel(op, e)),
+                Ok(n) => {
+                    if let Some(recorded) = &mut self.recorded {
+                        recorded.push(self.buffer[..n].to_vec());
+                    }
+                    return frames(&self.buffer[..n]).map_err(|e| BackendError::kernel(op, e));
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     return Err(BackendError::kernel(
@@ -916,8 +924,9 @@ fn refused(op: &str, code: i32) -> IpvsError {
 
 impl Ipvs {
     /// Opens the socket and resolves the IPVS family's id. `Unavailable` when the kernel has
-    /// no such family: the `ip_vs` module is not loaded (nlctrl does not load it: it declares
-    /// no generic netlink family alias) or the kernel is built without it.
+    /// no such family: no `ip_vs` module (nlctrl asks modprobe for the module's alias
+    /// `net-pf-16-proto-16-family-IPVS` first, so a loadable module is loaded by this call
+    /// where modprobe works) or a kernel built without it.
     pub fn open() -> Result<Ipvs, IpvsError> {
         let mut conn = Conn::open(NETLINK_GENERIC, "generic netlink (NETLINK_GENERIC)")?;
         let op = "resolving the IPVS generic netlink family";
@@ -926,7 +935,7 @@ impl Ipvs {
             match conn.transact(&encode_resolve(seq), seq, op)? {
                 Ok(answers) => answers,
                 Err(code) if code == -libc::ENOENT => return Err(IpvsError::Unavailable(
-                    "the kernel has no IPVS generic netlink family (modprobe ip_vs; CONFIG_IP_VS)"
+                    "the kernel has no IPVS generic netlink family (no ip_vs module; CONFIG_IP_VS)"
                         .to_string(),
                 )),
                 Err(code) => return Err(refused(op, code)),
@@ -963,6 +972,16 @@ impl Ipvs {
     /// (netlink messages sent, `sendmsg` calls made) since `open`, the resolve included.
     pub fn stats(&self) -> (u64, u64) {
         (self.conn.messages, self.conn.sendmsg_calls)
+    }
+
+    /// Starts keeping a copy of every datagram the kernel sends (and drops what was kept).
+    pub fn record(&mut self) {
+        self.conn.recorded = Some(Vec::new());
+    }
+
+    /// The datagrams received since [`record`](Self::record), and stops recording.
+    pub fn take_recorded(&mut self) -> Vec<Vec<u8>> {
+        self.conn.recorded.take().unwrap_or_default()
     }
 
     /// How many operations [`apply`](Self::apply) sends before reading their ACKs.
@@ -1063,7 +1082,9 @@ impl Ipvs {
     /// Pipelined: every op is sent with NLM_F_ACK and its own sequence number, as many per
     /// `sendmsg` as the window and [`MAX_DATAGRAM`] allow; every ACK of a datagram is read and
     /// matched by sequence before the next is sent. One result per op, in order: `Ok`, or the
-    /// kernel's errno (negative, e.g. `-libc::EEXIST`). A failed op does not stop the others
+    /// kernel's errno, negative. What the kernel answers (6.1): EEXIST for a service or
+    /// destination that exists, ESRCH for any command on a service that does not, ENOENT for
+    /// a destination that does not, EINVAL for a NAT destination of the other family. A failed op does not stop the others
     /// (the kernel goes on with the rest of the datagram). `Err` only when the socket fails;
     /// the ops of the datagrams already sent may then be applied: resync from a dump.
     pub fn apply(&mut self, ops: &[Op]) -> Result<Vec<Result<(), i32>>, IpvsError> {

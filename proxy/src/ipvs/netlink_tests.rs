@@ -448,8 +448,13 @@ fn bad_answers_are_errors_not_guesses() {
     assert!(decode_service(&no_key).is_err());
     // An attribute claiming more bytes than there are.
     assert!(decode_service(&hex("40 00 01 00  02 00 00 00")).is_err());
-    // A netlink message longer than its datagram.
+    // A netlink message longer than its datagram, shorter than its header, of length 0
+    // (which would never advance), an NLMSG_ERROR without its code.
     assert!(frames(&hex("40 00 00 00  02 00 00 00  01 00 00 00  00 00 00 00")).is_err());
+    assert!(frames(&hex("04 00 00 00  02 00 00 00  01 00 00 00  00 00 00 00")).is_err());
+    assert!(frames(&hex("00 00 00 00  02 00 00 00  01 00 00 00  00 00 00 00")).is_err());
+    assert!(frames(&hex("10 00 00 00  02 00 00 00  01 00 00 00  00 00 00 00")).is_err());
+    assert!(genl_split(&[1, 1]).is_err());
 }
 
 #[test]
@@ -517,4 +522,163 @@ fn dummy_link_and_address_messages() {
         "20 00 00 00  11 00 05 00  07 00 00 00  00 00 00 00   # RTM_DELLINK (17)
          00 00 00 00  05 00 00 00  00 00 00 00  00 00 00 00",
     );
+}
+
+/// The datagrams of a recorded answer (testdata/*.hex: `#` comments, one datagram a line).
+fn recorded(text: &str) -> Vec<Vec<u8>> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(hex)
+        .collect()
+}
+
+/// The nested `kind` value of every IPVS message (family 32 in the recording) of `text`, and
+/// the dump ends seen.
+fn recorded_entries(text: &str, kind: u16) -> (Vec<Vec<u8>>, Vec<(u32, i32)>) {
+    let (mut entries, mut ends) = (Vec::new(), Vec::new());
+    for datagram in recorded(text) {
+        for (seq, frame) in frames(&datagram).expect("frames") {
+            match frame {
+                Frame::Message { kind: 32, payload } => {
+                    let (_, top) = genl_split(&payload).expect("genl");
+                    let nested = top_attribute(top, kind).expect("attrs").expect("entry");
+                    entries.push(nested.to_vec());
+                }
+                Frame::Done(code) | Frame::Ack(code) => ends.push((seq, code)),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    (entries, ends)
+}
+
+#[test]
+fn recorded_service_dump_of_kernel_6_1() {
+    let (entries, ends) = recorded_entries(include_str!("testdata/services.hex"), 1);
+    // One datagram with the three services, a second with NLMSG_DONE (seq 15).
+    assert_eq!(ends, vec![(15, 0)]);
+    let mut services: Vec<Service> = entries
+        .iter()
+        .map(|e| decode_service(e).expect("decode"))
+        .collect();
+    services.sort_by_key(|s| s.key);
+    assert_eq!(
+        services,
+        vec![
+            Service {
+                key: v4_tcp(),
+                scheduler: "mh".into(),
+                flags: IP_VS_SVC_F_SCHED_MH_FALLBACK | IP_VS_SVC_F_SCHED_MH_PORT,
+                timeout: 0,
+                netmask: 0xffff_ffff,
+            },
+            Service {
+                key: v6_udp(),
+                scheduler: "rr".into(),
+                // The kernel answers 0x3: PERSISTENT and its own HASHED, dropped.
+                flags: IP_VS_SVC_F_PERSISTENT,
+                timeout: 10800,
+                netmask: 128,
+            },
+            Service {
+                key: ServiceKey::Fwmark {
+                    ipv6: false,
+                    mark: 0x4001,
+                },
+                scheduler: "rr".into(),
+                flags: 0,
+                timeout: 0,
+                netmask: 0xffff_ffff,
+            },
+        ]
+    );
+}
+
+#[test]
+fn recorded_destination_dumps_of_kernel_6_1() {
+    let (entries, ends) = recorded_entries(include_str!("testdata/dests.hex"), 2);
+    assert_eq!(ends, vec![(16, 0), (17, 0)]);
+    let dests: Vec<(IpAddr, u16, u32)> = entries
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            // The first three are the IPv4 mh service's, the last two the IPv6 one's.
+            let d = decode_dest(e, i >= 3).expect("decode");
+            assert_eq!((d.active_conns, d.inactive_conns), (0, 0));
+            (d.addr, d.port, d.weight)
+        })
+        .collect();
+    let mut sorted = dests.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        vec![
+            (ip("198.18.1.1"), 8080, 1),
+            (ip("198.18.1.2"), 8080, 1),
+            (ip("198.18.1.3"), 8080, 1),
+            (ip("2001:2::1:1"), 5353, 1),
+            (ip("2001:2::1:2"), 5353, 2),
+        ]
+    );
+    // The family comes from IPVS_DEST_ATTR_ADDR_FAMILY, which 6.1 sends: told the wrong
+    // service family, the addresses still read right.
+    assert_eq!(
+        decode_dest(&entries[0], true).expect("decode").addr,
+        dests[0].0
+    );
+}
+
+#[test]
+fn recorded_info_config_and_acks_of_kernel_6_1() {
+    let answer = |text: &str| -> Vec<u8> {
+        let datagrams = recorded(text);
+        let frames = frames(&datagrams[0]).expect("frames");
+        let Frame::Message { payload, .. } = &frames[0].1 else {
+            panic!("{frames:?}")
+        };
+        // Then the ACK, in a datagram of its own.
+        assert_eq!(
+            super::netlink::frames(&datagrams[1]).expect("ack")[0].1,
+            Frame::Ack(0)
+        );
+        genl_split(payload).expect("genl").1.to_vec()
+    };
+    let info = decode_info(&answer(include_str!("testdata/info.hex"))).expect("info");
+    assert_eq!(info.version_text(), "1.2.1");
+    assert_eq!(info.conn_tab_size, 4096);
+    assert_eq!(
+        decode_timeouts(&answer(include_str!("testdata/config.hex"))).expect("config"),
+        Timeouts {
+            tcp: 900,
+            tcp_fin: 120,
+            udp: 300
+        }
+    );
+    // One capped ACK per datagram, in order, each with the op's errno.
+    let acks: Vec<(u32, Frame)> = recorded(include_str!("testdata/batch.hex"))
+        .iter()
+        .flat_map(|d| frames(d).expect("frames"))
+        .collect();
+    let codes: Vec<i32> = acks
+        .iter()
+        .map(|(_, f)| match f {
+            Frame::Ack(c) => *c,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        codes,
+        vec![
+            0,
+            -libc::EEXIST,
+            0,
+            -libc::ENOENT,
+            0,
+            -libc::EINVAL,
+            -libc::ESRCH,
+            0
+        ]
+    );
+    let seqs: Vec<u32> = acks.iter().map(|(s, _)| *s).collect();
+    assert_eq!(seqs, (0x12..0x1a).collect::<Vec<_>>());
 }
