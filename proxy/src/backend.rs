@@ -59,7 +59,7 @@ impl BackendError {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NodeState {
     /// The node's own addresses (every interface's, but loopback and link-local ones and
-    /// kube-ipvs0's), in interface order.
+    /// kube-ipvs0's and kpx-ipvs0's), in interface order.
     pub addresses: Vec<NodeAddress>,
 }
 
@@ -77,7 +77,7 @@ impl NodeState {
             return Self::default();
         };
         let addresses = addrs
-            .filter(|a| a.interface_name != KUBE_IPVS)
+            .filter(|a| a.interface_name != KUBE_IPVS && a.interface_name != KPX_IPVS)
             .filter_map(|a| {
                 let storage = a.address?;
                 let ip = if let Some(v4) = storage.as_sockaddr_in() {
@@ -109,6 +109,8 @@ impl NodeState {
 /// kube-proxy's IPVS mode binds every Service address to this dummy interface: those are
 /// Service addresses, not the node's.
 const KUBE_IPVS: &str = "kube-ipvs0";
+/// And kpx's IPVS mode to this one (`ipvs::layout::DUMMY`).
+const KPX_IPVS: &str = crate::ipvs::layout::DUMMY;
 
 /// One sync's input.
 #[derive(Debug, Clone, Copy)]

@@ -55,6 +55,12 @@ const PACKAGES: &[(&str, &str)] = &[
         "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
         "fonts-dejavu-core",
     ),
+    // The ipvs backend's sets and its loader baseline.
+    ("ipset", "ipset"),
+    ("ipvsadm", "ipvsadm"),
+    // `cargo xtask vm-test`: the guest and its initramfs's shell.
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("/bin/busybox", "busybox-static"),
 ];
 
 fn on_path(command: &str) -> bool {
@@ -66,7 +72,8 @@ fn on_path(command: &str) -> bool {
         .unwrap_or(false)
 }
 
-pub fn install() -> anyhow::Result<Tools> {
+/// The Debian packages of [`PACKAGES`] that are missing, installed with apt-get.
+pub fn system_packages() -> anyhow::Result<()> {
     let mut missing: Vec<&str> = PACKAGES
         .iter()
         .filter(|(cmd, _)| !on_path(cmd))
@@ -75,7 +82,9 @@ pub fn install() -> anyhow::Result<Tools> {
     missing.dedup();
     let mut apt_updated = false;
     if missing.is_empty() {
-        say("system packages: present (iproute2, iptables, nftables, conntrack, clang-19, libbpf-dev, iperf3, fonts-dejavu-core)");
+        let mut all: Vec<&str> = PACKAGES.iter().map(|(_, p)| *p).collect();
+        all.dedup();
+        say(&format!("system packages: present ({})", all.join(", ")));
     } else {
         if !is_root() {
             bail!("missing packages {missing:?}; installing them needs root (apt-get install)");
@@ -87,6 +96,11 @@ pub fn install() -> anyhow::Result<Tools> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
+    Ok(())
+}
+
+pub fn install() -> anyhow::Result<Tools> {
+    system_packages()?;
     let tools_dir = workspace_root().join("target/tools");
     std::fs::create_dir_all(&tools_dir)
         .with_context(|| format!("creating {}", tools_dir.display()))?;

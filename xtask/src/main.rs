@@ -3,6 +3,7 @@
 //! every test with the real clients required.
 
 mod deps;
+mod vm;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -32,6 +33,47 @@ enum Cmd {
     },
     /// `kpx-lab bench` with its default matrix (release build), into target/kpx-bench.
     Bench,
+    /// kpx-lab's scenario tests on Debian's kernel 6.1 in qemu (TCG, no network device).
+    VmTest(VmTestArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct VmTestArgs {
+    /// The backends under test (KPX_BACKENDS inside the guest), comma-separated.
+    #[arg(long, default_value = vm::DEFAULT_BACKENDS, value_delimiter = ',')]
+    backends: Vec<String>,
+    /// kpx-lab's test binaries to run (netns-tests/tests/<name>.rs), comma-separated.
+    #[arg(long, default_value = vm::DEFAULT_TESTS, value_delimiter = ',')]
+    tests: Vec<String>,
+    /// Bound on the whole VM run, in seconds; qemu is killed past it.
+    #[arg(long, default_value_t = vm::DEFAULT_TIMEOUT_SECONDS)]
+    timeout: u64,
+    /// Guest CPUs (qemu TCG threads).
+    #[arg(long, default_value_t = 2)]
+    cpus: u32,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 4096)]
+    memory: u32,
+    /// Run this shell command in the guest (chrooted, cwd netns-tests) instead of the tests.
+    #[arg(long)]
+    command: Option<String>,
+    /// Passed to every test binary (a name filter, `--nocapture`, …).
+    #[arg(last = true)]
+    test_args: Vec<String>,
+}
+
+impl VmTestArgs {
+    fn options(self) -> vm::Options {
+        vm::Options {
+            backends: self.backends,
+            tests: self.tests,
+            timeout: std::time::Duration::from_secs(self.timeout),
+            cpus: self.cpus,
+            memory_mib: self.memory,
+            test_args: self.test_args,
+            command: self.command,
+        }
+    }
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -225,8 +267,14 @@ fn main() -> anyhow::Result<()> {
             if totals.passed == 0 {
                 bail!("no test ran");
             }
-            Ok(())
+            // The second kernel: the same scenarios in the VM (ipvs exists only there).
+            if !vm::qemu_available() && std::env::var_os("CI").is_none() {
+                say("vm-test skipped: qemu-system-x86_64 is not available and could not be installed (not in CI; in CI this fails)");
+                return Ok(());
+            }
+            vm::vm_test(&vm::Options::defaults())
         }
+        Cmd::VmTest(args) => vm::vm_test(&args.options()),
         Cmd::Bench => {
             deps::install()?;
             say("building kpx (release)");

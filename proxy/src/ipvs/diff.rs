@@ -113,9 +113,7 @@ pub fn diff(key: VsKey, want: Option<&VirtualServer>, have: Option<&Held>, out: 
             for d in vs.dests.iter().rev() {
                 match held.dests.get(d) {
                     None => out.changes.push(Change::AddDest(key, *d, WEIGHT)),
-                    Some(w) if *w != WEIGHT => {
-                        out.changes.push(Change::EditDest(key, *d, WEIGHT))
-                    }
+                    Some(w) if *w != WEIGHT => out.changes.push(Change::EditDest(key, *d, WEIGHT)),
                     Some(_) => {}
                 }
             }
@@ -189,10 +187,17 @@ mod tests {
         // Back before it drained: its weight returns, nothing else.
         let mut held = Held::of(&want);
         held.dests.insert((ip("198.18.128.2"), 80), 0);
-        let back = vs(Protocol::Tcp, "rr", &["198.18.128.1", "198.18.128.2", "198.18.128.3"]);
+        let back = vs(
+            Protocol::Tcp,
+            "rr",
+            &["198.18.128.1", "198.18.128.2", "198.18.128.3"],
+        );
         let mut d = Diff::default();
         diff(KEY, Some(&back), Some(&held), &mut d);
-        assert_eq!(d.changes, [Change::EditDest(KEY, (ip("198.18.128.2"), 80), 1)]);
+        assert_eq!(
+            d.changes,
+            [Change::EditDest(KEY, (ip("198.18.128.2"), 80), 1)]
+        );
     }
 
     #[test]
@@ -205,12 +210,19 @@ mod tests {
         assert_eq!(d.dropped.len(), 1);
 
         let have = Held::of(&vs(Protocol::Tcp, "mh", &["198.18.128.1", "198.18.128.3"]));
-        let want = vs(Protocol::Tcp, "mh", &["198.18.128.1", "198.18.128.2", "198.18.128.3"]);
+        let want = vs(
+            Protocol::Tcp,
+            "mh",
+            &["198.18.128.1", "198.18.128.2", "198.18.128.3"],
+        );
         let mut d = Diff::default();
         diff(KEY, Some(&want), Some(&have), &mut d);
         assert_eq!(d.changes[0], Change::DelService(KEY));
         assert!(matches!(d.changes[1], Change::AddService(..)));
-        assert_eq!(d.changes[2], Change::AddDest(KEY, (ip("198.18.128.3"), 80), 1));
+        assert_eq!(
+            d.changes[2],
+            Change::AddDest(KEY, (ip("198.18.128.3"), 80), 1)
+        );
         assert_eq!(d.changes.len(), 5);
         // Nothing changed: nothing sent.
         let mut d = Diff::default();

@@ -56,6 +56,7 @@ pub fn delta_text(
 ) -> String {
     let mut out = String::new();
     for (kind, m) in del {
+        let m = super::plan::member_key(m);
         out.push_str(&format!("del {} {m} -exist\n", kind.name(ipv6)));
     }
     for (kind, m) in add {

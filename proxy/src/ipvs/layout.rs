@@ -160,6 +160,8 @@ impl SetKind {
             SetKind::Addresses => format!("hash:ip family {family}"),
             SetKind::Hairpin => format!("hash:ip,port,ip family {family}"),
             SetKind::HealthCheckNodePorts => "bitmap:port range 0-65535".to_string(),
+            // Each member's comment names its Service port (for dump).
+            SetKind::Frontends => format!("hash:ip,port family {family} comment"),
             _ => format!("hash:ip,port family {family}"),
         }
     }

@@ -349,7 +349,21 @@ pub fn port_plan(
         let targets: Vec<Target> = routes.iter().map(|(s, _)| target(route_of(*s))).collect();
         let uniform = targets.iter().all(|t| *t == targets[0]);
         for portal in portals(f, node_ips, &nodeport_cidrs) {
-            out.members.insert((SetKind::Frontends, portal.member()));
+            // The comment names the Service port, so `dump` can say whose a virtual server
+            // is from the kernel alone (IPVS itself has no names).
+            let nodeport = if f.kind == FrontendKind::NodePort {
+                " nodeport"
+            } else {
+                ""
+            };
+            out.members.insert((
+                SetKind::Frontends,
+                format!(
+                    "{} comment \"{}{nodeport}\"",
+                    portal.member(),
+                    entry.port.name
+                ),
+            ));
             if f.kind != FrontendKind::NodePort {
                 out.addresses.insert(portal.ip);
                 out.members
@@ -578,6 +592,13 @@ impl Plan {
     pub fn rules(&self) -> Vec<&Rule> {
         self.ports.values().flat_map(|p| p.rules.iter()).collect()
     }
+}
+
+/// A member as the kernel keys it: without its comment.
+pub fn member_key(member: &str) -> &str {
+    member
+        .split_once(" comment ")
+        .map_or(member, |(key, _)| key)
 }
 
 /// Every set's members, from some ports' plans (every set present, empty or not).

@@ -268,7 +268,18 @@ fn trace_inner(
     path: Path,
 ) -> Result<Verdict, String> {
     use super::layout as l;
-    let members = plan.members();
+    let members: BTreeMap<SetKind, BTreeSet<String>> = plan
+        .members()
+        .into_iter()
+        .map(|(k, set)| {
+            (
+                k,
+                set.iter()
+                    .map(|m| super::plan::member_key(m).to_string())
+                    .collect(),
+            )
+        })
+        .collect();
     let services = plan.services();
     let mut st = State {
         mark: 0,
