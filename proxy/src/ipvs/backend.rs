@@ -136,7 +136,25 @@ impl IpvsBackend {
     fn write_rules(&mut self, force: bool) -> Result<usize, BackendError> {
         let rules: Vec<&plan::Rule> = self.ports.values().flat_map(|p| p.rules.iter()).collect();
         let own = rules::own_chains(&rules);
-        let stale: Vec<(String, String)> = self.chains.difference(&own).cloned().collect();
+        let mut known = self.chains.clone();
+        if force {
+            // A full sync also takes the per-frontend chains an earlier process left.
+            if let Ok(saved) = self.cfg.iptables.save_all() {
+                for t in crate::netfilter::cleanup::leftovers(&saved, layout::PREFIX) {
+                    for chain in t.chains {
+                        let fixed = layout::MANGLE_CHAINS
+                            .iter()
+                            .chain(layout::NAT_CHAINS)
+                            .chain(layout::FILTER_CHAINS)
+                            .any(|c| *c == chain);
+                        if !fixed {
+                            known.insert((t.table.clone(), chain));
+                        }
+                    }
+                }
+            }
+        }
+        let stale: Vec<(String, String)> = known.difference(&own).cloned().collect();
         let missing = if force {
             self.missing_jumps()
         } else {
@@ -240,11 +258,29 @@ impl IpvsBackend {
         let wanted = self.wanted_all();
         let mut d = Diff::default();
         let mut have: BTreeMap<VsKey, Held> = BTreeMap::new();
-        for (key, held) in dumped {
+        for (key, mut held) in dumped {
+            if let Some(vs) = wanted.get(&key) {
+                // A firewall-mark server does not say its protocol; the plan does.
+                held.protocol = vs.protocol;
+            }
             if self.owns(&key, &bound) || wanted.contains_key(&key) {
                 have.insert(key, held);
             }
         }
+        // Real servers left draining (by an earlier process, or forgotten after an error)
+        // drain again from now, so housekeeping deletes them.
+        let left_draining: Vec<(VsKey, Dest)> = have
+            .iter()
+            .flat_map(|(key, held)| {
+                let keep = wanted.get(key);
+                held.dests
+                    .iter()
+                    .filter(move |(dest, w)| {
+                        **w == 0 && keep.is_some_and(|vs| vs.dests.binary_search(dest).is_err())
+                    })
+                    .map(move |(dest, _)| (*key, *dest))
+            })
+            .collect();
         let keys: BTreeSet<VsKey> = have.keys().chain(wanted.keys()).copied().collect();
         for key in &keys {
             diff::diff(*key, wanted.get(key).copied(), have.get(key), &mut d);
@@ -252,6 +288,10 @@ impl IpvsBackend {
         self.held = self.held_after(&wanted, &have, &d);
         self.draining
             .retain(|(key, dest), _| have.get(key).is_some_and(|h| h.dests.get(dest) == Some(&0)));
+        let now = Instant::now();
+        for k in left_draining {
+            self.draining.entry(k).or_insert(now);
+        }
         let written = self.send(d)?;
 
         // Addresses last: a Service address goes once nothing of kpx's uses it.
@@ -265,10 +305,17 @@ impl IpvsBackend {
 
     /// Every virtual server the applied plan wants (the first owner's, per key).
     fn wanted_all(&self) -> BTreeMap<VsKey, &plan::VirtualServer> {
-        self.owners
-            .iter()
-            .filter_map(|(key, names)| {
-                let first = names.iter().next()?;
+        self.wanted_of(self.owners.keys())
+    }
+
+    /// The wanted virtual servers of `keys` only (a partial sync's: O(changed), not O(all)).
+    fn wanted_of<'k>(
+        &self,
+        keys: impl IntoIterator<Item = &'k VsKey>,
+    ) -> BTreeMap<VsKey, &plan::VirtualServer> {
+        keys.into_iter()
+            .filter_map(|key| {
+                let first = self.owners.get(key)?.iter().next()?;
                 Some((*key, self.ports.get(first)?.services.get(key)?))
             })
             .collect()
@@ -332,7 +379,11 @@ impl IpvsBackend {
             let old = self.ports.remove(name).unwrap_or_default();
             let new_plan = new.clone().unwrap_or_default();
             for p in old.marked.iter().filter(|p| !new_plan.marked.contains(p)) {
-                self.marks.release(p);
+                // Two Services may share an external IP and port: the mark stays while one
+                // of them is marked there.
+                if !self.ports.values().any(|other| other.marked.contains(p)) {
+                    self.marks.release(p);
+                }
             }
             rules_changed |= old.rules != new_plan.rules;
             for key in old.services.keys() {
@@ -396,7 +447,7 @@ impl IpvsBackend {
         for ip in &add_addresses {
             self.kernel.add_address(ifindex, *ip)?;
         }
-        let wanted = self.wanted_all();
+        let wanted = self.wanted_of(&keys);
         let mut d = Diff::default();
         for key in &keys {
             diff::diff(*key, wanted.get(key).copied(), self.held.get(key), &mut d);
@@ -495,10 +546,20 @@ impl Backend for IpvsBackend {
             }
             Err(e) => return Some(format!("cannot list IPVS: {e}")),
         }
-        match self.kernel.dummy_index() {
-            Ok(Some(_)) => None,
-            Ok(None) => Some(format!("{} is gone", layout::DUMMY)),
-            Err(e) => Some(format!("cannot read {}: {e}", layout::DUMMY)),
+        let ifindex = match self.kernel.dummy_index() {
+            Ok(Some(i)) => i,
+            Ok(None) => return Some(format!("{} is gone", layout::DUMMY)),
+            Err(e) => return Some(format!("cannot read {}: {e}", layout::DUMMY)),
+        };
+        match self.kernel.dummy_addresses(ifindex) {
+            Ok(bound) => {
+                let bound: BTreeSet<IpAddr> = bound.into_iter().collect();
+                self.addresses
+                    .keys()
+                    .find(|ip| !bound.contains(ip))
+                    .map(|ip| format!("{ip} is no longer on {}", layout::DUMMY))
+            }
+            Err(e) => Some(format!("cannot read {}'s addresses: {e}", layout::DUMMY)),
         }
     }
 
@@ -545,6 +606,8 @@ impl Backend for IpvsBackend {
             }
         }
         if let Some(e) = results.iter().find_map(|r| r.as_ref().err()) {
+            // What IPVS holds is not what kpx recorded now: the next sync reads it back.
+            self.dirty = true;
             return Err(BackendError::kernel(
                 "ipvs: deleting a drained real server",
                 e,
@@ -607,7 +670,7 @@ impl Backend for IpvsBackend {
 }
 
 /// A `FRONTENDS` member as `ipset list` prints it: `IP,PROTO:PORT comment "NAME[ nodeport]"`.
-fn parse_frontend(line: &str) -> Option<(Portal, String, bool)> {
+pub(crate) fn parse_frontend(line: &str) -> Option<(Portal, String, bool)> {
     let (key, comment) = line.split_once(" comment ")?;
     let comment = comment.trim().trim_matches('"');
     let (name, nodeport) = match comment.strip_suffix(" nodeport") {

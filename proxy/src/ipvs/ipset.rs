@@ -41,7 +41,8 @@ pub fn full_text(ipv6: bool, members: &BTreeMap<SetKind, BTreeSet<String>>) -> S
         out.push('\n');
         out.push_str(&format!("flush {tmp}\n"));
         for m in members.get(&kind).into_iter().flatten() {
-            out.push_str(&format!("add {tmp} {m}\n"));
+            // -exist: two Service ports sharing a frontend give it twice (with two comments).
+            out.push_str(&format!("add {tmp} {m} -exist\n"));
         }
         out.push_str(&format!("swap {tmp} {name}\ndestroy {tmp}\n"));
     }
@@ -151,7 +152,7 @@ mod tests {
             "create KPXV-REJECT hash:ip,port family inet maxelem 1048576 -exist\n\
              create KPXV-REJECT-T hash:ip,port family inet maxelem 1048576 -exist\n\
              flush KPXV-REJECT-T\n\
-             add KPXV-REJECT-T 198.18.1.1,tcp:80\n\
+             add KPXV-REJECT-T 198.18.1.1,tcp:80 -exist\n\
              swap KPXV-REJECT-T KPXV-REJECT\n\
              destroy KPXV-REJECT-T\n"
         ));

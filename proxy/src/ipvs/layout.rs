@@ -121,10 +121,13 @@ pub enum SetKind {
     Hairpin,
     /// Health-check node ports (`bitmap:port`), accepted.
     HealthCheckNodePorts,
+    /// `ip,proto:port` of every frontend with per-frontend mangle rules: the mangle chains
+    /// look at nothing else, so other packets pay one set lookup.
+    Marked,
 }
 
 impl SetKind {
-    pub const ALL: [SetKind; 8] = [
+    pub const ALL: [SetKind; 9] = [
         SetKind::MasqOffCluster,
         SetKind::MasqAll,
         SetKind::Reject,
@@ -133,6 +136,7 @@ impl SetKind {
         SetKind::Addresses,
         SetKind::Hairpin,
         SetKind::HealthCheckNodePorts,
+        SetKind::Marked,
     ];
 
     fn stem(self) -> &'static str {
@@ -145,6 +149,7 @@ impl SetKind {
             SetKind::Addresses => "ADDRESSES",
             SetKind::Hairpin => "LOOP-BACK",
             SetKind::HealthCheckNodePorts => "HEALTH-CHECK-NODE-PORT",
+            SetKind::Marked => "MARKED",
         }
     }
 

@@ -53,7 +53,8 @@ pub fn start(v4: IpvsConfig, v6: Option<IpvsConfig>) -> Result<Box<dyn Backend>,
 }
 
 /// Removes everything the IPVS mode left in this namespace, in order: the virtual servers
-/// kpx owns (on kpx-ipvs0's addresses, or with kpx's firewall marks), kpx-ipvs0, the `KPXV-`
+/// kpx owns (on kpx-ipvs0's addresses, with kpx's firewall marks, or the NodePorts its
+/// `FRONTENDS` set names), kpx-ipvs0, the `KPXV-`
 /// chains, then the `KPXV-`/`KPXV6-` ipsets (a set is destroyed only once no rule uses it).
 /// Says what it removed.
 pub fn cleanup_all() -> Result<Vec<String>, BackendError> {
@@ -68,6 +69,15 @@ pub fn cleanup_all() -> Result<Vec<String>, BackendError> {
             .collect(),
         _ => BTreeSet::new(),
     };
+    // NodePorts are on node addresses, not kpx-ipvs0's: the FRONTENDS set names them.
+    let mut node_ports: BTreeSet<(IpAddr, u16)> = BTreeSet::new();
+    for ipv6 in [false, true] {
+        for line in ipset::members(&layout::SetKind::Frontends.name(ipv6)).unwrap_or_default() {
+            if let Some((portal, _, true)) = backend::parse_frontend(&line) {
+                node_ports.insert((portal.ip, portal.port));
+            }
+        }
+    }
     if let Ok(mut ipvs) = netlink::Ipvs::open() {
         let services = ipvs
             .services()
@@ -76,7 +86,9 @@ pub fn cleanup_all() -> Result<Vec<String>, BackendError> {
             .into_iter()
             .filter(|s| match &s.key {
                 netlink::ServiceKey::Fwmark { mark, .. } => layout::is_kpx_fwmark(*mark),
-                netlink::ServiceKey::Addr { addr, .. } => bound.contains(addr),
+                netlink::ServiceKey::Addr { addr, port, .. } => {
+                    bound.contains(addr) || node_ports.contains(&(*addr, *port))
+                }
             })
             .map(|s| netlink::Op::DelService(s.key))
             .collect();

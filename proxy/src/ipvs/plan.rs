@@ -539,12 +539,16 @@ fn mixed<'r>(
             });
         }
     };
+    let marks_any = !fw_rules.iter().all(|r| r.ends_with("-j RETURN"));
     chain(
         "mangle",
         &[layout::MANGLE_PRE, layout::MANGLE_OUT],
         &fw,
         fw_rules,
     );
+    if marks_any {
+        out.members.insert((SetKind::Marked, portal.member()));
+    }
     chain("nat", &[layout::SERVICES], &mq, mq_rules);
     chain("filter", &[layout::FILTER], &fl, fl_rules);
 }

@@ -38,8 +38,29 @@ fn fixed(cfg: &PlanConfig, table: &str, chain: &str) -> (Vec<String>, Vec<String
                     layout::MARK_MASQ
                 ));
             }
+            // The node's own connections to a Service address leave from that address (it is
+            // local, on kpx-ipvs0): an endpoint elsewhere would answer a VIP it holds itself.
+            // Masqueraded whatever the routes say (kube-proxy's `KUBE-CLUSTER-IP src,dst`).
+            head.push(format!(
+                "-m set --match-set {} src -m set --match-set {} dst,dst -j {}",
+                s(SetKind::Addresses),
+                s(SetKind::Frontends),
+                layout::MARK_MASQ
+            ));
             (head, vec![])
         }
+        // Only the first packet of a connection to a marked frontend needs its mark: IPVS
+        // schedules once, later packets follow its connection table.
+        ("mangle", layout::MANGLE_PRE | layout::MANGLE_OUT) => (
+            vec![
+                "-m conntrack ! --ctstate NEW -j RETURN".to_string(),
+                format!(
+                    "-m set ! --match-set {} dst,dst -j RETURN",
+                    s(SetKind::Marked)
+                ),
+            ],
+            vec![],
+        ),
         ("nat", layout::MARK_MASQ) => (vec![format!("-j MARK --or-mark {m}")], vec![]),
         ("nat", layout::POSTROUTING) => (
             vec![

@@ -164,6 +164,8 @@ impl Tables {
                         set.contains(&p.dport.to_string())
                     } else if dims == "dst" {
                         set.contains(&p.dst.to_string())
+                    } else if dims == "src" {
+                        set.contains(&p.src.to_string())
                     } else {
                         set.contains(&member(p, dims, p.src)?)
                     };
