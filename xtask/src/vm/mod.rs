@@ -233,8 +233,9 @@ fn run_script(
         return s;
     }
     s.push_str("failed=0\n");
-    // Plain text on the console: the host reads `test result:` lines.
-    let args: Vec<String> = ["--color", "never"]
+    // Plain text on the console: the host reads `test result:` lines, and the `SKIPPED`
+    // lines of passing tests too (libtest keeps a passing test's output unless told).
+    let args: Vec<String> = ["--color", "never", "--show-output"]
         .iter()
         .map(|a| a.to_string())
         .chain(args.iter().map(|a| quote(a)))
