@@ -179,6 +179,13 @@ fn attach_legacy(ebpf: &mut Ebpf) -> Result<Vec<String>, AttachError> {
         });
         let id = match program.attach_with_options(&name, TcAttachType::Ingress, options) {
             Ok(id) => id,
+            // Attached meanwhile (the start and the interface watcher both attach): kpx's
+            // fixed priority and handle make the second one fail instead of stacking.
+            Err(ProgramError::TcError(TcError::NetlinkError(e)))
+                if e.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                continue
+            }
             Err(_) if gone() => continue,
             Err(e) => return Err(failed(e.to_string())),
         };
