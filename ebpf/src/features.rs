@@ -37,15 +37,17 @@ pub fn check(pin_root: &Path, cgroup: Option<&Path>) -> Result<(), String> {
     check_paths(pin_root, cgroup)
 }
 
-/// The kernel's side: version (tcx), program and map types, helpers.
+/// Whether tc programs attach as tcx links (Linux 6.6 or later); without, they attach as
+/// legacy cls_bpf filters on a clsact qdisc (see `attach`). By version, as aya decides it.
+pub fn has_tcx() -> bool {
+    KernelVersion::current().is_ok_and(|k| k >= KernelVersion::new(6, 6, 0))
+}
+
+/// The kernel's side: program and map types, helpers. (A kernel without tcx is no reason to
+/// refuse: the tc program then attaches through clsact + cls_bpf, whose absence the attach
+/// itself names.)
 pub fn check_kernel() -> Result<(), String> {
-    let kernel =
-        KernelVersion::current().map_err(|e| format!("reading the kernel version: {e}"))?;
-    if kernel < KernelVersion::new(6, 6, 0) {
-        return Err(format!(
-            "kernel {kernel:?} lacks tcx (BPF links for tc, Linux 6.6 or later), which the eBPF proxy attaches with"
-        ));
-    }
+    KernelVersion::current().map_err(|e| format!("reading the kernel version: {e}"))?;
     let program = |t: ProgramType, name: &str| match is_program_supported(t) {
         Ok(true) => Ok(()),
         Ok(false) => Err(format!(

@@ -30,6 +30,9 @@ enum Cmd {
         /// Skip `cargo fmt --check` and `cargo clippy` (for a quick local run).
         #[arg(long)]
         no_lint: bool,
+        /// kpx-lab's test binaries the VM runs after the host tests (see `vm-test --tests`).
+        #[arg(long, default_value = vm::DEFAULT_TESTS, value_delimiter = ',')]
+        vm_tests: Vec<String>,
     },
     /// `kpx-lab bench` with its default matrix (release build), into target/kpx-bench.
     Bench,
@@ -218,7 +221,7 @@ fn main() -> anyhow::Result<()> {
                 .arg("demo")
                 .env("KPX_KUBECTL", &tools.kubectl))
         }
-        Cmd::Test { no_lint } => {
+        Cmd::Test { no_lint, vm_tests } => {
             let tools = deps::install()?;
             if !no_lint {
                 say("checking formatting (cargo fmt --check)");
@@ -272,7 +275,10 @@ fn main() -> anyhow::Result<()> {
                 say("vm-test skipped: qemu-system-x86_64 is not available and could not be installed (not in CI; in CI this fails)");
                 return Ok(());
             }
-            vm::vm_test(&vm::Options::defaults())
+            vm::vm_test(&vm::Options {
+                tests: vm_tests,
+                ..vm::Options::defaults()
+            })
         }
         Cmd::VmTest(args) => vm::vm_test(&args.options()),
         Cmd::Bench => {

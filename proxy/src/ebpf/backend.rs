@@ -95,7 +95,7 @@ fn programs_version() -> u64 {
 /// running on indefinitely.
 fn replace_links_of_other_programs(tc: &Ebpf, config: &EbpfConfig) -> Result<(), BackendError> {
     let links = config.links();
-    if attach::pinned_links(&links).is_empty() {
+    if attach::pinned_links(&links).is_empty() && attach::legacy_attachments().is_empty() {
         return Ok(());
     }
     let recorded =
@@ -217,7 +217,8 @@ impl EbpfBackend {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EbpfCleanup {
     pub pin_dir: PathBuf,
-    /// Link pins removed (`tc-ingress-N`, `cgroup-kpx_*`): each detached its program.
+    /// Link pins removed (`tc-ingress-N`, `cgroup-kpx_*`): each detached its program; and
+    /// kpx's legacy tc filters removed (`tc-legacy-N`, interface N), on a kernel without tcx.
     pub links: Vec<String>,
     /// Pinned maps removed.
     pub maps: Vec<String>,
@@ -238,13 +239,17 @@ impl EbpfCleanup {
 /// detaches them; an unpinned link lives only as long as the process holding it), then the
 /// pinned maps, then the directory if it is empty. Only names kpx creates are removed, so
 /// another program's pins beside them stay. A missing directory (nothing pinned, no bpffs) is
-/// quiet: a debug line, no error.
+/// quiet: a debug line, no error. On a kernel without tcx the tc program is a legacy filter
+/// instead of a pinned link: kpx's filters on this namespace's interfaces are removed too
+/// (`tc-legacy-N` in the report), pins or not.
 pub fn cleanup(pin_dir: &Path) -> Result<EbpfCleanup, BackendError> {
     let mut report = EbpfCleanup {
         pin_dir: pin_dir.to_path_buf(),
         ..Default::default()
     };
     if !pin_dir.is_dir() {
+        report.links =
+            attach::detach_legacy().map_err(|e| error("removing kpx's legacy tc filters", e))?;
         report.skipped = Some(format!("{} does not exist", pin_dir.display()));
         tracing::debug!(pin_dir = %pin_dir.display(), "nothing pinned: no eBPF leftovers");
         return Ok(report);

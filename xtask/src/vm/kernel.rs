@@ -68,17 +68,14 @@ pub fn fetch(cache: &Path) -> anyhow::Result<Kernel> {
     if let Some((_, dir)) = cached.pop() {
         return kernel_in(&dir);
     }
-    let mut updated = false;
     let package = match newest_package() {
         Ok(p) => p,
         Err(_) => {
             say("apt-get update (to find a linux-image-6.1.0 package)");
             run(Command::new("apt-get").args(["update", "-qq"]))?;
-            updated = true;
             newest_package()?
         }
     };
-    let _ = updated;
     let release = package
         .strip_prefix("linux-image-")
         .context("package name")?
