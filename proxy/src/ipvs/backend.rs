@@ -647,10 +647,12 @@ impl Backend for IpvsBackend {
                 protocol: portal.protocol,
             };
             if let Some(held) = services.get(&key) {
+                // Draining real servers (weight 0) take no new connections: not endpoints.
                 svc.endpoints.extend(
                     held.dests
-                        .keys()
-                        .map(|(ip, port)| plan::ip_port(*ip, *port)),
+                        .iter()
+                        .filter(|(_, w)| **w != 0)
+                        .map(|((ip, port), _)| plan::ip_port(*ip, *port)),
                 );
             }
             let m = portal.member();

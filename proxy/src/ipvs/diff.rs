@@ -79,8 +79,6 @@ impl Spec {
 pub struct Diff {
     pub changes: Vec<Change>,
     pub draining: Vec<(VsKey, Dest)>,
-    /// UDP/SCTP real servers deleted at once: their conntrack entries must go too.
-    pub dropped: Vec<(VsKey, Protocol, Dest)>,
 }
 
 fn create(key: VsKey, vs: &VirtualServer, out: &mut Diff) {
@@ -127,8 +125,8 @@ pub fn diff(key: VsKey, want: Option<&VirtualServer>, have: Option<&Held>, out: 
                         out.draining.push((key, *d));
                     }
                 } else {
+                    // Their conntrack entries go through the model's UDP cleanups.
                     out.changes.push(Change::DelDest(key, *d));
-                    out.dropped.push((key, held.protocol, *d));
                 }
             }
         }
@@ -207,7 +205,6 @@ mod tests {
         let mut d = Diff::default();
         diff(KEY, Some(&want), Some(&have), &mut d);
         assert_eq!(d.changes, [Change::DelDest(KEY, (ip("198.18.128.2"), 80))]);
-        assert_eq!(d.dropped.len(), 1);
 
         let have = Held::of(&vs(Protocol::Tcp, "mh", &["198.18.128.1", "198.18.128.3"]));
         let want = vs(
