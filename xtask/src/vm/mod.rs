@@ -190,8 +190,25 @@ mount -t devtmpfs dev $R/dev || fail "mounting /dev"
 mkdir -p $R/dev/pts $R/dev/shm
 mount -t devpts devpts $R/dev/pts
 mount -t tmpfs tmpfs $R/dev/shm
+# The workspace and target directory may live under /tmp (a CI clone there): keep their
+# view of the host across the tmpfs mounted over it.
+keep=
+for word in $(cat /proc/cmdline); do
+    case "$word" in kpx.keep=*) keep="${word#kpx.keep=}" ;; esac
+done
+kept() { echo "$keep" | tr ',' '\n' | grep -E '^/(tmp|run|var/tmp)/'; }
+n=0
+for p in $(kept); do
+    mkdir -p /keep/$n && mount -o bind "$R$p" /keep/$n || fail "keeping $p"
+    n=$((n+1))
+done
 for d in tmp run var/tmp; do
     mount -t tmpfs -o mode=1777 tmpfs $R/$d || fail "mounting tmpfs on /$d"
+done
+n=0
+for p in $(kept); do
+    mkdir -p "$R$p" && mount -o bind /keep/$n "$R$p" || fail "putting $p back"
+    n=$((n+1))
 done
 mkdir -p $R/run/netns
 mount -t bpf bpf $R/sys/fs/bpf || fail "mounting bpffs"
@@ -203,6 +220,27 @@ echo "KPX-VM-EXIT rc=$?"
 poweroff -f
 "#
     .to_string()
+}
+
+/// The host paths the guest must see even where it mounts a tmpfs (`/tmp`, `/run`,
+/// `/var/tmp`): the workspace and the target directory, comma-separated for the kernel's
+/// command line (which splits on spaces, so a path with one is refused).
+fn kept_paths() -> anyhow::Result<String> {
+    let mut paths = vec![workspace_root()];
+    if let Ok(target) = crate::target_dir() {
+        paths.push(target);
+    }
+    let mut out = Vec::new();
+    for p in paths {
+        let p = p.canonicalize().unwrap_or(p);
+        let text = p.to_string_lossy().to_string();
+        anyhow::ensure!(
+            !text.contains(char::is_whitespace) && !text.contains(','),
+            "vm-test needs a workspace path without spaces or commas, not {text:?}"
+        );
+        out.push(text);
+    }
+    Ok(out.join(","))
 }
 
 /// Single-quoted for sh.
@@ -427,8 +465,9 @@ fn boot(
     .arg(initrd)
     .arg("-append")
     .arg(format!(
-        "console=ttyS0 loglevel=4 panic=-1 rdinit=/init kpx.run={}",
-        run.display()
+        "console=ttyS0 loglevel=4 panic=-1 rdinit=/init kpx.run={} kpx.keep={}",
+        run.display(),
+        kept_paths()?
     ))
     .stdin(Stdio::null())
     .stdout(Stdio::piped());
