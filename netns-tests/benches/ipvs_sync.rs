@@ -46,6 +46,7 @@ mod fixtures;
 
 use fixtures::{median, service, slice, ENDPOINTS};
 
+/// Full-sync rounds per scale (`KPX_BENCH_ROUNDS` for fewer where TCG makes a round long).
 const ROUNDS: usize = 3;
 const CLUSTER_CIDR: &str = "198.19.0.0/16";
 /// The latency probe: a Service of its own with one endpoint that answers.
@@ -517,6 +518,7 @@ fn main() {
     let latency_scales = scales("KPX_BENCH_LATENCY_SCALES", "1,1000,10000");
     let changes = env_usize("KPX_BENCH_CHANGES", 30);
     let connects = env_usize("KPX_BENCH_CONNECTS", 200);
+    let rounds = env_usize("KPX_BENCH_ROUNDS", ROUNDS).max(1);
     let exe = std::env::current_exe().expect("exe");
     let tmp = tempfile::tempdir().expect("tempdir");
     let pid = std::process::id();
@@ -552,7 +554,19 @@ fn main() {
         let (mut ipset_ms, mut ipvsadm_ms, mut ip_ms) = (Vec::new(), Vec::new(), Vec::new());
         let mut last = Value::Null;
         let mut loaded = Value::Null;
-        for round in 0..ROUNDS {
+        for round in 0..rounds {
+            // kpx first: its figures are the ones a run cut short should still have.
+            let ns = spaces.add(format!("kpx-bench-{pid}-ipvs-kpx{round}"));
+            let partial = if round + 1 == rounds { changes } else { 0 };
+            let k = inside(
+                &mut spaces,
+                "kpx",
+                &ns,
+                &[services.to_string(), partial.to_string()],
+            );
+            println!("ipvs {services:>6} x {ENDPOINTS}: round {round}: kpx {k}");
+            kp.push(k["fullMs"].as_f64().expect("figure"));
+            last = k;
             let ns = spaces.add(format!("kpx-bench-{pid}-ipvs-ld{round}"));
             let l = inside(
                 &mut spaces,
@@ -560,22 +574,13 @@ fn main() {
                 &ns,
                 &[services.to_string(), "0".into()],
             );
+            println!("ipvs {services:>6} x {ENDPOINTS}: round {round}: loaders {l}");
             let f = |k: &str| l[k].as_f64().expect("figure");
             ipset_ms.push(f("ipsetMs"));
             ipvsadm_ms.push(f("ipvsadmMs"));
             ip_ms.push(f("ipBatchMs"));
             ld.push(f("ipsetMs") + f("ipvsadmMs"));
             loaded = l;
-            let ns = spaces.add(format!("kpx-bench-{pid}-ipvs-kpx{round}"));
-            let partial = if round + 1 == ROUNDS { changes } else { 0 };
-            let k = inside(
-                &mut spaces,
-                "kpx",
-                &ns,
-                &[services.to_string(), partial.to_string()],
-            );
-            kp.push(k["fullMs"].as_f64().expect("figure"));
-            last = k;
         }
         let ebpf = ebpf_partials(services, changes);
         let (kpx_fig, ld_fig) = (stat(&kp), stat(&ld));
@@ -589,7 +594,7 @@ fn main() {
         let partial_ratio = last["partial"]["p50Ms"].as_f64().unwrap_or(0.0)
             / ebpf["p50Ms"].as_f64().unwrap_or(1.0);
         println!(
-            "ipvs {services:>6} x {ENDPOINTS}: kpx full sync {:.0} ms ({:.0}-{:.0}), loaders {:.0} ms ({:.0}-{:.0}: ipset restore {:.0} + ipvsadm -R {:.0}; ip -b addresses {:.0} more) -> {ratio:.2}x (medians of {ROUNDS}), {vs} virtual servers, {} IPVS messages",
+            "ipvs {services:>6} x {ENDPOINTS}: kpx full sync {:.0} ms ({:.0}-{:.0}), loaders {:.0} ms ({:.0}-{:.0}: ipset restore {:.0} + ipvsadm -R {:.0}; ip -b addresses {:.0} more) -> {ratio:.2}x (medians of {rounds}), {vs} virtual servers, {} IPVS messages",
             kpx_fig["medianMs"].as_f64().unwrap_or(0.0),
             kpx_fig["minMs"].as_f64().unwrap_or(0.0),
             kpx_fig["maxMs"].as_f64().unwrap_or(0.0),
