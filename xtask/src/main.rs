@@ -60,6 +60,10 @@ struct VmTestArgs {
     /// Run this shell command in the guest (chrooted, cwd netns-tests) instead of the tests.
     #[arg(long)]
     command: Option<String>,
+    /// Run these kpx-lab benches in the guest instead of the tests (`NAME --bench`, with the
+    /// host's KPX_BENCH_* variables); reports land in target/vm/bench-NAME.json.
+    #[arg(long, value_delimiter = ',')]
+    benches: Vec<String>,
     /// Passed to every test binary (a name filter, `--nocapture`, …).
     #[arg(last = true)]
     test_args: Vec<String>,
@@ -75,6 +79,7 @@ impl VmTestArgs {
             memory_mib: self.memory,
             test_args: self.test_args,
             command: self.command,
+            benches: self.benches,
         }
     }
 }

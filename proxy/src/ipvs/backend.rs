@@ -102,6 +102,12 @@ impl IpvsBackend {
         })
     }
 
+    /// (IPVS netlink messages sent, `sendmsg` calls made) since `new`, dumps included: the
+    /// benchmark's count of what one sync sends.
+    pub fn ipvs_stats(&self) -> (u64, u64) {
+        self.kernel.ipvs_stats()
+    }
+
     fn excluded(&self, ip: &IpAddr) -> bool {
         self.cfg.exclude_cidrs.iter().any(|c| c.contains(ip))
     }

@@ -221,6 +221,11 @@ impl Kernel {
             .map_err(err("setting IPVS timeouts"))
     }
 
+    /// (IPVS netlink messages sent, `sendmsg` calls made) since `open`: what a sync cost.
+    pub fn ipvs_stats(&self) -> (u64, u64) {
+        self.ipvs.stats()
+    }
+
     pub fn ensure_dummy(&mut self) -> Result<u32, BackendError> {
         self.dummy
             .ensure()

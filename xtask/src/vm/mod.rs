@@ -16,6 +16,7 @@
 //! The guest has no network device at all (`-nic none`): nothing it does can reach the host's
 //! network, and the host root is read-only to it.
 
+mod bench;
 mod initramfs;
 mod kernel;
 
@@ -128,6 +129,8 @@ pub struct Options {
     pub test_args: Vec<String>,
     /// A shell command to run in the guest instead of the tests (to look around).
     pub command: Option<String>,
+    /// kpx-lab's benches to run in the guest instead of the tests (`bench.rs`).
+    pub benches: Vec<String>,
 }
 
 impl Options {
@@ -142,6 +145,7 @@ impl Options {
             memory_mib: 4096,
             test_args: Vec::new(),
             command: None,
+            benches: Vec::new(),
         }
     }
 }
@@ -347,6 +351,8 @@ pub struct Outcome {
     /// The guest script's exit status, when the guest got that far.
     pub exit: Option<i32>,
     pub booted: bool,
+    /// Files the guest printed between markers (the benches' reports).
+    pub files: bench::Files,
 }
 
 /// `line` without ANSI escape sequences (`ESC [ … letter`), which a program writing to the
@@ -375,6 +381,7 @@ impl Outcome {
     fn line(&mut self, line: &str, backends: &[String]) {
         let line = strip_ansi(line.trim_end_matches('\r'));
         let line = line.as_str();
+        self.files.line(line);
         if let Some(rest) = line.strip_prefix("test result: ") {
             let count = |label: &str| {
                 rest.split(';')
@@ -557,12 +564,17 @@ pub fn vm_test(opts: &Options) -> anyhow::Result<()> {
         resolved.order.len()
     ));
 
-    say("building the binaries the scenario tests start (cargo build --bins)");
-    crate::run(cargo().args(["build", "--quiet", "--bins"]))?;
-    say("building kpx-lab's test binaries (cargo test -p kpx-lab --no-run)");
-    let all = test_executables()?;
-    let mut binaries = Vec::new();
-    for wanted in &opts.tests {
+    let benches = !opts.benches.is_empty();
+    let (mut binaries, all) = if benches {
+        say("building kpx-lab's benches (cargo bench -p kpx-lab --no-run)");
+        (bench::executables(&opts.benches)?, Vec::new())
+    } else {
+        say("building the binaries the scenario tests start (cargo build --bins)");
+        crate::run(cargo().args(["build", "--quiet", "--bins"]))?;
+        say("building kpx-lab's test binaries (cargo test -p kpx-lab --no-run)");
+        (Vec::new(), test_executables()?)
+    };
+    for wanted in opts.tests.iter().filter(|_| !benches) {
         match all.iter().find(|(name, _)| name == wanted) {
             Some(found) => binaries.push(found.clone()),
             None => bail!(
@@ -577,19 +589,27 @@ pub fn vm_test(opts: &Options) -> anyhow::Result<()> {
     let run_dir = cache.join(format!("run-{}", std::process::id()));
     std::fs::create_dir_all(&run_dir)?;
     let run = run_dir.join("run.sh");
-    let script = run_script(
-        &binaries,
-        &opts.backends,
-        &opts.test_args,
-        opts.command.as_deref(),
-    );
+    let script = if benches {
+        bench::script(&binaries, &bench::passed_vars())
+    } else {
+        run_script(
+            &binaries,
+            &opts.backends,
+            &opts.test_args,
+            opts.command.as_deref(),
+        )
+    };
     std::fs::write(&run, script).with_context(|| format!("writing {}", run.display()))?;
     say(&format!(
         "booting {} under qemu (TCG, {} cpus, {} MiB, no network device): {} on {}",
         kernel.release,
         opts.cpus,
         opts.memory_mib,
-        opts.tests.join(","),
+        if benches {
+            opts.benches.join(",")
+        } else {
+            opts.tests.join(",")
+        },
         opts.backends.join(",")
     ));
     let started = Instant::now();
@@ -611,6 +631,26 @@ pub fn vm_test(opts: &Options) -> anyhow::Result<()> {
         "vm-test: whole VM run {:.1} s",
         started.elapsed().as_secs_f64()
     ));
+    if benches {
+        for path in outcome.files.write(&cache)? {
+            say(&format!("vm-test: bench report {}", path.display()));
+        }
+        let failed = outcome
+            .binaries
+            .iter()
+            .filter(|(_, rc, _)| *rc != 0)
+            .count();
+        println!(
+            "vm-test benches (kernel {}, TCG): {} ran, {failed} failed",
+            kernel.release,
+            outcome.binaries.len()
+        );
+        return match outcome.exit {
+            Some(0) if outcome.binaries.len() == binaries.len() => Ok(()),
+            Some(rc) => bail!("vm-test: benches failed (guest exit status {rc})"),
+            None => bail!("vm-test: the guest reported no exit status"),
+        };
+    }
     println!(
         "vm-test (kernel {}): {} passed, {} failed, {} skipped",
         kernel.release,
