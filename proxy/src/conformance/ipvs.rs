@@ -11,13 +11,7 @@ pub fn config(case: &Case, ipv6: bool) -> PlanConfig {
         ipv6,
         cluster_cidr: case.node.cidr(ipv6).map(str::to_string),
         masquerade_all: case.node.masquerade_all,
-        nodeport_addresses: case
-            .node
-            .nodeport_addresses
-            .iter()
-            .filter(|c| c.contains(':') == ipv6)
-            .map(|c| c.to_string())
-            .collect(),
+        nodeport_addresses: case.node.nodeport_addresses_of(ipv6),
         ..PlanConfig::default()
     }
 }

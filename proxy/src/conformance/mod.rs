@@ -150,6 +150,15 @@ impl Node {
             .find(|c| c.contains(':') == ipv6)
     }
 
+    /// `--nodeport-addresses` of one family, as a backend's configuration takes them.
+    pub fn nodeport_addresses_of(&self, ipv6: bool) -> Vec<String> {
+        self.nodeport_addresses
+            .iter()
+            .filter(|c| c.contains(':') == ipv6)
+            .map(|c| c.to_string())
+            .collect()
+    }
+
     pub fn parsed_cidr(&self, ipv6: bool) -> Option<(IpAddr, u8)> {
         let (ip, len) = self.cidr(ipv6)?.split_once('/')?;
         Some((ip.parse().ok()?, len.parse().ok()?))

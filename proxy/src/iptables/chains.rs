@@ -105,7 +105,9 @@ pub const JUMPS: &[Jump] = &[
 pub const NAT_BASE: &[&str] = &[SERVICES, NODEPORTS, POSTROUTING, MARK_MASQ, CANARY];
 pub const FILTER_BASE: &[&str] = &[SERVICES, EXTERNAL_SERVICES, NODEPORTS, FORWARD, CANARY];
 
-fn hash16(parts: &[&str]) -> String {
+/// 16 base32 characters of a SHA-256 over `parts` (NUL-separated): chain names that fit
+/// iptables' 28 characters. Shared with the IPVS mode's per-frontend chains.
+pub(crate) fn hash16(parts: &[&str]) -> String {
     let mut hasher = Sha256::new();
     for part in parts {
         hasher.update(part.as_bytes());

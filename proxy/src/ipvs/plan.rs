@@ -23,8 +23,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use sha2::{Digest, Sha256};
-
 use super::layout::{self, SetKind, FWMARK_SHIFT, MASQ_MARK};
 use crate::model::frontend::{self, EndpointSet, Frontend, FrontendKind, NodeConfig, Route};
 use crate::model::{Protocol, ProxyState, ServiceEntry, ServicePortName};
@@ -148,21 +146,7 @@ impl Portal {
     }
 
     fn hash(&self) -> String {
-        let mut h = Sha256::new();
-        h.update(self.member().as_bytes());
-        let d = h.finalize();
-        const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
-        let mut out = String::with_capacity(16);
-        let (mut bits, mut count) = (0u64, 0);
-        for byte in &d[..10] {
-            bits = (bits << 8) | u64::from(*byte);
-            count += 8;
-            while count >= 5 {
-                count -= 5;
-                out.push(ALPHABET[((bits >> count) & 31) as usize] as char);
-            }
-        }
-        out
+        crate::iptables::chains::hash16(&[&self.member()])
     }
 
     /// The per-frontend chain of `table` (`KPXV-FW-`, `KPXV-MQ-`, `KPXV-FL-` + 16 characters).
@@ -257,7 +241,8 @@ fn target(route: &Route) -> Target {
     }
 }
 
-fn reject_rule(ipv6: bool) -> &'static str {
+/// The filter table's refusal: ICMP port unreachable of the family.
+pub fn reject_rule(ipv6: bool) -> &'static str {
     if ipv6 {
         "REJECT --reject-with icmp6-port-unreachable"
     } else {

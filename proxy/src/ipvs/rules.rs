@@ -13,11 +13,7 @@ fn set(kind: SetKind, cfg: &PlanConfig) -> String {
 }
 
 fn reject(cfg: &PlanConfig) -> &'static str {
-    if cfg.ipv6 {
-        "REJECT --reject-with icmp6-port-unreachable"
-    } else {
-        "REJECT --reject-with icmp-port-unreachable"
-    }
+    super::plan::reject_rule(cfg.ipv6)
 }
 
 /// The fixed rules of one table's chain, before (`head`) and after (`tail`) the plan's own.
