@@ -349,7 +349,7 @@ async fn documentation_examples_are_reachable_from_another_node() {
         // has programmed the last endpoints (a moment after the slice, longer when busy).
         let deadline = Instant::now() + PATIENCE;
         let seen = loop {
-            let outcomes = traffic::http(&entry, target, 120, common::TIMEOUT)?;
+            let outcomes = traffic::http(&entry, target, 120, common::ANSWER_TIMEOUT)?;
             anyhow::ensure!(
                 common::all_answer(&outcomes),
                 "every request answered: {:?}",
@@ -861,7 +861,7 @@ async fn a_restarted_kubelet_keeps_its_pods_running() {
             "the same containers: {ids:?} vs {:?}",
             container_ids(&after)
         );
-        let outcomes = traffic::http(&entry, target, 60, common::TIMEOUT)?;
+        let outcomes = traffic::http(&entry, target, 60, common::ANSWER_TIMEOUT)?;
         anyhow::ensure!(
             common::all_answer(&outcomes) && common::pods_seen(&outcomes).len() == 3,
             "{:?}",

@@ -114,7 +114,7 @@ async fn dual_stack_services_work_on_both_families() {
             |o| all_answer(o) && pods_seen(o) == BTreeSet::from(["web-a".to_string()]),
         )
         .await?;
-        let v4 = traffic::http(client, target(vip4, 80), 40, TIMEOUT)?;
+        let v4 = traffic::http(client, target(vip4, 80), 40, ANSWER_TIMEOUT)?;
         anyhow::ensure!(
             both(&v4),
             "IPv4 lost an endpoint: {:?}",

@@ -81,7 +81,7 @@ async fn external_traffic_policy_local_keeps_the_client_address_and_stays_on_the
         )
         .await?;
         let via_node2 = target(IpAddr::V4(lab.nodes[1].ip), node_port(&svc));
-        let remote = traffic::http(outside, via_node2, 5, TIMEOUT)?;
+        let remote = traffic::http(outside, via_node2, 5, ANSWER_TIMEOUT)?;
         anyhow::ensure!(
             remote
                 .iter()

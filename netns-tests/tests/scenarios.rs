@@ -26,7 +26,7 @@ async fn cluster_ip_reaches_all_endpoints_evenly_and_keeps_the_pod_source() {
             all_answer(o) && o.iter().filter_map(Outcome::pod).collect::<BTreeSet<_>>().len() == 3
         })
         .await?;
-        let outcomes = traffic::http(client, vip, 600, TIMEOUT)?;
+        let outcomes = traffic::http(client, vip, 600, ANSWER_TIMEOUT)?;
         let spread = traffic::spread(&outcomes);
         for pod in ["web-a", "web-b", "web-c"] {
             let n = spread.get(pod).copied().unwrap_or(0);
@@ -35,9 +35,10 @@ async fn cluster_ip_reaches_all_endpoints_evenly_and_keeps_the_pod_source() {
         }
         // From a pod, the endpoint sees the pod's own address (no masquerade).
         let client_ip = lab.pod("client").ip.to_string();
-        anyhow::ensure!(outcomes.iter().all(|o| o.client_ip() == Some(client_ip.as_str())), "source not kept: {:?}", &outcomes[..3]);
+        let other: Vec<&Outcome> = outcomes.iter().filter(|o| o.client_ip() != Some(client_ip.as_str())).collect();
+        anyhow::ensure!(other.is_empty(), "source {client_ip} not kept in {} of 600: {:?}", other.len(), &other[..other.len().min(3)]);
         // From the node itself it works too (masqueraded, since the node is outside the pod CIDR).
-        let from_node = traffic::http(&lab.nodes[0], vip, 10, TIMEOUT)?;
+        let from_node = traffic::http(&lab.nodes[0], vip, 10, ANSWER_TIMEOUT)?;
         anyhow::ensure!(all_answer(&from_node), "from node: {from_node:?}");
 
         // `kpx-proxy dump` reads back what is programmed.

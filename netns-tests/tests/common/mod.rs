@@ -14,7 +14,14 @@ use kpx_lab::lab::{Lab, ProxyBackend, ALL_BACKENDS};
 use kpx_lab::traffic::Outcome;
 use serde_json::{json, Value};
 
+/// Per request, for probes (in `eventually`, and where nothing may answer): short, since a
+/// dropped request is seen only by waiting.
 pub const TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Per request, where every request must be answered on a path already proven: long enough
+/// for two lost SYNs (retransmitted at 1 s and 3 s) and the stall of a busy or emulated
+/// machine, so the verdict does not depend on load; it costs nothing when requests are answered.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
