@@ -67,9 +67,11 @@ where
     }
 }
 
-/// Waits for the proxies, the slices and the kubelets: generous, so a busy machine only makes
-/// a test slower. Deadlines are never what a test asserts.
-const PATIENCE: Duration = Duration::from_secs(60);
+/// Waits for the proxies, the slices and the kubelets: generous (`common::patience`), so a busy
+/// machine only makes a test slower. Deadlines are never what a test asserts.
+fn patience() -> Duration {
+    common::patience()
+}
 
 /// Seconds since the epoch, as the proxy's `kubeproxy_sync_proxy_rules_last_timestamp_seconds`.
 fn unix_now() -> f64 {
@@ -97,7 +99,7 @@ fn last_sync(lab: &Lab, node: usize) -> Option<f64> {
 /// it saw that.
 async fn proxy_synced_after(lab: &Lab, node: usize, since: f64) -> anyhow::Result<Instant> {
     let mut first = None;
-    let deadline = Instant::now() + PATIENCE;
+    let deadline = Instant::now() + patience();
     loop {
         if let Some(t) = last_sync(lab, node) {
             match first {
@@ -108,7 +110,8 @@ async fn proxy_synced_after(lab: &Lab, node: usize, since: f64) -> anyhow::Resul
         }
         anyhow::ensure!(
             Instant::now() < deadline,
-            "node {node}'s proxy did not sync after {since} within {PATIENCE:?}:\n{}",
+            "node {node}'s proxy did not sync after {since} within {:?}:\n{}",
+            patience(),
             lab.proxy_logs()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -210,7 +213,7 @@ fn node_of(pod: &Pod) -> String {
 async fn ready_pods(lab: &Lab, selector: &str, count: usize) -> anyhow::Result<Vec<Pod>> {
     until(
         &format!("{count} ready pods {selector}"),
-        PATIENCE,
+        patience(),
         || async {
             let all = pod_list(lab, selector).await?;
             let ready: Vec<Pod> = all.into_iter().filter(is_ready).collect();
@@ -258,7 +261,7 @@ async fn client_pod(lab: &Lab, node: &str) -> anyhow::Result<Pod> {
             "apiVersion: v1\nkind: Pod\nmetadata:\n  name: client\nspec:\n  nodeSelector:\n    kubernetes.io/hostname: {node}\n  containers:\n  - name: client\n    image: busybox:1.28\n    command: ['sleep', '3600']\n"
         ),
     )?;
-    until("the client pod", PATIENCE, || async {
+    until("the client pod", patience(), || async {
         let p = pods(lab).get("client").await?;
         Ok(is_ready(&p).then_some(p))
     })
@@ -334,7 +337,7 @@ async fn documentation_examples_are_reachable_from_another_node() {
             nodes.len() == 2,
             "replicas spread over both nodes: {nodes:?}"
         );
-        until("6 ready endpoints", PATIENCE, || async {
+        until("6 ready endpoints", patience(), || async {
             Ok((ready_endpoints(&lab, "my-service").await?.len() == 6).then_some(()))
         })
         .await?;
@@ -347,7 +350,7 @@ async fn documentation_examples_are_reachable_from_another_node() {
             .collect();
         // Every request is answered at all times; every replica answers once node-2's proxy
         // has programmed the last endpoints (a moment after the slice, longer when busy).
-        let deadline = Instant::now() + PATIENCE;
+        let deadline = Instant::now() + patience();
         let seen = loop {
             let outcomes = traffic::http(&entry, target, 120, common::ANSWER_TIMEOUT)?;
             anyhow::ensure!(
@@ -435,7 +438,7 @@ async fn a_killed_container_is_restarted_and_traffic_keeps_flowing() {
         let client = client_pod(&lab, "node-1").await?;
         let entry = lab.pod_entry(&client)?;
         let target = cluster_ip(&lab, "web").await?;
-        until("3 ready endpoints", PATIENCE, || async {
+        until("3 ready endpoints", patience(), || async {
             Ok((ready_endpoints(&lab, "web").await?.len() == 3).then_some(()))
         })
         .await?;
@@ -458,14 +461,14 @@ async fn a_killed_container_is_restarted_and_traffic_keeps_flowing() {
         // Requests through the Service all along, while the container is killed, in small
         // batches whose times are known.
         let load = Load::start(kpx_lab::netns::Enter::entry(&entry)?, target);
-        until("requests before the kill", PATIENCE, || async {
+        until("requests before the kill", patience(), || async {
             Ok((load.batches() >= 3).then_some(()))
         })
         .await?;
         let killed_at = Instant::now();
         kill_container(&victim_id)?;
         // Not ready while its readiness probe waits its initial delay: out of the slice.
-        until("the killed pod's endpoint to leave", PATIENCE, || async {
+        until("the killed pod's endpoint to leave", patience(), || async {
             Ok((!ready_endpoints(&lab, "web").await?.contains(&victim_ip)).then_some(()))
         })
         .await?;
@@ -473,7 +476,7 @@ async fn a_killed_container_is_restarted_and_traffic_keeps_flowing() {
         // programmed the slice without the victim: a sync that began after we saw the slice.
         let left_slice = unix_now();
         let caught_up = proxy_synced_after(&lab, 0, left_slice).await?;
-        let restarted = until("the container restarted and ready", PATIENCE, || async {
+        let restarted = until("the container restarted and ready", patience(), || async {
             let p = pods(&lab).get(&victim_name).await?;
             let count = p
                 .status
@@ -496,7 +499,7 @@ async fn a_killed_container_is_restarted_and_traffic_keeps_flowing() {
             last.exit_code == 137 && last.signal == Some(9),
             "killed by SIGKILL: {last:?}"
         );
-        until("the endpoint back", PATIENCE, || async {
+        until("the endpoint back", patience(), || async {
             Ok(ready_endpoints(&lab, "web")
                 .await?
                 .contains(&victim_ip)
@@ -506,7 +509,7 @@ async fn a_killed_container_is_restarted_and_traffic_keeps_flowing() {
         // The restarted pod serves again once the proxies have its endpoint back, and no
         // request fails meanwhile.
         let mut after = Vec::new();
-        let deadline = Instant::now() + PATIENCE;
+        let deadline = Instant::now() + patience();
         while Instant::now() < deadline {
             after = traffic::http(&entry, target, 60, common::TIMEOUT)?;
             if common::pods_seen(&after).contains(&victim_name) {
@@ -581,7 +584,7 @@ async fn a_stopped_kubelet_makes_its_node_not_ready_and_its_pods_move() {
         let stopped = Instant::now();
         lab.stop_kubelet(1);
         let nodes = Api::<Node>::all(lab.client());
-        until("node-2 NotReady", PATIENCE, || async {
+        until("node-2 NotReady", patience(), || async {
             Ok((!node_ready(&nodes.get("node-2").await?)).then_some(()))
         })
         .await?;
@@ -590,7 +593,7 @@ async fn a_stopped_kubelet_makes_its_node_not_ready_and_its_pods_move() {
             common::all_answer(o) && common::pods_seen(o).iter().all(|p| !on_node2.contains(p))
         };
         let mut last = Vec::new();
-        let deadline = Instant::now() + PATIENCE;
+        let deadline = Instant::now() + patience();
         while Instant::now() < deadline {
             last = traffic::http(&entry, target, 40, common::TIMEOUT)?;
             if node1_only(&last) {
@@ -601,7 +604,7 @@ async fn a_stopped_kubelet_makes_its_node_not_ready_and_its_pods_move() {
         anyhow::ensure!(node1_only(&last), "node-2's pods still answered: {:?}", traffic::spread(&last));
         let unready_after = stopped.elapsed();
         // Evicted, and replaced on node-1.
-        let replaced = until("4 ready replicas on node-1", PATIENCE, || async {
+        let replaced = until("4 ready replicas on node-1", patience(), || async {
             let all = pod_list(&lab, "app=web").await?;
             let ready: Vec<Pod> = all.into_iter().filter(|p| is_ready(p) && node_of(p) == "node-1").collect();
             Ok((ready.len() == 4).then_some(ready))
@@ -613,7 +616,7 @@ async fn a_stopped_kubelet_makes_its_node_not_ready_and_its_pods_move() {
         );
         // The replacements reach the slice and the proxies a moment after they are Ready.
         let mut after = Vec::new();
-        let deadline = Instant::now() + PATIENCE;
+        let deadline = Instant::now() + patience();
         while Instant::now() < deadline {
             after = traffic::http(&entry, target, 60, common::TIMEOUT)?;
             if common::all_answer(&after) && common::pods_seen(&after).len() == 4 {
@@ -698,12 +701,12 @@ async fn pods_that_cannot_run_say_why_and_termination_is_graceful() {
     common::on_one_backend("cluster-unrunnable", |backend| async move {
         let lab = Lab::cluster("unrunnable", backend, 1, ClusterOptions::default()).await?;
         apply(&lab, DOCS_POD)?;
-        until("the nginx pod", PATIENCE, || async {
+        until("the nginx pod", patience(), || async {
             Ok(is_ready(&pods(&lab).get("nginx").await?).then_some(()))
         })
         .await?;
         apply(&lab, UNRUNNABLE)?;
-        let (reason, message) = until("ErrImagePull", PATIENCE, || async {
+        let (reason, message) = until("ErrImagePull", patience(), || async {
             Ok(waiting_reason(
                 &pods(&lab).get("unknown-image").await?,
                 "app",
@@ -719,13 +722,13 @@ async fn pods_that_cannot_run_say_why_and_termination_is_graceful() {
             "{message}"
         );
         // …and `kubectl describe` shows why, from the kubelet's events.
-        let described = until("the Failed event", PATIENCE, || async {
+        let described = until("the Failed event", patience(), || async {
             let text = kubectl(&lab, &["describe", "pod", "unknown-image"], None)?;
             Ok(text.contains("Failed to pull image").then_some(text))
         })
         .await?;
         anyhow::ensure!(described.contains("Scheduled"), "{described}");
-        let (reason, message) = until("CreateContainerError", PATIENCE, || async {
+        let (reason, message) = until("CreateContainerError", patience(), || async {
             Ok(waiting_reason(
                 &pods(&lab).get("missing-command").await?,
                 "app",
@@ -738,7 +741,7 @@ async fn pods_that_cannot_run_say_why_and_termination_is_graceful() {
             "{message}"
         );
         // Two servers on port 80 in one pod: one runs, the other fails saying why.
-        let failed = until("the second container to fail", PATIENCE, || async {
+        let failed = until("the second container to fail", patience(), || async {
             let pod = pods(&lab).get("port-taken").await?;
             let done = ["first", "second"].iter().find_map(|c| {
                 let s = container_state(&pod, c)?;
@@ -777,13 +780,13 @@ async fn pods_that_cannot_run_say_why_and_termination_is_graceful() {
         anyhow::ensure!(common::all_answer(&answers), "{answers:?}");
 
         // Graceful termination: SIGTERM ignored, so SIGKILL at the end of the 2 s grace period.
-        until("stubborn running", PATIENCE, || async {
+        until("stubborn running", patience(), || async {
             Ok(is_ready(&pods(&lab).get("stubborn").await?).then_some(()))
         })
         .await?;
         let started = Instant::now();
         kubectl(&lab, &["delete", "pod", "stubborn", "--wait=false"], None)?;
-        until("stubborn terminating", PATIENCE, || async {
+        until("stubborn terminating", patience(), || async {
             // Gone already (a slow poll on a busy machine) is past terminating too.
             match pods(&lab).get("stubborn").await {
                 Ok(p) => {
@@ -794,7 +797,7 @@ async fn pods_that_cannot_run_say_why_and_termination_is_graceful() {
             }
         })
         .await?;
-        until("stubborn gone", PATIENCE, || async {
+        until("stubborn gone", patience(), || async {
             Ok(pods(&lab)
                 .get("stubborn")
                 .await
@@ -870,7 +873,7 @@ async fn a_restarted_kubelet_keeps_its_pods_running() {
         // The new kubelet still watches the adopted processes: one killed is restarted.
         let (name, (id, _)) = ids.iter().next().expect("a pod");
         kill_container(id)?;
-        until("the adopted container restarted", PATIENCE, || async {
+        until("the adopted container restarted", patience(), || async {
             let p = pods(&lab).get(name).await?;
             let restarts = container_ids(std::slice::from_ref(&p))[name].1;
             Ok((restarts == 1 && is_ready(&p)).then_some(()))

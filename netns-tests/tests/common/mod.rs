@@ -235,6 +235,16 @@ pub fn node_port(svc: &Service) -> u16 {
         .expect("a NodePort") as u16
 }
 
+/// The deadline for a system that makes no progress at all: `KPX_TEST_PATIENCE_SECONDS`
+/// (default 60 s; the VM sets 180, everything being several times slower under TCG).
+pub fn patience() -> Duration {
+    let seconds = std::env::var("KPX_TEST_PATIENCE_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    Duration::from_secs(seconds)
+}
+
 /// Polls until `check` holds on the outcomes of `probe`, or fails with the last outcomes and
 /// the proxy logs. Patience is `KPX_TEST_PATIENCE_SECONDS` (default 60 s: a deadline for a
 /// system that makes no progress, generous so a busy machine only makes a test slower).
@@ -248,11 +258,7 @@ where
     P: FnMut() -> anyhow::Result<Vec<Outcome>>,
     C: Fn(&[Outcome]) -> bool,
 {
-    let patience = std::env::var("KPX_TEST_PATIENCE_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(60);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(patience);
+    let deadline = tokio::time::Instant::now() + patience();
     loop {
         let outcomes = probe()?;
         if check(&outcomes) {
