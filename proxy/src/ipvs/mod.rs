@@ -14,6 +14,7 @@ pub mod config;
 pub mod diff;
 pub mod dummy;
 pub mod ipset;
+pub mod ipset_netlink;
 pub mod kernel;
 pub mod layout;
 pub mod netlink;
