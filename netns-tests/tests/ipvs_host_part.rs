@@ -3,9 +3,8 @@
 //! a throwaway network namespace. Real connections show what they do: a Service without
 //! endpoints is refused even though something listens on its port, another port of a Service
 //! address is refused while the node's own address still answers, and a partial sync's member
-//! edits take effect; `cleanup_all` leaves nothing of kpx's behind.
+//! edits (over netlink) take effect; `cleanup_all` leaves nothing of kpx's behind.
 
-use std::collections::BTreeSet;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
 use std::time::Duration;
@@ -15,7 +14,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kpx_control::netns::Entry;
 use kpx_proxy::ipvs::layout::{SetKind, JUMPS};
 use kpx_proxy::ipvs::plan::{MarkAllocator, Plan, PlanConfig};
-use kpx_proxy::ipvs::{ipset, rules};
+use kpx_proxy::ipvs::{ipset, ipset_netlink, rules};
 use kpx_proxy::model::{ChangeTracker, ProxyState};
 use kpx_proxy::netfilter::{Flavour, Tool};
 use serde_json::json;
@@ -128,9 +127,15 @@ fn scenario(tool: Tool) -> anyhow::Result<()> {
 
     // A partial sync's member edit: the empty Service gone from REJECT (as when it gets an
     // endpoint) and its frontend kept.
-    let del: BTreeSet<(SetKind, String)> =
-        [(SetKind::Reject, format!("{EMPTY_VIP},tcp:80"))].into();
-    ipset::restore(&ipset::delta_text(false, &BTreeSet::new(), &del))
+    // (over netlink, as the backend's partial sync writes members).
+    let del = ipset_netlink::Change::new(
+        ipset_netlink::Op::Del,
+        SetKind::Reject,
+        false,
+        &format!("{EMPTY_VIP},tcp:80"),
+    )?;
+    ipset_netlink::Ipset::open()
+        .and_then(|mut set| set.write(&[del]))
         .map_err(anyhow::Error::msg)?;
     anyhow::ensure!(connects(EMPTY_VIP, 80), "the reject member was not removed");
 

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use super::config::IpvsConfig;
 use super::diff::{self, Dest, Diff, Held};
+use super::ipset_netlink::{self, Ipset};
 use super::kernel::{self, Kernel};
 use super::layout::{self, SetKind};
 use super::plan::{self, member_key, MarkAllocator, Plan, PortPlan, Portal, VsKey};
@@ -36,6 +37,9 @@ const NODE_PORT_RANGE: std::ops::RangeInclusive<u16> = 30000..=32767;
 pub struct IpvsBackend {
     cfg: IpvsConfig,
     kernel: Kernel,
+    /// The partial sync's member edits and the lost-state check's set names, over netlink
+    /// (full syncs swap whole sets with `ipset restore`).
+    ipset: Ipset,
     marks: MarkAllocator,
     /// The plan as applied, per Service port.
     ports: BTreeMap<ServicePortName, PortPlan>,
@@ -85,9 +89,11 @@ impl IpvsBackend {
             kernel::sysctls(cfg.strict_arp)?;
             kernel.set_timeouts(cfg.tcp_timeout, cfg.tcpfin_timeout, cfg.udp_timeout)?;
         }
+        let ipset = Ipset::open()?;
         Ok(Self {
             cfg,
             kernel,
+            ipset,
             marks: MarkAllocator::default(),
             ports: BTreeMap::new(),
             owners: BTreeMap::new(),
@@ -102,10 +108,18 @@ impl IpvsBackend {
         })
     }
 
-    /// (IPVS netlink messages sent, `sendmsg` calls made) since `new`, dumps included: the
-    /// benchmark's count of what one sync sends.
+    /// (netlink messages sent, `sendmsg` calls made) since `new` to IPVS and to ipset
+    /// together, dumps and name listings included: the benchmark's count of what one sync
+    /// sends. (Full syncs' `ipset restore` and the rtnetlink address messages are not in it.)
     pub fn ipvs_stats(&self) -> (u64, u64) {
-        self.kernel.ipvs_stats()
+        let (ipvs, ipvs_calls) = self.kernel.ipvs_stats();
+        let (ipset, ipset_calls) = self.ipset.stats();
+        (ipvs + ipset, ipvs_calls + ipset_calls)
+    }
+
+    /// The ipset part of [`ipvs_stats`](Self::ipvs_stats) alone.
+    pub fn ipset_stats(&self) -> (u64, u64) {
+        self.ipset.stats()
     }
 
     fn excluded(&self, ip: &IpAddr) -> bool {
@@ -204,7 +218,8 @@ impl IpvsBackend {
         }
     }
 
-    fn report(&self, full: bool, written: usize) -> SyncReport {
+    /// `ipset_messages`: the ipset netlink messages of the sync (a partial one's members).
+    fn report(&self, full: bool, written: usize, ipset_messages: usize) -> SyncReport {
         let total = self.held.len();
         SyncReport {
             full,
@@ -218,8 +233,8 @@ impl IpvsBackend {
                 if self.cfg.plan.ipv6 { "IPv6" } else { "IPv4" },
                 Count::new(total, Unit::VirtualServers),
             )],
-            // One IPVS netlink message per change sent.
-            messages: written,
+            // One IPVS netlink message per change sent, one ipset message per member.
+            messages: written + ipset_messages,
         }
     }
 
@@ -306,7 +321,7 @@ impl IpvsBackend {
                 self.kernel.del_address(ifindex, *ip)?;
             }
         }
-        Ok(self.report(true, written))
+        Ok(self.report(true, written, 0))
     }
 
     /// Every virtual server the applied plan wants (the first owner's, per key).
@@ -406,18 +421,24 @@ impl IpvsBackend {
                 self.owners.entry(*key).or_default().insert(name.clone());
             }
             // Members and addresses are counted per Service port needing them: a shared one
-            // (two Services selecting the same pods) goes only with the last of them.
+            // (two Services selecting the same pods) goes only with the last of them. Only
+            // the port's difference is written (one message per member): what it keeps is in
+            // the kernel already, and after any failure the next sync is full.
             for (kind, m) in &old.members {
                 bump(
                     &mut self.members,
                     &(*kind, member_key(m).to_string()),
                     false,
                 );
-                del_members.insert((*kind, m.clone()));
+                if !new_plan.members.contains(&(*kind, m.clone())) {
+                    del_members.insert((*kind, m.clone()));
+                }
             }
             for (kind, m) in &new_plan.members {
                 bump(&mut self.members, &(*kind, member_key(m).to_string()), true);
-                add_members.insert((*kind, m.clone()));
+                if !old.members.contains(&(*kind, m.clone())) {
+                    add_members.insert((*kind, m.clone()));
+                }
             }
             for ip in &old.addresses {
                 bump(&mut self.addresses, ip, false);
@@ -441,15 +462,23 @@ impl IpvsBackend {
         });
         del_addresses.retain(|ip| !self.addresses.contains_key(ip));
 
-        // One `ipset restore` for the whole change (a process start is most of a partial
-        // sync's time: ~0.3 s under TCG). A frontend leaves REJECT a few milliseconds before
-        // its virtual server exists; a connection in between reaches the node's own stack
-        // (reset, unless the node listens on that port on every address).
-        ipset::restore(&ipset::delta_text(
-            self.cfg.plan.ipv6,
-            &add_members,
-            &del_members,
-        ))?;
+        // The members over netlink, pipelined, deletes first (no `ipset restore` process:
+        // its start was most of a partial sync's time, ~0.3 s under TCG). A frontend leaves
+        // REJECT a moment before its virtual server exists; a connection in between reaches
+        // the node's own stack (reset, unless the node listens on that port on every address).
+        let ipv6 = self.cfg.plan.ipv6;
+        let member_changes = del_members
+            .iter()
+            .map(|(kind, m)| (ipset_netlink::Op::Del, kind, m))
+            .chain(
+                add_members
+                    .iter()
+                    .map(|(kind, m)| (ipset_netlink::Op::Add, kind, m)),
+            )
+            .map(|(op, kind, m)| ipset_netlink::Change::new(op, *kind, ipv6, m))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(ipset_netlink::IpsetError::from)?;
+        self.ipset.write(&member_changes)?;
         if rules_changed {
             self.write_rules(false)?;
         }
@@ -487,7 +516,7 @@ impl IpvsBackend {
         for ip in &del_addresses {
             self.kernel.del_address(ifindex, *ip)?;
         }
-        Ok(self.report(false, written))
+        Ok(self.report(false, written, member_changes.len()))
     }
 }
 
@@ -529,7 +558,7 @@ impl Backend for IpvsBackend {
         ) {
             return Some(why);
         }
-        match ipset::names() {
+        match self.ipset.names() {
             Ok(names) => {
                 if let Some(kind) = SetKind::ALL
                     .iter()

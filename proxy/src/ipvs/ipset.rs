@@ -1,7 +1,8 @@
-//! The ipsets, written with one `ipset restore` per sync (kube-proxy runs one `ipset add`
+//! The ipsets of a full sync, written with one `ipset restore` (kube-proxy runs one `ipset add`
 //! process per entry: 3.4 ms each here, 68 s for 20,000 entries, against 0.38 s for one
-//! restore). A full sync refills each set into a temporary one and swaps it in, so the rules
-//! never see a half-filled set; a partial sync adds and deletes members. Text pure, apply below.
+//! restore): each set is refilled into a temporary one and swapped in, so the rules never see
+//! a half-filled set. A partial sync's member edits go over netlink (`ipset_netlink.rs`), with
+//! no process. Text pure, apply below.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
@@ -45,23 +46,6 @@ pub fn full_text(ipv6: bool, members: &BTreeMap<SetKind, BTreeSet<String>>) -> S
             out.push_str(&format!("add {tmp} {m} -exist\n"));
         }
         out.push_str(&format!("swap {tmp} {name}\ndestroy {tmp}\n"));
-    }
-    out
-}
-
-/// Members added and deleted (`-exist`: a member already there, or already gone, is fine).
-pub fn delta_text(
-    ipv6: bool,
-    add: &BTreeSet<(SetKind, String)>,
-    del: &BTreeSet<(SetKind, String)>,
-) -> String {
-    let mut out = String::new();
-    for (kind, m) in del {
-        let m = super::plan::member_key(m);
-        out.push_str(&format!("del {} {m} -exist\n", kind.name(ipv6)));
-    }
-    for (kind, m) in add {
-        out.push_str(&format!("add {} {m} -exist\n", kind.name(ipv6)));
     }
     out
 }
@@ -141,7 +125,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_full_sync_swaps_each_set_in_whole_and_a_partial_one_edits_members() {
+    fn a_full_sync_swaps_each_set_in_whole_and_cleanup_destroys_only_kpxs() {
         let mut members: BTreeMap<SetKind, BTreeSet<String>> = BTreeMap::new();
         members
             .entry(SetKind::Reject)
@@ -160,12 +144,6 @@ mod tests {
             text.contains("create KPXV-HEALTH-CHECK-NODE-PORT bitmap:port range 0-65535 -exist\n")
         );
         assert_eq!(text.matches("swap ").count(), SetKind::ALL.len());
-        let add = [(SetKind::Hairpin, "2001:2::5,udp:53,2001:2::5".to_string())].into();
-        let del = [(SetKind::Frontends, "2001:2::1,udp:53".to_string())].into();
-        assert_eq!(
-            delta_text(true, &add, &del),
-            "del KPXV6-FRONTENDS 2001:2::1,udp:53 -exist\nadd KPXV6-LOOP-BACK 2001:2::5,udp:53,2001:2::5 -exist\n"
-        );
         let existing = ["KPXV-DROP".to_string(), "KUBE-CLUSTER-IP".to_string()].into();
         assert_eq!(
             destroy_text(false, &existing),

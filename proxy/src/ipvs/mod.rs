@@ -1,11 +1,13 @@
 //! `--proxy-mode ipvs`: kernel IPVS virtual servers per frontend, the Service addresses bound
-//! to a dummy interface, ipsets written with one `ipset restore`, and a small iptables part
+//! to a dummy interface, ipsets (swapped in whole by one `ipset restore` per full sync, members
+//! edited over netlink by a partial one), and a small iptables part
 //! (masquerade, reject, hairpin) through the shared netfilter module. See the proxy README's
 //! "The IPVS backend" for the layout and why.
 //!
 //! - `plan.rs` (pure): per Service port, its virtual servers, addresses, set members, rules;
 //! - `diff.rs` (pure): from what IPVS holds to the plan, per virtual server;
 //! - `rules.rs`, `ipset.rs`: the iptables part and the sets as restore input;
+//! - `ipset_netlink.rs`: set members added and deleted over NETLINK_NETFILTER, set names;
 //! - `backend.rs`, `kernel.rs`: apply (the only code that touches the kernel), with
 //!   `netlink.rs` (IPVS over generic netlink) and `dummy.rs` (kpx-ipvs0 over rtnetlink).
 
@@ -14,6 +16,7 @@ pub mod config;
 pub mod diff;
 pub mod dummy;
 pub mod ipset;
+pub mod ipset_netlink;
 pub mod kernel;
 pub mod layout;
 pub mod netlink;
