@@ -594,7 +594,7 @@ fn main() {
         let partial_ratio = last["partial"]["p50Ms"].as_f64().unwrap_or(0.0)
             / ebpf["p50Ms"].as_f64().unwrap_or(1.0);
         println!(
-            "ipvs {services:>6} x {ENDPOINTS}: kpx full sync {:.0} ms ({:.0}-{:.0}), loaders {:.0} ms ({:.0}-{:.0}: ipset restore {:.0} + ipvsadm -R {:.0}; ip -b addresses {:.0} more) -> {ratio:.2}x (medians of {rounds}), {vs} virtual servers, {} IPVS messages",
+            "ipvs {services:>6} x {ENDPOINTS}: kpx full sync {:.0} ms ({:.0}-{:.0}), loaders {:.0} ms ({:.0}-{:.0}: ipset restore {:.0} + ipvsadm -R {:.0}; ip -b addresses {:.0} more) -> {ratio:.2}x (medians of {rounds}), {vs} virtual servers, {} netlink messages (IPVS + ipset)",
             kpx_fig["medianMs"].as_f64().unwrap_or(0.0),
             kpx_fig["minMs"].as_f64().unwrap_or(0.0),
             kpx_fig["maxMs"].as_f64().unwrap_or(0.0),
@@ -610,7 +610,7 @@ fn main() {
             println!("ipvs {services:>6} x {ENDPOINTS}: eBPF not measured: {e}");
         }
         println!(
-            "ipvs {services:>6} x {ENDPOINTS}: one endpoint changed: kpx p50 {:.2} ms, p90 {:.2} ms, max {:.2} ms ({} changes), {} IPVS messages, {} changes written | eBPF p50 {:.2} ms, p90 {:.2} ms, max {:.2} ms, {} map writes -> {partial_ratio:.2}x eBPF | kube-proxy: >= {kube} netlink round trips every sync",
+            "ipvs {services:>6} x {ENDPOINTS}: one endpoint changed: kpx p50 {:.2} ms, p90 {:.2} ms, max {:.2} ms ({} changes), {} netlink messages (IPVS + ipset), {} changes written | eBPF p50 {:.2} ms, p90 {:.2} ms, max {:.2} ms, {} map writes -> {partial_ratio:.2}x eBPF | kube-proxy: >= {kube} netlink round trips every sync",
             last["partial"]["p50Ms"].as_f64().unwrap_or(0.0),
             last["partial"]["p90Ms"].as_f64().unwrap_or(0.0),
             last["partial"]["maxMs"].as_f64().unwrap_or(0.0),

@@ -266,7 +266,7 @@ impl Metrics {
                 );
                 registry.register(
                     "kpx_proxy_ipvs_netlink_messages",
-                    "IPVS generic netlink messages sent (each one acknowledged by the kernel)",
+                    "Netlink messages the IPVS mode sent: IPVS generic netlink and ipset members (each one acknowledged by the kernel)",
                     netlink_messages.clone(),
                 );
             }
