@@ -158,8 +158,9 @@ pub const DEFAULT_TIMEOUT_SECONDS: u64 = 1800;
 /// each), so both on every backend would take over 16 minutes.
 /// ipvs adds `frontends` on ipvs (about 180 s) and the IPVS backend's and netlink layer's own
 /// kernel tests (`ipvs_backend` 34 s, `ipvs_netlink` 21 s; they ignore KPX_BACKENDS), and the
-/// partial-sync bookkeeping walk (`ipvs_partial`, 12 steps, each checked against a full sync).
-pub const DEFAULT_TESTS: &str = "frontends,ipvs_backend,ipvs_netlink,ipvs_partial";
+/// partial-sync bookkeeping walk (`ipvs_partial`, 12 steps, each checked against a full sync),
+/// and ipset members over netlink (`ipset_netlink`: its backend half needs IPVS).
+pub const DEFAULT_TESTS: &str = "frontends,ipvs_backend,ipvs_netlink,ipvs_partial,ipset_netlink";
 pub const DEFAULT_BACKENDS: &str = "iptables-nft,iptables-legacy,nftables,ebpf,ipvs";
 
 fn guest_init() -> String {
