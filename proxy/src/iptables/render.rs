@@ -198,6 +198,9 @@ fn node_config(cfg: &RenderConfig) -> NodeConfig {
     NodeConfig {
         cluster_cidr,
         masquerade_all: cfg.masquerade_all,
+        // Load-balancer IPs are not bound on the node here: its own connections to them
+        // leave from its own address, which the source ranges judge as they are.
+        node_ips: Vec::new(),
     }
 }
 

@@ -59,6 +59,7 @@ impl PlanConfig {
         NodeConfig {
             cluster_cidr: self.cluster_cidr.as_deref().and_then(parse_cidr),
             masquerade_all: self.masquerade_all,
+            node_ips: Vec::new(),
         }
     }
 

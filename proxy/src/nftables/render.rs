@@ -63,6 +63,9 @@ impl RenderConfig {
         NodeConfig {
             cluster_cidr,
             masquerade_all: self.masquerade_all,
+            // Load-balancer IPs are not bound on the node here: its own connections to them
+            // leave from its own address, which the source ranges judge as they are.
+            node_ips: Vec::new(),
         }
     }
 }
