@@ -56,6 +56,8 @@ pub struct Fragment {
     pub filter_services: Vec<String>,
     pub filter_external: Vec<String>,
     pub filter_nodeports: Vec<String>,
+    /// `KPX-PROXY-FIREWALL`: the source ranges of its load-balancer frontends.
+    pub filter_firewall: Vec<String>,
     pub hairpin: Vec<String>,
     /// nat chains this Service port owns, with their rules (empty once cached, see `slim`).
     pub chains: Vec<(String, Vec<String>)>,
@@ -272,6 +274,28 @@ pub fn fragment(cfg: &RenderConfig, entry: &ServiceEntry) -> Fragment {
                 f.nat_services.push(rule);
             }
         };
+        // loadBalancerSourceRanges, judged in the filter table on the connection's original
+        // destination (`--ctorigdst`): the same rule then sees a packet nat already DNATed to
+        // an endpoint and one left for the no-endpoint reject, and this chain runs before
+        // both (its jumps are first in INPUT, FORWARD and OUTPUT). One rule per range and
+        // one drop per load-balancer IP, however many endpoints.
+        if let Some(allowed) = &fe.allowed_sources {
+            let original = format!(
+                "-p {proto} -m conntrack --ctorigdst {} --ctorigdstport {}",
+                host(&fe.ip),
+                fe.port
+            );
+            for net in allowed.iter() {
+                f.filter_firewall.push(format!(
+                    "-A {} -s {net} {original} -m comment --comment \"{name} loadBalancerSourceRanges\" -j RETURN",
+                    chains::FIREWALL
+                ));
+            }
+            f.filter_firewall.push(format!(
+                "-A {} {original} -m comment --comment \"{name} source not in loadBalancerSourceRanges\" -j DROP",
+                chains::FIREWALL
+            ));
+        }
         // What is not taken to endpoints is refused or dropped in the filter table (after
         // nat: a packet DNATed for another source no longer matches the frontend address).
         if let Some((target, why)) = routes.iter().find_map(|r| verdict(r, cfg.ipv6)) {
@@ -424,7 +448,8 @@ fn shared_changes(old: Option<&Fragment>, new: Option<&Fragment>, s: &mut Shared
     s.postrouting |= o.hairpin != n.hairpin;
     s.filter |= o.filter_services != n.filter_services
         || o.filter_external != n.filter_external
-        || o.filter_nodeports != n.filter_nodeports;
+        || o.filter_nodeports != n.filter_nodeports
+        || o.filter_firewall != n.filter_firewall;
 }
 
 /// The plan from `state`: everything when `full` (with `existing` kpx nat chains to remove if
@@ -535,6 +560,7 @@ pub fn plan(
                 .iter()
                 .chain(&f.filter_external)
                 .chain(&f.filter_nodeports)
+                .chain(&f.filter_firewall)
             {
                 emit(&mut out, rule);
             }
@@ -655,6 +681,7 @@ pub fn plan(
                 + f.filter_services.len()
                 + f.filter_external.len()
                 + f.filter_nodeports.len()
+                + f.filter_firewall.len()
                 + f.digests.iter().map(|(_, _, n)| n).sum::<usize>()
         })
         .sum::<usize>()
@@ -662,7 +689,12 @@ pub fn plan(
         + fixed_rules(cfg);
     let filter_rules_total = fragments
         .values()
-        .map(|f| f.filter_services.len() + f.filter_external.len() + f.filter_nodeports.len())
+        .map(|f| {
+            f.filter_services.len()
+                + f.filter_external.len()
+                + f.filter_nodeports.len()
+                + f.filter_firewall.len()
+        })
         .sum::<usize>()
         + fixed_filter_rules(cfg);
     Plan {
