@@ -8,7 +8,8 @@
 //! `-s IP -d IP`, which only a hairpinned packet matches after DNAT. External traffic goes
 //! through `KPX-EXT-*` (masquerade, or `KPX-SVL-*` local endpoints for
 //! `externalTrafficPolicy: Local`). The filter table rejects traffic to Services without
-//! endpoints and accepts health-check node ports.
+//! endpoints and accepts health-check node ports; before that, `KPX-PROXY-FIREWALL` drops new
+//! connections to a load-balancer IP from sources outside its `loadBalancerSourceRanges`.
 //!
 //! A partial sync writes only the chains of changed Service ports, and the shared dispatch
 //! chains only when their rules changed.

@@ -19,6 +19,8 @@
 //!
 //! Hairpin traffic (an endpoint reaching itself) is masqueraded by the `LOOP-BACK` set, and a
 //! Service address's ports that are not Services are refused (`FRONTENDS`, `ADDRESSES`).
+//! A load-balancer frontend with `loadBalancerSourceRanges` is in `LB-FIREWALL`, its allowed
+//! networks in `LB-SOURCE-CIDR`; the fixed rules drop the rest before anything else.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
