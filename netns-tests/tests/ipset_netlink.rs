@@ -53,6 +53,18 @@ fn one_of_each(n: u8) -> Vec<(SetKind, bool, String)> {
                 format!("{ip},tcp:{port} comment \"t/svc-{n}:http/TCP\""),
             ),
             (SetKind::Hairpin, ipv6, format!("{ip},udp:{port},{ip}")),
+            (SetKind::Firewalled, ipv6, format!("{ip},tcp:{port}")),
+            // A network, and a host (which ipset(8) prints without its prefix length).
+            (
+                SetKind::SourceRanges,
+                ipv6,
+                if ipv6 {
+                    format!("{ip},tcp:{port},2001:2:{n:x}::/48")
+                } else {
+                    format!("{ip},tcp:{port},198.18.{n}.0/24")
+                },
+            ),
+            (SetKind::SourceRanges, ipv6, format!("{ip},tcp:{port},{ip}")),
             (
                 SetKind::HealthCheckNodePorts,
                 ipv6,

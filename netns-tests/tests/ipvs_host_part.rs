@@ -22,6 +22,12 @@ use serde_json::json;
 const NODE_IP: &str = "198.18.0.10";
 const EMPTY_VIP: &str = "198.18.200.1";
 const BUSY_VIP: &str = "198.18.200.2";
+/// Load-balancer IPs of Services without endpoints and with `loadBalancerSourceRanges`: one
+/// whose range takes in the node (so the IP itself, the source of the node's connections to
+/// it, is admitted: refused as any Service without endpoints), one whose range does not
+/// (dropped before the reject).
+const ADMITTING_LB: &str = "198.18.64.31";
+const CLOSED_LB: &str = "198.18.64.32";
 
 struct Scratch(String);
 
@@ -37,6 +43,18 @@ fn state() -> ProxyState {
         let svc: Service =
             serde_json::from_value(json!({"metadata": {"name": name, "namespace": "t"},
             "spec": {"clusterIP": ip, "ports": [{"name": "http", "port": 80}]}}))
+            .expect("service");
+        tracker.apply_service(svc);
+    }
+    for (name, cluster_ip, lb, range) in [
+        ("admitting", "198.18.200.3", ADMITTING_LB, "198.18.0.0/24"),
+        ("closed", "198.18.200.4", CLOSED_LB, "198.18.99.0/24"),
+    ] {
+        let svc: Service =
+            serde_json::from_value(json!({"metadata": {"name": name, "namespace": "t"},
+            "spec": {"type": "LoadBalancer", "clusterIP": cluster_ip, "loadBalancerSourceRanges": [range],
+                     "ports": [{"name": "http", "port": 80}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": lb}]}}}))
             .expect("service");
         tracker.apply_service(svc);
     }
@@ -65,6 +83,15 @@ fn refused(ip: &str, port: u16) -> bool {
     )
 }
 
+/// Whether a TCP connection to `ip:port` gets no answer at all (dropped) within a second.
+fn dropped(ip: &str, port: u16) -> bool {
+    let addr: SocketAddr = format!("{ip}:{port}").parse().expect("address");
+    matches!(
+        TcpStream::connect_timeout(&addr, Duration::from_secs(1)),
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut
+    )
+}
+
 fn run(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd.output()?;
     anyhow::ensure!(
@@ -78,7 +105,7 @@ fn run(cmd: &mut Command) -> anyhow::Result<String> {
 /// Everything inside the namespace (this thread entered it).
 fn scenario(tool: Tool) -> anyhow::Result<()> {
     run(Command::new("ip").args(["link", "set", "lo", "up"]))?;
-    for ip in [NODE_IP, EMPTY_VIP, BUSY_VIP] {
+    for ip in [NODE_IP, EMPTY_VIP, BUSY_VIP, ADMITTING_LB, CLOSED_LB] {
         run(Command::new("ip").args(["addr", "add", &format!("{ip}/32"), "dev", "lo"]))?;
     }
     // Listeners on every address: without kpx's rules every connection below would succeed.
@@ -123,6 +150,16 @@ fn scenario(tool: Tool) -> anyhow::Result<()> {
     anyhow::ensure!(
         connects(NODE_IP, 2222),
         "the node's own address was filtered"
+    );
+    // loadBalancerSourceRanges, on the node's own connections (mangle OUTPUT, where IPVS
+    // would take them): they leave from the load-balancer IP, bound here.
+    anyhow::ensure!(
+        refused(ADMITTING_LB, 80),
+        "a load-balancer IP whose range takes in the node did not admit the node (then refuse: no endpoints)"
+    );
+    anyhow::ensure!(
+        dropped(CLOSED_LB, 80),
+        "a load-balancer IP whose ranges leave the node out was not dropped"
     );
 
     // A partial sync's member edit: the empty Service gone from REJECT (as when it gets an

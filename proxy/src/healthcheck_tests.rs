@@ -51,6 +51,8 @@ fn add(
             node_port: Some(30080),
             external_ips: vec![],
             load_balancer_ips: vec![ip("198.19.0.10")],
+            source_ranges: Vec::new(),
+            source_ranges_given: false,
             affinity_seconds: None,
             external_policy_local: local_policy,
             internal_policy_local: false,

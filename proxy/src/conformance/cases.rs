@@ -213,6 +213,74 @@ pub fn all() -> Vec<Case> {
             ],
         },
         Case {
+            name: "loadBalancerSourceRanges: only sources in the ranges reach the load-balancer IP (pods and the node too); the NodePort and cluster IP stay open",
+            services: vec![lb_service(
+                "web",
+                // Host bits and padding as kube-apiserver lets them through.
+                json!({"type": "LoadBalancer", "clusterIP": cluster_ip,
+                       "loadBalancerSourceRanges": [" 198.19.255.0/24 ", "198.18.128.3/32", "2001:db8::/32"],
+                       "ports": [{"name": "http", "port": 80, "nodePort": 30090}]}),
+                &[lb_ip],
+            )],
+            slices: vec![web_slice(both())],
+            node: with_cidr(),
+            probes: vec![
+                to(From::Outside(OUTSIDE), lb_ip, 80, reach(&all_eps, Seen::Node)),
+                to(From::Outside("198.19.254.1"), lb_ip, 80, Outcome::Drop),
+                to(From::Pod(POD), lb_ip, 80, reach(&all_eps, Seen::Node)),
+                to(From::RemotePod(REMOTE_POD), lb_ip, 80, Outcome::Drop),
+                // The ranges do not take in the node's address: the node is refused too.
+                to(From::Node, lb_ip, 80, Outcome::Drop),
+                to(From::Outside("198.19.254.1"), NODE_IP4, 30090, reach(&all_eps, Seen::Node)),
+                to(From::Outside("198.19.254.1"), cluster_ip, 80, reach(&all_eps, Seen::Node)),
+            ],
+        },
+        Case {
+            name: "loadBalancerSourceRanges with externalTrafficPolicy Local: the ranges first, then local endpoints; a range taking in the node admits the node",
+            services: vec![lb_service(
+                "web",
+                json!({"type": "LoadBalancer", "clusterIP": cluster_ip, "externalTrafficPolicy": "Local",
+                       "loadBalancerSourceRanges": ["198.19.255.0/24", "198.18.0.0/24"],
+                       "ports": [{"name": "http", "port": 80, "nodePort": 30090}]}),
+                &[lb_ip],
+            )],
+            slices: vec![web_slice(both())],
+            node: with_cidr(),
+            probes: vec![
+                to(From::Outside(OUTSIDE), lb_ip, 80, reach(&local_ep, Seen::Client)),
+                to(From::Outside("198.19.254.1"), lb_ip, 80, Outcome::Drop),
+                to(From::Node, lb_ip, 80, reach(&all_eps, Seen::Node)),
+                to(From::Pod(POD), lb_ip, 80, Outcome::Drop),
+            ],
+        },
+        Case {
+            name: "loadBalancerSourceRanges, none readable: nobody reaches the load-balancer IP (closed, not open); no endpoints: the ranges still come first",
+            services: vec![
+                lb_service(
+                    "web",
+                    json!({"type": "LoadBalancer", "clusterIP": cluster_ip,
+                           "loadBalancerSourceRanges": ["not-a-cidr"],
+                           "ports": [{"name": "http", "port": 80, "nodePort": 30090}]}),
+                    &[lb_ip],
+                ),
+                lb_service(
+                    "empty",
+                    json!({"type": "LoadBalancer", "clusterIP": "198.19.0.31",
+                           "loadBalancerSourceRanges": ["198.19.255.0/24"],
+                           "ports": [{"name": "http", "port": 80, "nodePort": 30091}]}),
+                    &["198.19.65.12"],
+                ),
+            ],
+            slices: vec![web_slice(both())],
+            node: with_cidr(),
+            probes: vec![
+                to(From::Outside(OUTSIDE), lb_ip, 80, Outcome::Drop),
+                to(From::Pod(POD), lb_ip, 80, Outcome::Drop),
+                to(From::Outside(OUTSIDE), "198.19.65.12", 80, Outcome::Reject),
+                to(From::Outside("198.19.254.1"), "198.19.65.12", 80, Outcome::Drop),
+            ],
+        },
+        Case {
             name: "multiport: each port and protocol its own endpoints",
             services: vec![web(json!({"clusterIP": cluster_ip, "ports": [
                 {"name": "http", "port": 80},

@@ -25,6 +25,7 @@ impl EbpfRunner {
         let of = |ipv6: bool| NodeConfig {
             cluster_cidr: case.node.parsed_cidr(ipv6),
             masquerade_all: case.node.masquerade_all,
+            node_ips: Vec::new(),
         };
         let nodes: NodeConfigs = [of(false), of(true)];
         Self {

@@ -30,6 +30,7 @@ impl Runner for ModelRunner {
         let config = NodeConfig {
             cluster_cidr: self.node.parsed_cidr(ipv6),
             masquerade_all: self.node.masquerade_all,
+            node_ips: vec![super::node_source(ipv6)],
         };
         let nodeport_ips = self.node.nodeport_ips();
         let mut exact = None;
@@ -66,6 +67,10 @@ impl Runner for ModelRunner {
             From::Node => (&fe.from_node, None),
             From::Outside(ip) => (&fe.from_outside, Some(super::ip(ip))),
         };
+        // Source ranges come first (kube-proxy's firewall runs before its reject rules).
+        if !fe.admits(src.unwrap_or_else(|| super::node_source(ipv6))) {
+            return Outcome::Drop;
+        }
         match route {
             Route::To {
                 endpoints,

@@ -222,6 +222,8 @@ mod tests {
                 node_port,
                 external_ips: vec![],
                 load_balancer_ips: vec![],
+                source_ranges: Vec::new(),
+                source_ranges_given: false,
                 affinity_seconds: None,
                 external_policy_local: false,
                 internal_policy_local: false,

@@ -52,6 +52,9 @@ impl EbpfConfig {
                 .copied()
                 .find(|(ip, _)| ip.is_ipv6() == ipv6),
             masquerade_all: self.masquerade_all,
+            // Load-balancer IPs are not bound on the node here: its own connections to them
+            // leave from its own address, which the source ranges judge as they are.
+            node_ips: Vec::new(),
         };
         [of(false), of(true)]
     }

@@ -276,10 +276,12 @@ mod tests {
             NodeConfig {
                 cluster_cidr: cidr("198.19.0.0", 16),
                 masquerade_all: false,
+                node_ips: Vec::new(),
             },
             NodeConfig {
                 cluster_cidr: cidr("2001:2::", 48),
                 masquerade_all: false,
+                node_ips: Vec::new(),
             },
         ]
     }

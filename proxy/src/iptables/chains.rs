@@ -17,6 +17,9 @@ pub const POSTROUTING: &str = "KPX-POSTROUTING";
 pub const MARK_MASQ: &str = "KPX-MARK-MASQ";
 pub const FORWARD: &str = "KPX-FORWARD";
 pub const CANARY: &str = "KPX-PROXY-CANARY";
+/// `loadBalancerSourceRanges`: drops new connections to a load-balancer IP from sources
+/// outside its ranges (kube-proxy's `KUBE-PROXY-FIREWALL`).
+pub const FIREWALL: &str = "KPX-PROXY-FIREWALL";
 
 /// The packet mark asking for masquerade (bit 14, as kube-proxy's default).
 pub const MASQ_MARK: &str = "0x4000";
@@ -99,11 +102,42 @@ pub const JUMPS: &[Jump] = &[
         matches: &[],
         comment: "kpx forwarding rules",
     },
+    // Last in this list, so first in each built-in chain (every jump goes in at position 1):
+    // the source ranges are judged before `KPX-FORWARD` accepts a masqueraded packet and
+    // before `KPX-EXTERNAL-SERVICES` rejects a Service without endpoints.
+    Jump {
+        table: "filter",
+        from: "INPUT",
+        to: FIREWALL,
+        matches: &["-m", "conntrack", "--ctstate", "NEW"],
+        comment: "kpx load balancer firewall",
+    },
+    Jump {
+        table: "filter",
+        from: "FORWARD",
+        to: FIREWALL,
+        matches: &["-m", "conntrack", "--ctstate", "NEW"],
+        comment: "kpx load balancer firewall",
+    },
+    Jump {
+        table: "filter",
+        from: "OUTPUT",
+        to: FIREWALL,
+        matches: &["-m", "conntrack", "--ctstate", "NEW"],
+        comment: "kpx load balancer firewall",
+    },
 ];
 
 /// Chains that exist in every sync, per table.
 pub const NAT_BASE: &[&str] = &[SERVICES, NODEPORTS, POSTROUTING, MARK_MASQ, CANARY];
-pub const FILTER_BASE: &[&str] = &[SERVICES, EXTERNAL_SERVICES, NODEPORTS, FORWARD, CANARY];
+pub const FILTER_BASE: &[&str] = &[
+    SERVICES,
+    EXTERNAL_SERVICES,
+    NODEPORTS,
+    FORWARD,
+    FIREWALL,
+    CANARY,
+];
 
 /// 16 base32 characters of a SHA-256 over `parts` (NUL-separated): chain names that fit
 /// iptables' 28 characters. Shared with the IPVS mode's per-frontend chains.

@@ -8,7 +8,8 @@
 //! `-s IP -d IP`, which only a hairpinned packet matches after DNAT. External traffic goes
 //! through `KPX-EXT-*` (masquerade, or `KPX-SVL-*` local endpoints for
 //! `externalTrafficPolicy: Local`). The filter table rejects traffic to Services without
-//! endpoints and accepts health-check node ports.
+//! endpoints and accepts health-check node ports; before that, `KPX-PROXY-FIREWALL` drops new
+//! connections to a load-balancer IP from sources outside its `loadBalancerSourceRanges`.
 //!
 //! A partial sync writes only the chains of changed Service ports, and the shared dispatch
 //! chains only when their rules changed.
@@ -56,6 +57,8 @@ pub struct Fragment {
     pub filter_services: Vec<String>,
     pub filter_external: Vec<String>,
     pub filter_nodeports: Vec<String>,
+    /// `KPX-PROXY-FIREWALL`: the source ranges of its load-balancer frontends.
+    pub filter_firewall: Vec<String>,
     pub hairpin: Vec<String>,
     /// nat chains this Service port owns, with their rules (empty once cached, see `slim`).
     pub chains: Vec<(String, Vec<String>)>,
@@ -198,6 +201,9 @@ fn node_config(cfg: &RenderConfig) -> NodeConfig {
     NodeConfig {
         cluster_cidr,
         masquerade_all: cfg.masquerade_all,
+        // Load-balancer IPs are not bound on the node here: its own connections to them
+        // leave from its own address, which the source ranges judge as they are.
+        node_ips: Vec::new(),
     }
 }
 
@@ -269,6 +275,28 @@ pub fn fragment(cfg: &RenderConfig, entry: &ServiceEntry) -> Fragment {
                 f.nat_services.push(rule);
             }
         };
+        // loadBalancerSourceRanges, judged in the filter table on the connection's original
+        // destination (`--ctorigdst`): the same rule then sees a packet nat already DNATed to
+        // an endpoint and one left for the no-endpoint reject, and this chain runs before
+        // both (its jumps are first in INPUT, FORWARD and OUTPUT). One rule per range and
+        // one drop per load-balancer IP, however many endpoints.
+        if let Some(allowed) = &fe.allowed_sources {
+            let original = format!(
+                "-p {proto} -m conntrack --ctorigdst {} --ctorigdstport {}",
+                host(&fe.ip),
+                fe.port
+            );
+            for net in allowed.iter() {
+                f.filter_firewall.push(format!(
+                    "-A {} -s {net} {original} -m comment --comment \"{name} loadBalancerSourceRanges\" -j RETURN",
+                    chains::FIREWALL
+                ));
+            }
+            f.filter_firewall.push(format!(
+                "-A {} {original} -m comment --comment \"{name} source not in loadBalancerSourceRanges\" -j DROP",
+                chains::FIREWALL
+            ));
+        }
         // What is not taken to endpoints is refused or dropped in the filter table (after
         // nat: a packet DNATed for another source no longer matches the frontend address).
         if let Some((target, why)) = routes.iter().find_map(|r| verdict(r, cfg.ipv6)) {
@@ -421,7 +449,8 @@ fn shared_changes(old: Option<&Fragment>, new: Option<&Fragment>, s: &mut Shared
     s.postrouting |= o.hairpin != n.hairpin;
     s.filter |= o.filter_services != n.filter_services
         || o.filter_external != n.filter_external
-        || o.filter_nodeports != n.filter_nodeports;
+        || o.filter_nodeports != n.filter_nodeports
+        || o.filter_firewall != n.filter_firewall;
 }
 
 /// The plan from `state`: everything when `full` (with `existing` kpx nat chains to remove if
@@ -532,6 +561,7 @@ pub fn plan(
                 .iter()
                 .chain(&f.filter_external)
                 .chain(&f.filter_nodeports)
+                .chain(&f.filter_firewall)
             {
                 emit(&mut out, rule);
             }
@@ -652,6 +682,7 @@ pub fn plan(
                 + f.filter_services.len()
                 + f.filter_external.len()
                 + f.filter_nodeports.len()
+                + f.filter_firewall.len()
                 + f.digests.iter().map(|(_, _, n)| n).sum::<usize>()
         })
         .sum::<usize>()
@@ -659,7 +690,12 @@ pub fn plan(
         + fixed_rules(cfg);
     let filter_rules_total = fragments
         .values()
-        .map(|f| f.filter_services.len() + f.filter_external.len() + f.filter_nodeports.len())
+        .map(|f| {
+            f.filter_services.len()
+                + f.filter_external.len()
+                + f.filter_nodeports.len()
+                + f.filter_firewall.len()
+        })
         .sum::<usize>()
         + fixed_filter_rules(cfg);
     Plan {

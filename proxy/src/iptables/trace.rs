@@ -97,6 +97,10 @@ fn matches(rule: &[String], p: &Packet) -> Option<f64> {
             }
             "-s" => in_cidr(&p.src, arg),
             "-d" => in_cidr(&p.dst, arg),
+            // The tracer's packet is the connection's first, as it entered: its destination
+            // is the conntrack entry's original one (`KPX-PROXY-FIREWALL`'s matches).
+            "--ctorigdst" => in_cidr(&p.dst, arg),
+            "--ctorigdstport" => arg.parse::<u16>().ok() == Some(p.dport),
             "-p" => arg == p.protocol,
             "--dport" => arg.parse::<u16>().ok() == Some(p.dport),
             "--dst-type" => p.local.contains(&p.dst),
@@ -208,8 +212,8 @@ impl Walker<'_> {
     }
 }
 
-/// Every way `packet` can go through the plan's nat `KPX-SERVICES` and, when not DNATed, the
-/// filter table's Service rejects.
+/// Every way `packet` can go through the plan's filter `KPX-PROXY-FIREWALL`, nat
+/// `KPX-SERVICES` and, when not DNATed, the filter table's Service rejects.
 pub fn trace(restore: &str, packet: &Packet) -> Vec<Outcome> {
     trace_through(restore, packet, &["KPX-SERVICES", "KPX-EXTERNAL-SERVICES"])
 }
@@ -236,6 +240,22 @@ pub fn trace_through(restore: &str, packet: &Packet, filter_chains: &[&str]) -> 
         verdict: None,
         affinity: None,
     };
+    // `KPX-PROXY-FIREWALL` is first in INPUT, FORWARD and OUTPUT and matches the original
+    // destination, so whatever nat did, a source it drops is dropped (walked here first: the
+    // verdict does not depend on nat).
+    let mut firewall = Walker {
+        chains: &chains,
+        packet,
+        out: Vec::new(),
+    };
+    if let Some(rest) = firewall.walk("filter", super::chains::FIREWALL, 0, start.clone(), 0) {
+        if rest.verdict.is_some() {
+            firewall.out.push(rest);
+        }
+    }
+    if !firewall.out.is_empty() {
+        return firewall.out;
+    }
     let mut nat = Walker {
         chains: &chains,
         packet,

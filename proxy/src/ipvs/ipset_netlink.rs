@@ -70,6 +70,8 @@ const ATTR_IP: u16 = 1;
 const ATTR_PORT: u16 = 4;
 const ATTR_PROTO: u16 = 7;
 const ATTR_IP2: u16 = 20;
+/// `hash:ip,port,net`'s prefix length of the second address (a u8, 1 to the host's length).
+const ATTR_CIDR2: u16 = 21;
 const ATTR_COMMENT: u16 = 26;
 /// Address attributes (inside `IPSET_ATTR_IP` and `IPSET_ATTR_IP2`).
 const ATTR_IPADDR_IPV4: u16 = 1;
@@ -84,6 +86,7 @@ pub enum SetType {
     HashIp,
     HashIpPort,
     HashIpPortIp,
+    HashIpPortNet,
     BitmapPort,
 }
 
@@ -92,13 +95,15 @@ impl SetType {
         match kind {
             SetKind::Addresses => SetType::HashIp,
             SetKind::Hairpin => SetType::HashIpPortIp,
+            SetKind::SourceRanges => SetType::HashIpPortNet,
             SetKind::HealthCheckNodePorts => SetType::BitmapPort,
             SetKind::MasqOffCluster
             | SetKind::MasqAll
             | SetKind::Reject
             | SetKind::Drop
             | SetKind::Frontends
-            | SetKind::Marked => SetType::HashIpPort,
+            | SetKind::Marked
+            | SetKind::Firewalled => SetType::HashIpPort,
         }
     }
 
@@ -108,6 +113,7 @@ impl SetType {
             SetType::HashIp => "hash:ip",
             SetType::HashIpPort => "hash:ip,port",
             SetType::HashIpPortIp => "hash:ip,port,ip",
+            SetType::HashIpPortNet => "hash:ip,port,net",
             SetType::BitmapPort => "bitmap:port",
         }
     }
@@ -118,6 +124,7 @@ impl SetType {
             SetType::HashIp => "IP",
             SetType::HashIpPort => "IP,PROTO:PORT",
             SetType::HashIpPortIp => "IP,PROTO:PORT,IP",
+            SetType::HashIpPortNet => "IP,PROTO:PORT,IP[/CIDR]",
             SetType::BitmapPort => "PORT",
         }
     }
@@ -140,6 +147,8 @@ pub enum Key {
     Ip(IpAddr),
     IpPort(IpAddr, Protocol, u16),
     IpPortIp(IpAddr, Protocol, u16, IpAddr),
+    /// The network's address (host bits clear) and prefix length.
+    IpPortNet(IpAddr, Protocol, u16, IpAddr, u8),
     Port(u16),
 }
 
@@ -201,6 +210,32 @@ fn parse_port(s: &str) -> Result<u16, String> {
         .map_err(|_| format!("{s:?} is not a port (0 to 65535)"))
 }
 
+/// `198.18.0.0/24`, or a host without its length (as ipset(8) prints one). Host bits must be
+/// clear: the kernel would clear them, and the member would then not be the one the plan keeps.
+fn parse_net(s: &str, ipv6: bool) -> Result<(IpAddr, u8), String> {
+    let (addr, len) = match s.split_once('/') {
+        Some((a, l)) => (a, Some(l)),
+        None => (s, None),
+    };
+    let ip = parse_ip(addr, ipv6)?;
+    let max = if ipv6 { 128 } else { 32 };
+    let len = match len {
+        None => max,
+        Some(l) => match l.parse::<u8>() {
+            Ok(n) if (1..=max).contains(&n) => n,
+            _ => return Err(format!("{l:?} is not a prefix length (1 to {max})")),
+        },
+    };
+    let net = ipnet::IpNet::new(ip, len).map_err(|e| format!("{s:?}: {e}"))?;
+    if net.trunc().addr() != ip {
+        return Err(format!(
+            "{s:?} has host bits set (the network is {})",
+            net.trunc()
+        ));
+    }
+    Ok((ip, len))
+}
+
 /// `tcp:80`.
 fn parse_proto_port(s: &str) -> Result<(Protocol, u16), String> {
     let (proto, port) = s
@@ -231,6 +266,11 @@ fn parse_key(set_type: SetType, ipv6: bool, text: &str) -> Result<Key, String> {
                 port,
                 parse_ip(b, ipv6)?,
             ))
+        }
+        (SetType::HashIpPortNet, [a, pp, net]) => {
+            let (protocol, port) = parse_proto_port(pp)?;
+            let (ip, len) = parse_net(net, ipv6)?;
+            Ok(Key::IpPortNet(parse_ip(a, ipv6)?, protocol, port, ip, len))
         }
         (SetType::BitmapPort, [p]) => Ok(Key::Port(parse_port(p)?)),
         _ => Err(format!("want {}", set_type.syntax())),
@@ -312,6 +352,12 @@ impl fmt::Display for Member {
             Key::Ip(a) => write!(f, "{a}")?,
             Key::IpPort(a, pr, p) => write!(f, "{a},{}:{p}", pr.lower())?,
             Key::IpPortIp(a, pr, p, b) => write!(f, "{a},{}:{p},{b}", pr.lower())?,
+            Key::IpPortNet(a, pr, p, b, len) => {
+                write!(f, "{a},{}:{p},{b}", pr.lower())?;
+                if len != if b.is_ipv6() { 128 } else { 32 } {
+                    write!(f, "/{len}")?;
+                }
+            }
             Key::Port(p) => write!(f, "{p}")?,
         }
         if let Some(c) = &self.comment {
@@ -503,6 +549,15 @@ pub fn encode(change: &Change, protocol: u8, seq: u32) -> Result<Vec<u8>, BadMem
                 port_attr(p),
                 proto_attr(pr),
                 ip_attr(ATTR_IP2, b),
+            ]);
+        }
+        Key::IpPortNet(a, pr, p, b, len) => {
+            data.extend([
+                ip_attr(ATTR_IP, a),
+                port_attr(p),
+                proto_attr(pr),
+                ip_attr(ATTR_IP2, b),
+                attr(ATTR_CIDR2, vec![len]),
             ]);
         }
         Key::Port(p) => data.push(port_attr(p)),

@@ -124,6 +124,82 @@ fn a_delete_leaves_the_comment_out() {
 }
 
 #[test]
+fn add_hash_ip_port_net_ipv4() {
+    // loadBalancerSourceRanges: the frontend, then the allowed network as IP2 and CIDR2
+    // (IPSET_ATTR_CIDR2 21, a u8; `hash_ipportnet4_uadt` takes the host's length without it).
+    check(
+        Op::Add,
+        SetKind::SourceRanges,
+        false,
+        "198.19.64.10,tcp:80,198.19.255.0/24",
+        "68 00 00 00  09 06 05 00  07 00 00 00  00 00 00 00   # 104 bytes, ADD
+         02 00 00 00
+         05 00 01 00  07 00 00 00                             # PROTOCOL 7
+         18 00 02 00  4b 50 58 56  2d 4c 42 2d  53 4f 55 52   # SETNAME: 24 bytes,
+                      43 45 2d 43  49 44 52 00                #   \"KPXV-LB-SOURCE-CIDR\\0\"
+         34 00 07 80                                          # DATA: 52 bytes
+         0c 00 01 80  08 00 01 40  c6 13 40 0a                #   IP: 198.19.64.10
+         06 00 04 40  00 50 00 00                             #   PORT: 80
+         05 00 07 00  06 00 00 00                             #   PROTO: TCP
+         0c 00 14 80  08 00 01 40  c6 13 ff 00                #   IP2|NESTED: 198.19.255.0
+         05 00 15 00  18 00 00 00                             #   CIDR2: 24",
+    );
+}
+
+#[test]
+fn a_source_network_is_written_as_ipset_prints_it_and_refused_with_host_bits() {
+    // A host: without its length, as `ipset list` shows it, whether written with /32 or not.
+    let host = parse(
+        SetKind::SourceRanges,
+        false,
+        "198.19.64.10,tcp:80,198.18.0.5/32",
+    )
+    .expect("host");
+    assert_eq!(host.to_string(), "198.19.64.10,tcp:80,198.18.0.5");
+    assert_eq!(
+        host.key,
+        Key::IpPortNet(
+            "198.19.64.10".parse().expect("ip"),
+            Protocol::Tcp,
+            80,
+            "198.18.0.5".parse().expect("ip"),
+            32
+        )
+    );
+    let e = parse(
+        SetKind::SourceRanges,
+        false,
+        "198.19.64.10,tcp:80,198.18.0.5/24",
+    )
+    .expect_err("host bits");
+    assert!(
+        e.to_string()
+            .contains("host bits set (the network is 198.18.0.0/24)"),
+        "{e}"
+    );
+    let e = parse(
+        SetKind::SourceRanges,
+        false,
+        "198.19.64.10,tcp:80,198.18.0.0/33",
+    )
+    .expect_err("length");
+    assert!(
+        e.to_string().contains("not a prefix length (1 to 32)"),
+        "{e}"
+    );
+    let e = parse(
+        SetKind::SourceRanges,
+        true,
+        "2001:2::1,tcp:80,198.18.0.0/16",
+    )
+    .expect_err("family");
+    assert!(
+        e.to_string().contains("not of the set's family inet6"),
+        "{e}"
+    );
+}
+
+#[test]
 fn add_hash_ip_port_ip_ipv6() {
     check(
         Op::Add,
@@ -328,6 +404,22 @@ fn members_read_back_as_they_were_written() {
         (SetKind::Addresses, false, "198.18.200.1"),
         (SetKind::HealthCheckNodePorts, false, "30000"),
         (SetKind::Marked, true, "2001:2::1,sctp:9"),
+        (SetKind::Firewalled, false, "198.19.64.10,tcp:80"),
+        (
+            SetKind::SourceRanges,
+            false,
+            "198.19.64.10,tcp:80,198.19.255.0/24",
+        ),
+        (
+            SetKind::SourceRanges,
+            false,
+            "198.19.64.10,udp:53,198.19.64.10",
+        ),
+        (
+            SetKind::SourceRanges,
+            true,
+            "2001:2::1,tcp:443,2001:db8::/32",
+        ),
     ] {
         let member = parse(kind, ipv6, text).expect(text);
         assert_eq!(member.to_string(), text);

@@ -124,10 +124,18 @@ pub enum SetKind {
     /// `ip,proto:port` of every frontend with per-frontend mangle rules: the mangle chains
     /// look at nothing else, so other packets pay one set lookup.
     Marked,
+    /// `ip,proto:port` of every load-balancer frontend with `loadBalancerSourceRanges`
+    /// (kube-proxy's `KUBE-LOAD-BALANCER-FW`): new connections to it from a source not in
+    /// `SourceRanges` are dropped.
+    Firewalled,
+    /// `ip,proto:port,net` of every allowed (firewalled frontend, source network) pair
+    /// (kube-proxy's `KUBE-LOAD-BALANCER-SOURCE-CIDR`; the load-balancer IP itself among them
+    /// when a range takes in the node, whose connections to it leave from it).
+    SourceRanges,
 }
 
 impl SetKind {
-    pub const ALL: [SetKind; 9] = [
+    pub const ALL: [SetKind; 11] = [
         SetKind::MasqOffCluster,
         SetKind::MasqAll,
         SetKind::Reject,
@@ -137,6 +145,8 @@ impl SetKind {
         SetKind::Hairpin,
         SetKind::HealthCheckNodePorts,
         SetKind::Marked,
+        SetKind::Firewalled,
+        SetKind::SourceRanges,
     ];
 
     fn stem(self) -> &'static str {
@@ -150,6 +160,8 @@ impl SetKind {
             SetKind::Hairpin => "LOOP-BACK",
             SetKind::HealthCheckNodePorts => "HEALTH-CHECK-NODE-PORT",
             SetKind::Marked => "MARKED",
+            SetKind::Firewalled => "LB-FIREWALL",
+            SetKind::SourceRanges => "LB-SOURCE-CIDR",
         }
     }
 
@@ -164,6 +176,7 @@ impl SetKind {
         match self {
             SetKind::Addresses => format!("hash:ip family {family}"),
             SetKind::Hairpin => format!("hash:ip,port,ip family {family}"),
+            SetKind::SourceRanges => format!("hash:ip,port,net family {family}"),
             SetKind::HealthCheckNodePorts => "bitmap:port range 0-65535".to_string(),
             // Each member's comment names its Service port (for dump).
             SetKind::Frontends => format!("hash:ip,port family {family} comment"),

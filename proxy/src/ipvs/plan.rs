@@ -19,6 +19,8 @@
 //!
 //! Hairpin traffic (an endpoint reaching itself) is masqueraded by the `LOOP-BACK` set, and a
 //! Service address's ports that are not Services are refused (`FRONTENDS`, `ADDRESSES`).
+//! A load-balancer frontend with `loadBalancerSourceRanges` is in `LB-FIREWALL`, its allowed
+//! networks in `LB-SOURCE-CIDR`; the fixed rules drop the rest before anything else.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -55,10 +57,17 @@ impl Default for PlanConfig {
 }
 
 impl PlanConfig {
-    fn node(&self) -> NodeConfig {
+    /// The frontend model's node: this mode binds load-balancer IPs on the node (kpx-ipvs0), so
+    /// its own connections to them leave from them and the model must know its addresses.
+    fn node(&self, node_ips: &[IpAddr]) -> NodeConfig {
         NodeConfig {
             cluster_cidr: self.cluster_cidr.as_deref().and_then(parse_cidr),
             masquerade_all: self.masquerade_all,
+            node_ips: node_ips
+                .iter()
+                .filter(|ip| ip.is_ipv6() == self.ipv6)
+                .copied()
+                .collect(),
         }
     }
 
@@ -241,6 +250,15 @@ fn target(route: &Route) -> Target {
     }
 }
 
+/// A network as ipset(8) prints a `hash:…,net` member's: a host without its prefix length.
+fn ipset_net(net: &ipnet::IpNet) -> String {
+    if net.prefix_len() == net.max_prefix_len() {
+        net.addr().to_string()
+    } else {
+        net.to_string()
+    }
+}
+
 /// The filter table's refusal: ICMP port unreachable of the family.
 pub fn reject_rule(ipv6: bool) -> &'static str {
     if ipv6 {
@@ -295,7 +313,7 @@ pub fn port_plan(
     node_ips: &[IpAddr],
     marks: &mut dyn MarkIds,
 ) -> PortPlan {
-    let node = cfg.node();
+    let node = cfg.node(node_ips);
     let detector = node.cluster_cidr.is_some();
     let fronts = frontend::frontends(entry, &node, cfg.ipv6);
     let nodeport_cidrs = cfg.nodeport_cidrs();
@@ -353,6 +371,15 @@ pub fn port_plan(
                 out.addresses.insert(portal.ip);
                 out.members
                     .insert((SetKind::Addresses, portal.ip.to_string()));
+            }
+            if let Some(allowed) = &f.allowed_sources {
+                out.members.insert((SetKind::Firewalled, portal.member()));
+                for net in allowed.iter() {
+                    out.members.insert((
+                        SetKind::SourceRanges,
+                        format!("{},{}", portal.member(), ipset_net(net)),
+                    ));
+                }
             }
             if uniform {
                 match targets[0] {

@@ -16,6 +16,16 @@ fn reject(cfg: &PlanConfig) -> &'static str {
     super::plan::reject_rule(cfg.ipv6)
 }
 
+/// Drops a new connection to a firewalled load-balancer frontend from a source outside its
+/// ranges: two set lookups, whatever the number of Services and ranges.
+fn firewall(cfg: &PlanConfig) -> String {
+    format!(
+        "-m set --match-set {} dst,dst -m set ! --match-set {} dst,dst,src -j DROP",
+        set(SetKind::Firewalled, cfg),
+        set(SetKind::SourceRanges, cfg)
+    )
+}
+
 /// The fixed rules of one table's chain, before (`head`) and after (`tail`) the plan's own.
 fn fixed(cfg: &PlanConfig, table: &str, chain: &str) -> (Vec<String>, Vec<String>) {
     let m = format!("{MASQ_MARK:#x}");
@@ -47,16 +57,19 @@ fn fixed(cfg: &PlanConfig, table: &str, chain: &str) -> (Vec<String>, Vec<String
         }
         // Only the first packet of a connection to a marked frontend needs its mark: IPVS
         // schedules once, later packets follow its connection table.
-        ("mangle", layout::MANGLE_PRE | layout::MANGLE_OUT) => (
-            vec![
-                "-m conntrack ! --ctstate NEW -j RETURN".to_string(),
-                format!(
-                    "-m set ! --match-set {} dst,dst -j RETURN",
-                    s(SetKind::Marked)
-                ),
-            ],
-            vec![],
-        ),
+        ("mangle", layout::MANGLE_PRE | layout::MANGLE_OUT) => {
+            let mut head = vec!["-m conntrack ! --ctstate NEW -j RETURN".to_string()];
+            if chain == layout::MANGLE_OUT {
+                // IPVS takes the node's own packets on OUTPUT, before the filter table: its
+                // connections to a firewalled load-balancer IP are judged here.
+                head.push(firewall(cfg));
+            }
+            head.push(format!(
+                "-m set ! --match-set {} dst,dst -j RETURN",
+                s(SetKind::Marked)
+            ));
+            (head, vec![])
+        }
         ("nat", layout::MARK_MASQ) => (vec![format!("-j MARK --or-mark {m}")], vec![]),
         ("nat", layout::POSTROUTING) => (
             vec![
@@ -74,6 +87,9 @@ fn fixed(cfg: &PlanConfig, table: &str, chain: &str) -> (Vec<String>, Vec<String
         ),
         ("filter", layout::FILTER) => (
             vec![
+                // loadBalancerSourceRanges first: before the no-endpoint reject, and before
+                // IPVS (which takes arriving packets on INPUT after the filter table).
+                firewall(cfg),
                 format!(
                     "-m set --match-set {} dst -j ACCEPT",
                     s(SetKind::HealthCheckNodePorts)

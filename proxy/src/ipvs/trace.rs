@@ -101,7 +101,11 @@ enum Step {
 }
 
 fn in_cidr(ip: &IpAddr, cidr: &str) -> Result<bool, String> {
-    let net: ipnet::IpNet = cidr.parse().map_err(|_| format!("bad address {cidr}"))?;
+    // A bare address is a host (as ipset(8) prints a host member of a `hash:…,net` set).
+    let net: ipnet::IpNet = cidr
+        .parse()
+        .or_else(|_| cidr.parse::<IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("bad address {cidr}"))?;
     Ok(net.contains(ip))
 }
 
@@ -162,6 +166,14 @@ impl Tables {
                     let set = &st.members[&kind];
                     let hit = if kind == SetKind::HealthCheckNodePorts {
                         set.contains(&p.dport.to_string())
+                    } else if kind == SetKind::SourceRanges {
+                        // hash:ip,port,net: the frontend exactly, the source within the net.
+                        let frontend = member(p, "dst,dst", p.src)?;
+                        set.iter().any(|m| {
+                            m.rsplit_once(',').is_some_and(|(fe, net)| {
+                                fe == frontend && in_cidr(&p.src, net).unwrap_or(false)
+                            })
+                        })
                     } else if dims == "dst" {
                         set.contains(&p.dst.to_string())
                     } else if dims == "src" {

@@ -31,6 +31,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
+use ipnet::IpNet;
+
 use super::endpoints::Endpoint;
 use super::service::Protocol;
 use super::state::ServiceEntry;
@@ -43,6 +45,9 @@ pub struct NodeConfig {
     pub cluster_cidr: Option<(IpAddr, u8)>,
     /// `--masquerade-all`: every client of a cluster IP is masqueraded.
     pub masquerade_all: bool,
+    /// The node's own addresses of this family, where the backend knows them: a load-balancer
+    /// IP whose source ranges take in one of them also admits itself as a source (below).
+    pub node_ips: Vec<IpAddr>,
 }
 
 impl NodeConfig {
@@ -146,9 +151,20 @@ pub struct Frontend {
     pub from_outside: Route,
     /// `sessionAffinity: ClientIP`: a client keeps its endpoint for this many seconds.
     pub affinity_seconds: Option<u32>,
+    /// `loadBalancerSourceRanges` (load-balancer IPs only): when `Some`, a new connection whose
+    /// source address is in none of these networks is dropped, whatever its route — from pods,
+    /// the node or outside alike (kube-proxy's firewall chain). Empty: nobody may connect.
+    pub allowed_sources: Option<Arc<[IpNet]>>,
 }
 
 impl Frontend {
+    /// Whether a connection from `source` passes the frontend's source ranges.
+    pub fn admits(&self, source: IpAddr) -> bool {
+        self.allowed_sources
+            .as_ref()
+            .is_none_or(|nets| nets.iter().any(|n| n.contains(&source)))
+    }
+
     pub fn ipv6(&self) -> bool {
         self.ip.is_ipv6()
     }
@@ -243,6 +259,7 @@ pub fn frontends(entry: &ServiceEntry, node: &NodeConfig, ipv6: bool) -> Fronten
         from_node: Route::Reject,
         from_outside: Route::Reject,
         affinity_seconds: port.affinity_seconds,
+        allowed_sources: None,
     };
 
     // Cluster IPs: internalTrafficPolicy decides the endpoint set (this node's for Local, the
@@ -294,13 +311,37 @@ pub fn frontends(entry: &ServiceEntry, node: &NodeConfig, ipv6: bool) -> Fronten
             out.frontends
                 .push(external(FrontendKind::ExternalIp, *ip, port.port));
         }
+        let ranges: Vec<IpNet> = port
+            .source_ranges
+            .iter()
+            .filter(|n| matches!(n, IpNet::V6(_)) == ipv6)
+            .copied()
+            .collect();
+        // kube-proxy: ranges of the other family only leave this family open; a Service whose
+        // ranges could not be read at all is closed (kube-apiserver refuses such input, so
+        // only a store written around it gets here).
+        let restricted =
+            !ranges.is_empty() || (port.source_ranges_given && port.source_ranges.is_empty());
+        // A load balancer whose address is also bound on the node (IPVS binds it to kpx-ipvs0)
+        // answers the node's own connections from that address: kube-proxy admits it as a
+        // source when the ranges take in the node.
+        let from_node = ranges
+            .iter()
+            .any(|n| node.node_ips.iter().any(|ip| n.contains(ip)));
         for ip in port
             .load_balancer_ips
             .iter()
             .filter(|ip| ip.is_ipv6() == ipv6)
         {
-            out.frontends
-                .push(external(FrontendKind::LoadBalancerIp, *ip, port.port));
+            let mut f = external(FrontendKind::LoadBalancerIp, *ip, port.port);
+            if restricted {
+                let mut allowed = ranges.clone();
+                if from_node {
+                    allowed.push(IpNet::from(*ip));
+                }
+                f.allowed_sources = Some(allowed.into());
+            }
+            out.frontends.push(f);
         }
         if let Some(node_port) = port.node_port {
             out.frontends.push(external(

@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 
+use ipnet::IpNet;
+
 use k8s_openapi::api::core::v1::Service;
 
 use super::refuse::{self, Protected, Refusal};
@@ -112,6 +114,12 @@ pub struct ServicePort {
     pub node_port: Option<u16>,
     pub external_ips: Vec<IpAddr>,
     pub load_balancer_ips: Vec<IpAddr>,
+    /// `spec.loadBalancerSourceRanges` that could be read, both families (type LoadBalancer
+    /// only: no other type has load-balancer IPs).
+    pub source_ranges: Vec<IpNet>,
+    /// The Service lists source ranges (even if none could be read: then no source may
+    /// connect to its load-balancer IPs — failing closed on input kube-apiserver refuses).
+    pub source_ranges_given: bool,
     /// `sessionAffinity: ClientIP` and its timeout.
     pub affinity_seconds: Option<u32>,
     pub external_policy_local: bool,
@@ -193,6 +201,33 @@ pub fn service_key(svc: &Service) -> Option<NamespacedName> {
         svc.metadata.namespace.as_deref()?,
         svc.metadata.name.as_deref()?,
     ))
+}
+
+/// `spec.loadBalancerSourceRanges`: CIDRs, padded with spaces as kube-apiserver's validation
+/// lets through (kube-proxy trims them too). An entry that is not a CIDR is reported and left
+/// out; the others still restrict.
+fn parse_source_ranges(
+    values: &[String],
+    name: &NamespacedName,
+    skips: &mut Vec<Skipped>,
+) -> Vec<IpNet> {
+    values
+        .iter()
+        .enumerate()
+        .filter_map(|(i, v)| match v.trim().parse::<IpNet>() {
+            // kube-apiserver accepts host bits set ("10.0.0.1/8") and kube-proxy matches the
+            // network: so do we.
+            Ok(net) => Some(net.trunc()),
+            Err(_) => {
+                skips.push(skipped(
+                    name,
+                    format!("spec.loadBalancerSourceRanges[{i}]"),
+                    format!("{v:?} is not a CIDR (allowed: an address/prefix such as 198.51.100.0/24 or 2001:db8::/32)"),
+                ));
+                None
+            }
+        })
+        .collect()
 }
 
 fn parse_ips(
@@ -284,6 +319,16 @@ pub fn service_ports(
     } else {
         Vec::new()
     };
+    let source_range_texts = spec
+        .load_balancer_source_ranges
+        .as_deref()
+        .unwrap_or_default();
+    let source_ranges_given = ty == "LoadBalancer" && !source_range_texts.is_empty();
+    let source_ranges = if source_ranges_given {
+        parse_source_ranges(source_range_texts, &name, skips)
+    } else {
+        Vec::new()
+    };
     let affinity_seconds = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
         spec.session_affinity_config
             .as_ref()
@@ -341,6 +386,8 @@ pub fn service_ports(
                 node_port,
                 external_ips: external_ips.clone(),
                 load_balancer_ips: load_balancer_ips.clone(),
+                source_ranges: source_ranges.clone(),
+                source_ranges_given,
                 affinity_seconds,
                 external_policy_local: external_type
                     && spec.external_traffic_policy.as_deref() == Some("Local")

@@ -21,11 +21,19 @@ pub const MASQUERADING: &str = "masquerading";
 pub const MARK_MASQ: &str = "mark-for-masquerade";
 pub const REJECT: &str = "reject-chain";
 pub const ENDPOINTS_CHECK: &str = "endpoints-check";
+pub const FILTER_PREROUTING: &str = "filter-prerouting";
+pub const FILTER_OUTPUT_PRE_DNAT: &str = "filter-output-pre-dnat";
+pub const FIREWALL_CHECK: &str = "firewall-check";
 
 /// Base chains: name, type, hook, priority. Numbers, not names: nft 1.0.6 refuses `dstnat` on
 /// the output hook. The filter chains run at -90, after DNAT (-100) on every hook, so a packet
 /// already DNATed to an endpoint no longer matches its frontend in the no-endpoint checks.
+/// The firewall's run at -110, before DNAT (kube-proxy's `dstnat - 10`), so they see every
+/// new connection to a load-balancer IP with that address still its destination, whether it
+/// will be DNATed or refused.
 pub const BASE_CHAINS: &[(&str, &str, &str, i32)] = &[
+    (FILTER_PREROUTING, "filter", "prerouting", -110),
+    (FILTER_OUTPUT_PRE_DNAT, "filter", "output", -110),
     (NAT_PREROUTING, "nat", "prerouting", -100),
     (NAT_OUTPUT, "nat", "output", -100),
     (NAT_POSTROUTING, "nat", "postrouting", 100),
@@ -35,12 +43,20 @@ pub const BASE_CHAINS: &[(&str, &str, &str, i32)] = &[
 ];
 
 /// Regular chains every plan has.
-pub const FIXED_CHAINS: &[&str] = &[SERVICES, MASQUERADING, MARK_MASQ, REJECT, ENDPOINTS_CHECK];
+pub const FIXED_CHAINS: &[&str] = &[
+    SERVICES,
+    MASQUERADING,
+    MARK_MASQ,
+    REJECT,
+    ENDPOINTS_CHECK,
+    FIREWALL_CHECK,
+];
 
 pub const SERVICE_IPS: &str = "service-ips";
 pub const SERVICE_NODEPORTS: &str = "service-nodeports";
 pub const NO_ENDPOINT_SERVICES: &str = "no-endpoint-services";
 pub const NO_ENDPOINT_NODEPORTS: &str = "no-endpoint-nodeports";
+pub const FIREWALL_IPS: &str = "firewall-ips";
 pub const NODEPORT_CIDRS: &str = "nodeport-cidrs";
 pub const HAIRPIN: &str = "hairpin";
 
@@ -116,6 +132,21 @@ pub fn external_chain(name: &ServicePortName, n: usize) -> String {
     )
 }
 
+/// The chain dropping sources outside a load-balancer frontend's `loadBalancerSourceRanges`
+/// (the `n`th distinct list of allowed sources among a Service port's frontends).
+pub fn firewall_chain(name: &ServicePortName, n: usize) -> String {
+    let prefix = if n == 0 {
+        "fw".to_string()
+    } else {
+        format!("fw{n}")
+    };
+    format!(
+        "{prefix}-{}-{}",
+        hash8(&["fw", &id(name), &n.to_string()]),
+        readable(name)
+    )
+}
+
 /// The set remembering the clients of one endpoint of a set chain (session affinity).
 /// The timeout is part of the name: a set's timeout cannot change in place.
 pub fn affinity_set(chain: &str, endpoint: &str, timeout: u32) -> String {
@@ -129,7 +160,9 @@ pub fn affinity_set(chain: &str, endpoint: &str, timeout: u32) -> String {
 
 /// Is `name` one of the per Service port chains (not a fixed or base chain)?
 pub fn is_service_chain(name: &str) -> bool {
-    ["svc-", "svl-", "ext"].iter().any(|p| name.starts_with(p))
+    ["svc-", "svl-", "ext", "fw"]
+        .iter()
+        .any(|p| name.starts_with(p))
 }
 
 #[cfg(test)]
@@ -152,6 +185,10 @@ mod tests {
         assert_eq!(svc, service_chain(&name.clone()));
         assert_ne!(svc[4..12], local_chain(&name)[4..12]);
         assert_ne!(external_chain(&name, 0), external_chain(&name, 1));
+        let fw = firewall_chain(&name, 0);
+        assert!(fw.starts_with("fw-") && is_service_chain(&fw), "{fw}");
+        assert_ne!(fw, firewall_chain(&name, 1));
+        assert!(!is_service_chain(FIREWALL_CHECK) && !is_service_chain(FILTER_FORWARD));
         let udp = ServicePortName {
             protocol: Protocol::Udp,
             ..name

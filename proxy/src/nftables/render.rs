@@ -12,7 +12,9 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use super::chains::{self, affinity_set, endpoint_map, external_chain, local_chain, service_chain};
+use super::chains::{
+    self, affinity_set, endpoint_map, external_chain, firewall_chain, local_chain, service_chain,
+};
 use crate::model::frontend::{self, EndpointSet, FrontendKind, NodeConfig, Route};
 use crate::model::{Changes, Endpoint, Protocol, ProxyState, ServiceEntry, ServicePortName};
 
@@ -63,6 +65,9 @@ impl RenderConfig {
         NodeConfig {
             cluster_cidr,
             masquerade_all: self.masquerade_all,
+            // Load-balancer IPs are not bound on the node here: its own connections to them
+            // leave from its own address, which the source ranges judge as they are.
+            node_ips: Vec::new(),
         }
     }
 }
@@ -74,6 +79,7 @@ pub enum MapId {
     ServiceNodeports,
     NoEndpointServices,
     NoEndpointNodeports,
+    FirewallIps,
     Hairpin,
     Endpoints(Protocol, u32),
 }
@@ -85,6 +91,7 @@ impl MapId {
             MapId::ServiceNodeports => chains::SERVICE_NODEPORTS.into(),
             MapId::NoEndpointServices => chains::NO_ENDPOINT_SERVICES.into(),
             MapId::NoEndpointNodeports => chains::NO_ENDPOINT_NODEPORTS.into(),
+            MapId::FirewallIps => chains::FIREWALL_IPS.into(),
             MapId::Hairpin => chains::HAIRPIN.into(),
             MapId::Endpoints(proto, shard) => endpoint_map(proto, shard),
         }
@@ -381,6 +388,21 @@ pub fn fixed_rules(cfg: &RenderConfig) -> Vec<(&'static str, String)> {
             chains::FILTER_INPUT,
             format!("ct state new jump {}", chains::ENDPOINTS_CHECK),
         ),
+        (
+            chains::FILTER_PREROUTING,
+            format!("ct state new jump {}", chains::FIREWALL_CHECK),
+        ),
+        (
+            chains::FILTER_OUTPUT_PRE_DNAT,
+            format!("ct state new jump {}", chains::FIREWALL_CHECK),
+        ),
+        (
+            chains::FIREWALL_CHECK,
+            format!(
+                "{fam} daddr . meta l4proto . th dport vmap @{}",
+                chains::FIREWALL_IPS
+            ),
+        ),
     ];
     if !cfg.conntrack_tcp_be_liberal {
         // Forwarded packets conntrack cannot place (out of the TCP window) would leave
@@ -475,6 +497,11 @@ fn declarations(cfg: &RenderConfig, out: &mut String) {
             chains::NO_ENDPOINT_NODEPORTS,
             "inet_proto . inet_service : verdict".into(),
             "NodePorts whose traffic has no endpoint: reject or drop",
+        ),
+        (
+            chains::FIREWALL_IPS,
+            format!("{addr} . inet_proto . inet_service : verdict"),
+            "load-balancer IPs with loadBalancerSourceRanges",
         ),
     ];
     for (name, ty, comment) in maps {
@@ -665,9 +692,30 @@ pub fn fragment(
     let comment: Arc<str> = Arc::from(name.as_str());
     let mut masq_rules: Vec<(EndpointSet, String)> = Vec::new();
     let mut routed: Vec<([Route; 3], String)> = Vec::new();
+    // Distinct lists of allowed sources (loadBalancerSourceRanges) and their chains.
+    let mut firewalls: Vec<(&[ipnet::IpNet], String)> = Vec::new();
 
     for fe in &model.frontends {
         let routes = fe.routes();
+        // Judged before DNAT (`firewall-check` at -110) on the frontend's own address, so
+        // before both a route to endpoints and a refusal. One rule per range (no anonymous
+        // set: the kernel looks sets up by walking the table's list of them).
+        if let Some(allowed) = &fe.allowed_sources {
+            let chain = match firewalls.iter().find(|(a, _)| *a == &allowed[..]) {
+                Some((_, chain)) => chain.clone(),
+                None => {
+                    let chain = firewall_chain(&port.name, firewalls.len());
+                    firewalls.push((&allowed[..], chain.clone()));
+                    chain
+                }
+            };
+            f.elements.push(Element {
+                map: MapId::FirewallIps,
+                key: Key::Frontend(fe.ip, proto, fe.port),
+                value: Some(Value::Goto(chain)),
+                comment: Some(comment.clone()),
+            });
+        }
         let (dispatch_map, refuse_map, key) = match fe.kind {
             FrontendKind::NodePort => (
                 MapId::ServiceNodeports,
@@ -744,6 +792,17 @@ pub fn fragment(
             value: Some(Value::Goto(target)),
             comment: Some(comment.clone()),
         });
+    }
+
+    for (allowed, chain) in &firewalls {
+        let mut rules: Vec<String> = allowed
+            .iter()
+            .map(|net| format!("{fam} saddr {net} return"))
+            .collect();
+        rules.push(format!(
+            "drop comment \"{name}: source not in loadBalancerSourceRanges\""
+        ));
+        f.chains.push(Chain::new(chain.clone(), rules));
     }
 
     for ([pods, node_route, outside], chain) in &routed {
@@ -954,6 +1013,7 @@ fn full_plan(
         chains::SERVICE_NODEPORTS,
         chains::NO_ENDPOINT_SERVICES,
         chains::NO_ENDPOINT_NODEPORTS,
+        chains::FIREWALL_IPS,
         chains::NODEPORT_CIDRS,
         chains::HAIRPIN,
     ]
@@ -999,6 +1059,7 @@ fn full_plan(
         chains::SERVICE_NODEPORTS,
         chains::NO_ENDPOINT_SERVICES,
         chains::NO_ENDPOINT_NODEPORTS,
+        chains::FIREWALL_IPS,
     ] {
         let _ = writeln!(out, "flush map {fam} {t} {map}");
     }

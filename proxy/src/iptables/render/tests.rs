@@ -100,6 +100,7 @@ fn full_plan() {
         :KPX-EXTERNAL-SERVICES - [0:0]
         :KPX-NODEPORTS - [0:0]
         :KPX-FORWARD - [0:0]
+        :KPX-PROXY-FIREWALL - [0:0]
         :KPX-PROXY-CANARY - [0:0]
         -A KPX-PROXY-CANARY -j RETURN
         -A KPX-FORWARD -m conntrack --ctstate INVALID -m comment --comment "kpx: drop packets conntrack marks INVALID" -j DROP
@@ -302,6 +303,7 @@ fn each_family_renders_only_its_own_addresses() {
         :KPX-EXTERNAL-SERVICES - [0:0]
         :KPX-NODEPORTS - [0:0]
         :KPX-FORWARD - [0:0]
+        :KPX-PROXY-FIREWALL - [0:0]
         :KPX-PROXY-CANARY - [0:0]
         -A KPX-PROXY-CANARY -j RETURN
         -A KPX-FORWARD -m conntrack --ctstate INVALID -m comment --comment "kpx: drop packets conntrack marks INVALID" -j DROP
@@ -425,4 +427,93 @@ fn the_rule_count_is_the_rules_a_full_restore_writes() {
             "INVALID drop only without --conntrack-tcp-be-liberal"
         );
     }
+}
+
+fn firewalled(t: &mut ChangeTracker, ranges: &[&str]) {
+    let mut svc = service(
+        "lb",
+        json!({"type": "LoadBalancer", "clusterIP": "10.96.0.30", "loadBalancerSourceRanges": ranges,
+        "ports": [{"name": "http", "port": 80, "nodePort": 30090}]}),
+    );
+    svc.status = Some(
+        serde_json::from_value(json!({"loadBalancer": {"ingress": [{"ip": "198.18.64.30"}]}}))
+            .expect("status"),
+    );
+    t.apply_service(svc);
+    t.apply_slice(slice(
+        "lb",
+        &[("198.18.129.2", "n2")],
+        json!({"name": "http", "port": 8080}),
+    ));
+}
+
+/// `loadBalancerSourceRanges`: one RETURN per range and one DROP in `KPX-PROXY-FIREWALL`, on
+/// the original destination; widening the ranges is a partial sync of the filter table alone
+/// (the nat chains stay), and the trace follows each step.
+#[test]
+fn source_ranges_are_filter_rules_a_partial_sync_rewrites() {
+    let mut t = ChangeTracker::new("n1");
+    firewalled(&mut t, &["198.18.0.201/32"]);
+    let (first, state) = full_plan_from_empty(&mut t);
+    let firewall: Vec<&str> = first
+        .restore
+        .lines()
+        .filter(|l| l.starts_with("-A KPX-PROXY-FIREWALL"))
+        .collect();
+    expect![[r#"
+        [
+            "-A KPX-PROXY-FIREWALL -s 198.18.0.201/32 -p tcp -m conntrack --ctorigdst 198.18.64.30/32 --ctorigdstport 80 -m comment --comment \"ns/lb:http/TCP loadBalancerSourceRanges\" -j RETURN",
+            "-A KPX-PROXY-FIREWALL -p tcp -m conntrack --ctorigdst 198.18.64.30/32 --ctorigdstport 80 -m comment --comment \"ns/lb:http/TCP source not in loadBalancerSourceRanges\" -j DROP",
+        ]
+    "#]]
+    .assert_debug_eq(&firewall);
+    assert_eq!(
+        traced(&first.restore, "198.18.0.201", "198.18.64.30", "tcp", 80),
+        ["DNAT to 198.18.129.2:8080 p=1.00 masquerade"]
+    );
+    assert_eq!(
+        traced(&first.restore, "198.18.0.202", "198.18.64.30", "tcp", 80),
+        ["DROP p=1.00"]
+    );
+    // The NodePort and the cluster IP are not guarded.
+    assert_eq!(
+        traced(&first.restore, "198.18.0.202", "198.18.0.11", "tcp", 30090),
+        ["DNAT to 198.18.129.2:8080 p=1.00 masquerade"]
+    );
+
+    firewalled(&mut t, &["198.18.0.201/32", "198.18.0.202/32"]);
+    let (state, changes) = t.snapshot(&state);
+    let next = plan(
+        &cfg(),
+        &state,
+        &changes,
+        &first.fragments,
+        false,
+        &BTreeSet::new(),
+        &[],
+    );
+    assert!(
+        next.restore.starts_with("*filter\n") && !next.restore.contains("*nat"),
+        "{}",
+        next.restore
+    );
+    assert_eq!(
+        next.restore.matches("-j RETURN\n").count(),
+        3,
+        "the canary and two ranges: {}",
+        next.restore
+    );
+    let mut tables = first.restore.clone();
+    // The partial restore replaces the filter table's chains: trace the filter of the new
+    // text with the nat of the first.
+    let nat = tables.split_off(tables.find("*nat").expect("nat"));
+    let applied = format!("{}{nat}", next.restore);
+    assert_eq!(
+        traced(&applied, "198.18.0.202", "198.18.64.30", "tcp", 80),
+        ["DNAT to 198.18.129.2:8080 p=1.00 masquerade"]
+    );
+    assert_eq!(
+        traced(&applied, "198.18.0.203", "198.18.64.30", "tcp", 80),
+        ["DROP p=1.00"]
+    );
 }

@@ -134,6 +134,8 @@ fn uses_follows_the_traffic_policies_and_external_reachability() {
         node_port: None,
         external_ips: Vec::new(),
         load_balancer_ips: Vec::new(),
+        source_ranges: Vec::new(),
+        source_ranges_given: false,
         affinity_seconds: None,
         external_policy_local: false,
         internal_policy_local: false,

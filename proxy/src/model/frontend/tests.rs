@@ -83,6 +83,7 @@ fn each_endpoint_set_is_listed_once_for_backends_that_program_one_list_per_set()
     let node = NodeConfig {
         cluster_cidr: Some((ip("198.18.128.0"), 17)),
         masquerade_all: false,
+        node_ips: Vec::new(),
     };
     let model = frontends(&e, &node, false);
     let sets: Vec<(EndpointSet, usize)> = model.sets.iter().map(|(s, e)| (*s, e.len())).collect();

@@ -51,6 +51,7 @@ fn plans_match_their_snapshots() {
         ),
         ("session_affinity", true, "affinity-6.nft"),
         ("no_endpoints:", false, "no-endpoints-4.nft"),
+        ("loadBalancerSourceRanges:", false, "source-ranges-4.nft"),
     ];
     for (prefix, ipv6, file) in wanted {
         let case = cases::all()
@@ -351,5 +352,111 @@ fn a_stale_shard_is_emptied_and_taken_back_when_needed_again() {
     assert!(
         !applied.stale_sets.contains("endpoints-tcp-1"),
         "still to be deleted"
+    );
+}
+
+fn firewalled_state(
+    tracker: &mut crate::model::ChangeTracker,
+    ranges: &[&str],
+    previous: &ProxyState,
+) -> (ProxyState, Changes) {
+    let svc = serde_json::json!({"metadata": {"name": "lb", "namespace": "t"},
+        "spec": {"type": "LoadBalancer", "clusterIP": "198.18.200.1", "loadBalancerSourceRanges": ranges,
+                 "ports": [{"name": "http", "port": 80, "nodePort": 30080}]},
+        "status": {"loadBalancer": {"ingress": [{"ip": "198.18.64.30"}]}}});
+    let slice = serde_json::json!({"metadata": {"name": "lb-1", "namespace": "t", "labels": {"kubernetes.io/service-name": "lb"}},
+        "addressType": "IPv4", "endpoints": [{"addresses": ["198.19.0.1"], "conditions": {"ready": true}, "nodeName": "other"}],
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]});
+    tracker.apply_service(serde_json::from_value(svc).expect("service"));
+    tracker.apply_slice(serde_json::from_value(slice).expect("slice"));
+    tracker.snapshot(previous)
+}
+
+/// What a first packet from `src` to the load-balancer IP ends as, in `rs`.
+fn to_lb(rs: &super::super::trace::Ruleset, src: &str) -> Vec<String> {
+    let local: Vec<IpAddr> = vec!["198.18.0.10".parse().expect("ip")];
+    let packet = super::super::trace::Packet {
+        src: src.parse().expect("ip"),
+        dst: "198.18.64.30".parse().expect("ip"),
+        protocol: "tcp",
+        dport: 80,
+        local: &local,
+    };
+    super::super::trace::describe(&super::super::trace::trace(
+        rs,
+        &packet,
+        super::super::trace::Path::Forwarded,
+    ))
+}
+
+/// Widening the ranges rewrites the Service port's firewall chain and nothing else; removing
+/// them takes its `firewall-ips` element out and leaves the chain to housekeeping. Each
+/// partial plan applied on top of the last (in the interpreter that refuses what the kernel
+/// would) lets exactly the sources of the ranges in.
+#[test]
+fn a_change_of_source_ranges_rewrites_only_the_firewall_chain() {
+    let cfg = RenderConfig::default();
+    let mut tracker = crate::model::ChangeTracker::new("this-node");
+    let mut rs = super::super::trace::Ruleset::new();
+    let (a, _) = firewalled_state(&mut tracker, &["198.18.0.201/32"], &ProxyState::default());
+    let mut applied = Applied::default();
+    let full = plan(
+        &cfg,
+        &a,
+        &Changes::default(),
+        true,
+        &Existing::default(),
+        &mut applied,
+    );
+    rs.apply(&full.text).expect("the full plan loads");
+    assert_eq!(
+        to_lb(&rs, "198.18.0.201"),
+        ["DNAT to 198.19.0.1:8080 p=1.00 masquerade"]
+    );
+    assert_eq!(to_lb(&rs, "198.18.0.202"), ["drop p=1.00"]);
+
+    let (b, changes) = firewalled_state(&mut tracker, &["198.18.0.201/32", "198.18.0.202/32"], &a);
+    let p = plan(
+        &cfg,
+        &b,
+        &changes,
+        false,
+        &Existing::default(),
+        &mut applied,
+    );
+    assert_eq!((p.chains_written, p.elements_written), (1, 0), "{}", p.text);
+    let fw = chains::firewall_chain(&b.entries.keys().next().expect("a port").clone(), 0);
+    assert!(
+        p.text.lines().all(|l| l.contains(&fw)),
+        "only the firewall chain is written:\n{}",
+        p.text
+    );
+    rs.apply(&p.text).expect("the partial plan loads");
+    assert_eq!(
+        to_lb(&rs, "198.18.0.202"),
+        ["DNAT to 198.19.0.1:8080 p=1.00 masquerade"]
+    );
+    assert_eq!(to_lb(&rs, "198.18.0.203"), ["drop p=1.00"]);
+
+    let (c, changes) = firewalled_state(&mut tracker, &[], &b);
+    let p = plan(
+        &cfg,
+        &c,
+        &changes,
+        false,
+        &Existing::default(),
+        &mut applied,
+    );
+    assert!(
+        p.text
+            .contains(&format!("delete element ip kpx {}", chains::FIREWALL_IPS)),
+        "{}",
+        p.text
+    );
+    assert!(applied.stale_chains.contains(&fw));
+    rs.apply(&p.text).expect("the partial plan loads");
+    assert_eq!(
+        to_lb(&rs, "198.18.0.203"),
+        ["DNAT to 198.19.0.1:8080 p=1.00 masquerade"]
     );
 }

@@ -1,0 +1,73 @@
+//! `loadBalancerSourceRanges`: a load-balancer ingress IP answers only the clients its ranges
+//! take in; the others' connections are dropped (no answer, not refused) while the Service's
+//! NodePort stays open to them; widening the ranges (a partial sync) lets them in.
+
+mod common;
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use common::*;
+use kpx_control::client::Patch;
+use kpx_lab::lab::Lab;
+use kpx_lab::traffic::{self, Outcome};
+use serde_json::json;
+
+/// Per request where the firewall must drop: a dropped SYN is seen only by waiting.
+const DROP_TIMEOUT: Duration = Duration::from_millis(500);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_balancer_source_ranges_admit_only_their_clients_and_follow_updates() {
+    on_every_backend("source-ranges", |backend| async move {
+        let mut lab = Lab::start("lbsr", backend, 2, 2).await?;
+        lab.add_pod(0, "web-a").await?;
+        lab.add_pod(1, "web-b").await?;
+        // The externals are 198.18.0.201 and .202 (`Lab::add_external`); only the first is in
+        // the ranges. Node 1 announces the load-balancer IP.
+        let (admitted, refused) = (&lab.externals[0], &lab.externals[1]);
+        let lb_ip = Lab::external_ip(30);
+        let svc = create_service(
+            &lab,
+            "lb",
+            json!({"type": "LoadBalancer", "loadBalancerSourceRanges": ["198.18.0.201/32"],
+                   "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}),
+        )
+        .await?;
+        set_endpoints(&lab, "lb", &[ready("web-a"), ready("web-b")], http_port()).await?;
+        services(&lab)
+            .patch_status(
+                "lb",
+                Patch::Merge,
+                &json!({"status": {"loadBalancer": {"ingress": [{"ip": lb_ip.to_string()}]}}}),
+            )
+            .await?;
+        let lb = target(lb_ip, 80);
+        let both = |o: &[Outcome]| all_answer(o) && pods_seen(o).len() == 2;
+        eventually(&lab, "the admitted client reaches the load-balancer IP", || traffic::http(admitted, lb, 20, TIMEOUT), both).await?;
+
+        // The other client reaches the node (its NodePort answers: the ranges guard the
+        // load-balancer IP only), but its connections to the load-balancer IP are dropped.
+        let node_port = target(IpAddr::V4(lab.nodes[0].ip), node_port(&svc));
+        eventually(&lab, "the other client reaches the NodePort", || traffic::http(refused, node_port, 10, TIMEOUT), all_answer).await?;
+        let dropped = traffic::http(refused, lb, 3, DROP_TIMEOUT)?;
+        anyhow::ensure!(
+            dropped.iter().all(|o| matches!(o, Outcome::TimedOut)),
+            "a client outside loadBalancerSourceRanges is not dropped: {dropped:?}\n--- iptables (node-1) ---\n{}",
+            lab.iptables_save(0)
+        );
+
+        // Both admitted: a partial sync of the ranges.
+        services(&lab)
+            .patch(
+                "lb",
+                Patch::Merge,
+                &json!({"spec": {"loadBalancerSourceRanges": ["198.18.0.201/32", "198.18.0.202/32"]}}),
+            )
+            .await?;
+        eventually(&lab, "the widened ranges admit the other client", || traffic::http(refused, lb, 20, TIMEOUT), both).await?;
+        let first = traffic::http(admitted, lb, 10, ANSWER_TIMEOUT)?;
+        anyhow::ensure!(all_answer(&first), "the first client lost the load-balancer IP: {first:?}");
+        Ok(())
+    })
+    .await;
+}
