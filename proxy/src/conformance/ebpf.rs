@@ -6,7 +6,8 @@
 use std::net::IpAddr;
 
 use kpx_ebpf::layout::{
-    self, ServiceKey, SVC_F_DROP, SVC_F_INTERNAL, SVC_F_MASQUERADE, SVC_F_MASQ_PODS, SVC_F_NODEPORT,
+    self, ServiceKey, SVC_F_DROP, SVC_F_INTERNAL, SVC_F_MASQUERADE, SVC_F_MASQ_PODS,
+    SVC_F_NODEPORT, SVC_F_SOURCE_RANGES,
 };
 use kpx_ebpf::plan::{Wanted, WantedService};
 
@@ -92,6 +93,11 @@ impl EbpfRunner {
         }
     }
 
+    /// `source_admitted` in lb.h: the trie under the entry's id holds the entry's ranges.
+    fn admitted(svc: &WantedService, src: IpAddr) -> bool {
+        svc.flags & SVC_F_SOURCE_RANGES == 0 || svc.source_ranges.iter().any(|r| r.contains(src))
+    }
+
     fn no_backends(svc: &WantedService) -> Outcome {
         if svc.flags & SVC_F_DROP != 0 {
             Outcome::Drop
@@ -106,6 +112,10 @@ impl EbpfRunner {
         let Some(svc) = self.lookup(probe, pod) else {
             return Outcome::NotAService;
         };
+        // Every probe is a new connection: the ranges are asked before anything else.
+        if !Self::admitted(svc, src) {
+            return Outcome::Drop;
+        }
         if svc.backends.is_empty() {
             return Self::no_backends(svc);
         }
@@ -136,6 +146,16 @@ impl EbpfRunner {
             Some(src) => this.tc(probe, src),
             None => Outcome::NotAService,
         };
+        if svc.flags & SVC_F_SOURCE_RANGES != 0 {
+            // A pod's packets are judged by tc; the node's socket by the address it sends
+            // from: unbound, as every probe's is, the node's (kpx_config).
+            if !node {
+                return to_tc(self);
+            }
+            if !Self::admitted(svc, super::node_source(probe.to.is_ipv6())) {
+                return Outcome::Drop;
+            }
+        }
         if !node && svc.flags & SVC_F_MASQ_PODS != 0 {
             return to_tc(self);
         }
