@@ -773,3 +773,39 @@ fn source_ranges_are_read_back_as_written_and_go_with_their_frontend() {
     apply(&mut ebpf, &ops).expect("apply");
     assert!(read_programmed(&ebpf).source_ranges.is_empty());
 }
+
+#[test]
+fn a_full_source_range_trie_is_an_error_naming_it() {
+    let capacity = Capacity {
+        entries: vec![("kpx_src_range4", 2)],
+    };
+    let Some(mut ebpf) = load_with(&capacity) else {
+        return;
+    };
+    let wanted: Wanted = [(
+        ServiceKey::new(ip("198.19.65.11"), 80, TCP),
+        ranged(
+            &[("198.18.128.2", 8080)],
+            &[
+                ("198.19.255.0", 24),
+                ("198.19.254.0", 24),
+                ("198.19.253.0", 24),
+            ],
+        ),
+    )]
+    .into();
+    let (ops, _) = plan(&wanted, &Programmed::default());
+    let err = apply(&mut ebpf, &ops).expect_err("the third range does not fit");
+    assert!(
+        matches!(
+            err,
+            ApplyError::Full {
+                map: "kpx_src_range4",
+                capacity: 2
+            }
+        ),
+        "{err}"
+    );
+    // The entry was never written: nothing half-open reaches the frontend unflagged.
+    assert!(read_programmed(&ebpf).services.is_empty());
+}
