@@ -12,7 +12,6 @@
 //! Backends are shared: the same address and port is one backend id whatever the Services.
 
 use std::collections::{BTreeMap, BTreeSet};
-
 use std::net::IpAddr;
 
 use crate::layout::{
