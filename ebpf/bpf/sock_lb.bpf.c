@@ -120,8 +120,10 @@ static __always_inline int translate(struct bpf_sock_addr *ctx, __u8 family, int
 		 * are left to the tc program, which judges them at the node's end of its veth. */
 		if (!node)
 			return 1;
-		/* The node's connect (or sendmsg) fails with EPERM, as a packet dropped in
-		 * netfilter's OUTPUT makes it fail: a drop, not a refusal. */
+		/* The node's connect (or sendmsg) fails at once with EPERM, what a sock_addr
+		 * program's refusal gives: a UDP send dropped in netfilter's OUTPUT fails so too,
+		 * where a TCP connect would time out; never ECONNREFUSED, which says "no
+		 * endpoints" (the README's known limits). */
 		node_source(ctx, family, source);
 		if (!source_admitted(svc, (__u8 *)source, family)) {
 			bpf_set_retval(-EPERM);
