@@ -1,7 +1,7 @@
 //! Reading back what the pinned maps hold, so a restarted proxy continues from there: its
 //! first plan writes only the difference, and traffic using the entries never sees a flush.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{HashMap, MapData};
@@ -89,6 +89,13 @@ pub fn programmed(ebpf: &Ebpf) -> Result<Programmed, ApplyError> {
     for (id, backend) in backends {
         out.backend_ids.insert(BackendIdentity::from(&backend), id);
     }
+    out.source_ranges = source_ranges(ebpf)?;
+    out.recount();
+    Ok(out)
+}
+
+/// The source ranges in the tries, by service id.
+pub fn source_ranges(ebpf: &Ebpf) -> Result<BTreeMap<u32, BTreeSet<SourceRange>>, ApplyError> {
     let v4 = read_trie(
         ebpf,
         SRC_RANGE4,
@@ -105,9 +112,9 @@ pub fn programmed(ebpf: &Ebpf) -> Result<Programmed, ApplyError> {
         |k: &SrcRange6| (k.service_id, k.addr),
         FAMILY_V6,
     )?;
+    let mut out: BTreeMap<u32, BTreeSet<SourceRange>> = BTreeMap::new();
     for (id, range) in v4.into_iter().chain(v6) {
-        out.source_ranges.entry(id).or_default().insert(range);
+        out.entry(id).or_default().insert(range);
     }
-    out.recount();
     Ok(out)
 }
