@@ -23,6 +23,7 @@
 #define KPX_SVC_F_DROP (1 << 4)        /* endpoints exist, none for this traffic: drop, no reject */
 #define KPX_SVC_F_MASQ_PODS (1 << 5)   /* traffic from pods must be source-NATed too */
 #define KPX_SVC_F_INTERNAL (1 << 6)    /* the node and pods use this key's internal-scope entry */
+#define KPX_SVC_F_SOURCE_RANGES (1 << 7) /* new connections only from kpx_src_range4/6 */
 
 /*
  * The frontend model gives each frontend a route per source of traffic (pods, the node,
@@ -160,6 +161,29 @@ struct kpx_sock_rev_value {
 	__be16 port;
 	__u8 family;
 	__u8 pad;
+};
+
+/*
+ * loadBalancerSourceRanges (kpx_src_range4, kpx_src_range6: LPM tries, value unused): a
+ * frontend flagged KPX_SVC_F_SOURCE_RANGES admits a new connection only from a source inside
+ * one of its networks; a flagged frontend with none admits nobody. The service id leads the
+ * key and is always matched whole (prefixlen = 32 + the network's prefix), so one trie holds
+ * every frontend's ranges and a lookup never strays into another frontend's. Each family has
+ * its own trie, as Cilium's LB4_SRC_RANGE/LB6_SRC_RANGE, so IPv4 keys stay small. (A frontend
+ * with an internal-scope entry has its ranges under both entries' ids.)
+ */
+#define KPX_SRC_RANGE_ID_BITS 32
+
+struct kpx_src_range4_key {
+	__u32 prefixlen;   /* KPX_SRC_RANGE_ID_BITS + the network's prefix length */
+	__u32 service_id;
+	__u8 addr[4];      /* the network, host bits zero */
+};
+
+struct kpx_src_range6_key {
+	__u32 prefixlen;
+	__u32 service_id;
+	__u8 addr[16];
 };
 
 #endif /* KPX_MAPS_H */

@@ -77,5 +77,13 @@ int main(void)
 	FIELD(kpx_sock_rev_value, addr);
 	FIELD(kpx_sock_rev_value, port);
 	FIELD(kpx_sock_rev_value, family);
+	SIZE(kpx_src_range4_key);
+	FIELD(kpx_src_range4_key, prefixlen);
+	FIELD(kpx_src_range4_key, service_id);
+	FIELD(kpx_src_range4_key, addr);
+	SIZE(kpx_src_range6_key);
+	FIELD(kpx_src_range6_key, prefixlen);
+	FIELD(kpx_src_range6_key, service_id);
+	FIELD(kpx_src_range6_key, addr);
 	return 0;
 }

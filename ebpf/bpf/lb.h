@@ -93,6 +93,23 @@ struct {
 	__uint(max_entries, 262144);
 } kpx_sock_rev SEC(".maps");
 
+/* Sizes are defaults here too; BPF_F_NO_PREALLOC is required of LPM tries. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct kpx_src_range4_key);
+	__type(value, __u8);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 65536);
+} kpx_src_range4 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct kpx_src_range6_key);
+	__type(value, __u8);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 65536);
+} kpx_src_range6 SEC(".maps");
+
 /* The frontend `addr:port/proto` belongs to: an exact VIP, else a NodePort when `addr` is one
  * of the node's addresses; for an `internal` client, the frontend's internal-scope entry when
  * it has one. */
@@ -126,6 +143,35 @@ static __always_inline struct kpx_service_value *lookup_service(const __u8 *addr
 	return inner ? inner : svc;
 }
 
+/*
+ * Whether a new connection from `src` may use frontend `svc`: always, unless the frontend is
+ * flagged KPX_SVC_F_SOURCE_RANGES (loadBalancerSourceRanges); then only when `src` lies in
+ * one of the networks kept under the frontend's id. Established flows are not asked again.
+ */
+static __always_inline int source_admitted(const struct kpx_service_value *svc, const __u8 *src,
+					   __u8 family)
+{
+	if (!(svc->flags & KPX_SVC_F_SOURCE_RANGES))
+		return 1;
+	if (family == KPX_FAMILY_V4) {
+		struct kpx_src_range4_key key = {
+			.prefixlen = KPX_SRC_RANGE_ID_BITS + 32,
+			.service_id = svc->id,
+		};
+
+		__builtin_memcpy(key.addr, src, 4);
+		return bpf_map_lookup_elem(&kpx_src_range4, &key) != 0;
+	} else {
+		struct kpx_src_range6_key key = {
+			.prefixlen = KPX_SRC_RANGE_ID_BITS + 128,
+			.service_id = svc->id,
+		};
+
+		__builtin_memcpy(key.addr, src, 16);
+		return bpf_map_lookup_elem(&kpx_src_range6, &key) != 0;
+	}
+}
+
 /* Whether `addr` is inside the pod network of its family (kpx_clients). */
 static __always_inline int from_pod_network(const __u8 *addr, __u8 family)
 {
@@ -150,6 +196,24 @@ static __always_inline int from_pod_network(const __u8 *addr, __u8 family)
 			return 0;
 	}
 	return 1;
+}
+
+/* The node's address of `family` (kpx_config: the masquerade source); 0 when there is none. */
+static __always_inline int node_address(__u8 family, __u8 *out)
+{
+	__u32 zero = 0;
+	struct kpx_config *config = bpf_map_lookup_elem(&kpx_config, &zero);
+	__u8 *ip;
+	__u32 any = 0;
+	int i;
+
+	if (!config)
+		return 0;
+	ip = family == KPX_FAMILY_V4 ? config->node_ip4 : config->node_ip6;
+	__builtin_memcpy(out, ip, 16);
+	for (i = 0; i < 16; i++)
+		any |= out[i];
+	return any != 0;
 }
 
 /* Whether pods of `family` can be told apart (a pod network is configured). */

@@ -53,6 +53,31 @@ static __always_inline void set_user_addr(struct bpf_sock_addr *ctx, __u8 family
 	ctx->user_port = port;
 }
 
+/*
+ * The source a node's socket will send from, as loadBalancerSourceRanges judge it: the address
+ * it is bound to, else the node's address of the family (kpx_config). An unbound socket gets
+ * its source from the route only after this hook, and a sock_addr program cannot look routes
+ * up; the node's address is what the frontend model assumes the node sends from.
+ */
+static __always_inline void node_source(struct bpf_sock_addr *ctx, __u8 family, __u32 *out)
+{
+	struct bpf_sock *sk = ctx->sk;
+
+	out[0] = out[1] = out[2] = out[3] = 0;
+	if (sk) {
+		if (family == KPX_FAMILY_V4) {
+			out[0] = sk->src_ip4;
+		} else {
+			out[0] = sk->src_ip6[0];
+			out[1] = sk->src_ip6[1];
+			out[2] = sk->src_ip6[2];
+			out[3] = sk->src_ip6[3];
+		}
+	}
+	if (!(out[0] | out[1] | out[2] | out[3]))
+		node_address(family, (__u8 *)out);
+}
+
 static __always_inline __u8 sock_proto(struct bpf_sock_addr *ctx)
 {
 	if (ctx->type == SOCK_STREAM)
@@ -88,6 +113,23 @@ static __always_inline int translate(struct bpf_sock_addr *ctx, __u8 family, int
 	svc = lookup_service((__u8 *)addr, port, proto, family, node || pods_known(family));
 	if (!svc)
 		return 1;
+	if (svc->flags & KPX_SVC_F_SOURCE_RANGES) {
+		__u32 source[4];
+
+		/* A pod's source is its own address, which this hook cannot know yet: its packets
+		 * are left to the tc program, which judges them at the node's end of its veth. */
+		if (!node)
+			return 1;
+		/* The node's connect (or sendmsg) fails at once with EPERM, what a sock_addr
+		 * program's refusal gives: a UDP send dropped in netfilter's OUTPUT fails so too,
+		 * where a TCP connect would time out; never ECONNREFUSED, which says "no
+		 * endpoints" (the README's known limits). */
+		node_source(ctx, family, source);
+		if (!source_admitted(svc, (__u8 *)source, family)) {
+			bpf_set_retval(-EPERM);
+			return 0;
+		}
+	}
 	/* A pod whose traffic must be masqueraded is left to the tc program, which rewrites its
 	 * packets' source: a socket cannot be given another source address here. */
 	if (!node && (svc->flags & KPX_SVC_F_MASQ_PODS))

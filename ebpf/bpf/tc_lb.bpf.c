@@ -339,24 +339,6 @@ static __always_inline int reverse_nat(struct __sk_buff *skb, struct flow *f)
 	return TC_ACT_OK;
 }
 
-/* The node's address of the packet's family, for masquerade; 0 when there is none. */
-static __always_inline int node_address(__u8 family, __u8 *out)
-{
-	__u32 zero = 0;
-	struct kpx_config *config = bpf_map_lookup_elem(&kpx_config, &zero);
-	__u8 *ip;
-	__u32 any = 0;
-	int i;
-
-	if (!config)
-		return 0;
-	ip = family == KPX_FAMILY_V4 ? config->node_ip4 : config->node_ip6;
-	__builtin_memcpy(out, ip, 16);
-	for (i = 0; i < 16; i++)
-		any |= out[i];
-	return any != 0;
-}
-
 /* A source port for a masqueraded flow whose reply tuple is not taken: the client's own port
  * if it is free, else a few random ones. 0 if none is. */
 static __always_inline __be16 snat_port(const struct flow *f, const struct kpx_backend *backend,
@@ -457,6 +439,10 @@ static __always_inline int load_balance(struct __sk_buff *skb, struct flow *f)
 		struct kpx_ct_key reply_key = {};
 		__u32 backend_id;
 
+		/* loadBalancerSourceRanges come before any route, the reject of a Service
+		 * without endpoints included (kube-proxy's firewall chain runs first). */
+		if (!source_admitted(svc, f->tuple.src, f->tuple.family))
+			return TC_ACT_SHOT;
 		if (svc->count == 0) {
 			if (svc->flags & KPX_SVC_F_DROP)
 				return TC_ACT_SHOT;

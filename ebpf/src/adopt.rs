@@ -1,14 +1,18 @@
 //! Reading back what the pinned maps hold, so a restarted proxy continues from there: its
 //! first plan writes only the difference, and traffic using the entries never sees a flush.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
+use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{HashMap, MapData};
 use aya::Ebpf;
 
-use crate::apply::ApplyError;
-use crate::layout::{Backend, ServiceKey, ServiceValue, SlotKey};
-use crate::plan::{BackendIdentity, Programmed};
+use crate::apply::{ApplyError, SRC_RANGE4, SRC_RANGE6};
+use crate::layout::{
+    Backend, ServiceKey, ServiceValue, SlotKey, SrcRange4, SrcRange6, FAMILY_V4, FAMILY_V6,
+    SRC_RANGE_ID_BITS,
+};
+use crate::plan::{BackendIdentity, Programmed, SourceRange};
 
 fn read<K: aya::Pod + Ord, V: aya::Pod>(
     ebpf: &Ebpf,
@@ -19,6 +23,36 @@ fn read<K: aya::Pod + Ord, V: aya::Pod>(
         HashMap::try_from(handle).map_err(|source| ApplyError::Map { map, source })?;
     hash.iter()
         .map(|entry| entry.map_err(|source| ApplyError::Map { map, source }))
+        .collect()
+}
+
+/// The keys of a source-range trie, as (service id, range).
+fn read_trie<K: aya::Pod>(
+    ebpf: &Ebpf,
+    map: &'static str,
+    unpack: impl Fn(&K) -> (u32, [u8; 16]),
+    family: u8,
+) -> Result<Vec<(u32, SourceRange)>, ApplyError> {
+    let handle = ebpf.map(map).ok_or(ApplyError::Missing(map))?;
+    let trie: LpmTrie<&MapData, K, u8> =
+        LpmTrie::try_from(handle).map_err(|source| ApplyError::Map { map, source })?;
+    trie.keys()
+        .map(|key| {
+            let key: Key<K> = key.map_err(|source| ApplyError::Map { map, source })?;
+            let (id, addr) = unpack(&key.data());
+            // A prefix shorter than the id (no writer of kpx's makes one) reads as /0, which
+            // the next plan replaces by what is wanted.
+            let prefix = key.prefix_len().saturating_sub(SRC_RANGE_ID_BITS);
+            let prefix = u8::try_from(prefix).unwrap_or(u8::MAX);
+            Ok((
+                id,
+                SourceRange {
+                    addr,
+                    family,
+                    prefix,
+                },
+            ))
+        })
         .collect()
 }
 
@@ -55,6 +89,32 @@ pub fn programmed(ebpf: &Ebpf) -> Result<Programmed, ApplyError> {
     for (id, backend) in backends {
         out.backend_ids.insert(BackendIdentity::from(&backend), id);
     }
+    out.source_ranges = source_ranges(ebpf)?;
     out.recount();
+    Ok(out)
+}
+
+/// The source ranges in the tries, by service id.
+pub fn source_ranges(ebpf: &Ebpf) -> Result<BTreeMap<u32, BTreeSet<SourceRange>>, ApplyError> {
+    let v4 = read_trie(
+        ebpf,
+        SRC_RANGE4,
+        |k: &SrcRange4| {
+            let mut addr = [0u8; 16];
+            addr[..4].copy_from_slice(&k.addr);
+            (k.service_id, addr)
+        },
+        FAMILY_V4,
+    )?;
+    let v6 = read_trie(
+        ebpf,
+        SRC_RANGE6,
+        |k: &SrcRange6| (k.service_id, k.addr),
+        FAMILY_V6,
+    )?;
+    let mut out: BTreeMap<u32, BTreeSet<SourceRange>> = BTreeMap::new();
+    for (id, range) in v4.into_iter().chain(v6) {
+        out.entry(id).or_default().insert(range);
+    }
     Ok(out)
 }

@@ -3,13 +3,15 @@
 
 use std::collections::BTreeSet;
 
+use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, MapError};
 use aya::Ebpf;
 
 use crate::layout::{
-    Backend, Clients, Config, NodeAddr, RevNat, ServiceKey, ServiceValue, SlotKey,
+    Backend, Clients, Config, NodeAddr, RevNat, ServiceKey, ServiceValue, SlotKey, SrcRange4,
+    SrcRange6, FAMILY_V4, SRC_RANGE_ID_BITS,
 };
-use crate::plan::Op;
+use crate::plan::{Op, SourceRange};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -33,21 +35,95 @@ fn open<'a, K: aya::Pod, V: aya::Pod>(
     HashMap::try_from(handle).map_err(|source| ApplyError::Map { map, source })
 }
 
+fn open_trie<'a, K: aya::Pod>(
+    ebpf: &'a mut Ebpf,
+    map: &'static str,
+) -> Result<LpmTrie<&'a mut MapData, K, u8>, ApplyError> {
+    let handle = ebpf.map_mut(map).ok_or(ApplyError::Missing(map))?;
+    LpmTrie::try_from(handle).map_err(|source| ApplyError::Map { map, source })
+}
+
+pub const SRC_RANGE4: &str = "kpx_src_range4";
+pub const SRC_RANGE6: &str = "kpx_src_range6";
+
+/// The trie key of a frontend's source range, by family.
+pub enum SrcRangeKey {
+    V4(Key<SrcRange4>),
+    V6(Key<SrcRange6>),
+}
+
+impl SrcRangeKey {
+    pub fn new(service_id: u32, range: &SourceRange) -> Self {
+        let prefix = SRC_RANGE_ID_BITS + u32::from(range.prefix);
+        if range.family == FAMILY_V4 {
+            let mut addr = [0u8; 4];
+            addr.copy_from_slice(&range.addr[..4]);
+            Self::V4(Key::new(prefix, SrcRange4 { service_id, addr }))
+        } else {
+            Self::V6(Key::new(
+                prefix,
+                SrcRange6 {
+                    service_id,
+                    addr: range.addr,
+                },
+            ))
+        }
+    }
+}
+
+/// One map write's outcome: its error with the map's name.
+type Written = Result<(), (&'static str, MapError)>;
+
+/// Writes (`put`) or deletes one source range; the inner error is the write's, to be told
+/// apart from a full trie.
+fn source_range(
+    ebpf: &mut Ebpf,
+    service_id: u32,
+    range: &SourceRange,
+    put: bool,
+) -> Result<Written, ApplyError> {
+    let (map, result) = match SrcRangeKey::new(service_id, range) {
+        SrcRangeKey::V4(key) => {
+            let mut trie = open_trie::<SrcRange4>(ebpf, SRC_RANGE4)?;
+            let r = if put {
+                trie.insert(&key, 1, 0)
+            } else {
+                trie.remove(&key)
+            };
+            (SRC_RANGE4, r)
+        }
+        SrcRangeKey::V6(key) => {
+            let mut trie = open_trie::<SrcRange6>(ebpf, SRC_RANGE6)?;
+            let r = if put {
+                trie.insert(&key, 1, 0)
+            } else {
+                trie.remove(&key)
+            };
+            (SRC_RANGE6, r)
+        }
+    };
+    Ok(match result {
+        // Deleting what is already gone is not an error, as for the hash maps.
+        Err(e) if !put && gone(&e) => Ok(()),
+        other => other.map_err(|e| (map, e)),
+    })
+}
+
 fn capacity(ebpf: &Ebpf, map: &'static str) -> u32 {
     ebpf.map(map)
         .and_then(|m| match m {
-            aya::maps::Map::HashMap(d) | aya::maps::Map::LruHashMap(d) => {
-                d.info().ok().map(|i| i.max_entries())
-            }
+            aya::maps::Map::HashMap(d)
+            | aya::maps::Map::LruHashMap(d)
+            | aya::maps::Map::LpmTrie(d) => d.info().ok().map(|i| i.max_entries()),
             _ => None,
         })
         .unwrap_or(0)
 }
 
-/// Maps an insert error: E2BIG from a hash map means it is full.
+/// Maps an insert error: E2BIG from a hash map means it is full, ENOSPC from an LPM trie.
 fn insert_error(ebpf: &Ebpf, map: &'static str, source: MapError) -> ApplyError {
     if let MapError::SyscallError(e) = &source {
-        if e.io_error.raw_os_error() == Some(libc::E2BIG) {
+        if matches!(e.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC)) {
             return ApplyError::Full {
                 map,
                 capacity: capacity(ebpf, map),
@@ -57,10 +133,21 @@ fn insert_error(ebpf: &Ebpf, map: &'static str, source: MapError) -> ApplyError 
     ApplyError::Map { map, source }
 }
 
+/// Whether a delete failed only because the key was not there: aya's `remove` reports the
+/// kernel's ENOENT as a syscall error, not as `KeyNotFound`.
+fn gone(error: &MapError) -> bool {
+    match error {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
 /// Deleting what is already gone is not an error (a restarted proxy may replay deletes).
 fn removed(result: Result<(), MapError>, map: &'static str) -> Result<(), ApplyError> {
     match result {
-        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Ok(()) => Ok(()),
+        Err(e) if gone(&e) => Ok(()),
         Err(source) => Err(ApplyError::Map { map, source }),
     }
 }
@@ -106,6 +193,8 @@ pub fn apply(ebpf: &mut Ebpf, ops: &[Op]) -> Result<(), ApplyError> {
                 )?;
                 Ok(())
             }
+            Op::PutSourceRange(id, range) => source_range(ebpf, *id, range, true)?,
+            Op::DeleteSourceRange(id, range) => source_range(ebpf, *id, range, false)?,
         };
         if let Err((map, source)) = result {
             return Err(insert_error(ebpf, map, source));

@@ -64,6 +64,12 @@ pub fn check_kernel() -> Result<(), String> {
         Ok(false) => return Err("the kernel does not support BPF LRU hash maps".into()),
         Err(e) => return Err(format!("probing BPF LRU hash maps: {e}")),
     }
+    // loadBalancerSourceRanges (kpx_src_range4/6).
+    match is_map_supported(MapType::LpmTrie) {
+        Ok(true) => {}
+        Ok(false) => return Err("the kernel does not support BPF LPM trie maps".into()),
+        Err(e) => return Err(format!("probing BPF LPM trie maps: {e}")),
+    }
     let helpers = [
         (
             ProgramType::SchedClassifier,

@@ -17,6 +17,12 @@ pub const SVC_F_MASQUERADE: u16 = 1 << 3;
 pub const SVC_F_DROP: u16 = 1 << 4;
 pub const SVC_F_MASQ_PODS: u16 = 1 << 5;
 pub const SVC_F_INTERNAL: u16 = 1 << 6;
+/// `loadBalancerSourceRanges`: new connections only from the frontend's networks in
+/// `kpx_src_range4`/`kpx_src_range6` (none there: from nobody).
+pub const SVC_F_SOURCE_RANGES: u16 = 1 << 7;
+
+/// Bits of a source-range key's prefix taken by the service id, always matched whole.
+pub const SRC_RANGE_ID_BITS: u32 = 32;
 
 /// Or'ed into a `ServiceKey`'s family: the entry internal clients (the node, pods when told
 /// apart) use for a frontend flagged `SVC_F_INTERNAL` (`kpx_maps.h`).
@@ -253,6 +259,24 @@ pub struct SockRevValue {
     pub pad: u8,
 }
 
+/// The data of a `kpx_src_range4` key after its prefix length (`struct kpx_src_range4_key`
+/// is `aya::maps::lpm_trie::Key<SrcRange4>`: the length, then this).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SrcRange4 {
+    pub service_id: u32,
+    /// The network, host bits zero.
+    pub addr: [u8; 4],
+}
+
+/// The data of a `kpx_src_range6` key after its prefix length.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SrcRange6 {
+    pub service_id: u32,
+    pub addr: [u8; 16],
+}
+
 // SAFETY: each type is `#[repr(C)]`, `Copy`, made only of integers and byte arrays with every
 // padding byte spelled out as a field, so any bit pattern is valid and none is uninitialised.
 unsafe impl aya::Pod for ServiceKey {}
@@ -282,6 +306,10 @@ unsafe impl aya::Pod for NodeAddr {}
 unsafe impl aya::Pod for SockRevKey {}
 // SAFETY: as above.
 unsafe impl aya::Pod for SockRevValue {}
+// SAFETY: as above.
+unsafe impl aya::Pod for SrcRange4 {}
+// SAFETY: as above.
+unsafe impl aya::Pod for SrcRange6 {}
 
 #[cfg(test)]
 mod tests {
@@ -316,7 +344,7 @@ mod tests {
 
     #[test]
     fn every_mirror_matches_the_c_header() {
-        let rust = rust_layout! {
+        let mut rust = rust_layout! {
             "kpx_service_key" => ServiceKey { addr, port, proto, family }
             "kpx_service_value" => ServiceValue { id, count, flags, affinity_timeout }
             "kpx_slot_key" => SlotKey { service_id, slot }
@@ -332,6 +360,33 @@ mod tests {
             "kpx_sock_rev_key" => SockRevKey { cookie, addr, port, family }
             "kpx_sock_rev_value" => SockRevValue { addr, port, family }
         };
+        // The source-range keys are aya's `Key<data>`: a u32 prefix length, then the data.
+        let lpm = |name: &str, size: usize, id: usize, addr: usize| {
+            let prefix = size_of::<u32>();
+            [
+                ("SIZE", prefix + size),
+                ("prefixlen", 0),
+                ("service_id", prefix + id),
+                ("addr", prefix + addr),
+            ]
+            .map(|(f, n)| ((name.to_string(), f.to_string()), n))
+        };
+        rust.extend(lpm(
+            "kpx_src_range4_key",
+            size_of::<SrcRange4>(),
+            offset_of!(SrcRange4, service_id),
+            offset_of!(SrcRange4, addr),
+        ));
+        rust.extend(lpm(
+            "kpx_src_range6_key",
+            size_of::<SrcRange6>(),
+            offset_of!(SrcRange6, service_id),
+            offset_of!(SrcRange6, addr),
+        ));
+        assert_eq!(
+            size_of::<aya::maps::lpm_trie::Key<SrcRange6>>(),
+            size_of::<u32>() + size_of::<SrcRange6>()
+        );
         let c = c_layout();
         assert_eq!(c.len(), rust.len(), "C: {c:?}\nRust: {rust:?}");
         for (key, offset) in &c {

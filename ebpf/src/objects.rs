@@ -28,6 +28,8 @@ pub const MAPS: &[&str] = &[
     "kpx_clients",
     "kpx_version",
     "kpx_sock_rev",
+    "kpx_src_range4",
+    "kpx_src_range6",
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -4,13 +4,57 @@
 //! - a backend is written before any slot points at it, and deleted only after none does;
 //! - a Service's slots are written before its entry, whose `count` makes them reachable; when
 //!   it shrinks, the smaller count comes first and the slots beyond it go after;
-//! - a Service's entry is deleted before its slots and its reverse-NAT entry.
+//! - a Service's entry is deleted before its slots and its reverse-NAT entry;
+//! - source ranges (`SVC_F_SOURCE_RANGES`) a frontend gains are written before its entry, those
+//!   it loses deleted after it: while they change, a new connection meets the union of the old
+//!   and new ranges, never a frontend flagged without the ranges it is being given.
 //!
 //! Backends are shared: the same address and port is one backend id whatever the Services.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 
-use crate::layout::{name_bytes, Backend, RevNat, ServiceKey, ServiceValue, SlotKey};
+use crate::layout::{
+    address, ip, name_bytes, Backend, RevNat, ServiceKey, ServiceValue, SlotKey, FAMILY_V4,
+};
+
+/// A network a frontend admits new connections from (`kpx_src_range4`/`kpx_src_range6`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SourceRange {
+    /// The network, host bits zero (IPv4 in the first 4 bytes).
+    pub addr: [u8; 16],
+    pub family: u8,
+    /// At most 32 (IPv4) or 128.
+    pub prefix: u8,
+}
+
+impl SourceRange {
+    /// The network `ip/prefix`, host bits cleared and the prefix capped at the family's width.
+    pub fn new(ip: IpAddr, prefix: u8) -> Self {
+        let (mut addr, family) = address(ip);
+        let width = if family == FAMILY_V4 { 32 } else { 128 };
+        let prefix = prefix.min(width);
+        for (i, byte) in addr.iter_mut().enumerate() {
+            let kept = u32::from(prefix).saturating_sub(8 * i as u32).min(8);
+            *byte &= if kept == 0 { 0 } else { 0xffu8 << (8 - kept) };
+        }
+        Self {
+            addr,
+            family,
+            prefix,
+        }
+    }
+
+    /// Whether `source` lies in this network (what the trie lookup answers).
+    pub fn contains(&self, source: IpAddr) -> bool {
+        let candidate = Self::new(source, self.prefix);
+        candidate.family == self.family && candidate.addr == self.addr
+    }
+
+    pub fn ip(&self) -> IpAddr {
+        ip(&self.addr, self.family)
+    }
+}
 
 /// One frontend as wanted: its flags, affinity and backends (in slot order).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -20,6 +64,8 @@ pub struct WantedService {
     pub flags: u16,
     pub affinity_timeout: u32,
     pub backends: Vec<Backend>,
+    /// With `SVC_F_SOURCE_RANGES`: the networks new connections may come from (empty: none).
+    pub source_ranges: BTreeSet<SourceRange>,
 }
 
 pub type Wanted = BTreeMap<ServiceKey, WantedService>;
@@ -31,6 +77,8 @@ pub struct Programmed {
     pub backend_ids: BTreeMap<BackendIdentity, u32>,
     /// Each backend id's identity, and how many slots point at it.
     pub backends: BTreeMap<u32, (BackendIdentity, u32)>,
+    /// The source ranges in the tries, by service id.
+    pub source_ranges: BTreeMap<u32, BTreeSet<SourceRange>>,
     /// Ids freed by earlier plans (reused lowest first), and the next never-used ones.
     pub free_backend_ids: BTreeSet<u32>,
     pub next_backend_id: u32,
@@ -116,6 +164,8 @@ pub enum Op {
     DeleteSlot(SlotKey),
     DeleteRevNat(u32),
     DeleteBackend(u32),
+    PutSourceRange(u32, SourceRange),
+    DeleteSourceRange(u32, SourceRange),
 }
 
 fn slot(service_id: u32, slot: u32) -> SlotKey {
@@ -143,6 +193,19 @@ pub fn plan(wanted: &Wanted, programmed: &Programmed) -> (Vec<Op>, Programmed) {
         next.free_backend_ids.insert(id);
         ops.push(Op::DeleteBackend(id));
     }
+    // Ranges of ids no frontend has (left by an interrupted delete).
+    let ids: BTreeSet<u32> = next.services.values().map(|(v, _)| v.id).collect();
+    let stale: Vec<u32> = next
+        .source_ranges
+        .keys()
+        .filter(|id| !ids.contains(id))
+        .copied()
+        .collect();
+    for id in stale {
+        for range in next.source_ranges.remove(&id).unwrap_or_default() {
+            ops.push(Op::DeleteSourceRange(id, range));
+        }
+    }
     (ops, next)
 }
 
@@ -169,6 +232,9 @@ pub fn plan_keys(wanted: &Wanted, p: &mut Programmed, keys: &BTreeSet<ServiceKey
                     middle.push(Op::DeleteSlot(slot(value.id, s)));
                 }
                 middle.push(Op::DeleteRevNat(value.id));
+                for range in p.source_ranges.remove(&value.id).unwrap_or_default() {
+                    middle.push(Op::DeleteSourceRange(value.id, range));
+                }
                 for id in slots {
                     unref(p, id, &mut unreferenced);
                 }
@@ -211,8 +277,25 @@ pub fn plan_keys(wanted: &Wanted, p: &mut Programmed, keys: &BTreeSet<ServiceKey
             .enumerate()
             .filter(|(i, bid)| old_slots.get(*i) != Some(bid))
             .map(|(i, bid)| Op::PutSlot(slot(id, i as u32 + 1), *bid));
+        // Diffed against what the tries hold under this id, even for a new frontend: an id
+        // freed by an interrupted delete may still have ranges.
+        let held = p.source_ranges.remove(&id).unwrap_or_default();
+        let gained = w
+            .source_ranges
+            .difference(&held)
+            .map(|r| Op::PutSourceRange(id, *r));
+        let lost: Vec<Op> = held
+            .difference(&w.source_ranges)
+            .map(|r| Op::DeleteSourceRange(id, *r))
+            .collect();
+        if !w.source_ranges.is_empty() {
+            p.source_ranges.insert(id, w.source_ranges.clone());
+        }
         match &old {
             None => {
+                // Not reachable yet: stale ranges go first.
+                middle.extend(lost);
+                middle.extend(gained);
                 middle.extend(changed_slots);
                 middle.push(Op::PutRevNat(
                     id,
@@ -227,17 +310,21 @@ pub fn plan_keys(wanted: &Wanted, p: &mut Programmed, keys: &BTreeSet<ServiceKey
                 middle.push(Op::PutService(*key, value));
             }
             Some(_) if ids.len() < old_slots.len() => {
+                middle.extend(gained);
                 middle.push(Op::PutService(*key, value));
                 middle.extend(changed_slots);
                 for s in ids.len() + 1..=old_slots.len() {
                     middle.push(Op::DeleteSlot(slot(id, s as u32)));
                 }
+                middle.extend(lost);
             }
             Some((old_value, _)) => {
                 middle.extend(changed_slots);
+                middle.extend(gained);
                 if *old_value != value {
                     middle.push(Op::PutService(*key, value));
                 }
+                middle.extend(lost);
             }
         }
         for b in old_slots {
@@ -306,6 +393,8 @@ mod tests {
                 Op::DeleteSlot(k) => format!("-s{}/{}", k.service_id, k.slot),
                 Op::DeleteRevNat(id) => format!("-r{id}"),
                 Op::DeleteBackend(id) => format!("-b{id}"),
+                Op::PutSourceRange(id, r) => format!("+R{id}:{}/{}", r.ip(), r.prefix),
+                Op::DeleteSourceRange(id, r) => format!("-R{id}:{}/{}", r.ip(), r.prefix),
             })
             .collect::<Vec<_>>()
             .join(" ")
@@ -384,5 +473,120 @@ mod tests {
         w.get_mut(&frontend(9)).expect("present").affinity_timeout = 10800;
         let (ops, _) = plan(&w, &state);
         assert_eq!(text(&ops), "+S1(n=1)");
+    }
+
+    /// A frontend's last octet, its backends' and its source networks.
+    type Ranged<'a> = (u8, &'a [u8], &'a [(&'a str, u8)]);
+
+    fn ranged(entries: &[Ranged<'_>]) -> Wanted {
+        let mut w = wanted(&entries.iter().map(|(f, b, _)| (*f, *b)).collect::<Vec<_>>());
+        for (f, _, nets) in entries {
+            let e = w.get_mut(&frontend(*f)).expect("present");
+            e.flags |= crate::layout::SVC_F_SOURCE_RANGES;
+            e.source_ranges = nets
+                .iter()
+                .map(|(n, len)| SourceRange::new(n.parse().expect("ip"), *len))
+                .collect();
+        }
+        w
+    }
+
+    #[test]
+    fn a_source_range_is_the_network_with_its_host_bits_cleared() {
+        let r = SourceRange::new("198.19.255.77".parse().expect("ip"), 20);
+        assert_eq!((r.ip().to_string(), r.prefix), ("198.19.240.0".into(), 20));
+        assert!(r.contains("198.19.255.1".parse().expect("ip")));
+        assert!(!r.contains("198.19.224.1".parse().expect("ip")));
+        assert!(!r.contains("2001:2::1".parse().expect("ip")));
+        let all = SourceRange::new("2001:db8::1".parse().expect("ip"), 200);
+        assert_eq!(all.prefix, 128);
+        let none = SourceRange::new("10.1.2.3".parse().expect("ip"), 0);
+        assert_eq!((none.addr, none.prefix), ([0; 16], 0));
+        assert!(none.contains("198.19.0.1".parse().expect("ip")));
+    }
+
+    #[test]
+    fn ranges_gained_go_before_the_entry_and_ranges_lost_after_it() {
+        let (ops, one) = plan(
+            &ranged(&[(9, &[10], &[("198.19.255.0", 24)])]),
+            &Programmed::default(),
+        );
+        assert_eq!(text(&ops), "+b1 +R1:198.19.255.0/24 +s1/1=b1 +r1 +S1(n=1)");
+        // The ranges change: the union holds while they do; the entry is unchanged.
+        let (ops, two) = plan(&ranged(&[(9, &[10], &[("198.19.254.0", 24)])]), &one);
+        assert_eq!(text(&ops), "+R1:198.19.254.0/24 -R1:198.19.255.0/24");
+        // Unflagged: the entry first, then its ranges go.
+        let (ops, three) = plan(&wanted(&[(9, &[10])]), &two);
+        assert_eq!(text(&ops), "+S1(n=1) -R1:198.19.254.0/24");
+        assert!(three.source_ranges.is_empty());
+        // Flagged again while shrinking: ranges before the entry, slots after it.
+        let (_, four) = plan(&wanted(&[(9, &[10, 11])]), &three);
+        let (ops, _) = plan(&ranged(&[(9, &[11], &[("198.19.253.0", 24)])]), &four);
+        assert_eq!(
+            text(&ops),
+            "+R1:198.19.253.0/24 +S1(n=1) +s1/1=b2 -s1/2 -b1"
+        );
+    }
+
+    #[test]
+    fn a_removed_frontend_takes_its_ranges_and_stale_ranges_are_cleared() {
+        let (_, state) = plan(
+            &ranged(&[
+                (9, &[10], &[("198.19.255.0", 24)]),
+                (8, &[10], &[("198.19.254.0", 24)]),
+            ]),
+            &Programmed::default(),
+        );
+        let id_9 = state.services[&frontend(9)].0.id;
+        let (ops, after) = plan(&ranged(&[(8, &[10], &[("198.19.254.0", 24)])]), &state);
+        assert_eq!(
+            text(&ops),
+            format!("-S.9 -s{id_9}/1 -r{id_9} -R{id_9}:198.19.255.0/24")
+        );
+        assert_eq!(after.source_ranges.len(), 1);
+        // Ranges under an id no frontend has (an interrupted delete, read back) go with the
+        // next full plan; a new frontend that takes such an id sheds them before its entry.
+        let mut adopted = after.clone();
+        adopted.source_ranges.insert(
+            7,
+            [SourceRange::new("10.0.0.0".parse().expect("ip"), 8)].into(),
+        );
+        adopted.recount();
+        let (ops, _) = plan(&ranged(&[(8, &[10], &[("198.19.254.0", 24)])]), &adopted);
+        assert_eq!(text(&ops), "-R7:10.0.0.0/8");
+        let mut reused = after;
+        reused.source_ranges.insert(
+            id_9,
+            [SourceRange::new("10.0.0.0".parse().expect("ip"), 8)].into(),
+        );
+        let (ops, _) = plan(
+            &ranged(&[
+                (8, &[10], &[("198.19.254.0", 24)]),
+                (7, &[], &[("198.19.253.0", 24)]),
+            ]),
+            &reused,
+        );
+        assert_eq!(
+            text(&ops),
+            format!("-R{id_9}:10.0.0.0/8 +R{id_9}:198.19.253.0/24 +r{id_9} +S{id_9}(n=0)")
+        );
+    }
+
+    #[test]
+    fn a_partial_plan_writes_the_ranges_a_full_plan_writes() {
+        let before_w = ranged(&[
+            (9, &[10], &[("198.19.255.0", 24)]),
+            (8, &[11], &[("198.19.254.0", 24)]),
+        ]);
+        let (_, before) = plan(&before_w, &Programmed::default());
+        let after = ranged(&[
+            (9, &[10], &[("198.19.253.0", 24), ("198.19.255.0", 25)]),
+            (8, &[11], &[("198.19.254.0", 24)]),
+        ]);
+        let (full_ops, full_state) = plan(&after, &before);
+        let mut partial_state = before.clone();
+        let partial_ops = plan_keys(&after, &mut partial_state, &[frontend(9)].into());
+        assert_eq!(text(&partial_ops), text(&full_ops));
+        assert_eq!(partial_state, full_state);
     }
 }

@@ -66,6 +66,7 @@ fn add_service(
             .iter()
             .map(|(a, p)| Backend::new(ip(a), *p))
             .collect(),
+        source_ranges: BTreeSet::new(),
     };
     add_service_with(ebpf, frontend, service);
 }
@@ -104,6 +105,11 @@ fn programmed_as_wanted(ebpf: &Ebpf, programmed: &Programmed) -> Wanted {
                         .iter()
                         .map(|id| backends.get(id, 0).expect("backend"))
                         .collect(),
+                    source_ranges: programmed
+                        .source_ranges
+                        .get(&value.id)
+                        .cloned()
+                        .unwrap_or_default(),
                 },
             )
         })
@@ -614,4 +620,192 @@ fn a_direct_connection_reusing_a_balanced_flows_tuple_is_not_reverse_natted() {
         answer,
         "the pod's answer keeps its address"
     );
+}
+
+fn ranges(nets: &[(&str, u8)]) -> BTreeSet<crate::plan::SourceRange> {
+    nets.iter()
+        .map(|(net, prefix)| crate::plan::SourceRange::new(ip(net), *prefix))
+        .collect()
+}
+
+/// A frontend flagged for loadBalancerSourceRanges, with these networks.
+fn ranged(backends: &[(&str, u16)], nets: &[(&str, u8)]) -> WantedService {
+    WantedService {
+        flags: SVC_F_EXTERNAL | SVC_F_SOURCE_RANGES,
+        backends: backends
+            .iter()
+            .map(|(a, p)| Backend::new(ip(a), *p))
+            .collect(),
+        source_ranges: ranges(nets),
+        ..Default::default()
+    }
+}
+
+/// Replaces a frontend's source ranges through a plan, as a sync does.
+fn set_ranges(ebpf: &mut Ebpf, frontend: (&str, u16, u8), nets: &[(&str, u8)]) {
+    let programmed = read_programmed(ebpf);
+    let mut wanted = programmed_as_wanted(ebpf, &programmed);
+    let key = ServiceKey::new(ip(frontend.0), frontend.1, frontend.2);
+    wanted.get_mut(&key).expect("the frontend").source_ranges = ranges(nets);
+    let (ops, _) = plan(&wanted, &programmed);
+    apply(ebpf, &ops).expect("apply");
+}
+
+#[test]
+fn source_ranges_admit_new_connections_only_from_their_networks_in_both_families() {
+    let Some(mut ebpf) = load() else { return };
+    add_service_with(
+        &mut ebpf,
+        ("198.19.65.11", 80, TCP),
+        ranged(
+            &[("198.18.128.2", 8080)],
+            &[("198.19.255.0", 24), ("198.18.128.3", 32)],
+        ),
+    );
+    add_service_with(
+        &mut ebpf,
+        ("2001:2:0:2::11", 80, UDP),
+        ranged(&[("2001:2:0:8000::2", 8080)], &[("2001:2:0:1::", 64)]),
+    );
+    for (src, admitted) in [
+        ("198.19.255.1", true),
+        ("198.19.255.254", true),
+        ("198.18.128.3", true),
+        ("198.18.128.4", false),
+        ("198.19.254.1", false),
+    ] {
+        let syn = packet((src, 40000), ("198.19.65.11", 80), TCP);
+        let (verdict, out) = run(&ebpf, &syn);
+        if admitted {
+            assert_eq!(verdict, TC_ACT_OK, "{src}");
+            assert_eq!(addresses(&out).1, (ip("198.18.128.2"), 8080), "{src}");
+        } else {
+            assert_eq!(verdict, TC_ACT_SHOT, "{src} is in no range");
+        }
+    }
+    let inside = packet(("2001:2:0:1::99", 5000), ("2001:2:0:2::11", 80), UDP);
+    let (verdict, out) = run(&ebpf, &inside);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(addresses(&out).1, (ip("2001:2:0:8000::2"), 8080));
+    let outside = packet(("2001:2:0:3::99", 5000), ("2001:2:0:2::11", 80), UDP);
+    assert_eq!(run(&ebpf, &outside).0, TC_ACT_SHOT);
+}
+
+#[test]
+fn source_ranges_come_before_the_reject_and_are_each_frontends_own() {
+    let Some(mut ebpf) = load() else { return };
+    // No endpoints: a source in the ranges is rejected, one outside them dropped.
+    add_service_with(
+        &mut ebpf,
+        ("198.19.65.12", 80, TCP),
+        ranged(&[], &[("198.19.255.0", 24)]),
+    );
+    let inside = packet(("198.19.255.1", 40000), ("198.19.65.12", 80), TCP);
+    assert_eq!(run(&ebpf, &inside).0, TC_ACT_REDIRECT);
+    let outside = packet(("198.19.254.1", 40000), ("198.19.65.12", 80), TCP);
+    assert_eq!(run(&ebpf, &outside).0, TC_ACT_SHOT);
+    // Flagged without ranges (none could be read): nobody, though the other frontend's
+    // range would take the source in; unflagged: everybody.
+    add_service_with(
+        &mut ebpf,
+        ("198.19.65.13", 80, TCP),
+        ranged(&[("198.18.128.2", 8080)], &[]),
+    );
+    let syn = packet(("198.19.255.1", 40001), ("198.19.65.13", 80), TCP);
+    assert_eq!(run(&ebpf, &syn).0, TC_ACT_SHOT);
+    add_service(
+        &mut ebpf,
+        ("198.19.65.14", 80, TCP),
+        &[("198.18.128.2", 8080)],
+        0,
+    );
+    let syn = packet(("198.19.254.1", 40002), ("198.19.65.14", 80), TCP);
+    assert_eq!(run(&ebpf, &syn).0, TC_ACT_OK);
+}
+
+#[test]
+fn an_established_flow_is_not_asked_again_when_the_ranges_change() {
+    let Some(mut ebpf) = load() else { return };
+    let front = ("198.19.65.11", 80, TCP);
+    add_service_with(
+        &mut ebpf,
+        front,
+        ranged(&[("198.18.128.2", 8080)], &[("198.19.255.0", 24)]),
+    );
+    let first = packet(("198.19.255.1", 40000), ("198.19.65.11", 80), TCP);
+    assert_eq!(run(&ebpf, &first).0, TC_ACT_OK);
+    set_ranges(&mut ebpf, front, &[("198.19.253.0", 24)]);
+    // The flow keeps going; a new one from the same client is refused.
+    let (verdict, out) = run(&ebpf, &first);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(addresses(&out).1, (ip("198.18.128.2"), 8080));
+    let second = packet(("198.19.255.1", 40001), ("198.19.65.11", 80), TCP);
+    assert_eq!(run(&ebpf, &second).0, TC_ACT_SHOT);
+    let moved = packet(("198.19.253.7", 40001), ("198.19.65.11", 80), TCP);
+    assert_eq!(run(&ebpf, &moved).0, TC_ACT_OK);
+}
+
+#[test]
+fn source_ranges_are_read_back_as_written_and_go_with_their_frontend() {
+    let Some(mut ebpf) = load() else { return };
+    let front = ("2001:2:0:2::11", 80, TCP);
+    add_service_with(
+        &mut ebpf,
+        front,
+        ranged(
+            &[("2001:2:0:8000::2", 8080)],
+            &[("2001:2:0:1::", 64), ("2001:db8::", 32)],
+        ),
+    );
+    let programmed = read_programmed(&ebpf);
+    let id = programmed.services[&ServiceKey::new(ip(front.0), front.1, front.2)]
+        .0
+        .id;
+    assert_eq!(
+        programmed.source_ranges.get(&id),
+        Some(&ranges(&[("2001:2:0:1::", 64), ("2001:db8::", 32)]))
+    );
+    // Adopted as it is: nothing to write.
+    let wanted = programmed_as_wanted(&ebpf, &programmed);
+    assert!(plan(&wanted, &programmed).0.is_empty());
+    // The frontend removed: its ranges go too, and the tries are empty.
+    let (ops, _) = plan(&Wanted::new(), &programmed);
+    apply(&mut ebpf, &ops).expect("apply");
+    assert!(read_programmed(&ebpf).source_ranges.is_empty());
+}
+
+#[test]
+fn a_full_source_range_trie_is_an_error_naming_it() {
+    let capacity = Capacity {
+        entries: vec![("kpx_src_range4", 2)],
+    };
+    let Some(mut ebpf) = load_with(&capacity) else {
+        return;
+    };
+    let wanted: Wanted = [(
+        ServiceKey::new(ip("198.19.65.11"), 80, TCP),
+        ranged(
+            &[("198.18.128.2", 8080)],
+            &[
+                ("198.19.255.0", 24),
+                ("198.19.254.0", 24),
+                ("198.19.253.0", 24),
+            ],
+        ),
+    )]
+    .into();
+    let (ops, _) = plan(&wanted, &Programmed::default());
+    let err = apply(&mut ebpf, &ops).expect_err("the third range does not fit");
+    assert!(
+        matches!(
+            err,
+            ApplyError::Full {
+                map: "kpx_src_range4",
+                capacity: 2
+            }
+        ),
+        "{err}"
+    );
+    // The entry was never written: nothing half-open reaches the frontend unflagged.
+    assert!(read_programmed(&ebpf).services.is_empty());
 }

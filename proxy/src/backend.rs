@@ -222,6 +222,9 @@ pub struct DumpedFrontend {
     pub flags: u16,
     pub affinity_timeout: u32,
     pub endpoints: Vec<String>,
+    /// The networks new connections may come from (eBPF: `loadBalancerSourceRanges`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub source_ranges: Vec<String>,
 }
 
 /// One flow of a backend's own connection tracking (eBPF).

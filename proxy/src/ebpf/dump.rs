@@ -1,11 +1,13 @@
 //! Reading back what the maps hold, per Service port, in the same shape as the iptables dump
-//! (`services`: addresses, NodePort, endpoints), plus the conntrack entries.
+//! (`services`: addresses, NodePort, endpoints), plus the conntrack entries; each frontend
+//! with its id, flags and source ranges.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use aya::maps::{HashMap, MapData, MapError};
 use aya::Ebpf;
+use kpx_ebpf::apply::ApplyError;
 use kpx_ebpf::layout::{
     ip, Backend, CtKey, CtValue, RevNat, ServiceKey, ServiceValue, SlotKey, CT_F_REPLY, CT_F_SNAT,
     SVC_F_DROP, SVC_F_NODEPORT,
@@ -39,7 +41,29 @@ fn socket(addr: IpAddr, port: u16) -> String {
     }
 }
 
+/// The source ranges in the tries, as `network/prefix` by service id.
+fn source_ranges(ebpf: &Ebpf) -> Result<BTreeMap<u32, Vec<String>>, MapError> {
+    let by_id = kpx_ebpf::adopt::source_ranges(ebpf).map_err(|e| match e {
+        ApplyError::Map { source, .. } => source,
+        // As `map` above says a missing map (a read never fills one).
+        ApplyError::Missing(map) | ApplyError::Full { map, .. } => MapError::InvalidName {
+            name: map.to_string(),
+        },
+    })?;
+    Ok(by_id
+        .into_iter()
+        .map(|(id, ranges)| {
+            let texts = ranges
+                .iter()
+                .map(|r| format!("{}/{}", r.ip(), r.prefix))
+                .collect();
+            (id, texts)
+        })
+        .collect())
+}
+
 pub fn read(ebpf: &Ebpf) -> Result<Dump, MapError> {
+    let ranges = source_ranges(ebpf)?;
     let services: HashMap<_, ServiceKey, ServiceValue> = map(ebpf, "kpx_services")?;
     let slots: HashMap<_, SlotKey, u32> = map(ebpf, "kpx_slots")?;
     let backends: HashMap<_, u32, Backend> = map(ebpf, "kpx_backends")?;
@@ -86,6 +110,7 @@ pub fn read(ebpf: &Ebpf) -> Result<Dump, MapError> {
             flags: value.flags,
             affinity_timeout: value.affinity_timeout,
             endpoints: endpoints.clone(),
+            source_ranges: ranges.get(&value.id).cloned().unwrap_or_default(),
         });
         svc.endpoints.extend(endpoints);
         let seen = verdicts.entry(name).or_insert((false, false));

@@ -5,16 +5,18 @@
 //! network is known) go elsewhere has a second, internal-scope entry under the same key
 //! (`kpx_maps.h`). Masquerade is a flag per source (outside, pods); the node's own clients
 //! need none (socket LB: the node's address is theirs). A route with no endpoints is an entry
-//! with no backends: rejected, or dropped with `SVC_F_DROP`.
+//! with no backends: rejected, or dropped with `SVC_F_DROP`. A frontend the model gives
+//! `allowed_sources` (loadBalancerSourceRanges) is flagged `SVC_F_SOURCE_RANGES` with those
+//! networks, on its internal-scope entry too: the ranges apply to every source alike.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use kpx_ebpf::layout::{
     self, Backend, ServiceKey, SVC_F_DROP, SVC_F_EXTERNAL, SVC_F_INTERNAL, SVC_F_LOCAL_ONLY,
-    SVC_F_MASQUERADE, SVC_F_MASQ_PODS, SVC_F_NODEPORT,
+    SVC_F_MASQUERADE, SVC_F_MASQ_PODS, SVC_F_NODEPORT, SVC_F_SOURCE_RANGES,
 };
-use kpx_ebpf::plan::{Wanted, WantedService};
+use kpx_ebpf::plan::{SourceRange, Wanted, WantedService};
 
 use crate::model::frontend::{self, Frontend, FrontendKind, NodeConfig, Route};
 use crate::model::{Changes, Protocol, ProxyState, ServiceEntry, ServicePortName};
@@ -31,22 +33,32 @@ fn ip_proto(protocol: Protocol) -> Option<u8> {
 /// The frontend model's configuration for each family: `[IPv4, IPv6]`.
 pub type NodeConfigs = [NodeConfig; 2];
 
-fn entry(name: &str, route: &Route, flags: u16, affinity: u32) -> WantedService {
+fn entry(name: &str, fe: &Frontend, route: &Route, flags: u16, affinity: u32) -> WantedService {
     let backends = route
         .endpoints()
         .iter()
         .map(|e| Backend::new(e.ip, e.port))
         .collect();
+    let drop = if matches!(route, Route::Drop) {
+        SVC_F_DROP
+    } else {
+        0
+    };
+    let (ranges, source_ranges) = match &fe.allowed_sources {
+        Some(nets) => (
+            SVC_F_SOURCE_RANGES,
+            nets.iter()
+                .map(|n| SourceRange::new(n.addr(), n.prefix_len()))
+                .collect(),
+        ),
+        None => (0, BTreeSet::new()),
+    };
     WantedService {
         name: name.to_string(),
-        flags: flags
-            | if matches!(route, Route::Drop) {
-                SVC_F_DROP
-            } else {
-                0
-            },
+        flags: flags | drop | ranges,
         affinity_timeout: affinity,
         backends,
+        source_ranges,
     }
 }
 
@@ -96,11 +108,14 @@ fn render(name: &str, fe: &Frontend, pods_known: bool, proto: u8, out: &mut Want
         outside_flags |= SVC_F_INTERNAL;
         let inner =
             kind | masq(internal, SVC_F_MASQ_PODS) | masq(&fe.from_outside, SVC_F_MASQUERADE);
-        out.insert(key.internal(), entry(name, internal, inner, affinity));
+        out.insert(key.internal(), entry(name, fe, internal, inner, affinity));
     } else {
         outside_flags |= masq(&fe.from_pods, SVC_F_MASQ_PODS);
     }
-    out.insert(key, entry(name, &fe.from_outside, outside_flags, affinity));
+    out.insert(
+        key,
+        entry(name, fe, &fe.from_outside, outside_flags, affinity),
+    );
 }
 
 /// The frontends of one Service port, both families.
@@ -254,14 +269,25 @@ mod tests {
                     (SVC_F_DROP, "drop"),
                     (SVC_F_MASQ_PODS, "masquerade-pods"),
                     (SVC_F_INTERNAL, "internal"),
+                    (SVC_F_SOURCE_RANGES, "source-ranges"),
                 ]
                 .iter()
                 .filter(|(bit, _)| w.flags & bit != 0)
                 .map(|(_, name)| *name)
                 .collect::<Vec<_>>()
                 .join(",");
+                let ranges: Vec<String> = w
+                    .source_ranges
+                    .iter()
+                    .map(|r| format!("{}/{}", r.ip(), r.prefix))
+                    .collect();
+                let ranges = if w.flags & SVC_F_SOURCE_RANGES != 0 {
+                    format!(" from=[{}]", ranges.join(" "))
+                } else {
+                    String::new()
+                };
                 format!(
-                    "{} -> [{}] {flags} affinity={}\n",
+                    "{} -> [{}] {flags} affinity={}{ranges}\n",
                     describe(key),
                     backends.join(" "),
                     w.affinity_timeout
@@ -338,6 +364,35 @@ mod tests {
             10.96.0.12:80/tcp -> []  affinity=0
             198.18.2.1:80/tcp -> [198.19.1.10:8080 198.19.2.10:8080] external,masquerade,masquerade-pods affinity=10800
             [fd00::10]:80/tcp -> [2001:2:0:101::10:8080] masquerade affinity=10800
+        "#]]
+        .assert_eq(&text(&wanted(&state, &nodes())));
+    }
+
+    #[test]
+    fn source_ranges_flag_the_load_balancer_ip_and_its_internal_entry_only() {
+        let mut t = ChangeTracker::new("n1");
+        let lb: Service = serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "ns"},
+            "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.10", "externalTrafficPolicy": "Local",
+                     "loadBalancerSourceRanges": ["198.19.255.7/24", "2001:db8::/32"],
+                     "ports": [{"port": 80, "nodePort": 30080}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "198.19.65.10"}]}},
+        }))
+        .expect("service");
+        t.apply_service(lb);
+        t.apply_slice(slice(
+            "web",
+            "IPv4",
+            &[("198.19.1.10", "n1", true), ("198.19.2.10", "n2", true)],
+            json!({"port": 8080}),
+        ));
+        let (state, _) = t.snapshot(&ProxyState::default());
+        expect![[r#"
+            *:30080/tcp (v4) -> [198.19.1.10:8080] nodeport,local,internal affinity=0
+            *:30080/tcp (v4) internal -> [198.19.1.10:8080 198.19.2.10:8080] nodeport affinity=0
+            10.96.0.10:80/tcp -> [198.19.1.10:8080 198.19.2.10:8080] masquerade affinity=0
+            198.19.65.10:80/tcp -> [198.19.1.10:8080] external,local,internal,source-ranges affinity=0 from=[198.19.255.0/24]
+            198.19.65.10:80/tcp internal -> [198.19.1.10:8080 198.19.2.10:8080] external,source-ranges affinity=0 from=[198.19.255.0/24]
         "#]]
         .assert_eq(&text(&wanted(&state, &nodes())));
     }
