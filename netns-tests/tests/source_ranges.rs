@@ -1,6 +1,7 @@
 //! `loadBalancerSourceRanges`: a load-balancer ingress IP answers only the clients its ranges
 //! take in; the others' connections are dropped (no answer, not refused) while the Service's
-//! NodePort stays open to them; widening the ranges (a partial sync) lets them in.
+//! NodePort stays open to them; widening the ranges (a partial sync) lets them in. The node's
+//! and pods' own connections meet the ranges too, and a restarted proxy keeps them.
 
 mod common;
 
@@ -9,7 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use kpx_control::client::Patch;
-use kpx_lab::lab::Lab;
+use kpx_lab::lab::{Lab, ProxyBackend};
 use kpx_lab::traffic::{self, Outcome};
 use serde_json::json;
 
@@ -67,6 +68,78 @@ async fn load_balancer_source_ranges_admit_only_their_clients_and_follow_updates
         eventually(&lab, "the widened ranges admit the other client", || traffic::http(refused, lb, 20, TIMEOUT), both).await?;
         let first = traffic::http(admitted, lb, 10, ANSWER_TIMEOUT)?;
         anyhow::ensure!(all_answer(&first), "the first client lost the load-balancer IP: {first:?}");
+        Ok(())
+    })
+    .await;
+}
+
+/// The node's and pods' own connections to the load-balancer IP: outside the ranges, the
+/// node gets no answer (eBPF fails its connect at once with EPERM; the netfilter backends
+/// drop) and a pod's connection is dropped; ranges taking both in admit both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nodes_and_pods_own_connections_meet_the_ranges_and_a_restarted_proxy_keeps_them() {
+    on_every_backend("source-ranges-own", |backend| async move {
+        let mut lab = Lab::start("srsk", backend, 1, 1).await?;
+        lab.add_pod(0, "web-a").await?;
+        lab.add_pod(0, "client").await?;
+        let lb_ip = Lab::external_ip(30);
+        create_service(
+            &lab,
+            "lb",
+            json!({"type": "LoadBalancer", "loadBalancerSourceRanges": ["198.18.0.201/32"],
+                   "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}),
+        )
+        .await?;
+        set_endpoints(&lab, "lb", &[ready("web-a")], http_port()).await?;
+        services(&lab)
+            .patch_status(
+                "lb",
+                Patch::Merge,
+                &json!({"status": {"loadBalancer": {"ingress": [{"ip": lb_ip.to_string()}]}}}),
+            )
+            .await?;
+        let lb = target(lb_ip, 80);
+        eventually(&lab, "the external in the ranges gets in", || traffic::http(&lab.externals[0], lb, 5, TIMEOUT), all_answer).await?;
+        let client = &lab.pod("client").ns.entry()?;
+        let node = traffic::http(&lab.nodes[0], lb, 3, Duration::from_millis(500))?;
+        anyhow::ensure!(node.iter().all(|o| !matches!(o, Outcome::Answer { .. })), "{node:?}");
+        let pod = traffic::http(client, lb, 3, Duration::from_millis(500))?;
+        anyhow::ensure!(pod.iter().all(|o| matches!(o, Outcome::TimedOut)), "{pod:?}");
+        let node_ip = lab.nodes[0].ip.to_string();
+        let pod_ip = lab.pod("client").ip.to_string();
+        services(&lab)
+            .patch(
+                "lb",
+                Patch::Merge,
+                &json!({"spec": {"loadBalancerSourceRanges": ["198.18.0.201/32", format!("{node_ip}/32"), format!("{pod_ip}/32")]}}),
+            )
+            .await?;
+        eventually(&lab, "the node in the ranges gets in", || traffic::http(&lab.nodes[0], lb, 5, TIMEOUT), all_answer).await?;
+        eventually(&lab, "the pod in the ranges gets in", || traffic::http(client, lb, 5, TIMEOUT), all_answer).await?;
+        // `dump` shows the ranges (the eBPF backend's; the netfilter backends' dumps do not
+        // list them yet).
+        if backend == ProxyBackend::Ebpf {
+            let out = lab.proxy_command(0)?.args(["dump", "--json"]).output()?;
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            let want = format!("\"{node_ip}/32\"");
+            anyhow::ensure!(text.contains("\"sourceRanges\"") && text.contains(&want), "dump: {text}");
+        }
+        // Stopped, the proxy's rules (or maps) stay and keep judging; restarted, it adopts
+        // them and follows a narrowing.
+        lab.stop_proxy(0);
+        let down = traffic::http(&lab.externals[0], lb, 3, TIMEOUT)?;
+        anyhow::ensure!(all_answer(&down), "while down: {down:?}");
+        lab.start_proxy(0)?;
+        services(&lab)
+            .patch(
+                "lb",
+                Patch::Merge,
+                &json!({"spec": {"loadBalancerSourceRanges": [format!("{node_ip}/32")]}}),
+            )
+            .await?;
+        eventually(&lab, "after the restart the narrowed ranges drop the pod", || traffic::http(client, lb, 3, Duration::from_millis(500)), |o| o.iter().all(|x| matches!(x, Outcome::TimedOut))).await?;
+        let node = traffic::http(&lab.nodes[0], lb, 3, TIMEOUT)?;
+        anyhow::ensure!(all_answer(&node), "the node after the restart: {node:?}");
         Ok(())
     })
     .await;
