@@ -101,8 +101,24 @@ async fn the_nodes_and_pods_own_connections_meet_the_ranges_and_a_restarted_prox
         let lb = target(lb_ip, 80);
         eventually(&lab, "the external in the ranges gets in", || traffic::http(&lab.externals[0], lb, 5, TIMEOUT), all_answer).await?;
         let client = &lab.pod("client").ns.entry()?;
-        let node = traffic::http(&lab.nodes[0], lb, 3, Duration::from_millis(500))?;
-        anyhow::ensure!(node.iter().all(|o| !matches!(o, Outcome::Answer { .. })), "{node:?}");
+        // The lab's nodes have no default route (never one toward the host), so their own
+        // connections reach a load-balancer IP only where the backend acts before routing
+        // (eBPF's socket LB) or binds the address on the node (IPVS's kpx-ipvs0); under the
+        // iptables and nftables backends they fail before any rule ("Network is unreachable"),
+        // which would prove nothing here.
+        let node_reaches = matches!(backend, ProxyBackend::Ebpf | ProxyBackend::Ipvs);
+        if node_reaches {
+            let node = traffic::http(&lab.nodes[0], lb, 3, Duration::from_millis(500))?;
+            anyhow::ensure!(
+                node.iter().all(|o| match o {
+                    // Dropped (IPVS), or the connect refused by the socket LB (eBPF: EPERM).
+                    Outcome::TimedOut => true,
+                    Outcome::Failed(why) => why.contains("Operation not permitted"),
+                    _ => false,
+                }),
+                "the node outside the ranges: {node:?}"
+            );
+        }
         let pod = traffic::http(client, lb, 3, Duration::from_millis(500))?;
         anyhow::ensure!(pod.iter().all(|o| matches!(o, Outcome::TimedOut)), "{pod:?}");
         let node_ip = lab.nodes[0].ip.to_string();
@@ -114,7 +130,9 @@ async fn the_nodes_and_pods_own_connections_meet_the_ranges_and_a_restarted_prox
                 &json!({"spec": {"loadBalancerSourceRanges": ["198.18.0.201/32", format!("{node_ip}/32"), format!("{pod_ip}/32")]}}),
             )
             .await?;
-        eventually(&lab, "the node in the ranges gets in", || traffic::http(&lab.nodes[0], lb, 5, TIMEOUT), all_answer).await?;
+        if node_reaches {
+            eventually(&lab, "the node in the ranges gets in", || traffic::http(&lab.nodes[0], lb, 5, TIMEOUT), all_answer).await?;
+        }
         eventually(&lab, "the pod in the ranges gets in", || traffic::http(client, lb, 5, TIMEOUT), all_answer).await?;
         // `dump` shows the ranges (the eBPF backend's; the netfilter backends' dumps do not
         // list them yet).
@@ -138,8 +156,10 @@ async fn the_nodes_and_pods_own_connections_meet_the_ranges_and_a_restarted_prox
             )
             .await?;
         eventually(&lab, "after the restart the narrowed ranges drop the pod", || traffic::http(client, lb, 3, Duration::from_millis(500)), |o| o.iter().all(|x| matches!(x, Outcome::TimedOut))).await?;
-        let node = traffic::http(&lab.nodes[0], lb, 3, TIMEOUT)?;
-        anyhow::ensure!(all_answer(&node), "the node after the restart: {node:?}");
+        if node_reaches {
+            let node = traffic::http(&lab.nodes[0], lb, 3, ANSWER_TIMEOUT)?;
+            anyhow::ensure!(all_answer(&node), "the node after the restart: {node:?}");
+        }
         Ok(())
     })
     .await;
