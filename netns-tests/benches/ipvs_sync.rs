@@ -493,11 +493,12 @@ fn main() {
         let mode = args[pos + 1].as_str();
         let services: usize = args[pos + 2].parse().expect("scale");
         let extra: usize = args[pos + 3].parse().expect("count");
-        let out = &args[pos + 4];
+        // The figures' file comes last, after the mode's own arguments.
+        let out = args.last().expect("the figures' path");
         let value = match mode {
             "loaders" => loaders(services),
             "kpx" => kpx(services, extra),
-            "latency" => latency(services, extra, &args[pos + 5], &args[pos + 6]),
+            "latency" => latency(services, extra, &args[pos + 4], &args[pos + 5]),
             other => panic!("unknown mode {other}"),
         };
         std::fs::write(out, value.to_string()).expect("writing the figures");

@@ -9,33 +9,13 @@ use std::process::Command;
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kpx_control::netns::Entry;
+use kpx_lab::scratch::ScratchNetns;
 use kpx_proxy::backend::{Backend, NodeState, SyncInput, SyncReport};
 use kpx_proxy::ipvs::plan::PlanConfig;
 use kpx_proxy::ipvs::{IpvsBackend, IpvsConfig};
 use kpx_proxy::model::{ChangeTracker, Changes, ProxyState};
 use kpx_proxy::netfilter::Tool;
 use serde_json::json;
-
-struct Scratch(String);
-
-impl Scratch {
-    fn new(tag: &str) -> anyhow::Result<(Self, Entry)> {
-        let name = format!("kpx-ipvsb-{tag}-{}", std::process::id());
-        anyhow::ensure!(Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()?
-            .success());
-        let entry = Entry::open(&name)?;
-        Ok((Scratch(name), entry))
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
 
 fn service(i: usize, protocol: &str) -> Service {
     serde_json::from_value(
@@ -253,7 +233,7 @@ fn mh_order(history: Vec<Vec<u8>>) -> anyhow::Result<Vec<String>> {
 }
 
 fn ipvs_missing(tag: &str) -> Option<String> {
-    let (_guard, entry) = match Scratch::new(tag) {
+    let (_guard, entry) = match ScratchNetns::new("ipvsb", tag) {
         Ok(s) => s,
         Err(e) => panic!("a scratch namespace: {e:#}"),
     };
@@ -278,7 +258,7 @@ fn the_ipvs_backend_programs_drains_repairs_and_cleans_up() {
         );
         return;
     }
-    let (_guard, entry) = Scratch::new("main").expect("namespace");
+    let (_guard, entry) = ScratchNetns::new("ipvsb", "main").expect("namespace");
     entry
         .enter(scenario)
         .expect("entering the namespace")
@@ -297,8 +277,8 @@ fn maglev_tables_are_the_same_on_every_node_whatever_the_history() {
         );
         return;
     }
-    let (_a, node_a) = Scratch::new("mh-a").expect("namespace");
-    let (_b, node_b) = Scratch::new("mh-b").expect("namespace");
+    let (_a, node_a) = ScratchNetns::new("ipvsb", "mh-a").expect("namespace");
+    let (_b, node_b) = ScratchNetns::new("ipvsb", "mh-b").expect("namespace");
     let a = node_a
         .enter(|| mh_order(vec![vec![1, 2, 3]]))
         .expect("entering")

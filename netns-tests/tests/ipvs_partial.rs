@@ -15,7 +15,7 @@ use std::process::Command;
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kpx_control::netns::Entry;
+use kpx_lab::scratch::ScratchNetns;
 use kpx_proxy::backend::{Backend, NodeAddress, NodeState, SyncInput, SyncReport};
 use kpx_proxy::ipvs::plan::PlanConfig;
 use kpx_proxy::ipvs::{IpvsBackend, IpvsConfig};
@@ -29,26 +29,6 @@ const EXTERNAL_IP: &str = "198.18.64.1";
 const SERVICES: usize = 5;
 const STEPS: usize = 12;
 const SEED: u64 = 0x6b70_7876;
-
-struct Scratch(String);
-
-impl Scratch {
-    fn new(tag: &str) -> anyhow::Result<(Self, Entry)> {
-        let name = format!("kpx-ipvsp-{tag}-{}", std::process::id());
-        anyhow::ensure!(Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()?
-            .success());
-        let entry = Entry::open(&name)?;
-        Ok((Scratch(name), entry))
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
 
 /// xorshift64*: deterministic, so a failing step can be replayed from the seed.
 struct Walk(u64);
@@ -325,7 +305,7 @@ fn partial_syncs_leave_the_kernel_as_a_full_sync_does() {
         eprintln!("SKIPPED: needs root (network namespaces)");
         return;
     }
-    let (_guard, entry) = Scratch::new("walk").expect("a scratch namespace");
+    let (_guard, entry) = ScratchNetns::new("ipvsp", "walk").expect("a scratch namespace");
     let missing = entry
         .enter(|| {
             kpx_proxy::ipvs::netlink::Ipvs::open()
