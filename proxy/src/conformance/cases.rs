@@ -281,6 +281,23 @@ pub fn all() -> Vec<Case> {
             ],
         },
         Case {
+            name: "loadBalancerSourceRanges of the whole family (0.0.0.0/0) admit every source, beside a narrow range",
+            services: vec![lb_service(
+                "web",
+                json!({"type": "LoadBalancer", "clusterIP": cluster_ip,
+                       "loadBalancerSourceRanges": ["198.19.255.0/24", "0.0.0.0/0"],
+                       "ports": [{"name": "http", "port": 80, "nodePort": 30090}]}),
+                &[lb_ip],
+            )],
+            slices: vec![web_slice(both())],
+            node: with_cidr(),
+            probes: vec![
+                to(From::Outside("198.19.254.1"), lb_ip, 80, reach(&all_eps, Seen::Node)),
+                to(From::Pod(POD), lb_ip, 80, reach(&all_eps, Seen::Node)),
+                to(From::Node, lb_ip, 80, reach(&all_eps, Seen::Node)),
+            ],
+        },
+        Case {
             name: "multiport: each port and protocol its own endpoints",
             services: vec![web(json!({"clusterIP": cluster_ip, "ports": [
                 {"name": "http", "port": 80},

@@ -320,8 +320,11 @@ pub fn frontends(entry: &ServiceEntry, node: &NodeConfig, ipv6: bool) -> Fronten
         // kube-proxy: ranges of the other family only leave this family open; a Service whose
         // ranges could not be read at all is closed (kube-apiserver refuses such input, so
         // only a store written around it gets here).
-        let restricted =
-            !ranges.is_empty() || (port.source_ranges_given && port.source_ranges.is_empty());
+        // A range of the whole family (0.0.0.0/0, ::/0: a common cloud default) admits every
+        // source: no restriction to render (ipset's net types refuse a /0 member outright).
+        let everyone = ranges.iter().any(|n| n.prefix_len() == 0);
+        let restricted = !everyone
+            && (!ranges.is_empty() || (port.source_ranges_given && port.source_ranges.is_empty()));
         // A load balancer whose address is also bound on the node (IPVS binds it to kpx-ipvs0)
         // answers the node's own connections from that address: kube-proxy admits it as a
         // source when the ranges take in the node.

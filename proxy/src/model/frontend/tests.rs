@@ -96,3 +96,44 @@ fn each_endpoint_set_is_listed_once_for_backends_that_program_one_list_per_set()
     assert_eq!(node_port.from_outside.set(), Some(EndpointSet::Local));
     assert!(node_port.from_node.masquerade() && !node_port.from_pods.masquerade());
 }
+
+#[test]
+fn source_ranges_per_family_and_a_range_of_the_whole_family_admits_everyone() {
+    let lb = |ranges: serde_json::Value| -> Vec<Option<Vec<String>>> {
+        let mut t = ChangeTracker::new("n1");
+        let svc: Service = serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "ns"},
+            "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd00::10"],
+                     "loadBalancerSourceRanges": ranges, "ports": [{"port": 80, "nodePort": 30080}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "198.19.65.1"}, {"ip": "2001:2::65"}]}},
+        }))
+        .expect("service");
+        t.apply_service(svc);
+        let (state, _) = t.snapshot(&ProxyState::default());
+        let e = state.entries.values().next().expect("the entry").clone();
+        [false, true]
+            .iter()
+            .map(|&v6| {
+                let fe = frontends(&e, &NodeConfig::default(), v6)
+                    .frontends
+                    .into_iter()
+                    .find(|f| f.kind == FrontendKind::LoadBalancerIp)
+                    .expect("the load-balancer frontend");
+                fe.allowed_sources
+                    .map(|nets| nets.iter().map(|n| n.to_string()).collect())
+            })
+            .collect()
+    };
+    // Host bits cleared; the other family's ranges leave a family open (kube-proxy).
+    assert_eq!(
+        lb(json!(["198.51.100.7/24"])),
+        vec![Some(vec!["198.51.100.0/24".to_string()]), None]
+    );
+    // 0.0.0.0/0 beside a narrow range: IPv4 unrestricted, IPv6 still narrowed.
+    assert_eq!(
+        lb(json!(["198.51.100.0/24", "0.0.0.0/0", "2001:db8::/32"])),
+        vec![None, Some(vec!["2001:db8::/32".to_string()])]
+    );
+    // Nothing readable: closed for both.
+    assert_eq!(lb(json!(["nonsense"])), vec![Some(vec![]), Some(vec![])]);
+}
