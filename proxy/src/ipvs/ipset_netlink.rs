@@ -32,7 +32,7 @@ use netlink_packet_core::{
 use netlink_sys::protocols::NETLINK_NETFILTER;
 
 use super::layout::SetKind;
-use super::netlink::{self, Conn, Frame};
+use super::netlink::{self, Conn, PermissionCheck};
 use crate::backend::BackendError;
 use crate::model::Protocol;
 
@@ -644,10 +644,6 @@ pub fn decode_set_name(payload: &[u8]) -> Result<String, String> {
     String::from_utf8(v[..end].to_vec()).map_err(|_| "a set name that is not UTF-8".to_string())
 }
 
-/// The kernel may queue this many bytes of requests per `sendmsg`: well inside the default
-/// send buffer (212,992 bytes), as for IPVS.
-const MAX_DATAGRAM: usize = 64 * 1024;
-
 /// One NETLINK_NETFILTER socket speaking to the ipset subsystem of this network namespace.
 pub struct Ipset {
     conn: Conn,
@@ -710,69 +706,22 @@ impl Ipset {
             .collect::<Result<_, _>>()?)
     }
 
-    /// Pipelined: every change with NLM_F_ACK and its own sequence number, as many per
-    /// `sendmsg` as the window and [`MAX_DATAGRAM`] allow, every ACK read and matched by
-    /// sequence before the next datagram. One result per change, in order: `Ok`, or the
-    /// kernel's errno (negative). A refused change does not stop the others (nfnetlink runs
-    /// each message of a datagram on its own). `Err` only when the socket fails; changes of
-    /// datagrams already sent may then be applied.
+    /// Every change with NLM_F_ACK and its own sequence number, pipelined as
+    /// [`Conn::pipelined`] sends them (nfnetlink runs each message of a datagram on its own).
+    /// One result per change, in order: `Ok`, or the kernel's errno (negative). `Err` only
+    /// when the socket fails; changes of datagrams already sent may then be applied.
     pub fn apply(&mut self, changes: &[Change]) -> Result<Vec<Result<(), i32>>, IpsetError> {
-        let op = "writing ipset members";
-        let mut results: Vec<Option<Result<(), i32>>> = vec![None; changes.len()];
-        // Encoded ahead, each with its sequence number: a message that does not fit one
-        // datagram opens the next, so sequence numbers stay in sending order.
-        let mut encoded = Vec::with_capacity(changes.len());
+        let mut messages = Vec::with_capacity(changes.len());
         for c in changes {
             let seq = self.conn.next_seq();
-            encoded.push((seq, encode(c, self.protocol, seq)?));
+            messages.push((seq, encode(c, self.protocol, seq)?));
         }
-        let mut next = 0;
-        while next < encoded.len() {
-            let start = next;
-            let mut datagram = Vec::new();
-            while next < encoded.len() && next - start < self.window {
-                let message = &encoded[next].1;
-                if next > start && datagram.len() + message.len() > MAX_DATAGRAM {
-                    break;
-                }
-                datagram.extend_from_slice(message);
-                next += 1;
-            }
-            let count = next - start;
-            let first_seq = encoded[start].0;
-            self.conn.send(&datagram, count, op)?;
-            let mut pending = count;
-            while pending > 0 {
-                for (seq, frame) in self.conn.recv(op)? {
-                    let Frame::Ack(code) = frame else { continue };
-                    let index = seq.wrapping_sub(first_seq) as usize;
-                    if index >= count || results[start + index].is_some() {
-                        // An ACK left over from an earlier call that failed.
-                        continue;
-                    }
-                    if code == -libc::EPERM && index == 0 {
-                        // nfnetlink checks CAP_NET_ADMIN once per datagram and answers
-                        // only its first message: the rest will never be answered.
-                        for r in &mut results[start..next] {
-                            r.get_or_insert(Err(code));
-                        }
-                        pending = 0;
-                        break;
-                    }
-                    results[start + index] = Some(if code == 0 { Ok(()) } else { Err(code) });
-                    pending -= 1;
-                }
-            }
-        }
-        results
-            .into_iter()
-            .enumerate()
-            .map(|(i, r)| {
-                r.ok_or_else(|| {
-                    BackendError::kernel(op, format!("change {i} was never answered")).into()
-                })
-            })
-            .collect()
+        Ok(self.conn.pipelined(
+            &messages,
+            self.window,
+            PermissionCheck::PerDatagram,
+            "writing ipset members",
+        )?)
     }
 
     /// [`apply`](Self::apply), then the first refusal (every change is tried first) named:

@@ -18,6 +18,7 @@
 #![cfg(target_endian = "little")]
 
 use super::*;
+use crate::ipvs::netlink::Frame;
 
 const SEQ: u32 = 7;
 

@@ -903,6 +903,81 @@ impl Conn {
     }
 }
 
+/// How a netlink family answers a datagram whose sender lacks a capability.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PermissionCheck {
+    /// Every message is answered on its own (generic netlink, IPVS).
+    PerMessage,
+    /// nfnetlink checks CAP_NET_ADMIN once per datagram: EPERM answers only its first message
+    /// and the rest are never answered.
+    PerDatagram,
+}
+
+impl Conn {
+    /// Pipelined: `messages` (each encoded with its NLM_F_ACK and its sequence number from
+    /// [`next_seq`](Self::next_seq), in order) sent as many per `sendmsg` as `window` and
+    /// [`MAX_DATAGRAM`] allow; every ACK of a datagram is read and matched by sequence before
+    /// the next is sent. One result per message, in order: `Ok`, or the kernel's errno
+    /// (negative). A refused message does not stop the others (the kernel goes on with the
+    /// rest of the datagram). `Err` only when the socket fails; messages of the datagrams
+    /// already sent may then be applied.
+    pub fn pipelined(
+        &mut self,
+        messages: &[(u32, Vec<u8>)],
+        window: usize,
+        permission: PermissionCheck,
+        op: &str,
+    ) -> Result<Vec<Result<(), i32>>, BackendError> {
+        let mut results: Vec<Option<Result<(), i32>>> = vec![None; messages.len()];
+        let mut next = 0;
+        while next < messages.len() {
+            let start = next;
+            let mut datagram = Vec::new();
+            while next < messages.len() && next - start < window.max(1) {
+                let message = &messages[next].1;
+                if next > start && datagram.len() + message.len() > MAX_DATAGRAM {
+                    break;
+                }
+                datagram.extend_from_slice(message);
+                next += 1;
+            }
+            let count = next - start;
+            let first_seq = messages[start].0;
+            self.send(&datagram, count, op)?;
+            let mut pending = count;
+            while pending > 0 {
+                for (seq, frame) in self.recv(op)? {
+                    let Frame::Ack(code) = frame else { continue };
+                    let index = seq.wrapping_sub(first_seq) as usize;
+                    // Outside the window: an ACK left over from an earlier call that failed.
+                    if index >= count || results[start + index].is_some() {
+                        continue;
+                    }
+                    if code == -libc::EPERM
+                        && index == 0
+                        && permission == PermissionCheck::PerDatagram
+                    {
+                        for r in &mut results[start..next] {
+                            r.get_or_insert(Err(code));
+                        }
+                        pending = 0;
+                        break;
+                    }
+                    results[start + index] = Some(if code == 0 { Ok(()) } else { Err(code) });
+                    pending -= 1;
+                }
+            }
+        }
+        results
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| {
+                r.ok_or_else(|| BackendError::kernel(op, format!("message {i} was never answered")))
+            })
+            .collect()
+    }
+}
+
 /// One NETLINK_GENERIC socket speaking to the kernel's IPVS family.
 pub struct Ipvs {
     conn: Conn,
@@ -1079,57 +1154,26 @@ impl Ipvs {
             .collect()
     }
 
-    /// Pipelined: every op is sent with NLM_F_ACK and its own sequence number, as many per
-    /// `sendmsg` as the window and [`MAX_DATAGRAM`] allow; every ACK of a datagram is read and
-    /// matched by sequence before the next is sent. One result per op, in order: `Ok`, or the
-    /// kernel's errno, negative. What the kernel answers (6.1): EEXIST for a service or
-    /// destination that exists, ESRCH for any command on a service that does not, ENOENT for
-    /// a destination that does not, EINVAL for a NAT destination of the other family. A failed op does not stop the others
-    /// (the kernel goes on with the rest of the datagram). `Err` only when the socket fails;
-    /// the ops of the datagrams already sent may then be applied: resync from a dump.
+    /// Every op with NLM_F_ACK and its own sequence number, pipelined as [`Conn::pipelined`]
+    /// sends them. One result per op, in order: `Ok`, or the kernel's errno, negative. What
+    /// the kernel answers (6.1): EEXIST for a service or destination that exists, ESRCH for
+    /// any command on a service that does not, ENOENT for a destination that does not, EINVAL
+    /// for a NAT destination of the other family. A failed op does not stop the others. `Err`
+    /// only when the socket fails; the ops of the datagrams already sent may then be applied:
+    /// resync from a dump.
     pub fn apply(&mut self, ops: &[Op]) -> Result<Vec<Result<(), i32>>, IpvsError> {
-        let op = "applying IPVS changes";
-        let mut results: Vec<Option<Result<(), i32>>> = vec![None; ops.len()];
-        let mut next = 0;
-        while next < ops.len() {
-            let start = next;
-            let first_seq = self.conn.seq.wrapping_add(1);
-            let mut datagram = Vec::new();
-            while next < ops.len() && next - start < self.window {
+        let messages: Vec<(u32, Vec<u8>)> = ops
+            .iter()
+            .map(|op| {
                 let seq = self.conn.next_seq();
-                let message = encode(&ops[next], self.family_id, seq);
-                if next > start && datagram.len() + message.len() > MAX_DATAGRAM {
-                    // Not sent: give the sequence number back.
-                    self.conn.seq = self.conn.seq.wrapping_sub(1);
-                    break;
-                }
-                datagram.extend_from_slice(&message);
-                next += 1;
-            }
-            let count = next - start;
-            self.conn.send(&datagram, count, op)?;
-            let mut pending = count;
-            while pending > 0 {
-                for (seq, frame) in self.conn.recv(op)? {
-                    let Frame::Ack(code) = frame else { continue };
-                    let index = seq.wrapping_sub(first_seq) as usize;
-                    // Outside the window: an ACK left over from an earlier call that failed.
-                    if index >= count || results[start + index].is_some() {
-                        continue;
-                    }
-                    results[start + index] = Some(if code == 0 { Ok(()) } else { Err(code) });
-                    pending -= 1;
-                }
-            }
-        }
-        results
-            .into_iter()
-            .enumerate()
-            .map(|(i, r)| {
-                r.ok_or_else(|| {
-                    BackendError::kernel(op, format!("operation {i} was never answered")).into()
-                })
+                (seq, encode(op, self.family_id, seq))
             })
-            .collect()
+            .collect();
+        Ok(self.conn.pipelined(
+            &messages,
+            self.window,
+            PermissionCheck::PerMessage,
+            "applying IPVS changes",
+        )?)
     }
 }
