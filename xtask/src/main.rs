@@ -45,7 +45,8 @@ struct VmTestArgs {
     /// The backends under test (KPX_BACKENDS inside the guest), comma-separated.
     #[arg(long, default_value = vm::DEFAULT_BACKENDS, value_delimiter = ',')]
     backends: Vec<String>,
-    /// kpx-lab's test binaries to run (netns-tests/tests/<name>.rs), comma-separated.
+    /// kpx-lab's test binaries to run (netns-tests/tests/<name>.rs), comma-separated;
+    /// `NAME@a+b` runs one on those of the backends under test only.
     #[arg(long, default_value = vm::DEFAULT_TESTS, value_delimiter = ',')]
     tests: Vec<String>,
     /// Bound on the whole VM run, in seconds; qemu is killed past it.
